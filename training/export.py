@@ -1,0 +1,142 @@
+"""Write a fine-tuned VAE as an ldm-keyed safetensors file that stock loaders accept.
+
+The key set and shapes are the base file's exactly (ComfyUI's Load VAE and
+Automatic1111's strict ``load_state_dict`` both rely on them). The write is atomic:
+the tensors go to a temporary file in the target folder, which is then linked into
+place, so a crash never leaves a half-written model and an existing file is never
+replaced unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+import torch
+
+from . import __version__
+from .config import TrainConfig
+from .errors import VAEFTError
+from .options import to_metadata
+from .trainer import TrainResult, check_frozen
+from .vae import model_to_ldm
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def safe_name(name: str) -> str:
+    """A file-name stem that cannot leave its folder: only letters, digits, '-', '_', '.'.
+
+    Rejects (rather than silently rewrites) names that try to climb out of the folder.
+    """
+    raw = name.strip()
+    if not raw:
+        raise VAEFTError("the save name is empty; give a name such as 'fundus'")
+    if "/" in raw or "\\" in raw or raw.startswith(".") or ".." in raw or os.path.isabs(raw):
+        raise VAEFTError(f"save name {name!r} must be a plain file name without folders, '..' or a leading '.'")
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
+    stem = re.sub(r"\.safetensors$", "", stem)
+    if not stem.strip("._-"):
+        raise VAEFTError(f"save name {name!r} has no usable characters")
+    return stem[:120]
+
+
+def export_filename(name: str, steps: int) -> str:
+    """``vae-ft-<name>-<steps>.safetensors``."""
+    stem = safe_name(name)
+    if stem.startswith("vae-ft-"):
+        stem = stem[len("vae-ft-"):]
+    return f"vae-ft-{stem}-{steps}.safetensors"
+
+
+def build_metadata(result: TrainResult, dataset_summary: dict | None = None,
+                   extra: dict[str, str] | None = None) -> dict[str, str]:
+    cfg: TrainConfig = result.config
+    recipe = "sd-vae-ft-mse" if (cfg.mse_weight == 1.0 and cfg.l1_weight == 0 and cfg.lpips_weight == 0.1
+                                 and cfg.trainable == "decoder") else "custom"
+    meta = {
+        "vaeft.version": __version__,
+        "vaeft.recipe": recipe,
+        "vaeft.steps": str(result.steps_done),
+        "vaeft.stopped_early": str(result.stopped_early),
+        "vaeft.weights": "ema" if result.used_ema else "final",
+        "vaeft.base_sha256": result.layout.base_sha256,
+        "vaeft.base_name": result.layout.base_name,
+        "vaeft.latent_channels": str(result.model.config.latent_channels),
+        "vaeft.train_seconds": f"{result.seconds:.1f}",
+        **to_metadata(cfg, "vaeft.config"),
+    }
+    if result.history:
+        last = result.history[-1]
+        meta["vaeft.final_losses"] = json.dumps({k: round(v, 6) for k, v in last.items() if k not in ("step",)})
+    if dataset_summary is not None:
+        meta["vaeft.dataset"] = json.dumps(_dataset_digest(dataset_summary))
+    if extra:
+        meta.update({str(k): str(v) for k, v in extra.items()})
+    return meta
+
+
+def _dataset_digest(summary: dict) -> dict:
+    """The dataset summary without long per-file lists (metadata lives in the file header)."""
+    out = {}
+    for k, v in summary.items():
+        if isinstance(v, list):
+            out[k] = len(v)
+        else:
+            out[k] = v
+    return out
+
+
+def ldm_state_dict(result: TrainResult, dtype: str = "fp16") -> dict[str, torch.Tensor]:
+    """Trained weights under the base's exact ldm keys and shapes, cast to ``dtype``."""
+    if dtype not in DTYPES:
+        raise VAEFTError(f"export dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    check_frozen(result)
+    sd = model_to_ldm(result.model, result.layout)
+    return {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in sd.items()}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None, overwrite: bool = False) -> str:
+    """Atomically write ``tensors`` to ``path``; never clobbers unless ``overwrite``."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise VAEFTError(f"output folder {folder!r} does not exist")
+    if os.path.exists(path) and not overwrite:
+        raise VAEFTError(f"{path!r} already exists; choose another name or allow overwriting")
+    fd, tmp = tempfile.mkstemp(prefix=".vaeft-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic create-if-absent: fails if another writer got there first
+            except FileExistsError:
+                raise VAEFTError(f"{path!r} already exists; choose another name or allow overwriting") from None
+            except OSError:
+                # Filesystems without hard links: the exists check above is the guard.
+                if os.path.exists(path):
+                    raise VAEFTError(f"{path!r} already exists; choose another name") from None
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def export_vae(result: TrainResult, path: str | os.PathLike, dtype: str | None = None,
+               dataset_summary: dict | None = None, overwrite: bool = False,
+               extra_metadata: dict[str, str] | None = None) -> str:
+    """Write ``result`` as an ldm-keyed ``.safetensors``; returns the path written."""
+    dtype = dtype or result.config.export_dtype
+    tensors = ldm_state_dict(result, dtype)
+    meta = build_metadata(result, dataset_summary, extra_metadata)
+    meta["vaeft.dtype"] = dtype
+    return write_safetensors(tensors, path, meta, overwrite=overwrite)

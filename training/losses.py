@@ -1,0 +1,125 @@
+"""Reconstruction losses on [-1, 1] images, and the LPIPS network they use.
+
+The LPIPS package ships its small linear heads, but its backbone (torchvision's
+VGG16 / AlexNet ImageNet weights) is normally downloaded at first use. This
+package never downloads: it reads the backbone from a file the user names or from
+torchvision's own cache, and otherwise stops with a message saying where to put it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .errors import VAEFTError
+
+# torchvision's file names for the ImageNet weights lpips uses (VGG16_Weights.IMAGENET1K_V1,
+# AlexNet_Weights.IMAGENET1K_V1); torch.hub keeps them under <hub dir>/checkpoints/.
+BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+ENV_BACKBONE = "VAEFT_LPIPS_BACKBONE"
+
+
+def backbone_candidates(net: str) -> list[str]:
+    """Where we look for the backbone weights, in order."""
+    paths = []
+    if os.environ.get(ENV_BACKBONE):
+        paths.append(os.environ[ENV_BACKBONE])
+    paths.append(os.path.join(torch.hub.get_dir(), "checkpoints", BACKBONE_FILES[net]))
+    return paths
+
+
+def _find_backbone(net: str, path: str | None) -> str:
+    if path:
+        if not os.path.isfile(path):
+            raise VAEFTError(f"LPIPS backbone file {path!r} does not exist")
+        return path
+    for p in backbone_candidates(net):
+        if os.path.isfile(p):
+            return p
+    where = " or ".join(repr(p) for p in backbone_candidates(net))
+    raise VAEFTError(
+        f"LPIPS needs torchvision's ImageNet {net} weights ({BACKBONE_FILES[net]}), which are not on this "
+        f"machine and are never downloaded here. Put the file at {where}, pass its path "
+        f"(--lpips-backbone / the node's lpips_backbone input, or set {ENV_BACKBONE}), "
+        "or train without the perceptual term (lpips_weight = 0).")
+
+
+def load_lpips(net: str = "vgg", backbone_path: str | None = None, random_backbone: bool = False
+               ) -> torch.nn.Module:
+    """A frozen ``lpips.LPIPS`` in eval mode; inputs are BCHW in [-1, 1].
+
+    ``random_backbone=True`` keeps the backbone at random init (tests only: the
+    distance is then not perceptual, but gradients and shapes are the real thing).
+    """
+    if net not in BACKBONE_FILES:
+        raise VAEFTError(f"unknown LPIPS network {net!r}; use one of {sorted(BACKBONE_FILES)}")
+    import lpips
+
+    # pnet_rand=True: build the backbone without torchvision's download; the linear
+    # heads (pretrained=True) come from the lpips package itself.
+    with warnings.catch_warnings():  # torchvision's deprecation notes about `pretrained=`
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    if not random_backbone:
+        path = _find_backbone(net, backbone_path)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise VAEFTError(f"cannot read LPIPS backbone file {path!r}: {e}") from e
+        _load_backbone(model.net, sd, path)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _load_backbone(slices: torch.nn.Module, sd: dict, path: str) -> None:
+    """Copy torchvision ``features.{i}.*`` weights into lpips' ``slice{s}.{i}.*`` modules."""
+    target = {}
+    for name in slices.state_dict():
+        m = re.match(r"slice\d+\.(\d+)\.(weight|bias)$", name)
+        if m:
+            target[f"features.{m.group(1)}.{m.group(2)}"] = name
+    missing = [k for k in target if k not in sd]
+    if missing:
+        raise VAEFTError(f"{path!r} is not a torchvision backbone for LPIPS (missing {missing[:3]})")
+    slices.load_state_dict({target[k]: sd[k] for k in target}, strict=True)
+
+
+class ReconstructionLoss(torch.nn.Module):
+    """``mse_weight·MSE + l1_weight·L1 + lpips_weight·LPIPS`` on BCHW images in [-1, 1].
+
+    The LPIPS term is computed with gradient flowing into the reconstruction (the
+    network's own weights stay frozen). Returns (total, parts) where parts holds
+    detached per-term scalars for logging.
+    """
+
+    def __init__(self, mse_weight: float = 1.0, l1_weight: float = 0.0, lpips_weight: float = 0.1,
+                 lpips_net: torch.nn.Module | None = None):
+        super().__init__()
+        if lpips_weight > 0 and lpips_net is None:
+            raise VAEFTError("lpips_weight > 0 needs an LPIPS network (see training.losses.load_lpips)")
+        self.mse_weight, self.l1_weight, self.lpips_weight = mse_weight, l1_weight, lpips_weight
+        self.lpips = lpips_net if lpips_weight > 0 else None
+
+    def forward(self, recon: torch.Tensor, target: torch.Tensor):
+        recon32, target32 = recon.float(), target.float()
+        parts = {}
+        total = recon32.new_zeros(())
+        if self.mse_weight:
+            mse = F.mse_loss(recon32, target32)
+            parts["mse"] = mse.detach()
+            total = total + self.mse_weight * mse
+        if self.l1_weight:
+            l1 = F.l1_loss(recon32, target32)
+            parts["l1"] = l1.detach()
+            total = total + self.l1_weight * l1
+        if self.lpips is not None:
+            # LPIPS runs in the autocast dtype when one is active; its mean is taken in fp32.
+            p = self.lpips(recon, target).float().mean()
+            parts["lpips"] = p.detach()
+            total = total + self.lpips_weight * p
+        parts["total"] = total.detach()
+        return total, parts

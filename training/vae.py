@@ -1,0 +1,351 @@
+"""VAE I/O: ldm (CompVis) and diffusers state dicts <-> diffusers ``AutoencoderKL``.
+
+State dict formats are data: :func:`ldm_to_diffusers_key` maps one ldm key to its
+diffusers name, and the reverse map is the same table inverted, so the round trip
+ldm -> diffusers -> ldm is exact by construction (tested bit for bit).
+
+The model config is read off tensor shapes, so SD1.x/2.x/SDXL (4 latent channels,
+with quant convs) and SD3/Flux (16 channels, no quant convs) need no preset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import VAEFTError
+
+# ldm attention sub-layer -> diffusers attention sub-layer.
+_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+# Older diffusers checkpoints name the attention layers differently; accepted on input.
+_OLD_DIFFUSERS_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_RESNET = {"nin_shortcut": "conv_shortcut"}
+# Keys of the training wrapper that are not part of the autoencoder (LDM's loss module,
+# EMA bookkeeping); A1111 and ComfyUI ignore them, so we drop them on load.
+_NON_MODEL_PREFIXES = ("loss.", "model_ema.")
+
+LDM_PROBE = "decoder.conv_in.weight"
+DIFFUSERS_PROBE = "decoder.up_blocks.0.resnets.0.norm1.weight"
+
+
+def _num_levels(keys) -> int:
+    levels = {int(m.group(1)) for k in keys if (m := re.match(r"encoder\.down\.(\d+)\.", k))}
+    if not levels:
+        levels = {int(m.group(1)) for k in keys if (m := re.match(r"decoder\.up\.(\d+)\.", k))}
+    return max(levels) + 1 if levels else 0
+
+
+def ldm_to_diffusers_key(key: str, num_levels: int) -> str:
+    """Diffusers name of one ldm AutoencoderKL key.
+
+    ``num_levels`` is the number of resolution levels (len(ch_mult), 4 for SD):
+    ldm numbers decoder levels from the lowest resolution up, diffusers from the top.
+    """
+    parts = key.split(".")
+    head = parts[0]
+    if head in ("quant_conv", "post_quant_conv"):
+        return key
+    if head not in ("encoder", "decoder"):
+        raise VAEFTError(f"state dict key {key!r} is not part of a kl-f8 AutoencoderKL")
+    rest = parts[1:]
+    name = rest[0]
+    if name in ("conv_in", "conv_out"):
+        out = rest
+    elif name == "norm_out":
+        out = ["conv_norm_out"] + rest[1:]
+    elif name == "mid":
+        block = rest[1]
+        if block.startswith("block_"):
+            idx = int(block.split("_")[1]) - 1
+            sub = [_RESNET.get(rest[2], rest[2])] + rest[3:]
+            out = ["mid_block", "resnets", str(idx)] + sub
+        elif block == "attn_1":
+            out = ["mid_block", "attentions", "0"] + _ATTN[rest[2]].split(".") + rest[3:]
+        else:
+            raise VAEFTError(f"unknown mid-block key {key!r}")
+    elif name in ("down", "up"):
+        level = int(rest[1])
+        blocks = "down_blocks" if name == "down" else "up_blocks"
+        if name == "up":
+            level = num_levels - 1 - level
+        kind = rest[2]
+        if kind == "block":
+            sub = [_RESNET.get(rest[4], rest[4])] + rest[5:]
+            out = [blocks, str(level), "resnets", rest[3]] + sub
+        elif kind in ("downsample", "upsample"):
+            samplers = "downsamplers" if kind == "downsample" else "upsamplers"
+            out = [blocks, str(level), samplers, "0"] + rest[3:]
+        else:
+            raise VAEFTError(f"unknown block key {key!r}")
+    else:
+        raise VAEFTError(f"state dict key {key!r} is not part of a kl-f8 AutoencoderKL")
+    return ".".join([head] + out)
+
+
+def _is_attention_weight(ldm_key: str) -> bool:
+    return bool(re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", ldm_key))
+
+
+def ldm_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an ldm state dict to diffusers keys; 1x1-conv attention weights become Linear."""
+    n = _num_levels(sd)
+    out = {}
+    for k, v in sd.items():
+        dk = ldm_to_diffusers_key(k, n)
+        if _is_attention_weight(k) and v.ndim == 4:
+            v = v[:, :, 0, 0]
+        out[dk] = v
+    return out
+
+
+def diffusers_to_ldm(sd: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]] | None = None,
+                     num_levels: int | None = None) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`ldm_to_diffusers`.
+
+    ``shapes`` (ldm key -> shape) is the layout to reproduce, normally the base file's; it
+    fixes the key set and whether attention weights are stored as 1x1 convs (the common
+    case) or as matrices. Without it, the standard ldm layout is produced.
+    """
+    sd = {_normalise_diffusers_key(k): v for k, v in sd.items()}
+    if num_levels is None:
+        num_levels = len({m.group(1) for k in sd if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
+    if shapes is None:
+        ldm_keys = _standard_ldm_keys(sd, num_levels)
+    else:
+        ldm_keys = list(shapes)
+    names = {ldm_to_diffusers_key(k, num_levels): k for k in ldm_keys}
+    missing = sorted(set(names) - set(sd))
+    extra = sorted(set(sd) - set(names))
+    if missing or extra:
+        raise VAEFTError(
+            "the weights do not match the base VAE's layout: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+    out = {}
+    for dk, lk in names.items():
+        v = sd[dk]
+        if shapes is not None:
+            v = v.reshape(shapes[lk])
+        elif _is_attention_weight(lk) and v.ndim == 2:
+            v = v[:, :, None, None]
+        out[lk] = v
+    return out
+
+
+def _normalise_diffusers_key(k: str) -> str:
+    m = re.match(r"(.*\.mid_block\.attentions\.0\.)(query|key|value|proj_attn)(\..*)", k)
+    if m:
+        return m.group(1) + _OLD_DIFFUSERS_ATTN[m.group(2)] + m.group(3)
+    return k
+
+
+def _standard_ldm_keys(diffusers_sd, num_levels) -> list[str]:
+    """ldm names for a diffusers state dict; each checked against the forward map."""
+    keys = []
+    for dk in diffusers_sd:
+        lk = diffusers_to_ldm_key(dk, num_levels)
+        if ldm_to_diffusers_key(lk, num_levels) != dk:
+            raise VAEFTError(f"state dict key {dk!r} is not part of a kl-f8 AutoencoderKL")
+        keys.append(lk)
+    return keys
+
+
+def diffusers_to_ldm_key(dk: str, n: int) -> str:
+    """ldm name of one diffusers AutoencoderKL key (inverse of :func:`ldm_to_diffusers_key`)."""
+    p = dk.split(".")
+    head = p[0]
+    if head in ("quant_conv", "post_quant_conv"):
+        return dk
+    rest = p[1:]
+    name = rest[0]
+    rev_resnet = {v: k for k, v in _RESNET.items()}
+    rev_attn = {v: k for k, v in _ATTN.items()}
+    if name in ("conv_in", "conv_out"):
+        return dk
+    if name == "conv_norm_out":
+        return ".".join([head, "norm_out"] + rest[1:])
+    if name == "mid_block":
+        if rest[1] == "resnets":
+            sub = [rev_resnet.get(rest[3], rest[3])] + rest[4:]
+            return ".".join([head, "mid", f"block_{int(rest[2]) + 1}"] + sub)
+        attn = ".".join(rest[3:-1])
+        return ".".join([head, "mid", "attn_1", rev_attn.get(attn, attn), rest[-1]])
+    if name in ("down_blocks", "up_blocks"):
+        level = int(rest[1])
+        kind = "down" if name == "down_blocks" else "up"
+        if kind == "up":
+            level = n - 1 - level
+        if rest[2] == "resnets":
+            sub = [rev_resnet.get(rest[4], rest[4])] + rest[5:]
+            return ".".join([head, kind, str(level), "block", rest[3]] + sub)
+        sampler = "downsample" if kind == "down" else "upsample"
+        return ".".join([head, kind, str(level), sampler] + rest[4:])
+    return dk
+
+
+@dataclass
+class LdmLayout:
+    """What an exported file must reproduce: ldm key -> shape, and the base's identity."""
+
+    shapes: dict[str, tuple[int, ...]]
+    num_levels: int
+    base_sha256: str = ""
+    base_name: str = ""
+    dropped_keys: list[str] = field(default_factory=list)
+
+
+def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (names, dtypes, shapes, bytes), independent of file layout."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def normalise_state_dict(sd: dict[str, torch.Tensor], source: str = "state dict"
+                         ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """An ldm-keyed AutoencoderKL state dict from an ldm or diffusers one.
+
+    Strips a ``first_stage_model.`` / ``vae.`` prefix (full checkpoints), drops LDM's
+    loss/EMA keys, and rejects anything that is not a kl-f8 AutoencoderKL with a
+    message naming ``source``. Returns (state dict, dropped key names).
+    """
+    if not isinstance(sd, dict) or not sd:
+        raise VAEFTError(f"{source} holds no tensors; expected a VAE state dict")
+    for prefix in ("first_stage_model.", "vae."):
+        if any(k.startswith(prefix) for k in sd) and LDM_PROBE not in sd and DIFFUSERS_PROBE not in sd:
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if DIFFUSERS_PROBE in sd:
+        sd = diffusers_to_ldm(sd)
+    dropped = sorted(k for k in sd if k.startswith(_NON_MODEL_PREFIXES))
+    sd = {k: v for k, v in sd.items() if not k.startswith(_NON_MODEL_PREFIXES)}
+    required = ("encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight")
+    lacking = [k for k in required if k not in sd]
+    if lacking:
+        raise VAEFTError(
+            f"{source} is not a kl-f8 VAE (AutoencoderKL): it lacks {', '.join(lacking)}. "
+            "Pass a VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors, sdxl_vae.safetensors, "
+            "ae.safetensors) or a checkpoint that contains one.")
+    if "decoder.mid.block_1.mix_factor" in sd or any(".time_stack." in k for k in sd):
+        raise VAEFTError(f"{source} is a video VAE (temporal decoder); only image kl-f8 VAEs are supported")
+    for k in sd:
+        ldm_to_diffusers_key(k, _num_levels(sd))  # raises on keys of another architecture
+    return sd, dropped
+
+
+def config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
+    """diffusers ``AutoencoderKL`` config read off an ldm state dict's shapes."""
+    n = _num_levels(sd)
+    if n == 0:
+        raise VAEFTError("VAE state dict has no encoder.down.* blocks")
+    block_out = [int(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in range(n)]
+    layers = len({m.group(1) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
+    latent = int(sd["decoder.conv_in.weight"].shape[1])
+    has_quant = "quant_conv.weight" in sd
+    has_post_quant = "post_quant_conv.weight" in sd
+    groups = 32
+    for g in (32, 16, 8, 4, 2, 1):
+        if block_out[0] % g == 0:
+            groups = g
+            break
+    return dict(
+        in_channels=int(sd["encoder.conv_in.weight"].shape[1]),
+        out_channels=int(sd["decoder.conv_out.weight"].shape[0]),
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=block_out,
+        layers_per_block=layers,
+        latent_channels=latent,
+        norm_num_groups=groups,
+        use_quant_conv=has_quant,
+        use_post_quant_conv=has_post_quant,
+        mid_block_add_attention="encoder.mid.attn_1.q.weight" in sd,
+        sample_size=512,
+    )
+
+
+@dataclass
+class LoadedVAE:
+    model: "torch.nn.Module"  # diffusers AutoencoderKL, fp32, eval mode
+    layout: LdmLayout
+
+
+def build_vae(sd: dict[str, torch.Tensor], source: str = "state dict", base_sha256: str | None = None
+              ) -> LoadedVAE:
+    """A diffusers AutoencoderKL (fp32) holding an ldm or diffusers state dict's weights."""
+    from diffusers import AutoencoderKL
+
+    ldm, dropped = normalise_state_dict(sd, source)
+    config = config_from_ldm(ldm)
+    with torch.device("meta"):
+        model = AutoencoderKL(**config)
+    dsd = {k: v.float() for k, v in ldm_to_diffusers(ldm).items()}
+    expected = set(model.state_dict())
+    if set(dsd) != expected:
+        missing = sorted(expected - set(dsd))
+        extra = sorted(set(dsd) - expected)
+        raise VAEFTError(f"{source}: VAE layout not understood (missing {missing[:4]}, unexpected {extra[:4]})")
+    model.load_state_dict(dsd, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    layout = LdmLayout(
+        shapes={k: tuple(v.shape) for k, v in ldm.items()},
+        num_levels=_num_levels(ldm),
+        base_sha256=base_sha256 or state_dict_sha256(ldm),
+        base_name=os.path.basename(source),
+        dropped_keys=dropped,
+    )
+    return LoadedVAE(model, layout)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors / .ckpt / .pt / .bin file, with a clear error otherwise."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise VAEFTError(f"VAE file {path!r} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except VAEFTError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure means the same thing to a user
+        raise VAEFTError(f"cannot read VAE file {path!r}: {e}") from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise VAEFTError(f"{path!r} does not hold a state dict of tensors")
+    return obj
+
+
+def load_vae(path: str | os.PathLike) -> LoadedVAE:
+    """Load a VAE file (ldm or diffusers keys; .safetensors, .ckpt, .pt, .bin)."""
+    sd = read_state_dict(path)
+    return build_vae(sd, source=os.fspath(path))
+
+
+def model_to_ldm(model: "torch.nn.Module", layout: LdmLayout) -> dict[str, torch.Tensor]:
+    """The model's weights under the base file's exact ldm keys and shapes."""
+    return diffusers_to_ldm(model.state_dict(), layout.shapes, layout.num_levels)
+
+
+def reconstruct(model: "torch.nn.Module", x: torch.Tensor, sample: bool = False,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Encode and decode. x: BCHW in [-1, 1], H and W multiples of 8 -> BCHW (unclamped)."""
+    dist = model.encode(x).latent_dist
+    z = dist.sample(generator) if sample else dist.mode()
+    return model.decode(z).sample
