@@ -71,6 +71,7 @@ def build_metadata(result: TrainResult, dataset_summary: dict | None = None,
     if result.history:
         last = result.history[-1]
         meta["vaeft.final_losses"] = json.dumps({k: round(v, 6) for k, v in last.items() if k not in ("step",)})
+    dataset_summary = dataset_summary if dataset_summary is not None else result.dataset_summary
     if dataset_summary is not None:
         meta["vaeft.dataset"] = json.dumps(_dataset_digest(dataset_summary))
     if extra:

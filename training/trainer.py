@@ -79,6 +79,7 @@ class TrainResult:
     frozen_digest: str = ""         # of the base model's untrained part, re-checked at export
     seconds: float = 0.0
     used_ema: bool = False
+    dataset_summary: dict | None = None  # recorded in the export's metadata
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -141,6 +142,8 @@ def fine_tune(vae: LoadedVAE, batches: Iterator[torch.Tensor], cfg: TrainConfig,
                 stopped = True
                 break
             x = next(batches).to(device, non_blocking=True).float()
+            if x.is_inference():  # ComfyUI hands over tensors made under inference_mode
+                x = x.clone()
             if x.ndim != 4 or x.shape[1] != model.config.in_channels:
                 raise VAEFTError(
                     f"training batches have shape {tuple(x.shape)} but this VAE takes "

@@ -257,11 +257,11 @@ def config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
     latent = int(sd["decoder.conv_in.weight"].shape[1])
     has_quant = "quant_conv.weight" in sd
     has_post_quant = "post_quant_conv.weight" in sd
+    # GroupNorm's group count leaves no trace in the weights; every SD-family VAE uses 32.
     groups = 32
-    for g in (32, 16, 8, 4, 2, 1):
-        if block_out[0] % g == 0:
-            groups = g
-            break
+    if any(c % groups for c in block_out):
+        raise VAEFTError(f"VAE channel widths {block_out} are not multiples of 32 (GroupNorm groups of the "
+                         "SD-family VAE); this is not a kl-f8 AutoencoderKL we can rebuild")
     return dict(
         in_channels=int(sd["encoder.conv_in.weight"].shape[1]),
         out_channels=int(sd["decoder.conv_out.weight"].shape[0]),

@@ -1,0 +1,108 @@
+"""Fine-tune node: trains a copy of the connected VAE; the cached input is never modified."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io
+
+from ..training.config import TrainConfig
+from ..training.data import augment
+from ..training.errors import VAEFTError
+from ..training.export import ldm_state_dict
+from ..training.trainer import Callbacks, fine_tune
+from .common import (Dataset, Trained, comfy_vae_to_training, config_from_inputs, config_inputs,
+                     ldm_to_comfy_vae)
+
+log = logging.getLogger("vaeft")
+NODE_ORDER = ("steps", "lr", "batch_size", "lpips_weight", "ema", "seed")
+
+
+def _preview_image(images: torch.Tensor):
+    """(2N, 3, H, W) [0, 1] (inputs then reconstructions) -> a PIL image for the progress display."""
+    from PIL import Image
+
+    from ..training.plot import image_grid
+
+    grid = image_grid(images, rows=2)
+    arr = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype("uint8")
+    return Image.fromarray(arr)
+
+
+class VAEFineTune(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VAEFTFineTune",
+            display_name="VAE Fine-tune",
+            category="training/vae",
+            description="Fine-tune a kl-f8 VAE on a patch dataset (default: sd-vae-ft-mse recipe, "
+                        "MSE + 0.1·LPIPS, decoder only, EMA). Decoder-only keeps the latent space, so "
+                        "existing diffusion models work with the result.",
+            inputs=[
+                io.Vae.Input("vae"),
+                Dataset.Input("dataset"),
+                *config_inputs(TrainConfig, order=NODE_ORDER),
+            ],
+            outputs=[
+                io.Vae.Output("vae"),
+                io.LossMap.Output("loss"),
+                Trained.Output("trained"),
+            ],
+            not_idempotent=False,
+        )
+
+    @classmethod
+    def execute(cls, vae, dataset, **kwargs) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+
+        cfg = config_from_inputs(TrainConfig, kwargs)
+        device = mm.get_torch_device()
+        # Prompts run under inference_mode; training needs autograd, on tensors made outside it.
+        with torch.inference_mode(False):
+            base = comfy_vae_to_training(vae)
+            mm.unload_all_models()
+            mm.soft_empty_cache()
+            pbar = comfy.utils.ProgressBar(cfg.steps)
+
+            def on_step(step, total, losses):
+                pbar.update_absolute(step, total)
+                if losses:
+                    log.info("VAE fine-tune step %d/%d: %s", step, total,
+                             ", ".join(f"{k}={v:.5f}" for k, v in losses.items() if k not in ("step",)))
+
+            def on_preview(step, images):
+                pbar.update_absolute(step, cfg.steps, ("JPEG", _preview_image(images), 768))
+
+            batches = dataset.train_batches(cfg.batch_size, pin_memory=device.type == "cuda")
+            preview = _preview_patches(dataset, cfg)
+            result = fine_tune(
+                base, batches, cfg, device=device,
+                augment=lambda x, g: augment(x, dataset.cfg, g),
+                preview_batch=preview,
+                callbacks=Callbacks(
+                    on_step=on_step, on_preview=on_preview,
+                    # Raises InterruptProcessingException on Cancel / POST /interrupt: ComfyUI
+                    # ends the prompt cleanly and the server stays up.
+                    should_stop=lambda: mm.throw_exception_if_processing_interrupted() or False,
+                ),
+            )
+            result.model.to("cpu")
+            out_vae = ldm_to_comfy_vae(ldm_state_dict(result, "fp32"))
+        loss_map = {"loss": [h["total"] for h in result.history], "steps": [h["step"] for h in result.history]}
+        for key in ("mse", "l1", "lpips"):
+            if result.history and key in result.history[0]:
+                loss_map[key] = [h[key] for h in result.history]
+        result.dataset_summary = dataset.summary()
+        return io.NodeOutput(out_vae, loss_map, result)
+
+
+def _preview_patches(dataset, cfg: TrainConfig, count: int = 4):
+    if not cfg.preview_every:
+        return None
+    try:
+        return dataset.val_patches(count, seed=cfg.seed)
+    except VAEFTError:  # no validation images: preview training patches instead
+        return next(iter(dataset.train_batches(count, start_batch=10**6)))[:count]

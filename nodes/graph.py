@@ -1,0 +1,30 @@
+"""Loss-graph node: draws a LOSS_MAP as an IMAGE."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..training.plot import curve_image
+from .common import training_to_image
+
+
+class VAELossGraph(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VAEFTLossGraph",
+            display_name="VAE Loss Graph",
+            category="training/vae",
+            inputs=[
+                io.LossMap.Input("loss"),
+                io.Boolean.Input("log_scale", default=True),
+            ],
+            outputs=[io.Image.Output("image")],
+        )
+
+    @classmethod
+    def execute(cls, loss, log_scale) -> io.NodeOutput:
+        series = {k: v for k, v in loss.items() if k != "steps" and isinstance(v, list)}
+        series = {k: [float(x) for x in v] for k, v in series.items()}
+        img = curve_image(series, loss.get("steps"), log_y=log_scale, title="VAE fine-tune loss")
+        return io.NodeOutput(training_to_image(img))

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random-init VAEs (nothing is downloaded) and real images from scikit-image."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_diffusers_vae(latent_channels: int = 4, quant: bool = True, seed: int = 0):
+    """A 2-level AutoencoderKL small enough for CPU tests (same block types as SD's)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=32, latent_channels=latent_channels,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        use_quant_conv=quant, use_post_quant_conv=quant,
+    )
+
+
+def tiny_ldm_sd(latent_channels: int = 4, quant: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
+    from training.vae import diffusers_to_ldm
+
+    return {k: v.detach().clone() for k, v in
+            diffusers_to_ldm(tiny_diffusers_vae(latent_channels, quant, seed).state_dict()).items()}
+
+
+SD_VAE_CONFIG = dict(
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+)
+
+
+@pytest.fixture
+def tiny_vae_file(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tiny_vae.safetensors"
+    save_file(tiny_ldm_sd(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def lpips_random():
+    from training.losses import load_lpips
+
+    torch.manual_seed(0)
+    return load_lpips("vgg", random_backbone=True)
+
+
+def write_images(folder, names=("astronaut", "coffee", "chelsea", "retina"), size: int = 128):
+    """Real photos from scikit-image, downscaled to ``size`` on the short side, as PNGs."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    os.makedirs(folder, exist_ok=True)
+    for name in names:
+        arr = getattr(data, name)()
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, -1)
+        img = Image.fromarray(arr[..., :3])
+        scale = size / min(img.size)
+        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))))
+        img.save(os.path.join(folder, f"{name}.png"))
+    return folder

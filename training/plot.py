@@ -1,0 +1,83 @@
+"""Loss curves and image grids as tensors, drawn with Pillow (no plotting library needed)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def curve_image(series: dict[str, list[float]], steps: list[int] | None = None, width: int = 768,
+                height: int = 384, title: str = "loss", log_y: bool = True) -> torch.Tensor:
+    """Line chart of named series against ``steps``. Returns (3, height, width) float in [0, 1].
+
+    A log y axis (the default) shows the slow late decrease of reconstruction losses;
+    series with non-positive values fall back to a linear axis.
+    """
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 64, 16, 28, 32
+    pw, ph = width - left - right, height - top - bottom
+    d.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))
+    d.text((left, 8), title, fill=(0, 0, 0))
+    series = {k: [float(v) for v in vals] for k, vals in series.items() if vals}
+    if not series:
+        d.text((left + 8, top + 8), "no data", fill=(0, 0, 0))
+        return _to_tensor(img)
+    n = max(len(v) for v in series.values())
+    steps = list(steps) if steps else list(range(1, n + 1))
+    values = [x for v in series.values() for x in v if math.isfinite(x)]
+    use_log = log_y and values and min(values) > 0
+    f = (lambda y: math.log10(y)) if use_log else (lambda y: y)
+    ys = [f(y) for y in values] or [0.0]
+    lo, hi = min(ys), max(ys)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    x0, x1 = steps[0], steps[-1] if steps[-1] != steps[0] else steps[0] + 1
+
+    def px(step, y):
+        return (left + (step - x0) / (x1 - x0) * pw, top + (1 - (f(y) - lo) / (hi - lo)) * ph)
+
+    for i in range(5):  # y ticks
+        yv = lo + (hi - lo) * i / 4
+        label = 10 ** yv if use_log else yv
+        yp = top + (1 - i / 4) * ph
+        d.line([left - 4, yp, left, yp], fill=(0, 0, 0))
+        d.text((2, yp - 6), f"{label:.3g}", fill=(0, 0, 0))
+    d.text((left, top + ph + 8), f"step {x0}", fill=(0, 0, 0))
+    d.text((left + pw - 70, top + ph + 8), f"step {steps[-1]}", fill=(0, 0, 0))
+    for ci, (name, vals) in enumerate(series.items()):
+        colour = COLOURS[ci % len(COLOURS)]
+        pts = [px(s, v) for s, v in zip(steps, vals) if math.isfinite(v) and (not use_log or v > 0)]
+        if len(pts) == 1:
+            x, y = pts[0]
+            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        elif pts:
+            d.line(pts, fill=colour, width=2)
+        d.text((left + pw - 120, top + 6 + 14 * ci), f"— {name}", fill=colour)
+    return _to_tensor(img)
+
+
+def image_grid(images: torch.Tensor, rows: int, pad: int = 2) -> torch.Tensor:
+    """Tile (N, 3, H, W) images in [0, 1] into ``rows`` rows. Returns (3, H', W')."""
+    n, c, h, w = images.shape
+    cols = math.ceil(n / rows)
+    out = torch.ones(c, rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        out[:, r * (h + pad):r * (h + pad) + h, col * (w + pad):col * (w + pad) + w] = images[i]
+    return out
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def save_png(image: torch.Tensor, path: str) -> None:
+    """Write a (3, H, W) [0, 1] tensor as PNG."""
+    arr = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    Image.fromarray(arr).save(path)
