@@ -46,11 +46,11 @@ class VAEFineTune(io.ComfyNode):
                 *config_inputs(TrainConfig, order=NODE_ORDER),
             ],
             outputs=[
-                io.Vae.Output("vae"),
+                io.Vae.Output("fine_tuned_vae"),
                 io.LossMap.Output("loss"),
                 Trained.Output("trained"),
             ],
-            not_idempotent=False,
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
@@ -63,6 +63,7 @@ class VAEFineTune(io.ComfyNode):
         # Prompts run under inference_mode; training needs autograd, on tensors made outside it.
         with torch.inference_mode(False):
             base = comfy_vae_to_training(vae)
+            base.layout.base_name = _base_vae_name(cls.hidden.prompt, cls.hidden.unique_id) or "the connected VAE"
             mm.unload_all_models()
             mm.soft_empty_cache()
             pbar = comfy.utils.ProgressBar(cfg.steps)
@@ -97,6 +98,19 @@ class VAEFineTune(io.ComfyNode):
                 loss_map[key] = [h[key] for h in result.history]
         result.dataset_summary = dataset.summary()
         return io.NodeOutput(out_vae, loss_map, result)
+
+
+def _base_vae_name(prompt, unique_id) -> str | None:
+    """The file name when the VAE input comes straight from a loader node (for the export's metadata)."""
+    try:
+        link = prompt[str(unique_id)]["inputs"]["vae"]
+        src = prompt[str(link[0])]["inputs"]
+    except (KeyError, TypeError, IndexError):
+        return None
+    for key in ("vae_name", "ckpt_name"):
+        if isinstance(src.get(key), str):
+            return src[key]
+    return None
 
 
 def _preview_patches(dataset, cfg: TrainConfig, count: int = 4):

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_fit_command(sub)
     from .data import add_patches_command
+    from .demo import add_demo_command
+
+    add_demo_command(sub)
 
     add_patches_command(sub)
     try:

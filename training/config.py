@@ -46,7 +46,7 @@ class TrainConfig:
     seed: int = option(0, "seed for patches, augmentation, posterior samples", min=0, max=2**63 - 1)
     log_every: int = option(10, "steps between loss log lines / history points", min=1)
     preview_every: int = option(50, "steps between preview reconstructions (0 = off)", min=0)
-    export_dtype: str = option("fp16", "dtype of the exported weights", choices=EXPORT_DTYPES)
+    export_dtype: str = option("fp16", "dtype of the exported weights", choices=EXPORT_DTYPES, node=False)
 
     def __post_init__(self) -> None:
         validate(self)

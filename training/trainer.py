@@ -68,7 +68,7 @@ class Callbacks:
     should_stop: Callable[[], bool] | None = None
 
 
-@dataclass
+@dataclass(repr=False)
 class TrainResult:
     model: torch.nn.Module          # AutoencoderKL holding the weights to export (EMA if chosen)
     layout: LdmLayout
@@ -80,6 +80,10 @@ class TrainResult:
     seconds: float = 0.0
     used_ema: bool = False
     dataset_summary: dict | None = None  # recorded in the export's metadata
+
+    def __repr__(self) -> str:  # short: ComfyUI shows node inputs in error reports
+        return (f"TrainResult(steps_done={self.steps_done}, base={self.layout.base_name!r}, "
+                f"latent_channels={self.model.config.latent_channels}, ema={self.used_ema})")
 
 
 def pick_device(name: str | None = None) -> torch.device:

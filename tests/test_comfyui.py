@@ -1,0 +1,256 @@
+"""End to end against a real, headless ComfyUI (COMFYUI_PATH): queue the API example workflow,
+then load the exported file with stock Load VAE -> VAEEncode -> VAEDecode in a second prompt.
+
+Skipped, with the reason, when no ComfyUI checkout is available.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+
+from conftest import ROOT, SD_VAE_CONFIG, write_images
+
+COMFYUI = os.environ.get("COMFYUI_PATH", "")
+if not COMFYUI or not os.path.isfile(os.path.join(COMFYUI, "main.py")):
+    pytest.skip("ComfyUI integration tests need a ComfyUI checkout: set COMFYUI_PATH "
+                f"(got {COMFYUI!r})", allow_module_level=True)
+
+requests = pytest.importorskip("requests")
+
+API_WORKFLOW = os.path.join(ROOT, "example_workflows", "vae_finetune_api.json")
+PACK = "comfyui-vae-finetune"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: str):
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(base, "server.log"), "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   VAEFT_LPIPS_BACKBONE=os.path.join(base, "vgg16-random.pth"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", base, "--disable-auto-launch", "--disable-api-nodes"],
+            cwd=COMFYUI, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited early:\n{self.read_log()[-4000:]}")
+            try:
+                if requests.get(self.url + "/system_stats", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not start:\n{self.read_log()[-4000:]}")
+
+    def read_log(self) -> str:
+        self.log.flush()
+        with open(os.path.join(self.base, "server.log")) as f:
+            return f.read()
+
+    def queue(self, prompt: dict) -> str:
+        r = requests.post(self.url + "/prompt", json={"prompt": prompt, "client_id": uuid.uuid4().hex}, timeout=30)
+        assert r.ok, r.text
+        return r.json()["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            h = requests.get(f"{self.url}/history/{prompt_id}", timeout=10).json()
+            if prompt_id in h and h[prompt_id].get("status", {}).get("completed") is not None:
+                entry = h[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish:\n{self.read_log()[-4000:]}")
+
+    def healthy(self) -> bool:
+        return self.proc.poll() is None and requests.get(self.url + "/system_stats", timeout=5).ok
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def _messages(entry: dict) -> str:
+    return json.dumps(entry.get("status", {}).get("messages", []))
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    import torchvision
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from training.vae import diffusers_to_ldm
+
+    base = str(tmp_path_factory.mktemp("comfy"))
+    os.makedirs(os.path.join(base, "custom_nodes"))
+    os.symlink(ROOT, os.path.join(base, "custom_nodes", PACK))
+    # A random-init VAE in the full SD channel layout (stock Load VAE accepts only that).
+    torch.manual_seed(0)
+    sd = diffusers_to_ldm(AutoencoderKL(**SD_VAE_CONFIG).state_dict())
+    os.makedirs(os.path.join(base, "models", "vae"))
+    base_file = os.path.join(base, "models", "vae", "random_sd_vae.safetensors")
+    save_file({k: v.contiguous() for k, v in sd.items()}, base_file)
+    # LPIPS runs for real, on an explicitly random VGG backbone (no weights can be downloaded here).
+    feats = {k: v for k, v in torchvision.models.vgg16().state_dict().items() if k.startswith("features.")}
+    torch.save(feats, os.path.join(base, "vgg16-random.pth"))
+    write_images(os.path.join(base, "input", "vae_train"), size=96)
+    write_images(os.path.join(base, "input"), names=("astronaut",), size=64)
+    server = Server(base)
+    try:
+        yield server, base, sd
+    finally:
+        server.stop()
+
+
+def _example(vae_name: str, folder: str, **train) -> dict:
+    with open(API_WORKFLOW) as f:
+        prompt = json.load(f)
+    nodes = {n["class_type"]: n for n in prompt.values()}
+    nodes["VAELoader"]["inputs"]["vae_name"] = vae_name
+    ds = nodes["VAEFTPatchDataset"]["inputs"]
+    ds.update(folder=folder, patch_size=32, foreground_threshold=0.0)
+    ft = nodes["VAEFTFineTune"]["inputs"]
+    ft.update(steps=2, batch_size=1, preview_every=1, log_every=1)
+    ft.update(train)
+    nodes["VAEFTSave"]["inputs"]["name"] = "retina"
+    return prompt
+
+
+def test_nodes_are_registered(comfy):
+    server, _, _ = comfy
+    info = requests.get(server.url + "/object_info", timeout=30).json()
+    for node in ("VAEFTPatchDataset", "VAEFTFineTune", "VAEFTSave", "VAEFTLossGraph"):
+        assert node in info, f"{node} missing; server log:\n{server.read_log()[-3000:]}"
+    ft = info["VAEFTFineTune"]
+    assert ft["output"] == ["VAE", "LOSS_MAP", "VAEFT_TRAINED"]
+    assert ft["input"]["required"]["lpips_weight"][1]["default"] == 0.1
+
+
+def test_api_example_trains_saves_and_stock_load_vae_loads_it(comfy):
+    from safetensors.torch import load_file
+
+    server, base, base_sd = comfy
+    entry = server.wait(server.queue(_example("random_sd_vae.safetensors", "vae_train")))
+    assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-4000:]
+    out_file = os.path.join(base, "output", "vae", "vae-ft-retina-2.safetensors")
+    assert os.path.isfile(out_file)
+
+    exported = load_file(out_file)
+    assert set(exported) == set(base_sd)
+    for k, v in base_sd.items():
+        assert exported[k].shape == v.shape, k
+        if k.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(exported[k], v.half()), f"encoder weight {k} changed"
+    assert not torch.equal(exported["decoder.conv_out.weight"], base_sd["decoder.conv_out.weight"].half())
+
+    # Without a restart: Load VAE lists the new file, and a second prompt uses it.
+    info = requests.get(server.url + "/object_info/VAELoader", timeout=30).json()
+    assert "vae-ft-retina-2.safetensors" in info["VAELoader"]["input"]["required"]["vae_name"][0]
+    prompt = {
+        "1": {"class_type": "VAELoader", "inputs": {"vae_name": "vae-ft-retina-2.safetensors"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 0]}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "roundtrip"}},
+    }
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", _messages(entry)
+    saved = entry["outputs"]["5"]["images"][0]
+    assert os.path.isfile(os.path.join(base, "output", saved["subfolder"], saved["filename"]))
+
+    # The fine-tuned VAE output feeds a downstream VAEDecode in the same graph, too.
+    prompt = _example("random_sd_vae.safetensors", "vae_train", seed=1)
+    prompt["90"] = {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}}
+    vae_out = [next(k for k, n in prompt.items() if n["class_type"] == "VAEFTFineTune"), 0]
+    prompt["91"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["90", 0], "vae": vae_out}}
+    prompt["92"] = {"class_type": "VAEDecode", "inputs": {"samples": ["91", 0], "vae": vae_out}}
+    prompt["93"] = {"class_type": "PreviewImage", "inputs": {"images": ["92", 0]}}
+    next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "retina-b"
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", _messages(entry)
+    assert entry["outputs"]["93"]["images"]
+
+
+def test_existing_file_is_not_overwritten(comfy):
+    server, base, _ = comfy
+    target = os.path.join(base, "output", "vae", "vae-ft-keep-2.safetensors")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "wb") as f:
+        f.write(b"precious")
+    prompt = _example("random_sd_vae.safetensors", "vae_train")
+    next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "keep"
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "error"
+    assert "already exists" in _messages(entry)
+    with open(target, "rb") as f:
+        assert f.read() == b"precious"
+
+
+@pytest.mark.parametrize("folder,expected", [("../", "outside ComfyUI's input directory"),
+                                             ("no_such_folder", "does not exist")])
+def test_bad_folder_is_a_clear_error(comfy, folder, expected):
+    server, _, _ = comfy
+    entry = server.wait(server.queue(_example("random_sd_vae.safetensors", folder)))
+    assert entry["status"]["status_str"] == "error"
+    assert expected in _messages(entry)
+    assert server.healthy()
+
+
+def test_bad_save_name_is_a_clear_error(comfy):
+    server, base, _ = comfy
+    prompt = _example("random_sd_vae.safetensors", "vae_train")
+    next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "../../evil"
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "error"
+    assert "plain file name" in _messages(entry)
+    assert not any("evil" in name for _, _, files in os.walk(base) for name in files)
+
+
+def test_interrupt_stops_training_and_server_stays_healthy(comfy):
+    server, base, _ = comfy
+    prompt = _example("random_sd_vae.safetensors", "vae_train", steps=100000, preview_every=0)
+    next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "never"
+    pid = server.queue(prompt)
+    deadline = time.time() + 120
+    while "VAE fine-tune step" not in server.read_log() and time.time() < deadline:
+        time.sleep(0.5)
+    requests.post(server.url + "/interrupt", timeout=10)
+    t0 = time.time()
+    entry = server.wait(pid, timeout=120)
+    assert entry["status"]["status_str"] == "error"
+    assert "execution_interrupted" in _messages(entry)
+    assert time.time() - t0 < 60
+    assert not os.path.exists(os.path.join(base, "output", "vae", "vae-ft-never-100000.safetensors"))
+    assert server.healthy()
+    prompt = _example("random_sd_vae.safetensors", "vae_train", seed=7)
+    next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "after-interrupt"
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", _messages(entry)
