@@ -1,0 +1,264 @@
+"""Read one image file into a 3-channel CHW integer tensor, fully decoded and validated.
+
+Handles PNG, JPEG, WebP, TIFF and BMP; 8- and 16-bit samples; grayscale, palette, RGBA;
+EXIF orientation; embedded ICC profiles (converted to sRGB). Pure PIL/numpy/torch
+(torchvision and tifffile, when installed, keep 16 bits of RGB PNG and TIFF files).
+
+Alpha: images with transparency are composited over black (RGB × alpha), which suits
+photographs on a dark background such as fundus images; the alpha channel is then dropped.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageCms, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".webp", ".tif", ".tiff", ".bmp")
+ALPHA_POLICY = "composited over black (RGB × alpha), then dropped"
+
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageReadError(Exception):
+    """A file that cannot be used; the message is the user-facing reason (no path)."""
+
+
+@dataclass
+class Decoded:
+    """A decoded image: ``pixels`` (3, H, W) uint8 or uint16, plus what was done to it."""
+
+    pixels: torch.Tensor
+    bits: int
+    notes: list[str] = field(default_factory=list)
+
+
+def is_image_name(name: str) -> bool:
+    """True for a file name with a supported image extension (case-insensitive)."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The whole file. Separate so tests can simulate unreadable files."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_image(path: str | os.PathLike) -> Decoded:
+    """Decode ``path`` completely (so a corrupt file fails here, not mid-training).
+
+    Returns (3, H, W) uint8 or uint16 in display orientation and sRGB. Raises
+    :class:`ImageReadError` with a short reason on any failure.
+    """
+    try:
+        data = read_bytes(path)
+    except PermissionError:
+        raise ImageReadError("cannot read the file (permission denied); check its permissions") from None
+    except OSError as e:
+        raise ImageReadError(f"cannot read the file ({e.strerror or e})") from None
+    if not data:
+        raise ImageReadError("empty file (0 bytes)")
+    return decode_image(data)
+
+
+def decode_image(data: bytes) -> Decoded:
+    """Decode encoded image bytes; see :func:`read_image`."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"too large to decode safely ({e})") from None
+    except Exception as e:  # UnidentifiedImageError and friends
+        raise ImageReadError(f"not a readable image ({_short(e)})") from None
+    try:
+        img.load()  # full decode: truncated or corrupt data raises here
+        # 16-bit RGB(A) PNG and TIFF: PIL would reduce them to 8 bits.
+        wide = _decode_16bit(data, img)
+    except Exception as e:
+        raise ImageReadError(f"corrupt or truncated image ({_short(e)})") from None
+    if isinstance(wide, Decoded):
+        return wide
+    try:
+        out = _from_pil(img)
+    except ImageReadError:
+        raise
+    except Exception as e:
+        raise ImageReadError(f"unsupported pixel format {img.mode} ({_short(e)})") from None
+    if wide:  # a 16-bit file that only PIL could read
+        out.notes.append(wide)
+    return out
+
+
+def _short(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg[:160]
+
+
+def _from_pil(img: Image.Image) -> Decoded:
+    notes: list[str] = []
+    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    if orientation not in (None, 1):
+        img = ImageOps.exif_transpose(img)
+        notes.append(f"EXIF orientation {orientation} applied")
+    icc = img.info.get("icc_profile")
+
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grayscale (PNG/TIFF): keep all 16 bits.
+        arr = np.array(img)
+        if arr.dtype != np.uint16:
+            if arr.min() < 0 or arr.max() > 65535:
+                raise ImageReadError(f"{mode} pixel values outside 0..65535 are not supported")
+            arr = arr.astype(np.uint16)
+        if icc:
+            notes.append("ICC profile of a 16-bit image not applied (pixel values used as sRGB)")
+        t = torch.from_numpy(np.ascontiguousarray(arr))[None].expand(3, -1, -1).contiguous()
+        return Decoded(t, 16, notes)
+    if mode == "F":
+        raise ImageReadError("32-bit float images are not supported; save as 8- or 16-bit")
+
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info) \
+        or (mode in ("L", "RGB") and "transparency" in img.info)
+    if icc:
+        img, note = _to_srgb(img, icc, has_alpha)
+        if note:
+            notes.append(note)
+    if has_alpha:
+        rgba = np.array(img.convert("RGBA"))
+        rgb = _over_black(rgba[..., :3], rgba[..., 3:], 255)
+        notes.append("alpha " + ALPHA_POLICY)
+    else:
+        rgb = np.array(img.convert("RGB"))
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
+    return Decoded(t, 8, notes)
+
+
+def _over_black(rgb: np.ndarray, alpha: np.ndarray, maxval: int) -> np.ndarray:
+    """RGB × alpha / max, rounded, in the input's integer dtype."""
+    out = (rgb.astype(np.uint64) * alpha + maxval // 2) // maxval
+    return out.astype(rgb.dtype)
+
+
+def _to_srgb(img: Image.Image, icc: bytes, has_alpha: bool) -> tuple[Image.Image, str | None]:
+    """Convert an 8-bit image with an embedded profile to sRGB (profiles named sRGB are trusted as is)."""
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        desc = (ImageCms.getProfileDescription(src) or "").strip()
+    except Exception:
+        return img, "embedded ICC profile unreadable, ignored (pixel values used as sRGB)"
+    if "srgb" in desc.lower().replace(" ", ""):
+        return img, None
+    alpha = None
+    if img.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        img = rgba.convert("RGB")
+    space = src.profile.xcolor_space.strip()
+    in_mode = {"RGB": "RGB", "GRAY": "L", "CMYK": "CMYK", "Lab": "LAB"}.get(space)
+    if in_mode is None:
+        return img, f"ICC profile '{desc}' ({space}) not supported, ignored"
+    if img.mode != in_mode:
+        try:
+            img = img.convert(in_mode)
+        except Exception:
+            return img, f"ICC profile '{desc}' does not match the image mode {img.mode}, ignored"
+    try:
+        out = ImageCms.profileToProfile(img, src, _SRGB, outputMode="RGB",
+                                        renderingIntent=ImageCms.Intent.PERCEPTUAL)
+    except Exception as e:
+        return img, f"ICC profile '{desc}' could not be applied ({_short(e)}), ignored"
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out, f"ICC profile '{desc}' converted to sRGB"
+
+
+def _decode_16bit(data: bytes, img: Image.Image) -> Decoded | str | None:
+    """16-bit RGB(A)/gray+alpha PNG or multi-channel TIFF at full precision.
+
+    None when the file is not such an image (PIL reads it exactly); a note (str) when it is
+    but the 16-bit reader is missing, so PIL's 8-bit reading is used and reported.
+    """
+    eight_bit = "16-bit file read at 8-bit precision (install {} to keep 16 bits)"
+    arr = None
+    fmt = img.format
+    if fmt == "PNG" and data[:8] == _PNG_SIGNATURE and len(data) >= 26:
+        depth, color_type = data[24], data[25]
+        if depth != 16 or color_type == 0:  # 16-bit gray without alpha: PIL's I;16 path is exact
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                import torchvision.io as tio
+        except ImportError:
+            return eight_bit.format("torchvision")
+        with warnings.catch_warnings():  # torchvision >= 0.29 flags its decoders as deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            t = tio.decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                               mode=tio.ImageReadMode.UNCHANGED)
+        if t.dtype not in (torch.uint16, torch.int32):  # older torchvision returns int32
+            return eight_bit.format("torchvision >= 0.16")
+        arr = t.permute(1, 2, 0).numpy().astype(np.uint16, copy=False)
+    elif fmt == "TIFF":
+        bits = img.tag_v2.get(258, (8,))
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        if max(bits) <= 8 or img.mode.startswith("I"):
+            return None
+        try:
+            import tifffile
+        except ImportError:
+            return eight_bit.format("tifffile")
+        try:
+            arr = tifffile.imread(io.BytesIO(data), key=0)
+        except Exception as e:  # e.g. a compression tifffile cannot decode without imagecodecs
+            return f"16-bit TIFF read at 8-bit precision (tifffile: {_short(e)})"
+        if arr.dtype != np.uint16:
+            return None
+        if arr.ndim == 3 and arr.shape[0] in (1, 2, 3, 4) and arr.shape[-1] not in (1, 2, 3, 4):
+            arr = np.moveaxis(arr, 0, -1)  # planar TIFF
+    else:
+        return None
+
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    c = arr.shape[-1]
+    notes: list[str] = []
+    if c in (2, 4):
+        arr = _over_black(arr[..., :c - 1], arr[..., c - 1:], 65535)
+        notes.append("alpha " + ALPHA_POLICY)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.shape[-1] != 3:
+        raise ImageReadError(f"{c}-channel 16-bit images are not supported")
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    if orientation not in (None, 1):
+        t = orient(t, orientation)
+        notes.append(f"EXIF orientation {orientation} applied")
+    if img.info.get("icc_profile"):
+        notes.append("ICC profile of a 16-bit image not applied (pixel values used as sRGB)")
+    return Decoded(t.contiguous(), 16, notes)
+
+
+def orient(t: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation (1-8) to a (C, H, W) tensor, as PIL's ``exif_transpose`` does."""
+    if orientation == 2:
+        return t.flip(2)
+    if orientation == 3:
+        return t.flip(1, 2)
+    if orientation == 4:
+        return t.flip(1)
+    if orientation == 5:
+        return t.transpose(1, 2)
+    if orientation == 6:  # rotate 90° clockwise
+        return t.transpose(1, 2).flip(2)
+    if orientation == 7:
+        return t.transpose(1, 2).flip(1, 2)
+    if orientation == 8:  # rotate 90° counter-clockwise
+        return t.transpose(1, 2).flip(1)
+    return t
