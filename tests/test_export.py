@@ -38,7 +38,7 @@ def test_export_has_base_keys_shapes_and_untouched_encoder(tmp_path, trained):
     assert not torch.equal(out["decoder.conv_out.weight"], base_sd["decoder.conv_out.weight"].half())
     with safe_open(path, "pt") as f:
         meta = f.metadata()
-    assert meta["vaeft.recipe"] == "custom"  # lr etc. are the recipe's, but lpips_weight=0 is not
+    assert meta["vaeft.recipe"] == "custom (from sd-vae-ft-mse: lpips_weight)"
     assert meta["vaeft.steps"] == "2" and meta["vaeft.weights"] == "ema"
     assert meta["vaeft.base_sha256"] == state_dict_sha256(base_sd)
     assert meta["vaeft.base_name"] == "base.safetensors"

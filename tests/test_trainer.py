@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -62,25 +63,38 @@ def test_seeded_runs_are_identical_and_seed_matters():
     assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("decoder."))
 
 
-def test_gradient_accumulation_matches_large_batch(monkeypatch):
+def test_micro_batches_accumulate_to_the_full_batch(monkeypatch):
     # Plain SGD makes the update linear in the gradient, so equal gradients <=> equal weights
     # (Adam's first step is ~lr·sign(g) and would hide or exaggerate differences).
-    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr, fused=True))
     vae = build_vae(tiny_ldm_sd())
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
     big = fine_tune(vae, itertools.repeat(x), cfg(steps=1, posterior="mode", grad_clip=0), device="cpu")
-
-    def halves():
-        while True:
-            yield x[:2]
-            yield x[2:]
-
-    acc = fine_tune(vae, halves(), cfg(steps=1, batch_size=2, grad_accum=2, posterior="mode", grad_clip=0),
+    acc = fine_tune(vae, itertools.repeat(x), cfg(steps=1, micro_batch=2, posterior="mode", grad_clip=0),
                     device="cpu")
+    assert acc.micro_batch == 2 and big.micro_batch == 4
     sa, sb = big.model.state_dict(), acc.model.state_dict()
     assert all(torch.allclose(sa[k], sb[k], atol=1e-7) for k in sa)
     moved = sum((sa[k] - vae.model.state_dict()[k]).abs().sum() for k in sa)
     assert moved > 1e-4  # the step did something
+
+
+def test_out_of_memory_retries_with_smaller_micro_batches(monkeypatch):
+    from training import trainer
+
+    real = trainer._Reconstruct.forward
+
+    def limited(self, x, noise):
+        if x.shape[0] > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real(self, x, noise)
+
+    monkeypatch.setattr(trainer._Reconstruct, "forward", limited)
+    vae = build_vae(tiny_ldm_sd())
+    result = fine_tune(vae, fixed_batches(4), cfg(steps=2), device="cpu")
+    assert result.micro_batch == 1 and result.steps_done == 2
+    with pytest.raises(VAEFTError, match="out of GPU memory at micro-batch 2"):
+        fine_tune(vae, fixed_batches(4), cfg(steps=1, micro_batch=2), device="cpu")
 
 
 def test_ema_is_what_gets_exported():
@@ -142,7 +156,9 @@ def test_frozen_check_catches_tampering():
 def test_batch_channel_mismatch_is_named():
     vae = build_vae(tiny_ldm_sd())
     with pytest.raises(VAEFTError, match="3-channel"):
-        fine_tune(vae, itertools.repeat(torch.zeros(2, 16, 32, 32)), cfg(steps=1), device="cpu")
+        fine_tune(vae, itertools.repeat(torch.zeros(4, 16, 32, 32)), cfg(steps=1), device="cpu")
+    with pytest.raises(VAEFTError, match="expected 4"):
+        fine_tune(vae, itertools.repeat(torch.zeros(2, 3, 32, 32)), cfg(steps=1), device="cpu")
 
 
 def test_lr_schedule():
@@ -156,8 +172,112 @@ def test_lr_schedule():
 
 
 @pytest.mark.parametrize("kw,field", [(dict(lr=-1e-4), "lr"), (dict(steps=0), "steps"),
+                                      (dict(batch_size=6, micro_batch=4), "micro_batch"),
+                                      (dict(recipe="sd-vae-ft-xl"), "recipe"),
                                       (dict(batch_size=0), "batch_size"), (dict(export_dtype="fp8"), "export_dtype"),
                                       (dict(lpips_weight=float("nan")), "lpips_weight")])
 def test_nonsense_hyperparameters_name_the_field(kw, field):
     with pytest.raises(VAEFTError, match=field):
         TrainConfig(**kw)
+
+
+def test_recipes_compose_their_losses():
+    from training.config import RECIPES
+
+    mse = TrainConfig()
+    assert (mse.recipe, mse.mse_weight, mse.l1_weight, mse.lpips_weight, mse.trainable) == \
+        ("sd-vae-ft-mse", 1.0, 0.0, 0.1, "decoder")
+    ema = TrainConfig.from_recipe("sd-vae-ft-ema")
+    assert (ema.mse_weight, ema.l1_weight, ema.lpips_weight, ema.gan_weight) == (0.0, 1.0, 1.0, 0.0)
+    gan = TrainConfig.from_recipe("ldm-gan", disc_start=5)
+    assert (gan.l1_weight, gan.lpips_weight, gan.kl_weight, gan.gan_weight, gan.disc_start) == (1.0, 1.0, 1e-6, 0.5, 5)
+    assert gan.recipe_label() == "custom (from ldm-gan: disc_start)"
+    assert TrainConfig.from_recipe("sd-vae-ft-ema").recipe_label() == "sd-vae-ft-ema"
+    assert set(RECIPES) == {"sd-vae-ft-mse", "sd-vae-ft-ema", "ldm-gan"}
+    with pytest.raises(VAEFTError, match="unknown recipe"):
+        TrainConfig.from_recipe("nope")
+
+
+def test_gan_recipe_trains_discriminator_after_disc_start(lpips_random):
+    vae = build_vae(tiny_ldm_sd())
+    c = TrainConfig.from_recipe("ldm-gan", steps=3, disc_start=1, lr=1e-3, batch_size=2, log_every=1,
+                                preview_every=0, ema=False)
+    result = fine_tune(vae, fixed_batches(2), c, device="cpu", lpips_net=lpips_random)
+    h = result.history
+    assert "d_loss" not in h[0] and {"d_loss", "g_loss", "gan_w", "l1", "lpips"} <= set(h[1])
+    assert h[1]["gan_w"] > 0 and all(math.isfinite(v) for v in h[-1].values())
+
+
+def test_full_mode_with_kl_and_latent_consistency():
+    vae = build_vae(tiny_ldm_sd())
+    c = cfg(trainable="full", kl_weight=1e-6, latent_weight=1.0, steps=2)
+    result = fine_tune(vae, fixed_batches(), c, device="cpu")
+    assert {"kl", "latent"} <= set(result.history[-1])
+    with pytest.raises(VAEFTError, match="latent_weight"):
+        cfg(latent_weight=1.0)
+
+
+def test_non_finite_steps_are_skipped_then_stop(monkeypatch):
+    vae = build_vae(tiny_ldm_sd())
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    poisoned = x.clone()
+    poisoned[0, 0, 0, 0] = float("nan")
+    stream = iter([x, poisoned, x, x])
+    result = fine_tune(vae, stream, cfg(steps=4, ema=True), device="cpu")
+    assert result.skipped_steps == 1 and result.history[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in result.model.state_dict().values())
+    with pytest.raises(VAEFTError, match="consecutive steps had a non-finite"):
+        fine_tune(vae, itertools.repeat(poisoned), cfg(steps=50, max_bad_steps=3, log_every=1), device="cpu")
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    vae = build_vae(tiny_ldm_sd())
+    data = [torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(6)]
+
+    def batches(start):
+        return iter(data[start:])
+
+    c = cfg(steps=6, ema=True, warmup_steps=2, lr_schedule="cosine", log_every=1, checkpoint_every=3)
+    full = fine_tune(vae, batches, c, device="cpu")
+    ckpt = tmp_path / "run.ckpt"
+    first = fine_tune(vae, batches, c.replace(steps=3), device="cpu", checkpoint_path=ckpt)
+    assert first.steps_done == 3 and ckpt.exists()
+    resumed = fine_tune(vae, batches, c, device="cpu", resume=ckpt)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["step"] for h in resumed.history] == list(range(1, 7))
+
+    before = ckpt.read_bytes()
+    with pytest.raises(VAEFTError, match="other settings.*lr"):
+        fine_tune(vae, batches, c.replace(lr=5e-3), device="cpu", resume=ckpt)
+    other = build_vae(tiny_ldm_sd(seed=1))
+    with pytest.raises(VAEFTError, match="different base VAE"):
+        fine_tune(other, batches, c, device="cpu", resume=ckpt)
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(before[: len(before) // 2])
+    with pytest.raises(VAEFTError, match="corrupt"):
+        fine_tune(vae, batches, c, device="cpu", resume=bad)
+    assert ckpt.read_bytes() == before
+
+
+def test_validation_and_best_checkpoint(lpips_random):
+    vae = build_vae(tiny_ldm_sd())
+    val = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    c = cfg(steps=4, val_every=2, export_best=True, ema=False, lpips_weight=0.1, lr=5e-3)
+    result = fine_tune(vae, fixed_batches(), c, device="cpu", lpips_net=lpips_random, val_batch=val)
+    vals = [h for h in result.history if "val_lpips" in h]
+    assert [h["step"] for h in vals] == [2, 4]
+    assert all(h["val_psnr"] > 0 for h in vals)
+    best = min(vals, key=lambda h: h["val_lpips"])
+    assert result.best_step == best["step"]
+    # the model holds the best step's weights: re-scoring it gives that step's number
+    from training.trainer import _validate
+
+    params = [p for n, p in result.model.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
+    again = _validate(result.model, params, None, val, torch.device("cpu"),
+                      torch.autocast("cpu", enabled=False), lpips_random)
+    assert again["lpips"] == pytest.approx(best["val_lpips"], rel=1e-5)
+    with pytest.raises(VAEFTError, match="no validation images"):
+        fine_tune(vae, fixed_batches(), c, device="cpu", lpips_net=lpips_random)
+    with pytest.raises(VAEFTError, match="export_best needs validation"):
+        cfg(export_best=True)

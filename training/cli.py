@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -20,12 +21,15 @@ def add_fit_command(sub) -> None:
     from .data import DataConfig
 
     p = sub.add_parser("fit", help="fine-tune a VAE on patches of a folder of images and export it",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Fine-tune a VAE. Multi-GPU: torchrun --nproc-per-node N -m training fit ...")
     p.add_argument("--vae", required=True, help="base VAE file (.safetensors/.ckpt; ldm or diffusers keys)")
     p.add_argument("--data", required=True, help="folder of training images (searched recursively)")
     p.add_argument("--out", required=True, help="output .safetensors path (ldm keys, loadable by Load VAE)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--checkpoint", help="resumable checkpoint path, written every --checkpoint-every steps "
+                                        "and at the end (default: <out>.ckpt when --checkpoint-every is set)")
+    p.add_argument("--resume", help="continue from this checkpoint (same settings; --steps may grow)")
     p.add_argument("--loss-plot", help="also write the loss curve as a PNG here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     add_arguments(p, TrainConfig)
@@ -33,60 +37,105 @@ def add_fit_command(sub) -> None:
     p.set_defaults(func=run_fit)
 
 
+def config_from_args(args) -> TrainConfig:
+    """The recipe's defaults, then every flag given on the command line."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None and f.name != "recipe"}
+    return TrainConfig.from_recipe(args.recipe or "sd-vae-ft-mse", **given)
+
+
 def run_fit(args) -> int:
     from .data import DataConfig, augment, build_dataset
     from .export import export_vae
     from .plot import curve_image, save_png
-    from .trainer import Callbacks, fine_tune, pick_device
+    from .trainer import HISTORY_CURVES, Callbacks, Distributed, fine_tune, pick_device
     from .vae import load_vae
 
-    cfg = from_arguments(TrainConfig, args)
+    cfg = config_from_args(args)
     data_cfg = from_arguments(DataConfig, args, seed=cfg.seed)
-    if os.path.exists(args.out) and not args.overwrite:
-        raise VAEFTError(f"{args.out!r} already exists; choose another --out or pass --overwrite")
     if not args.out.endswith(".safetensors"):
         raise VAEFTError(f"--out must end in .safetensors; got {args.out!r}")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise VAEFTError(f"{args.out!r} already exists; choose another --out or pass --overwrite")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise VAEFTError(f"the folder of --out ({out_dir}) does not exist")
+    checkpoint = args.checkpoint or (args.out[: -len(".safetensors")] + ".ckpt" if cfg.checkpoint_every else None)
 
-    base = load_vae(args.vae)
-    data = build_dataset(args.data, data_cfg)
-    summary = data.summary()
-    print(f"data: {len(summary.get('images_used', []))} images used, "
-          f"{len(summary.get('images_skipped', []))} skipped; train {summary.get('train_images')}, "
-          f"validation {summary.get('val_images')}", file=sys.stderr)
-    for item in summary.get("images_skipped", []):
-        print(f"  skipped {item['path']}: {item['reason']}", file=sys.stderr)
-    device = pick_device(args.device)
+    dist = Distributed.from_env()
+    device = pick_device(args.device, dist)
+    if dist.world_size > 1:
+        import torch.distributed
 
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
+        if device.type == "cuda":
+            import torch
 
-        bar = tqdm(total=cfg.steps, desc="fine-tune", unit="step", file=sys.stderr)
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        base = load_vae(args.vae)
+        data = build_dataset(args.data, data_cfg)
+        summary = data.summary()
+        log = (lambda *a: print(*a, file=sys.stderr)) if dist.is_main else (lambda *a: None)
+        log(f"data: {len(summary.get('images_used', []))} images used, {len(summary.get('images_skipped', []))} "
+            f"skipped; train {summary.get('train_images')}, validation {summary.get('val_images')}")
+        for item in summary.get("images_skipped", []):
+            log(f"  skipped {item['path']}: {item['reason']}")
 
-    def on_step(step, total, losses):
+        bar = None
+        if dist.is_main and not args.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, desc="fine-tune", unit="step", file=sys.stderr)
+
+        def on_step(step, total, losses):
+            if bar is not None:
+                bar.update(step - bar.n)
+                if losses:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items() if k not in ("step", "lr")})
+            elif losses and dist.is_main:
+                print(json.dumps(losses), file=sys.stderr)
+
+        val = data.val_patches(cfg.val_patches, seed=cfg.seed) if cfg.val_every else None
+        local = cfg.batch_size // dist.world_size if cfg.batch_size % dist.world_size == 0 else cfg.batch_size
+        pin = device.type == "cuda"
+        result = fine_tune(
+            base,
+            lambda start: data.train_batches(local, start_batch=start, rank=dist.rank,
+                                             world_size=dist.world_size, pin_memory=pin),
+            cfg, device=device, augment=lambda x, g: augment(x, data_cfg, g),
+            val_batch=val, callbacks=Callbacks(on_step=on_step), resume=args.resume, checkpoint_path=checkpoint, dist=dist)
         if bar is not None:
-            bar.update(step - bar.n)
-            if losses:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items() if k not in ("step", "lr")})
-        elif losses:
-            print(json.dumps(losses), file=sys.stderr)
+            bar.close()
+        if os.environ.get("VAEFT_REPORT_DIGEST"):  # tests: show that every rank ends with the same weights
+            print(json.dumps({"rank": dist.rank, "decoder_digest": _decoder_digest(result.model)}), file=sys.stderr)
+        if not dist.is_main:
+            return 0
+        path = export_vae(result, args.out, dataset_summary=summary, overwrite=args.overwrite)
+        if args.loss_plot:
+            keys = [k for k in HISTORY_CURVES if any(k in h for h in result.history)]
+            series = {k: [h.get(k, float("nan")) for h in result.history] for k in keys}
+            save_png(curve_image(series, [h["step"] for h in result.history]), args.loss_plot)
+        print(json.dumps({"out": path, "steps": result.steps_done, "seconds": round(result.seconds, 1),
+                          "micro_batch": result.micro_batch, "skipped_steps": result.skipped_steps,
+                          "checkpoint": checkpoint, "best_step": result.best_step, "final": result.history[-1] if result.history else None}))
+        return 0
+    finally:
+        if dist.world_size > 1:
+            import torch.distributed
 
-    result = fine_tune(base, data.train_batches(cfg.batch_size, pin_memory=device.type == "cuda"), cfg,
-                       device=device, augment=lambda x, g: augment(x, data_cfg, g),
-                       callbacks=Callbacks(on_step=on_step))
-    if bar is not None:
-        bar.close()
-    path = export_vae(result, args.out, dataset_summary=summary, overwrite=args.overwrite)
-    if args.loss_plot:
-        series = {k: [h[k] for h in result.history] for k in ("total", "mse", "l1", "lpips")
-                  if result.history and k in result.history[0]}
-        save_png(curve_image(series, [h["step"] for h in result.history]), args.loss_plot)
-    print(json.dumps({"out": path, "steps": result.steps_done, "seconds": round(result.seconds, 1),
-                      "final": result.history[-1] if result.history else None}))
-    return 0
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+
+def _decoder_digest(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if name.startswith("decoder."):
+            h.update(t.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,12 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_command(sub)
 
     add_patches_command(sub)
-    try:
-        from .evaluate import add_eval_command
-    except ImportError:  # evaluation module not installed in this checkout
-        pass
-    else:
-        add_eval_command(sub)
+    from .evaluate import add_eval_command
+
+    add_eval_command(sub)
     return parser
 
 

@@ -9,24 +9,52 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .errors import VAEFTError
 from .options import option, validate
 
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 TRAINABLE = ("decoder", "full")
 
 
+# Each recipe is a full set of defaults for the fields it names; anything passed explicitly
+# (CLI flag, changed node widget) overrides it.
+RECIPES: dict[str, dict] = {
+    # Stability's sd-vae-ft-mse: decoder fine-tuned with MSE + 0.1·LPIPS, EMA weights released.
+    "sd-vae-ft-mse": dict(mse_weight=1.0, l1_weight=0.0, lpips_weight=0.1, kl_weight=0.0, gan_weight=0.0,
+                          trainable="decoder"),
+    # Stability's sd-vae-ft-ema: the original LDM reconstruction loss, L1 + LPIPS.
+    "sd-vae-ft-ema": dict(mse_weight=0.0, l1_weight=1.0, lpips_weight=1.0, kl_weight=0.0, gan_weight=0.0,
+                          trainable="decoder"),
+    # LDM's autoencoder loss: L1 + LPIPS + KL + PatchGAN hinge loss with the adaptive weight, the
+    # discriminator switched on at disc_start (LDM trained from scratch used 50001; a fine-tune needs less).
+    "ldm-gan": dict(mse_weight=0.0, l1_weight=1.0, lpips_weight=1.0, kl_weight=1e-6, gan_weight=0.5,
+                    disc_start=1000, trainable="decoder"),
+}
+
+
 @dataclass
 class TrainConfig:
-    """Defaults follow Stability's sd-vae-ft-mse recipe: MSE + 0.1·LPIPS, decoder only, EMA."""
+    """Defaults are Stability's sd-vae-ft-mse recipe: MSE + 0.1·LPIPS, decoder only, EMA."""
 
+    recipe: str = option("sd-vae-ft-mse", "loss recipe; its values are the defaults of the weights below "
+                                          "('custom' = exactly the values given)",
+                         choices=tuple(RECIPES) + ("custom",))
     steps: int = option(2000, "optimizer steps", min=1, max=10_000_000)
     lr: float = option(1e-5, "peak learning rate (AdamW)", gt=0.0, max=1.0)
-    batch_size: int = option(4, "patches per micro-batch", min=1, max=4096)
-    grad_accum: int = option(1, "micro-batches per optimizer step (effective batch = batch_size × grad_accum)",
-                             min=1, max=4096)
+    batch_size: int = option(4, "patches per optimizer step (the effective batch, over all GPUs)",
+                             min=1, max=65536)
+    micro_batch: int = option(0, "patches per forward pass; batch_size must be a multiple. 0 = auto: "
+                                 "the largest that fits in GPU memory (found by retrying smaller on "
+                                 "out-of-memory)", min=0, max=65536)
     mse_weight: float = option(1.0, "weight of the MSE term", min=0.0)
     l1_weight: float = option(0.0, "weight of the L1 term", min=0.0)
     lpips_weight: float = option(0.1, "weight of the LPIPS term (0 trains without it)", min=0.0)
+    kl_weight: float = option(0.0, "weight of the KL term (only matters when the encoder trains)", min=0.0)
+    gan_weight: float = option(0.0, "weight of the PatchGAN hinge loss (scaled by LDM's adaptive weight; "
+                                    "0 = no discriminator)", min=0.0)
+    disc_start: int = option(0, "optimizer step at which the discriminator loss switches on", min=0)
+    latent_weight: float = option(0.0, "full mode: weight of an MSE that keeps the encoder's latents close "
+                                        "to the base encoder's", min=0.0)
     lpips_net: str = option("vgg", "LPIPS backbone", choices=("vgg", "alex"))
     lpips_backbone: str | None = option(None, "path of torchvision's ImageNet backbone weights for LPIPS "
                                               "(default: torchvision's cache)", node=False)
@@ -43,17 +71,57 @@ class TrainConfig:
                             choices=("sample", "mode"))
     precision: str = option("auto", "'auto' = bf16 autocast over fp32 weights on CUDA, fp32 on CPU",
                             choices=("auto", "fp32", "bf16"))
+    channels_last: bool = option(False, "channels-last memory layout on CUDA (measured slower for this model "
+                                        "on an H100: GroupNorm has no channels-last kernel)")
+    grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, "
+                                             "~30% slower)")
+    compile: bool = option(False, "torch.compile the model (slow first steps, faster after)")
+    max_bad_steps: int = option(20, "stop after this many consecutive steps with a non-finite loss or "
+                                    "gradient (each is skipped)", min=1)
     seed: int = option(0, "seed for patches, augmentation, posterior samples", min=0, max=2**63 - 1)
     log_every: int = option(10, "steps between loss log lines / history points", min=1)
     preview_every: int = option(50, "steps between preview reconstructions (0 = off)", min=0)
+    val_every: int = option(0, "steps between validation metrics (PSNR, LPIPS) on held-out patches (0 = off)",
+                            min=0)
+    val_patches: int = option(16, "held-out patches used for validation", min=1, max=4096)
+    export_best: bool = option(False, "export the weights with the best validation LPIPS (validation MSE "
+                                      "when LPIPS is off) instead of the last ones")
+    checkpoint_every: int = option(0, "steps between resumable checkpoints (0 = off; CLI --checkpoint)",
+                                   min=0, node=False)
     export_dtype: str = option("fp16", "dtype of the exported weights", choices=EXPORT_DTYPES, node=False)
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.micro_batch and self.batch_size % self.micro_batch:
+            raise VAEFTError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch "
+                             f"({self.micro_batch}): the effective batch is reached by accumulating micro-batches")
+        if self.mse_weight == 0 and self.l1_weight == 0 and self.lpips_weight == 0:
+            raise VAEFTError("mse_weight, l1_weight and lpips_weight are all 0: nothing to train on")
+        if self.export_best and not self.val_every:
+            raise VAEFTError("export_best needs validation: set val_every > 0")
+        if self.latent_weight and self.trainable != "full":
+            raise VAEFTError("latent_weight only applies when trainable = 'full' (the encoder must train)")
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "sd-vae-ft-mse", **overrides) -> "TrainConfig":
+        """The recipe's values for the fields it names, then ``overrides``."""
+        if recipe != "custom" and recipe not in RECIPES:
+            raise VAEFTError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)} or 'custom'")
+        values = dict(RECIPES.get(recipe, {}))
+        values.update(overrides)
+        return cls(recipe=recipe, **values)
+
+    def recipe_label(self) -> str:
+        """The recipe name, or 'custom (from X: field, ...)' when fields differ from it."""
+        preset = RECIPES.get(self.recipe)
+        if preset is None:
+            return "custom"
+        changed = [k for k, v in preset.items() if getattr(self, k) != v]
+        return self.recipe if not changed else f"custom (from {self.recipe}: {', '.join(changed)})"
 
     @property
     def effective_batch(self) -> int:
-        return self.batch_size * self.grad_accum
+        return self.batch_size
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -54,8 +54,7 @@ def export_filename(name: str, steps: int) -> str:
 def build_metadata(result: TrainResult, dataset_summary: dict | None = None,
                    extra: dict[str, str] | None = None) -> dict[str, str]:
     cfg: TrainConfig = result.config
-    recipe = "sd-vae-ft-mse" if (cfg.mse_weight == 1.0 and cfg.l1_weight == 0 and cfg.lpips_weight == 0.1
-                                 and cfg.trainable == "decoder") else "custom"
+    recipe = cfg.recipe_label()
     meta = {
         "vaeft.version": __version__,
         "vaeft.recipe": recipe,

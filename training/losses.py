@@ -123,3 +123,53 @@ class ReconstructionLoss(torch.nn.Module):
             total = total + self.lpips_weight * p
         parts["total"] = total.detach()
         return total, parts
+
+
+class PatchDiscriminator(torch.nn.Module):
+    """The PatchGAN discriminator of pix2pix, as LDM's autoencoders use it (3 layers, 64 base channels).
+
+    Input BCHW in [-1, 1]; output (B, 1, H', W') logits, one per overlapping patch.
+    """
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
+        super().__init__()
+        seq = [torch.nn.Conv2d(in_channels, channels, 4, 2, 1), torch.nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            stride = 2 if n < layers else 1
+            seq += [torch.nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=False),
+                    torch.nn.BatchNorm2d(channels * mult), torch.nn.LeakyReLU(0.2, True)]
+        seq += [torch.nn.Conv2d(channels * mult, 1, 4, 1, 1)]
+        self.main = torch.nn.Sequential(*seq)
+        for m in self.modules():  # LDM's weights_init
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                torch.nn.init.normal_(m.weight, 1.0, 0.02)
+                torch.nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: mean(relu(1 − D(x))) + mean(relu(1 + D(x̂))), halved."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                        disc_weight: float) -> torch.Tensor:
+    """LDM's balance of the adversarial term: ‖∇_last rec‖ / (‖∇_last g‖ + 1e-4), clamped to [0, 1e4],
+    times ``disc_weight``. Gradients are taken w.r.t. the decoder's last layer only and detached."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    w = rec_grad.norm() / (g_grad.norm() + 1e-4)
+    return (w.clamp(0.0, 1e4) * disc_weight).detach()
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) ‖ N(0, 1)) summed over latent dims, averaged over the batch (LDM's form)."""
+    logvar = logvar.clamp(-30.0, 20.0)
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+    return kl.flatten(1).sum(1).mean()

@@ -1,15 +1,21 @@
 """The fine-tuning loop, readable top to bottom.
 
-One step: take a batch of [-1, 1] patches, augment it, encode it with the frozen
-encoder (no grad), decode with gradient, loss, backward; every ``grad_accum``
-micro-batches an AdamW step, then EMA and LR updates.
+One optimizer step: take the step's batch of [-1, 1] patches (batch k depends only on
+the seed and k, so a resumed run sees the same data), split it into micro-batches,
+and for each: augment, encode (no grad when the encoder is frozen), decode with
+gradient, loss, backward. Then clip, AdamW (skipped on the device, without a host
+sync, when the gradient is not finite), EMA, and optionally a discriminator step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import hashlib
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -18,14 +24,22 @@ import torch
 
 from .config import TrainConfig
 from .errors import VAEFTError
-from .losses import ReconstructionLoss, load_lpips
-from .vae import LoadedVAE, LdmLayout
+from .losses import (PatchDiscriminator, ReconstructionLoss, adaptive_gan_weight, hinge_d_loss, kl_divergence,
+                     load_lpips)
+from .vae import LdmLayout, LoadedVAE
 
 # Parameter name prefixes (diffusers AutoencoderKL) trained in each mode.
 TRAINABLE_PREFIXES = {
     "decoder": ("decoder.", "post_quant_conv."),
     "full": ("encoder.", "quant_conv.", "decoder.", "post_quant_conv."),
 }
+CHECKPOINT_FORMAT = "vaeft-checkpoint-1"
+# History keys worth drawing as curves, in legend order.
+HISTORY_CURVES = ("total", "mse", "l1", "lpips", "kl", "latent", "g_loss", "d_loss", "val_mse", "val_lpips")
+# Fields a resumed run must share with the run that wrote the checkpoint (steps may grow).
+RESUME_MUST_MATCH = ("recipe", "lr", "batch_size", "mse_weight", "l1_weight", "lpips_weight", "kl_weight",
+                     "gan_weight", "disc_start", "latent_weight", "lpips_net", "trainable", "ema", "ema_decay",
+                     "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "posterior", "seed")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -58,7 +72,7 @@ class Callbacks:
     on_step(step, total_steps, losses) after each optimizer step; ``losses`` is a dict of
         floats only on logging steps (every ``log_every``), else None, so no host sync
         happens on other steps.
-    on_preview(step, images) with images BCHW in [0, 1]: top row inputs, bottom row reconstructions.
+    on_preview(step, images) with images BCHW in [0, 1]: inputs, then reconstructions.
     should_stop() polled before every micro-batch; True ends training early (cancel).
     Raising from any hook aborts training (that is how ComfyUI's interrupt works).
     """
@@ -79,6 +93,9 @@ class TrainResult:
     frozen_digest: str = ""         # of the base model's untrained part, re-checked at export
     seconds: float = 0.0
     used_ema: bool = False
+    micro_batch: int = 0            # what the run settled on
+    skipped_steps: int = 0          # non-finite steps that were skipped
+    best_step: int | None = None    # with export_best: the step whose weights the model holds
     dataset_summary: dict | None = None  # recorded in the export's metadata
 
     def __repr__(self) -> str:  # short: ComfyUI shows node inputs in error reports
@@ -86,30 +103,93 @@ class TrainResult:
                 f"latent_channels={self.model.config.latent_channels}, ema={self.used_ema})")
 
 
-def pick_device(name: str | None = None) -> torch.device:
+@dataclass
+class Distributed:
+    """torchrun's view of this process; world_size 1 when not distributed."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_device(name: str | None = None, dist: Distributed | None = None) -> torch.device:
     if name and name != "auto":
         return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank if dist else 0)
+    return torch.device("cpu")
 
 
-def fine_tune(vae: LoadedVAE, batches: Iterator[torch.Tensor], cfg: TrainConfig, *,
+class _Reconstruct(torch.nn.Module):
+    """encode -> latent -> decode as one forward(), so DistributedDataParallel can wrap it."""
+
+    def __init__(self, vae: torch.nn.Module, encoder_trains: bool, sample: bool):
+        super().__init__()
+        self.vae, self.encoder_trains, self.sample = vae, encoder_trains, sample
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None):
+        # noise is drawn by the caller: a seeded generator inside would break torch.compile's graph
+        with torch.set_grad_enabled(self.encoder_trains and torch.is_grad_enabled()):
+            moments = self.vae.encode(x).latent_dist
+            mean, logvar = moments.mean, moments.logvar
+        z = mean + noise * torch.exp(0.5 * logvar) if (self.sample and noise is not None) else mean
+        return self.vae.decode(z).sample, mean, logvar
+
+
+def _step_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
+    """A generator seeded from (seed, step): augmentation and posterior noise of step k are the
+    same in an uninterrupted and a resumed run, with no RNG state to carry."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+def _divisors_below(n: int, below: int) -> int:
+    for m in range(min(below, n) - 1, 0, -1):
+        if n % m == 0:
+            return m
+    return 0
+
+
+def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
               device: torch.device | str | None = None,
               lpips_net: torch.nn.Module | None = None,
               augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
               preview_batch: torch.Tensor | None = None,
-              callbacks: Callbacks | None = None) -> TrainResult:
+              val_batch: torch.Tensor | None = None,
+              callbacks: Callbacks | None = None,
+              resume: str | os.PathLike | None = None,
+              checkpoint_path: str | os.PathLike | None = None,
+              dist: Distributed | None = None) -> TrainResult:
     """Fine-tune a copy of ``vae.model``; the input model is never modified.
 
-    batches: infinite iterator of BCHW float tensors in [-1, 1] (CPU or device).
+    batches: ``start_step -> iterator`` (needed to resume) or an iterator; each item is this
+        process's share of one optimizer step: (batch_size / world_size, 3, P, P) in [-1, 1].
     lpips_net: a loaded LPIPS network; loaded from disk (see losses.load_lpips) when None
         and ``cfg.lpips_weight > 0``.
-    augment: applied to each batch on the device with the run's seeded generator.
+    augment: applied to each batch on the device with the step's seeded generator.
     preview_batch: fixed BCHW [-1, 1] patches reconstructed every ``preview_every`` steps.
+    val_batch: held-out BCHW [-1, 1] patches scored every ``val_every`` steps (the weights that
+        would be exported: EMA when on); ``export_best`` keeps the best of them.
+    resume / checkpoint_path: read a checkpoint written by this function / write one every
+        ``cfg.checkpoint_every`` steps and at the end (main process only).
+    dist: set when running under torchrun; the process group must already be initialised.
     """
     callbacks = callbacks or Callbacks()
-    device = pick_device(device if isinstance(device, str) or device is None else str(device))
+    dist = dist or Distributed()
+    device = torch.device(device) if device is not None else pick_device(None, dist)
+    if cfg.batch_size % dist.world_size:
+        raise VAEFTError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes "
+                         f"({dist.world_size})")
+    local_batch = cfg.batch_size // dist.world_size
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
     base_digest = frozen_digest(vae.model, cfg.trainable)
     model = copy.deepcopy(vae.model).to(device)  # build_vae made it fp32: the master weights
@@ -119,63 +199,137 @@ def fine_tune(vae: LoadedVAE, batches: Iterator[torch.Tensor], cfg: TrainConfig,
         p.requires_grad_(name.startswith(prefixes))
         if p.requires_grad:
             params.append(p)
+    on_cuda = device.type == "cuda"
+    if cfg.channels_last and on_cuda:
+        model.to(memory_format=torch.channels_last)
+    if cfg.grad_checkpointing:
+        model.enable_gradient_checkpointing()
     model.train()
+    base_encoder = None
+    if cfg.latent_weight:
+        base_encoder = _Reconstruct(copy.deepcopy(vae.model).to(device).eval(), False, False)
 
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_cuda)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     if cfg.lpips_weight > 0 and lpips_net is None:
         lpips_net = load_lpips(cfg.lpips_net, cfg.lpips_backbone)
     if lpips_net is not None:
-        lpips_net = lpips_net.to(device).eval().requires_grad_(False)
+        # a private copy: the caller's network keeps its device and dtype
+        lpips_net = copy.deepcopy(lpips_net).to(device).eval().requires_grad_(False)
+        if use_bf16:
+            lpips_net = lpips_net.to(torch.bfloat16)  # frozen: no reason to keep fp32 copies
     loss_fn = ReconstructionLoss(cfg.mse_weight, cfg.l1_weight, cfg.lpips_weight, lpips_net)
 
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=lr_at(0, cfg), weight_decay=cfg.weight_decay, fused=fused)
-    ema = [p.detach().clone() for p in params] if cfg.ema else None
+    step_module: torch.nn.Module = _Reconstruct(model, cfg.trainable == "full", cfg.posterior == "sample")
+    disc = disc_opt = None
+    if cfg.gan_weight > 0:
+        torch.manual_seed(cfg.seed)  # same discriminator init on every rank
+        disc = PatchDiscriminator().to(device)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0, fused=True)
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
+        ids = [device.index] if on_cuda else None
+        step_module = DDP(step_module, device_ids=ids)
+    if cfg.compile:
+        step_module = torch.compile(step_module)
+
+    opt = torch.optim.AdamW(params, lr=lr_at(0, cfg), weight_decay=cfg.weight_decay, fused=True)
+    ema = [p.detach().clone() for p in params] if cfg.ema else None
+    found_inf = torch.zeros((), device=device)
+    bad_run = torch.zeros((), device=device)   # consecutive skipped steps, counted on the device
+    skipped = torch.zeros((), device=device)
+
+    step = 0
     history: list[dict] = []
+    if resume is not None:
+        state = load_checkpoint(resume, vae.layout, cfg)
+        for p, t in zip(params, state["params"]):
+            p.data.copy_(t)
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            for e, t in zip(ema, state["ema"]):
+                e.copy_(t)
+        if disc is not None:
+            _unwrap(disc).load_state_dict(state["disc"])
+            disc_opt.load_state_dict(state["disc_optimizer"])
+        step, history = state["step"], state["history"]
+        skipped.fill_(state.get("skipped", 0))
+    if callable(batches):
+        batches = batches(step)
+    elif resume is not None:
+        raise VAEFTError("resuming needs batches as a function of the start step (to replay the data order)")
+
+    micro = cfg.micro_batch or local_batch
+    if cfg.micro_batch and local_batch % cfg.micro_batch:
+        raise VAEFTError(f"each process's batch ({local_batch}) must be a multiple of micro_batch "
+                         f"({cfg.micro_batch})")
+    if cfg.val_every and val_batch is None:
+        raise VAEFTError("val_every > 0 needs held-out patches: the dataset has no validation images "
+                         "(raise val_fraction, add images, or set val_every = 0)")
+    best: dict = {"score": float("inf"), "params": None, "step": 0}
     running: dict[str, torch.Tensor] = {}
     stopped = False
-    step = 0
     t0 = time.perf_counter()
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        for _ in range(cfg.grad_accum):
-            if callbacks.should_stop and callbacks.should_stop():
-                stopped = True
+        if disc_opt is not None:
+            for g in disc_opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+        x_all = next(batches)
+        if x_all.ndim != 4 or x_all.shape[1] != model.config.in_channels:
+            raise VAEFTError(f"training batches have shape {tuple(x_all.shape)} but this VAE takes "
+                             f"{model.config.in_channels}-channel images (B, C, H, W)")
+        if x_all.shape[0] != local_batch:
+            raise VAEFTError(f"a training batch has {x_all.shape[0]} patches; expected {local_batch}")
+        while True:
+            try:
+                parts, stopped = _accumulate(
+                    x_all, micro, step, cfg, device, step_module, loss_fn, augment, autocast, disc,
+                    base_encoder, model, callbacks, dist)
                 break
-            x = next(batches).to(device, non_blocking=True).float()
-            if x.is_inference():  # ComfyUI hands over tensors made under inference_mode
-                x = x.clone()
-            if x.ndim != 4 or x.shape[1] != model.config.in_channels:
-                raise VAEFTError(
-                    f"training batches have shape {tuple(x.shape)} but this VAE takes "
-                    f"{model.config.in_channels}-channel images (B, C, H, W)")
-            if augment is not None:
-                x = augment(x, gen)
-            with autocast:
-                if cfg.trainable == "decoder":
-                    with torch.no_grad():
-                        z = _latent(model, x, cfg, gen)
-                else:
-                    z = _latent(model, x, cfg, gen)
-                recon = model.decode(z).sample
-                loss, parts = loss_fn(recon, x)
-            (loss / cfg.grad_accum).backward()
-            for k, v in parts.items():
-                running[k] = running.get(k, 0.0) + v / cfg.grad_accum
+            except torch.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)
+                if disc is not None:
+                    disc.zero_grad(set_to_none=True)
+                smaller = _divisors_below(local_batch, micro)
+                if cfg.micro_batch or not smaller:
+                    raise VAEFTError(
+                        f"out of GPU memory at micro-batch {micro} with {x_all.shape[-1]}² patches; "
+                        "turn on grad_checkpointing, lower patch_size, or set a smaller micro_batch") from None
+                micro = smaller
+                if on_cuda:
+                    torch.cuda.empty_cache()
         if stopped:
             opt.zero_grad(set_to_none=True)
             break
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        # Non-finite gradients: the fused optimizer skips the update on the device (found_inf),
+        # so there is no host sync here; the count is read at logging steps.
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        found_inf.copy_(~torch.isfinite(norm))
+        opt.found_inf, opt.grad_scale = found_inf, None
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             # Warm-started decay (as in LDM's LitEma) so early averages are not dominated by the base.
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
+            torch._foreach_lerp_(ema, [p.detach() for p in params], (1.0 - decay) * (1.0 - found_inf))
+        if disc_opt is not None and step >= cfg.disc_start:
+            if dist.world_size > 1:  # the discriminator is not DDP-wrapped: average its gradients here
+                for p in disc.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad.div_(dist.world_size)
+            d_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), float("inf"))
+            disc_opt.found_inf = torch.maximum((~torch.isfinite(d_norm)).float(), found_inf)
+            disc_opt.grad_scale = None
+            disc_opt.step()
+            disc_opt.zero_grad(set_to_none=True)
+        bad_run.mul_(found_inf).add_(found_inf)
+        skipped.add_(found_inf)
+        for k, v in parts.items():
+            running[k] = running.get(k, 0.0) + v
         step += 1
 
         logged = None
@@ -183,29 +337,156 @@ def fine_tune(vae: LoadedVAE, batches: Iterator[torch.Tensor], cfg: TrainConfig,
             n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
             logged = {k: float(v) / n for k, v in running.items()}
             logged.update(step=step, lr=opt.param_groups[0]["lr"])
+            if int(skipped):
+                logged["skipped_steps"] = int(skipped)
             history.append(logged)
             running = {}
+            if int(bad_run) >= cfg.max_bad_steps:
+                raise VAEFTError(
+                    f"{int(bad_run)} consecutive steps had a non-finite loss or gradient (each was skipped); "
+                    "stopping. Lower lr, check the data for broken images, or use precision fp32")
+        if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+            scores = _validate(model, params, ema if cfg.export_ema else None, val_batch, device, autocast,
+                               lpips_net)
+            scores["step"] = step
+            if logged is not None:
+                logged.update({f"val_{k}": v for k, v in scores.items() if k != "step"})
+            else:
+                history.append({"step": step, **{f"val_{k}": v for k, v in scores.items() if k != "step"}})
+            key = scores.get("lpips", scores["mse"])
+            if cfg.export_best and key < best["score"]:
+                src = ema if (ema is not None and cfg.export_ema) else params
+                best = {"score": key, "params": [t.detach().cpu().clone() for t in src], "step": step}
         if callbacks.on_step:
             callbacks.on_step(step, cfg.steps, logged)
         if (callbacks.on_preview and preview_batch is not None and cfg.preview_every
                 and (step % cfg.preview_every == 0 or step == cfg.steps)):
             callbacks.on_preview(step, _preview(model, preview_batch, device, autocast))
+        if checkpoint_path and dist.is_main and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save_checkpoint(checkpoint_path, _checkpoint_state(step, cfg, vae.layout, params, opt, ema, disc,
+                                                               disc_opt, history, skipped))
 
+    if checkpoint_path and dist.is_main and step > 0 and not stopped and cfg.checkpoint_every:
+        save_checkpoint(checkpoint_path, _checkpoint_state(step, cfg, vae.layout, params, opt, ema, disc, disc_opt,
+                                                           history, skipped))
     used_ema = False
     if ema is not None and cfg.export_ema and step > 0:
         with torch.no_grad():
             for p, e in zip(params, ema):
                 p.copy_(e)
         used_ema = True
-    model.eval().requires_grad_(False)
+    best_step = None
+    if cfg.export_best and best["params"] is not None:
+        with torch.no_grad():
+            for p, b in zip(params, best["params"]):
+                p.copy_(b)
+        best_step = best["step"]
+    if cfg.grad_checkpointing:
+        model.disable_gradient_checkpointing()
+    model.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
     return TrainResult(model=model, layout=vae.layout, config=cfg, steps_done=step, history=history,
-                       stopped_early=stopped, frozen_digest=base_digest,
-                       seconds=time.perf_counter() - t0, used_ema=used_ema)
+                       stopped_early=stopped, frozen_digest=base_digest, seconds=time.perf_counter() - t0,
+                       used_ema=used_ema, micro_batch=micro, skipped_steps=int(skipped), best_step=best_step)
 
 
-def _latent(model, x, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    dist = model.encode(x).latent_dist
-    return dist.sample(gen) if cfg.posterior == "sample" else dist.mode()
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "module", module)
+
+
+def _accumulate(x_all, micro, step, cfg: TrainConfig, device, step_module, loss_fn, augment, autocast, disc,
+                base_encoder, model, callbacks: Callbacks, dist: Distributed):
+    """Forward/backward over the micro-batches of one optimizer step. Returns (loss parts, stopped)."""
+    gen = _step_generator(device, cfg.seed * max(1, dist.world_size) + dist.rank, step)
+    x_all = x_all.to(device, non_blocking=True).float()
+    if x_all.is_inference():  # ComfyUI hands over tensors made under inference_mode
+        x_all = x_all.clone()
+    if augment is not None:
+        x_all = augment(x_all, gen)
+    if cfg.channels_last and device.type == "cuda":
+        x_all = x_all.contiguous(memory_format=torch.channels_last)
+    chunks = x_all.split(micro)
+    parts_sum: dict[str, torch.Tensor] = {}
+    gan_on = disc is not None and step >= cfg.disc_start
+    for i, x in enumerate(chunks):
+        if callbacks.should_stop and callbacks.should_stop():
+            return parts_sum, True
+        share = x.shape[0] / x_all.shape[0]
+        last = i == len(chunks) - 1
+        sync = getattr(step_module, "no_sync", None)
+        ctx = sync() if (sync is not None and not last) else contextlib.nullcontext()
+        with ctx:
+            noise = None
+            if cfg.posterior == "sample":
+                down = 2 ** (len(model.config.block_out_channels) - 1)
+                shape = (x.shape[0], model.config.latent_channels, x.shape[2] // down, x.shape[3] // down)
+                noise = torch.randn(shape, generator=gen, device=device)
+            with autocast:
+                recon, mean, logvar = step_module(x, noise)
+                rec_loss, parts = loss_fn(recon, x)
+                loss = rec_loss
+                if cfg.kl_weight and cfg.trainable == "full":
+                    kl = kl_divergence(mean.float(), logvar.float())
+                    parts["kl"] = kl.detach()
+                    loss = loss + cfg.kl_weight * kl
+                if base_encoder is not None:
+                    with torch.no_grad():
+                        _, base_mean, _ = base_encoder(x, None)
+                    lat = torch.nn.functional.mse_loss(mean.float(), base_mean.float())
+                    parts["latent"] = lat.detach()
+                    loss = loss + cfg.latent_weight * lat
+                if gan_on:
+                    disc.requires_grad_(False)
+                    g_loss = -disc(recon).float().mean()
+                    w = adaptive_gan_weight(rec_loss, g_loss, _unwrap(step_module).vae.decoder.conv_out.weight,
+                                            cfg.gan_weight)
+                    parts["g_loss"], parts["gan_w"] = g_loss.detach(), w
+                    loss = loss + w * g_loss
+            (loss * share).backward()
+            if gan_on:
+                disc.requires_grad_(True)
+                with autocast:
+                    d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
+                (d_loss * share).backward()
+                parts["d_loss"] = d_loss.detach()
+        parts["total"] = loss.detach()
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v.float() * share
+    return parts_sum, False
+
+
+@torch.no_grad()
+def _validate(model, params, ema, batch: torch.Tensor, device, autocast, lpips_net) -> dict[str, float]:
+    """Mean MSE / PSNR / LPIPS of the posterior-mode reconstruction of held-out patches, scored
+    with the weights that would be exported (the EMA, swapped in and back, when given)."""
+    from .metrics import psnr
+
+    if ema is not None:
+        for p, e in zip(params, ema):
+            p.data, e.data = e.data, p.data
+    was_training = model.training
+    model.eval()
+    try:
+        out = {"mse": 0.0, "psnr": 0.0}
+        if lpips_net is not None:
+            out["lpips"] = 0.0
+        n = 0
+        for x in batch.split(8):
+            x = x.to(device).float()
+            with autocast:
+                recon = model.decode(model.encode(x).latent_dist.mode()).sample
+            recon = recon.float().clamp(-1, 1)
+            out["mse"] += float(torch.nn.functional.mse_loss(recon, x, reduction="sum")) / x[0].numel()
+            out["psnr"] += float(psnr(recon, x).sum())
+            if lpips_net is not None:
+                with autocast:
+                    out["lpips"] += float(lpips_net(recon, x).float().sum())
+            n += x.shape[0]
+        return {k: v / n for k, v in out.items()}
+    finally:
+        model.train(was_training)
+        if ema is not None:
+            for p, e in zip(params, ema):
+                p.data, e.data = e.data, p.data
 
 
 @torch.no_grad()
@@ -225,3 +506,58 @@ def check_frozen(result: TrainResult) -> None:
     if frozen_digest(result.model, result.config.trainable) != result.frozen_digest:
         raise VAEFTError("internal check failed: frozen weights changed during training; refusing to export")
 
+
+# ----- checkpoints: one dict (weights, optimizer, EMA, step, config), written atomically -----
+
+def _checkpoint_state(step, cfg, layout, params, opt, ema, disc, disc_opt, history, skipped) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "config": dataclasses.asdict(cfg),
+        "base_sha256": layout.base_sha256,
+        "param_shapes": [tuple(p.shape) for p in params],
+        "params": [p.detach().cpu().clone() for p in params],
+        "optimizer": opt.state_dict(),
+        "ema": [e.cpu().clone() for e in ema] if ema is not None else None,
+        "disc": _unwrap(disc).state_dict() if disc is not None else None,
+        "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else None,
+        "history": list(history),
+        "skipped": int(skipped),
+    }
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".vaeft-ckpt-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint whole
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, layout: LdmLayout, cfg: TrainConfig) -> dict:
+    """Read and check a checkpoint against this run; refuse with the reason (the file is only read)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise VAEFTError(f"resume checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign file: same answer
+        raise VAEFTError(f"resume checkpoint {path!r} is unreadable or corrupt: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise VAEFTError(f"{path!r} is not a checkpoint written by this tool ({CHECKPOINT_FORMAT})")
+    if state["base_sha256"] != layout.base_sha256:
+        raise VAEFTError(f"resume checkpoint {path!r} was trained from a different base VAE "
+                         f"(base sha256 {state['base_sha256'][:12]}…, this run's {layout.base_sha256[:12]}…)")
+    old = state["config"]
+    diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH if old.get(k) != getattr(cfg, k)]
+    if diff:
+        raise VAEFTError(f"resume checkpoint {path!r} was written with other settings ({'; '.join(diff)}); "
+                         "resume with the same settings (only steps may change)")
+    if state["step"] > cfg.steps:
+        raise VAEFTError(f"resume checkpoint {path!r} is at step {state['step']}, past steps={cfg.steps}")
+    return state

@@ -1,0 +1,141 @@
+"""`python -m training ...` end to end, in subprocesses, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, tiny_ldm_sd, write_images
+
+
+def run(*args, env=None, check=True):
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=ROOT, env=e,
+                       capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import torchvision
+
+    d = tmp_path_factory.mktemp("cli")
+    save_file(tiny_ldm_sd(), str(d / "base.safetensors"))
+    write_images(d / "images", size=64)
+    torch.manual_seed(0)
+    feats = {k: v for k, v in torchvision.models.alexnet().state_dict().items() if k.startswith("features.")}
+    torch.save(feats, d / "alexnet-random.pth")
+    return d
+
+
+def fit_args(d, out, *extra):
+    return ["fit", "--vae", d / "base.safetensors", "--data", d / "images", "--out", out, "--steps", 3,
+            "--patch-size", 32, "--batch-size", 2, "--foreground-threshold", 0, "--no-progress", *extra]
+
+
+def test_fit_trains_and_exports(setup, tmp_path):
+    out = tmp_path / "vae-ft-test-3.safetensors"
+    p = run(*fit_args(setup, out, "--lpips-net", "alex", "--loss-plot", tmp_path / "loss.png"),
+            env={"VAEFT_LPIPS_BACKBONE": str(setup / "alexnet-random.pth")})
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 3 and result["out"] == str(out)
+    assert set(result["final"]) >= {"mse", "lpips", "total"}
+    base = load_file(setup / "base.safetensors")
+    exported = load_file(out)
+    assert set(exported) == set(base) and all(exported[k].shape == base[k].shape for k in base)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_fit_resume_matches_uninterrupted(setup, tmp_path):
+    common = ("--lpips-weight", 0, "--export-dtype", "fp32", "--lr", 1e-3)
+    straight = tmp_path / "straight.safetensors"
+    run(*fit_args(setup, straight, *common, "--steps", 4))
+    half = tmp_path / "half.safetensors"
+    run(*fit_args(setup, half, *common, "--steps", 2, "--checkpoint-every", 2))
+    ckpt = tmp_path / "half.ckpt"
+    assert ckpt.exists()
+    resumed = tmp_path / "resumed.safetensors"
+    run(*fit_args(setup, resumed, *common, "--steps", 4, "--resume", ckpt))
+    a, b = load_file(straight), load_file(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    p = run(*fit_args(setup, tmp_path / "x.safetensors", "--lpips-weight", 0, "--export-dtype", "fp32",
+                      "--lr", 2e-3, "--steps", 4, "--resume", ckpt), check=False)
+    assert p.returncode == 2 and "other settings" in p.stderr and "lr" in p.stderr
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing_data", "data folder not found"),
+    ("not_a_vae", "not a kl-f8 VAE"),
+    ("negative_lr", "lr must be greater than 0"),
+    ("micro_batch", "multiple of micro_batch"),
+    ("no_lpips_weights", "alexnet-owt-7be5be79.pth"),
+    ("empty_folder", "no usable image"),
+])
+def test_fit_bad_input_is_a_clear_error(setup, tmp_path, case, expected):
+    out = tmp_path / "out.safetensors"
+    args = fit_args(setup, out, "--lpips-weight", 0)
+    env = None
+    if case == "missing_data":
+        args[args.index("--data") + 1] = tmp_path / "nope"
+    elif case == "not_a_vae":
+        save_file({"model.diffusion_model.w": torch.zeros(2)}, str(tmp_path / "unet.safetensors"))
+        args[args.index("--vae") + 1] = tmp_path / "unet.safetensors"
+    elif case == "negative_lr":
+        args += ["--lr=-1e-4"]
+    elif case == "micro_batch":
+        args += ["--micro-batch", 3]
+    elif case == "no_lpips_weights":
+        args = fit_args(setup, out, "--lpips-net", "alex")
+        env = {"TORCH_HOME": str(tmp_path / "empty"), "VAEFT_LPIPS_BACKBONE": ""}
+    elif case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "notes.txt").write_text("not an image")
+        args[args.index("--data") + 1] = tmp_path / "empty"
+    p = run(*args, env=env, check=False)
+    assert p.returncode == 2, p.stderr
+    assert expected in p.stderr.lower() or expected in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert not out.exists()
+
+
+def test_fit_refuses_to_overwrite(setup, tmp_path):
+    out = tmp_path / "vae-ft-keep-3.safetensors"
+    out.write_bytes(b"precious")
+    p = run(*fit_args(setup, out, "--lpips-weight", 0), check=False)
+    assert p.returncode == 2 and "already exists" in p.stderr
+    assert out.read_bytes() == b"precious"
+
+
+def test_torchrun_two_processes_sync_gradients(setup, tmp_path):
+    out = tmp_path / "ddp.safetensors"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", VAEFT_REPORT_DIGEST="1")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "training",
+                        *map(str, fit_args(setup, out, "--lpips-weight", 0, "--batch-size", 4, "--lr", 1e-3))],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    digests = [json.loads(line) for line in p.stderr.splitlines() if line.startswith('{"rank"')]
+    assert sorted(d["rank"] for d in digests) == [0, 1]
+    # gradients all-reduced: both ranks end with the same decoder although they saw different patches
+    assert digests[0]["decoder_digest"] == digests[1]["decoder_digest"]
+    assert out.exists() and len([ln for ln in p.stdout.splitlines() if ln.startswith("{")]) == 1
+
+
+def test_demo_then_fit_as_in_the_readme(tmp_path):
+    p = run("demo", "--out", tmp_path / "demo", "--images", 2, "--size", 64)
+    info = json.loads(p.stdout)
+    assert os.path.getsize(info["vae"]) > 300e6  # the full SD layout
+    sd = load_file(info["vae"])
+    assert len(sd) == 248 and sd["encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
