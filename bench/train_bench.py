@@ -1,0 +1,507 @@
+"""Training speed, memory and MFU: this library's trainer vs the usual public fine-tuning loop.
+
+Both sides train the same randomly initialised diffusers AutoencoderKL (the full-size SD kl-f8
+config unless --tiny) on the same random [-1, 1] patches, sizes and batch, in one process:
+
+reference  written the way the most-cited public script (Fine-tune-Stable-Diffusion-VAE) does it:
+           fp32 weights and activations (PyTorch defaults otherwise: cuDNN convolutions may use
+           TF32), the whole model trained (encoder too), encode -> latent_dist.sample() -> decode,
+           loss = MSE + w·LPIPS (lpips package, VGG), plain torch.optim.Adam, loss.item() each step.
+ours       training.trainer.fine_tune with TrainConfig's defaults (the sd-vae-ft-mse recipe:
+           MSE + 0.1·LPIPS, decoder + post_quant_conv trained, EMA, bf16 autocast and fused AdamW
+           on CUDA), plus whatever --micro-batch/--checkpointing/--compile/--channels-last ask for;
+           only TrainConfig fields that exist are passed, so it runs on old and new trainers.
+
+Timing: ours is timed inside fine_tune with its Callbacks.on_step hook, from the end of optimizer
+step --warmup to the end of step --warmup+--steps (device synchronised at both ends): every
+per-step cost of the loop is inside (batch transfer, forward/backward, clip, AdamW, EMA, the
+trainer's own loss logging every log_every steps); setup (model copy, frozen-weights digest,
+compile) and the end-of-run EMA copy are outside, reported separately as call_s. The reference is
+timed the same way over the same steps. Patches come from a small pool of pre-made random
+batches (pinned CPU memory on CUDA), so data loading is not measured on either side.
+
+FLOPs: one training step of each side under torch.utils.flop_counter.FlopCounterMode (matmuls,
+convolutions, attention; forward and backward). Ours is counted with compile and gradient
+checkpointing off, so recomputation is not counted as useful work (model FLOPs). MFU = FLOPs per
+step x steps/s / peak. LPIPS' VGG backbone is random-init (nothing is downloaded): its cost is the
+same as the ImageNet weights'. The VAE is random-init too; speed does not depend on the weights.
+
+    python bench/train_bench.py --device cuda --sizes 256,512 --batch 8
+    python bench/train_bench.py --device cpu --tiny --sizes 32 --batch 2 --steps 2 --warmup 1  # CI smoke
+
+Prints ONE JSON object on stdout (progress goes to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import itertools
+import json
+import os
+import platform
+import sys
+import threading
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from training.config import TrainConfig  # noqa: E402
+from training.losses import load_lpips  # noqa: E402
+from training.trainer import Callbacks, fine_tune  # noqa: E402
+from training.vae import build_vae, diffusers_to_ldm  # noqa: E402
+
+# H100 SXM dense peaks (datasheet, no sparsity), TFLOP/s. H200 has the same compute peaks.
+PEAK_BF16_H100 = 989.4
+PEAK_TF32_H100 = 494.7
+
+SD_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2)
+TINY_VAE = dict(block_out_channels=[32, 64], layers_per_block=1)
+
+# Global backend switches a trainer might flip; restored after our side so the reference is
+# never run with settings its script would not have.
+_FLAGS = (
+    ("cudnn.benchmark", lambda: torch.backends.cudnn.benchmark,
+     lambda v: setattr(torch.backends.cudnn, "benchmark", v)),
+    ("cudnn.allow_tf32", lambda: torch.backends.cudnn.allow_tf32,
+     lambda v: setattr(torch.backends.cudnn, "allow_tf32", v)),
+    ("cuda.matmul.allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32,
+     lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v)),
+    ("float32_matmul_precision", torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+)
+
+
+def log(*a) -> None:
+    print("[train_bench]", *a, file=sys.stderr, flush=True)
+
+
+def flags_snapshot() -> dict:
+    return {name: get() for name, get, _ in _FLAGS}
+
+
+def flags_restore(snap: dict) -> None:
+    for name, _, put in _FLAGS:
+        put(snap[name])
+
+
+def build_model(tiny: bool, latent_channels: int):
+    """A random-init AutoencoderKL loaded through the library (build_vae of its ldm state dict)."""
+    from diffusers import AutoencoderKL
+
+    shape = TINY_VAE if tiny else SD_VAE
+    n = len(shape["block_out_channels"])
+    quant = latent_channels == 4
+    torch.manual_seed(0)
+    model = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                          down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                          use_quant_conv=quant, use_post_quant_conv=quant, **shape)
+    return build_vae(diffusers_to_ldm(model.state_dict()), source="random-init")
+
+
+def make_pool(n: int, batch: int, size: int, device: torch.device) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    pool = [torch.rand(batch, 3, size, size, generator=g) * 2 - 1 for _ in range(n)]
+    if device.type == "cuda":
+        pool = [x.pin_memory() for x in pool]
+    return pool
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MemoryMeter:
+    """Peak memory of a region: CUDA's max_memory_allocated, or on CPU the peak RSS above the
+    RSS at entry (sampled every 2 ms by a thread; a lower bound)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = None
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif os.path.exists("/proc/self/statm"):
+            self._base = self._rss()
+            self._max = self._base
+            self._stop = threading.Event()
+
+            def sample():
+                while not self._stop.is_set():
+                    self._max = max(self._max, self._rss())
+                    time.sleep(0.002)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            self.reserved = torch.cuda.max_memory_reserved(self.device)
+        elif hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, self._rss())
+            self.peak = self._max - self._base
+        return False
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+# ---------------------------------------------------------------- reference
+
+
+def reference_side(vae, lpips_net, pool, device, a) -> dict:
+    """The public script's loop: fp32, all weights trained, Adam, MSE + w·LPIPS, .item() per step."""
+    model = copy.deepcopy(vae.model).to(device).train().requires_grad_(True)
+    lp = copy.deepcopy(lpips_net).to(device).eval().requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    batches = itertools.cycle(pool)
+    w = a.lpips_weight
+
+    def step() -> float:
+        x = next(batches).to(device, non_blocking=True)
+        posterior = model.encode(x).latent_dist
+        z = posterior.sample()
+        pred = model.decode(z).sample
+        loss = F.mse_loss(pred, x) + w * lp(pred, x).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    for _ in range(a.warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    sync(device)
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "flops_fn": step, "cleanup": (model, lp, opt)}
+
+
+def run_reference(vae, lpips_net, pool, device, a, batch) -> dict:
+    with MemoryMeter(device) as mem:
+        r = reference_side(vae, lpips_net, pool, device, a)
+    flops = count_flops(r.pop("flops_fn"))
+    del r["cleanup"]
+    out = side_numbers(r["seconds"], a.steps, batch, flops, mem, a, device)
+    out.update(trained="full (encoder + decoder)", precision="fp32 (cuDNN TF32 per PyTorch default)"
+               if device.type == "cuda" else "fp32", optimizer="torch.optim.Adam", loss=f"mse + {a.lpips_weight}*lpips")
+    return out
+
+
+# ---------------------------------------------------------------- ours
+
+
+def config_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def our_config(a, batch: int, steps: int, *, for_flops: bool = False, settled_micro: int | None = None
+               ) -> tuple[TrainConfig, int, list[str]]:
+    """(config, patches per yielded batch, requested options this TrainConfig lacks).
+
+    for_flops: compile and checkpointing off, and the micro-batch the timed run settled on
+    (no out-of-memory probing inside the count)."""
+    fields = config_fields()
+    kw = dict(steps=steps, preview_every=0, seed=0)
+    if a.log_every:
+        kw["log_every"] = a.log_every
+    ignored = []
+    if "micro_batch" in fields:  # new API: batch_size is the effective batch, the trainer splits it
+        kw["batch_size"] = batch
+        if a.micro_batch is not None:
+            kw["micro_batch"] = a.micro_batch
+        elif for_flops and settled_micro:
+            kw["micro_batch"] = settled_micro
+        per_yield = batch
+    else:  # old API: batch_size is the micro-batch, grad_accum of them per step
+        mb = a.micro_batch or batch
+        if batch % mb:
+            raise SystemExit(f"--batch {batch} is not a multiple of --micro-batch {mb}")
+        kw["batch_size"] = mb
+        if "grad_accum" in fields:
+            kw["grad_accum"] = batch // mb
+        per_yield = mb
+    for flag, field in (("checkpointing", "grad_checkpointing"), ("compile", "compile"),
+                        ("channels_last", "channels_last")):
+        val = getattr(a, flag)
+        if for_flops and field in ("grad_checkpointing", "compile"):
+            val = False if field in fields else None
+        if val is None:
+            continue
+        if field in fields:
+            kw[field] = val
+        else:
+            ignored.append(field)
+    return TrainConfig(**{k: v for k, v in kw.items() if k in fields}), per_yield, ignored
+
+
+def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = False) -> dict:
+    total = a.warmup + a.steps
+    cfg, per_yield, ignored = our_config(a, batch, total)
+    pool = make_pool(2, per_yield, size, device)
+    marks: dict[int, float] = {}
+
+    def on_step(step, total_steps, losses=None, *rest):
+        if step == a.warmup or step == total:
+            sync(device)
+            marks[step] = time.perf_counter()
+
+    before = flags_snapshot()
+    lp = copy.deepcopy(lpips_net)
+    with MemoryMeter(device) as mem:
+        t_call = time.perf_counter()
+        res = fine_tune(vae, itertools.cycle(pool), cfg, device=device, lpips_net=lp,
+                        callbacks=Callbacks(on_step=on_step))
+        sync(device)
+        call_s = time.perf_counter() - t_call
+    after = flags_snapshot()
+    flags_restore(before)
+    changed = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
+    if res.steps_done != total or len(marks) != 2:
+        raise RuntimeError(f"fine_tune did {res.steps_done} of {total} steps (stopped early?)")
+    settled = getattr(res, "micro_batch", None) or None
+    del res
+    free(device)
+
+    fcfg, fper, _ = our_config(a, batch, 1, for_flops=True, settled_micro=settled)
+    fpool = make_pool(1, fper, size, device)
+    flops = count_flops(lambda: fine_tune(vae, itertools.cycle(fpool), fcfg, device=device,
+                                          lpips_net=copy.deepcopy(lpips_net)))
+    flags_restore(before)
+
+    out = side_numbers(marks[total] - marks[a.warmup], a.steps, batch, flops, mem, a, device)
+    out["call_s"] = round(call_s, 3)
+    if settled:
+        out["micro_batch_used"] = settled
+    out["config"] = {k: getattr(cfg, k) for k in ("batch_size", "micro_batch", "grad_accum", "trainable",
+                                                  "precision", "ema", "lpips_weight", "mse_weight",
+                                                  "channels_last", "grad_checkpointing", "compile",
+                                                  "log_every", "recipe") if hasattr(cfg, k)}
+    if ignored:
+        out["requested_but_not_in_TrainConfig"] = ignored
+    if changed:
+        out["global_flags_changed_by_trainer"] = changed
+    if profile and device.type == "cuda":
+        out["profile"] = profile_ours(vae, lpips_net, device, a, batch, size)
+        flags_restore(before)
+    return out
+
+
+def profile_ours(vae, lpips_net, device, a, batch, size) -> dict:
+    """torch.profiler over --profile steps after warmup; writes the kernel table to --profile-out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = a.profile
+    total = a.warmup + n
+    cfg, per_yield, _ = our_config(a, batch, total)
+    pool = make_pool(2, per_yield, size, device)
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    marks = {}
+
+    def on_step(step, total_steps, losses=None, *rest):
+        if step == a.warmup:
+            sync(device)
+            prof.start()
+            marks[0] = time.perf_counter()
+        elif step == total:
+            sync(device)
+            marks[1] = time.perf_counter()
+            prof.stop()
+
+    fine_tune(vae, itertools.cycle(pool), cfg, device=device, lpips_net=copy.deepcopy(lpips_net),
+              callbacks=Callbacks(on_step=on_step))
+    wall_us = (marks[1] - marks[0]) * 1e6
+    ka = prof.key_averages()
+
+    def dev_self(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    from torch.autograd import DeviceType
+
+    # key_averages holds both operator rows (whose self device time is their kernels') and the
+    # kernel rows themselves: sum kernels only, and list the top operators separately.
+    kernels = [e for e in ka if getattr(e, "device_type", None) == DeviceType.CUDA and dev_self(e)]
+    ops = [e for e in ka if getattr(e, "device_type", None) != DeviceType.CUDA and dev_self(e)]
+    kernel_us = sum(dev_self(e) for e in kernels)
+    table = ka.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+    kinds = (("attention", ("fmha", "flash", "attention")),
+             ("conv/gemm (tensor cores)", ("xmma", "implicit_gemm", "cudnn", "cutlass", "gemm", "sm90_", "nvjet")),
+             ("copy/cast/layout", ("copy",)),
+             ("group_norm", ("rowwisemoments", "group_norm", "groupnorm", "computeinternalgradients",
+                             "computefusedparams", "gammabeta", "computebackwardfusedparams")),
+             ("silu", ("silu",)),
+             ("upsample", ("upsample",)),
+             ("optimizer/ema/foreach", ("multi_tensor", "foreach", "adam", "lerp")),
+             ("reduce", ("reduce",)),
+             ("other elementwise", ("elementwise",)))
+    cats: dict[str, float] = {k: 0.0 for k, _ in kinds}
+    cats["other"] = 0.0
+    for e in kernels:
+        k = e.key.lower()
+        cats[next((c for c, pats in kinds if any(p in k for p in pats)), "other")] += dev_self(e)
+    if a.profile_out:
+        with open(a.profile_out, "a") as f:
+            f.write(f"=== ours, {size}x{size}, batch {batch}, {n} steps, wall {wall_us / 1e3:.1f} ms\n{table}\n")
+    return {"steps": n, "wall_ms_per_step": round(wall_us / n / 1e3, 2),
+            "device_kernel_ms_per_step": round(kernel_us / n / 1e3, 2),
+            "device_busy_fraction": round(kernel_us / wall_us, 3),
+            "kernel_ms_per_step_by_kind": {k: round(v / n / 1e3, 2) for k, v in cats.items()},
+            "top_ops_ms_per_step": [[e.key[:60], round(dev_self(e) / n / 1e3, 2)]
+                                    for e in sorted(ops, key=dev_self, reverse=True)[:10]],
+            "top_kernels_ms_per_step": [[e.key[:100], round(dev_self(e) / n / 1e3, 2)]
+                                        for e in sorted(kernels, key=dev_self, reverse=True)[:10]]}
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def side_numbers(seconds: float, steps: int, batch: int, flops: int, mem: MemoryMeter, a, device) -> dict:
+    ips = steps * batch / seconds
+    achieved = flops * steps / seconds
+    out = {"images_per_s": round(ips, 3), "step_ms": round(seconds / steps * 1e3, 2),
+           "measured_steps": steps, "warmup_steps": a.warmup,
+           "flops_per_step": flops, "gflops_per_image": round(flops / batch / 1e9, 2),
+           "achieved_tflops": round(achieved / 1e12, 4)}
+    out["mfu"] = round(achieved / (a.peak_tflops * 1e12), 5) if a.peak_tflops else None
+    out["mfu_vs_fp32_peak"] = round(achieved / (a.peak_tflops_fp32 * 1e12), 5) if a.peak_tflops_fp32 else None
+    if device.type == "cuda":
+        out["peak_mem_gb"] = round(mem.peak / 2**30, 3)
+        out["peak_reserved_gb"] = round(mem.reserved / 2**30, 3)
+        out["mem_kind"] = "torch.cuda.max_memory_allocated"
+    else:
+        out["peak_mem_gb"] = round(mem.peak / 2**30, 4) if mem.peak is not None else None
+        out["mem_kind"] = "cpu peak RSS above start (sampled)"
+    return out
+
+
+def free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sizes", default="256,512", help="patch sizes, comma-separated")
+    ap.add_argument("--batch", type=int, default=8, help="images per optimizer step (both sides)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (use more with --compile)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="ours: patches per forward (0 = auto)")
+    ap.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                    help="ours: gradient checkpointing (default: the trainer's)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="ours: torch.compile")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                    help="ours: channels-last layout")
+    ap.add_argument("--latent-channels", type=int, choices=(4, 16), default=4,
+                    help="16 = SD3/Flux layout (no quant convs)")
+    ap.add_argument("--tiny", action="store_true", help="small 2-level VAE (CPU smoke test)")
+    ap.add_argument("--sides", choices=("both", "ours", "reference"), default="both")
+    ap.add_argument("--lpips-weight", type=float, default=0.1, help="reference loop's LPIPS weight")
+    ap.add_argument("--log-every", type=int, default=None, help="ours: TrainConfig.log_every (default: its own)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help=f"peak for MFU (default on CUDA: H100/H200 SXM bf16 dense, {PEAK_BF16_H100})")
+    ap.add_argument("--peak-tflops-fp32", type=float, default=None,
+                    help=f"fp32-path peak (default on CUDA: H100/H200 SXM TF32 dense, {PEAK_TF32_H100})")
+    ap.add_argument("--profile", type=int, default=0, help="ours: torch.profiler over N steps at the last size")
+    ap.add_argument("--profile-out", default=None, help="file to append the profiler's kernel table to")
+    ap.add_argument("--json-out", default=None, help="also write the JSON here")
+    a = ap.parse_args(argv)
+
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        a.peak_tflops = a.peak_tflops or PEAK_BF16_H100
+        a.peak_tflops_fp32 = a.peak_tflops_fp32 or PEAK_TF32_H100
+    sizes = [int(s) for s in a.sizes.split(",") if s]
+
+    vae = build_model(a.tiny, a.latent_channels)
+    lpips_net = load_lpips("vgg", random_backbone=True)
+    meta = {
+        "torch": torch.__version__, "python": platform.python_version(), "device": a.device,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "model": ("tiny " if a.tiny else "SD kl-f8 ") + json.dumps(TINY_VAE if a.tiny else SD_VAE),
+        "latent_channels": a.latent_channels,
+        "params_total_m": round(sum(p.numel() for p in vae.model.parameters()) / 1e6, 2),
+        "params_decoder_m": round(sum(p.numel() for n, p in vae.model.named_parameters()
+                                      if n.startswith(("decoder.", "post_quant_conv."))) / 1e6, 2),
+        "random_init": "VAE and LPIPS VGG backbone are random-init (nothing downloaded); same cost as trained weights",
+        "data": "random uniform [-1,1] patches from a pre-made pool (pinned CPU on CUDA); loading not timed",
+        "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
+        "peak_tflops": a.peak_tflops, "peak_tflops_fp32": a.peak_tflops_fp32,
+        "backend_flags": flags_snapshot(),
+        "trainconfig_has": sorted(config_fields() & {"micro_batch", "grad_accum", "channels_last",
+                                                     "grad_checkpointing", "compile"}),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+    }
+    if device.type == "cuda":
+        meta["cudnn"] = torch.backends.cudnn.version()
+    results = []
+    for i, size in enumerate(sizes):
+        entry = {"size": size, "batch": a.batch}
+        if a.sides in ("both", "reference"):
+            log(f"reference {size}x{size} batch {a.batch}")
+            try:
+                pool = make_pool(2, a.batch, size, device)
+                entry["reference"] = run_reference(vae, lpips_net, pool, device, a, a.batch)
+            except Exception as e:  # noqa: BLE001 - record (e.g. OOM) and go on
+                traceback.print_exc()
+                entry["reference"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+            free(device)
+        if a.sides in ("both", "ours"):
+            log(f"ours {size}x{size} batch {a.batch}")
+            try:
+                entry["ours"] = run_ours(vae, lpips_net, device, a, a.batch, size,
+                                         profile=bool(a.profile) and i == len(sizes) - 1)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                entry["ours"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+            free(device)
+        r, o = entry.get("reference", {}), entry.get("ours", {})
+        if "images_per_s" in r and "images_per_s" in o:
+            entry["ours_over_reference"] = {
+                "images_per_s": round(o["images_per_s"] / r["images_per_s"], 3),
+                "peak_mem": round(o["peak_mem_gb"] / r["peak_mem_gb"], 3) if o.get("peak_mem_gb")
+                and r.get("peak_mem_gb") else None,
+            }
+        results.append(entry)
+        log(json.dumps(entry))
+    doc = {"bench": "train_bench", "meta": meta, "results": results}
+    text = json.dumps(doc)
+    print(text, flush=True)
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            f.write(text + "\n")
+    ok = all("error" not in e.get(s, {}) for e in results for s in ("reference", "ours"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
