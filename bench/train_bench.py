@@ -248,7 +248,7 @@ def our_config(a, batch: int, steps: int, *, for_flops: bool = False, settled_mi
             kw["grad_accum"] = batch // mb
         per_yield = mb
     for flag, field in (("checkpointing", "grad_checkpointing"), ("compile", "compile"),
-                        ("channels_last", "channels_last")):
+                        ("channels_last", "channels_last"), ("norm_in_bf16", "norm_in_bf16")):
         val = getattr(a, flag)
         if for_flops and field in ("grad_checkpointing", "compile"):
             val = False if field in fields else None
@@ -419,6 +419,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="ours: torch.compile")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                     help="ours: channels-last layout")
+    ap.add_argument("--norm-in-bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="ours: GroupNorm in bf16 under autocast (default: the trainer's)")
     ap.add_argument("--latent-channels", type=int, choices=(4, 16), default=4,
                     help="16 = SD3/Flux layout (no quant convs)")
     ap.add_argument("--tiny", action="store_true", help="small 2-level VAE (CPU smoke test)")

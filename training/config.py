@@ -73,6 +73,8 @@ class TrainConfig:
                             choices=("auto", "fp32", "bf16"))
     channels_last: bool = option(False, "channels-last memory layout on CUDA (measured slower for this model "
                                         "on an H100: GroupNorm has no channels-last kernel)")
+    norm_in_bf16: bool = option(True, "with bf16 autocast, run GroupNorm in bf16 too (autocast keeps it in "
+                                      "fp32, which costs casts and memory traffic)")
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, "
                                              "~30% slower)")
     compile: bool = option(False, "torch.compile the model (slow first steps, faster after)")

@@ -129,6 +129,26 @@ def pick_device(name: str | None = None, dist: Distributed | None = None) -> tor
     return torch.device("cpu")
 
 
+class _AutocastGroupNorm(torch.nn.GroupNorm):
+    """GroupNorm that runs in the autocast dtype (autocast's policy is fp32 for group_norm). The
+    statistics are still accumulated in fp32 inside the kernel; the weights stay fp32 masters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        if not torch.is_autocast_enabled(kind):
+            return super().forward(x)
+        dt = torch.get_autocast_dtype(kind)
+        with torch.autocast(kind, enabled=False):
+            return torch.nn.functional.group_norm(x.to(dt), self.num_groups, self.weight.to(dt),
+                                                  self.bias.to(dt), self.eps)
+
+
+def _set_groupnorm_class(model: torch.nn.Module, cls: type) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            m.__class__ = cls
+
+
 class _Reconstruct(torch.nn.Module):
     """encode -> latent -> decode as one forward(), so DistributedDataParallel can wrap it."""
 
@@ -211,6 +231,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
 
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_cuda)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    if use_bf16 and cfg.norm_in_bf16:
+        _set_groupnorm_class(model, _AutocastGroupNorm)  # on our private copy only
     if cfg.lpips_weight > 0 and lpips_net is None:
         lpips_net = load_lpips(cfg.lpips_net, cfg.lpips_backbone)
     if lpips_net is not None:
@@ -383,6 +405,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         best_step = best["step"]
     if cfg.grad_checkpointing:
         model.disable_gradient_checkpointing()
+    _set_groupnorm_class(model, torch.nn.GroupNorm)
     model.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
     return TrainResult(model=model, layout=vae.layout, config=cfg, steps_done=step, history=history,
                        stopped_early=stopped, frozen_digest=base_digest, seconds=time.perf_counter() - t0,
