@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from comfy_api.latest import io
 
-from ..training.config import TrainConfig
+from ..training.config import RECIPES, TrainConfig
 from ..training.data import augment
 from ..training.errors import VAEFTError
 from ..training.export import ldm_state_dict
-from ..training.trainer import Callbacks, fine_tune
-from .common import (Dataset, Trained, comfy_vae_to_training, config_from_inputs, config_inputs,
-                     ldm_to_comfy_vae)
+from ..training.trainer import HISTORY_CURVES, Callbacks, fine_tune
+from .common import Dataset, Trained, comfy_vae_to_training, config_inputs, ldm_to_comfy_vae
 
 log = logging.getLogger("vaeft")
-NODE_ORDER = ("steps", "lr", "batch_size", "lpips_weight", "ema", "seed")
+NODE_ORDER = ("recipe", "steps", "lr", "batch_size", "lpips_weight", "ema", "seed")
 
 
 def _preview_image(images: torch.Tensor):
@@ -58,7 +58,7 @@ class VAEFineTune(io.ComfyNode):
         import comfy.model_management as mm
         import comfy.utils
 
-        cfg = config_from_inputs(TrainConfig, kwargs)
+        cfg = config_from_widgets(kwargs)
         device = mm.get_torch_device()
         # Prompts run under inference_mode; training needs autograd, on tensors made outside it.
         with torch.inference_mode(False):
@@ -77,12 +77,15 @@ class VAEFineTune(io.ComfyNode):
             def on_preview(step, images):
                 pbar.update_absolute(step, cfg.steps, ("JPEG", _preview_image(images), 768))
 
-            batches = dataset.train_batches(cfg.batch_size, pin_memory=device.type == "cuda")
+            pin = device.type == "cuda"
+            batches = lambda start: dataset.train_batches(cfg.batch_size, start_batch=start, pin_memory=pin)  # noqa: E731
             preview = _preview_patches(dataset, cfg)
+            val = dataset.val_patches(cfg.val_patches, seed=cfg.seed) if cfg.val_every else None
             result = fine_tune(
                 base, batches, cfg, device=device,
                 augment=lambda x, g: augment(x, dataset.cfg, g),
                 preview_batch=preview,
+                val_batch=val,
                 callbacks=Callbacks(
                     on_step=on_step, on_preview=on_preview,
                     # Raises InterruptProcessingException on Cancel / POST /interrupt: ComfyUI
@@ -92,12 +95,24 @@ class VAEFineTune(io.ComfyNode):
             )
             result.model.to("cpu")
             out_vae = ldm_to_comfy_vae(ldm_state_dict(result, "fp32"))
-        loss_map = {"loss": [h["total"] for h in result.history], "steps": [h["step"] for h in result.history]}
-        for key in ("mse", "l1", "lpips"):
-            if result.history and key in result.history[0]:
-                loss_map[key] = [h[key] for h in result.history]
+        loss_map = {"loss": [h.get("total", float("nan")) for h in result.history], "steps": [h["step"] for h in result.history]}
+        for key in HISTORY_CURVES[1:]:
+            if any(key in h for h in result.history):
+                loss_map[key] = [h.get(key, float("nan")) for h in result.history]
         result.dataset_summary = dataset.summary()
         return io.NodeOutput(out_vae, loss_map, result)
+
+
+def config_from_widgets(widgets: dict) -> TrainConfig:
+    """TrainConfig from the node's widgets. A loss/trainable widget left at its default takes the chosen
+    recipe's value (so picking 'sd-vae-ft-ema' gives L1 + 1.0·LPIPS); a changed widget overrides it."""
+    recipe = widgets.get("recipe", "sd-vae-ft-mse")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    controlled = set(RECIPES.get(recipe, {}))
+    given = {k: v for k, v in widgets.items()
+             if k in defaults and k != "recipe" and not (k in controlled and v == defaults[k])}
+    given = {k: (None if v == "" else v) for k, v in given.items()}
+    return TrainConfig.from_recipe(recipe, **given)
 
 
 def _base_vae_name(prompt, unique_id) -> str | None:

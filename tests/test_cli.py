@@ -42,7 +42,9 @@ def fit_args(d, out, *extra):
 
 def test_fit_trains_and_exports(setup, tmp_path):
     out = tmp_path / "vae-ft-test-3.safetensors"
-    p = run(*fit_args(setup, out, "--lpips-net", "alex", "--loss-plot", tmp_path / "loss.png"),
+    p = run(*fit_args(setup, out, "--lpips-net", "alex", "--loss-plot", tmp_path / "loss.png",
+                      "--preview-dir", tmp_path / "previews", "--preview-every", 2, "--val-every", 2,
+                      "--val-patches", 2, "--export-best"),
             env={"VAEFT_LPIPS_BACKBONE": str(setup / "alexnet-random.pth")})
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["steps"] == 3 and result["out"] == str(out)
@@ -51,6 +53,8 @@ def test_fit_trains_and_exports(setup, tmp_path):
     exported = load_file(out)
     assert set(exported) == set(base) and all(exported[k].shape == base[k].shape for k in base)
     assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert sorted(os.listdir(tmp_path / "previews")) == ["preview-0000002.png", "preview-0000003.png"]
+    assert result["best_step"] in (2, 3)
 
 
 def test_fit_resume_matches_uninterrupted(setup, tmp_path):

@@ -147,7 +147,7 @@ def _example(vae_name: str, folder: str, **train) -> dict:
 def test_nodes_are_registered(comfy):
     server, _, _ = comfy
     info = requests.get(server.url + "/object_info", timeout=30).json()
-    for node in ("VAEFTPatchDataset", "VAEFTFineTune", "VAEFTSave", "VAEFTLossGraph"):
+    for node in ("VAEFTPatchDataset", "VAEFTFineTune", "VAEFTSave", "VAEFTLossGraph", "VAEFTEvaluate"):
         assert node in info, f"{node} missing; server log:\n{server.read_log()[-3000:]}"
     ft = info["VAEFTFineTune"]
     assert ft["output"] == ["VAE", "LOSS_MAP", "VAEFT_TRAINED"]
@@ -199,6 +199,46 @@ def test_api_example_trains_saves_and_stock_load_vae_loads_it(comfy):
     assert entry["outputs"]["93"]["images"]
 
 
+def test_evaluate_node_compares_base_and_fine_tuned(comfy):
+    server, base, _ = comfy
+    if not os.path.exists(os.path.join(base, "output", "vae", "vae-ft-retina-2.safetensors")):
+        pytest.skip("needs the export of test_api_example_trains_saves_and_stock_load_vae_loads_it")
+    example = _example("random_sd_vae.safetensors", "vae_train")
+    dataset = next(n for n in example.values() if n["class_type"] == "VAEFTPatchDataset")
+    prompt = {
+        "1": {"class_type": "VAELoader", "inputs": {"vae_name": "random_sd_vae.safetensors"}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": "vae-ft-retina-2.safetensors"}},
+        "3": dataset,
+        "4": {"class_type": "VAEFTEvaluate", "inputs": {"vae_a": ["1", 0], "vae_b": ["2", 0], "dataset": ["3", 0],
+                                                         "patches": 4, "rows": 2, "seed": 0, "lpips_net": "alex"}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
+    }
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", _messages(entry)
+    table = entry["outputs"]["4"]["text"][0]
+    assert "PSNR" in table and "A" in table and "B" in table
+    assert "lpips: n/a" in table  # no AlexNet weights on this machine: reported, not guessed
+    assert entry["outputs"]["5"]["images"]
+
+
+def test_dataset_from_an_image_batch(comfy):
+    server, _, _ = comfy
+    example = _example("random_sd_vae.safetensors", "vae_train")
+    dataset = dict(next(n for n in example.values() if n["class_type"] == "VAEFTPatchDataset"))
+    dataset["inputs"] = dict(dataset["inputs"], images=["1", 0], folder="")
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}},
+        "2": dataset,
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["2", 2]}},
+    }
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", _messages(entry)
+    summary = json.loads(entry["outputs"]["4"]["text"][0])
+    assert summary["images_used"] and not summary["images_skipped"]
+    assert entry["outputs"]["3"]["images"]
+
+
 def test_existing_file_is_not_overwritten(comfy):
     server, base, _ = comfy
     target = os.path.join(base, "output", "vae", "vae-ft-keep-2.safetensors")
@@ -240,7 +280,8 @@ def test_interrupt_stops_training_and_server_stays_healthy(comfy):
     next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "never"
     pid = server.queue(prompt)
     deadline = time.time() + 120
-    while "VAE fine-tune step" not in server.read_log() and time.time() < deadline:
+    # wait until *this* prompt is training (an interrupt sent before it starts is cleared by ComfyUI)
+    while "/100000:" not in server.read_log() and time.time() < deadline:
         time.sleep(0.5)
     requests.post(server.url + "/interrupt", timeout=10)
     t0 = time.time()
@@ -254,3 +295,20 @@ def test_interrupt_stops_training_and_server_stays_healthy(comfy):
     next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "after-interrupt"
     entry = server.wait(server.queue(prompt))
     assert entry["status"]["status_str"] == "success", _messages(entry)
+
+
+def test_ui_example_matches_the_live_node_definitions(comfy):
+    import importlib.util
+
+    server, _, _ = comfy
+    spec = importlib.util.spec_from_file_location(
+        "build_ui_workflow", os.path.join(ROOT, "example_workflows", "build_ui_workflow.py"))
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    info = requests.get(server.url + "/object_info", timeout=30).json()
+    with open(API_WORKFLOW) as f:
+        api = json.load(f)
+    with open(os.path.join(ROOT, "example_workflows", "vae_finetune.json")) as f:
+        committed = json.load(f)
+    assert builder.build(api, info) == committed, (
+        "example_workflows/vae_finetune.json is stale: rebuild it with build_ui_workflow.py")

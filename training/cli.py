@@ -31,6 +31,8 @@ def add_fit_command(sub) -> None:
                                         "and at the end (default: <out>.ckpt when --checkpoint-every is set)")
     p.add_argument("--resume", help="continue from this checkpoint (same settings; --steps may grow)")
     p.add_argument("--loss-plot", help="also write the loss curve as a PNG here")
+    p.add_argument("--preview-dir", help="write preview reconstructions (inputs above, outputs below) here "
+                                         "every --preview-every steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     add_arguments(p, TrainConfig)
     add_arguments(p, DataConfig, skip=("seed",))  # one --seed, from TrainConfig, seeds everything
@@ -99,12 +101,28 @@ def run_fit(args) -> int:
         val = data.val_patches(cfg.val_patches, seed=cfg.seed) if cfg.val_every else None
         local = cfg.batch_size // dist.world_size if cfg.batch_size % dist.world_size == 0 else cfg.batch_size
         pin = device.type == "cuda"
+        preview, on_preview = None, None
+        if args.preview_dir and dist.is_main and cfg.preview_every:
+            from .plot import image_grid
+
+            os.makedirs(args.preview_dir, exist_ok=True)
+            if val is not None:
+                preview = val[:4]
+            elif summary.get("val_images"):
+                preview = data.val_patches(4, seed=cfg.seed)
+            else:  # no held-out images: patches from far along the training stream
+                preview = next(iter(data.train_batches(4, start_batch=10**6)))
+
+            def on_preview(step, images):
+                save_png(image_grid(images, rows=2), os.path.join(args.preview_dir, f"preview-{step:07d}.png"))
+
         result = fine_tune(
             base,
             lambda start: data.train_batches(local, start_batch=start, rank=dist.rank,
                                              world_size=dist.world_size, pin_memory=pin),
             cfg, device=device, augment=lambda x, g: augment(x, data_cfg, g),
-            val_batch=val, callbacks=Callbacks(on_step=on_step), resume=args.resume, checkpoint_path=checkpoint, dist=dist)
+            val_batch=val, preview_batch=preview, callbacks=Callbacks(on_step=on_step, on_preview=on_preview),
+            resume=args.resume, checkpoint_path=checkpoint, dist=dist)
         if bar is not None:
             bar.close()
         if os.environ.get("VAEFT_REPORT_DIGEST"):  # tests: show that every rank ends with the same weights

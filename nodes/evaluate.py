@@ -1,0 +1,69 @@
+"""Evaluate node: two or more VAEs on the same held-out patches -> metrics table and comparison image."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..training.errors import VAEFTError
+from ..training.evaluate import comparison_grid, format_table
+from ..training.metrics import evaluate_vaes, try_load_lpips
+from ..training.vae import reconstruct
+from .common import Dataset, comfy_vae_to_training, training_to_image
+
+SLOTS = ("vae_a", "vae_b", "vae_c", "vae_d")
+
+
+class VAEEvaluate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VAEFTEvaluate",
+            display_name="VAE Evaluate",
+            category="training/vae",
+            description="PSNR, SSIM, LPIPS and colour fidelity (ΔE2000, channel shift) of several VAEs on the "
+                        "same held-out patches, with rows of original | VAE A | VAE B | ... | error map.",
+            inputs=[
+                io.Vae.Input("vae_a", tooltip="usually the base VAE"),
+                io.Vae.Input("vae_b", tooltip="usually the fine-tuned VAE"),
+                io.Vae.Input("vae_c", optional=True),
+                io.Vae.Input("vae_d", optional=True),
+                Dataset.Input("dataset"),
+                io.Int.Input("patches", default=32, min=1, max=4096,
+                             tooltip="held-out patches to score (validation images; all images if none)"),
+                io.Int.Input("rows", default=4, min=1, max=32, tooltip="rows in the comparison image"),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1),
+                io.Combo.Input("lpips_net", options=["alex", "vgg"], default="alex"),
+            ],
+            outputs=[io.String.Output("table"), io.Image.Output("comparison")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, vae_a, vae_b, dataset, patches, rows, seed, lpips_net, vae_c=None, vae_d=None
+                ) -> io.NodeOutput:
+        import comfy.model_management as mm
+
+        given = {"A": vae_a, "B": vae_b, "C": vae_c, "D": vae_d}
+        device = mm.get_torch_device()
+        with torch.inference_mode(False):
+            models = {name: comfy_vae_to_training(v).model for name, v in given.items() if v is not None}
+            try:
+                x = dataset.val_patches(patches, seed=seed)
+                source = "validation images"
+            except VAEFTError:
+                x = next(iter(dataset.train_batches(patches, start_batch=0)))
+                source = "all images (the dataset has no validation split)"
+            net, availability = try_load_lpips(lpips_net)
+            kwargs = {"lpips_net": net} if net is not None else {"lpips_unavailable": availability["reason"]}
+            results = evaluate_vaes(models, x, device=device, **kwargs)
+            shown = x[:rows]
+            recons = []
+            for model in models.values():
+                model.to(device)
+                with torch.no_grad():
+                    recons.append(reconstruct(model, shown.to(device)).float().cpu())
+                model.to("cpu")
+        table = f"{len(x)} patches from {source}\n" + format_table(results)
+        grid = comparison_grid(shown, recons)
+        return io.NodeOutput(table, training_to_image(grid), ui=ui.PreviewText(table))
