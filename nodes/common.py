@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..training.errors import VAEFTError
-from ..training.options import _base_type
+from ..training.options import base_type
 from ..training.vae import LoadedVAE, build_vae
 
 # Our own socket types: plain names, like ComfyUI's LORA_MODEL / LOSS_MAP.
@@ -57,7 +57,7 @@ def config_inputs(cls: type, defaults: dict | None = None, skip: tuple[str, ...]
     hints = typing.get_type_hints(cls)
     inputs = []
     for f in fields:
-        tp, optional = _base_type(hints[f.name])
+        tp, optional = base_type(hints[f.name])
         meta = f.metadata
         default = defaults.get(f.name, f.default)
         tip = meta.get("help")

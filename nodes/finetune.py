@@ -9,8 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..training.config import RECIPES, TrainConfig
-from ..training.data import augment
-from ..training.errors import VAEFTError
+from ..training.data import augment, preview_patches
 from ..training.export import ldm_state_dict
 from ..training.trainer import HISTORY_CURVES, Callbacks, fine_tune
 from .common import Dataset, Trained, comfy_vae_to_training, config_inputs, ldm_to_comfy_vae
@@ -79,7 +78,7 @@ class VAEFineTune(io.ComfyNode):
 
             pin = device.type == "cuda"
             batches = lambda start: dataset.train_batches(cfg.batch_size, start_batch=start, pin_memory=pin)  # noqa: E731
-            preview = _preview_patches(dataset, cfg)
+            preview = preview_patches(dataset, 4, seed=cfg.seed) if cfg.preview_every else None
             val = dataset.val_patches(cfg.val_patches, seed=cfg.seed) if cfg.val_every else None
             result = fine_tune(
                 base, batches, cfg, device=device,
@@ -126,12 +125,3 @@ def _base_vae_name(prompt, unique_id) -> str | None:
         if isinstance(src.get(key), str):
             return src[key]
     return None
-
-
-def _preview_patches(dataset, cfg: TrainConfig, count: int = 4):
-    if not cfg.preview_every:
-        return None
-    try:
-        return dataset.val_patches(count, seed=cfg.seed)
-    except VAEFTError:  # no validation images: preview training patches instead
-        return next(iter(dataset.train_batches(count, start_batch=10**6)))[:count]

@@ -6,10 +6,8 @@ Skipped, with the reason, when no ComfyUI checkout is available.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -47,7 +48,7 @@ def config_from_args(args) -> TrainConfig:
 
 
 def run_fit(args) -> int:
-    from .data import DataConfig, augment, build_dataset
+    from .data import DataConfig, augment, build_dataset, preview_patches
     from .export import export_vae
     from .plot import curve_image, save_png
     from .trainer import HISTORY_CURVES, Callbacks, Distributed, fine_tune, pick_device
@@ -101,20 +102,11 @@ def run_fit(args) -> int:
         val = data.val_patches(cfg.val_patches, seed=cfg.seed) if cfg.val_every else None
         local = cfg.batch_size // dist.world_size if cfg.batch_size % dist.world_size == 0 else cfg.batch_size
         pin = device.type == "cuda"
-        preview, on_preview = None, None
+        preview = on_preview = None
         if args.preview_dir and dist.is_main and cfg.preview_every:
-            from .plot import image_grid
-
             os.makedirs(args.preview_dir, exist_ok=True)
-            if val is not None:
-                preview = val[:4]
-            elif summary.get("val_images"):
-                preview = data.val_patches(4, seed=cfg.seed)
-            else:  # no held-out images: patches from far along the training stream
-                preview = next(iter(data.train_batches(4, start_batch=10**6)))
-
-            def on_preview(step, images):
-                save_png(image_grid(images, rows=2), os.path.join(args.preview_dir, f"preview-{step:07d}.png"))
+            preview = preview_patches(data, 4, seed=cfg.seed)
+            on_preview = functools.partial(_write_preview, args.preview_dir)
 
         result = fine_tune(
             base,
@@ -144,6 +136,12 @@ def run_fit(args) -> int:
 
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+
+
+def _write_preview(folder: str, step: int, images) -> None:
+    from .plot import image_grid, save_png
+
+    save_png(image_grid(images, rows=2), os.path.join(folder, f"preview-{step:07d}.png"))
 
 
 def _decoder_digest(model) -> str:

@@ -904,3 +904,11 @@ def run_patches(args: argparse.Namespace) -> int:
         out["preview"] = args.preview
     print(json.dumps(out))
     return 0
+
+
+def preview_patches(data: PatchDataset, count: int = 4, seed: int = 0) -> torch.Tensor:
+    """Fixed patches to watch during training, (n, 3, P, P) in [-1, 1]: held-out ones when the dataset
+    has validation images, else patches from far along the training stream (rarely trained on early)."""
+    if data.summary().get("val_images"):
+        return data.val_patches(count, seed=seed)
+    return next(iter(data.train_batches(count, start_batch=10**6)))[:count]

@@ -30,7 +30,7 @@ def _field_type(cls: type, field: dataclasses.Field) -> Any:
     return hints[field.name]
 
 
-def _base_type(tp: Any) -> tuple[type, bool]:
+def base_type(tp: Any) -> tuple[type, bool]:
     """(scalar type, optional?) for int, float, str, bool and `X | None`."""
     args = typing.get_args(tp)
     if args and type(None) in args:
@@ -44,7 +44,7 @@ def validate(obj: Any) -> None:
     cls = type(obj)
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        tp, optional = _base_type(_field_type(cls, f))
+        tp, optional = base_type(_field_type(cls, f))
         name = f.name
         if value is None:
             if optional:
@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
     for f in dataclasses.fields(cls):
         if f.name in skip or f.metadata.get("cli") is False:
             continue
-        tp, _ = _base_type(_field_type(cls, f))
+        tp, _ = base_type(_field_type(cls, f))
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{f.metadata.get('help', '')} (default: {default})"

@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -171,7 +171,7 @@ def _step_generator(device: torch.device, seed: int, step: int) -> torch.Generat
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
 
 
-def _divisors_below(n: int, below: int) -> int:
+def _largest_divisor_below(n: int, below: int) -> int:
     for m in range(min(below, n) - 1, 0, -1):
         if n % m == 0:
             return m
@@ -315,7 +315,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
                 opt.zero_grad(set_to_none=True)
                 if disc is not None:
                     disc.zero_grad(set_to_none=True)
-                smaller = _divisors_below(local_batch, micro)
+                smaller = _largest_divisor_below(local_batch, micro)
                 if cfg.micro_batch or not smaller:
                     raise VAEFTError(
                         f"out of GPU memory at micro-batch {micro} with {x_all.shape[-1]}² patches; "
