@@ -46,6 +46,15 @@ def test_export_has_base_keys_shapes_and_untouched_encoder(tmp_path, trained):
     assert json.loads(meta["vaeft.dataset"]) == {"images_used": 2, "train_images": 2}
 
 
+def test_exported_file_has_the_usual_permissions(tmp_path, trained):
+    old = os.umask(0o022)
+    try:
+        path = export_vae(trained[1], tmp_path / "v.safetensors")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+
+
 @pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_export_dtypes(tmp_path, trained, dtype, torch_dtype):
     out = load_file(export_vae(trained[1], tmp_path / "v.safetensors", dtype=dtype))

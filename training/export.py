@@ -113,6 +113,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a model file is as readable as any other
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -129,6 +130,12 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def export_vae(result: TrainResult, path: str | os.PathLike, dtype: str | None = None,
