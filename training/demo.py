@@ -60,15 +60,16 @@ def fundus_like(size: int, rng: np.random.Generator) -> np.ndarray:
 
 def write_demo(out: str, images: int = 6, size: int = 512, latent_channels: int = 4, seed: int = 0) -> dict:
     from PIL import Image
-    from safetensors.torch import save_file
+
+    from .export import write_safetensors
 
     if latent_channels not in (4, 16):
         raise VAEFTError(f"--latent-channels must be 4 (SD1/2/XL) or 16 (SD3/Flux); got {latent_channels}")
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     vae_path = os.path.join(out, f"sd-vae-random-init-{latent_channels}ch.safetensors")
     if not os.path.exists(vae_path):
-        save_file(random_vae_state_dict(latent_channels, seed), vae_path,
-                  metadata={"vaeft.note": "random init, for trying the tool"})
+        write_safetensors(random_vae_state_dict(latent_channels, seed), vae_path,
+                          metadata={"vaeft.note": "random init, for trying the tool"})
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(images):
