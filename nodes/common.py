@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 
 import torch
@@ -10,7 +11,9 @@ from comfy_api.latest import io
 
 from ..training.errors import VAEFTError
 from ..training.options import base_type
-from ..training.vae import LoadedVAE, build_vae
+from ..training.vae import LoadedVAE, build_vae, normalise_state_dict
+
+log = logging.getLogger("vaeft")
 
 # Our own socket types: plain names, like ComfyUI's LORA_MODEL / LOSS_MAP.
 Dataset = io.Custom("VAEFT_DATASET")
@@ -32,12 +35,55 @@ def training_to_image(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0, 1).movedim(1, -1).contiguous().cpu()
 
 
-def comfy_vae_to_training(vae) -> LoadedVAE:
-    """A trainable fp32 copy of a ComfyUI VAE's weights (the cached input VAE is never touched)."""
+def comfy_vae_to_training(vae, source_file: tuple[str, str] | None = None) -> LoadedVAE:
+    """A trainable fp32 copy of a ComfyUI VAE's weights (the cached input VAE is never touched).
+
+    ComfyUI keeps VAEs in bf16 on most GPUs, which would round the weights we start from (and
+    the encoder we promise to leave untouched). So when the VAE comes straight from a loader,
+    ``source_file`` = (model folder, file name) and the original weights are read from that file.
+    """
     if vae is None or getattr(vae, "first_stage_model", None) is None:
         raise VAEFTError("the VAE input is empty or invalid; connect a Load VAE (or checkpoint) VAE output")
-    sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in vae.get_sd().items()}
-    return build_vae(sd, source="the connected VAE")
+    sd = _read_source_vae(*source_file) if source_file else None
+    if sd is not None and set(sd) != set(vae.get_sd()):
+        sd = None  # not the weights this VAE was built from (e.g. a converted layout): use what ComfyUI holds
+    if sd is None:
+        if getattr(vae, "vae_dtype", torch.float32) != torch.float32:
+            log.warning("fine-tuning from a %s copy of the VAE (ComfyUI's working dtype); connect Load VAE "
+                        "directly to start from the file's exact weights", vae.vae_dtype)
+        sd = vae.get_sd()
+    # keep the stored dtype: the base hash in the export's metadata then matches the CLI's for the same file
+    sd = {k: v.detach().to("cpu").clone() for k, v in sd.items()}
+    name = source_file[1] if source_file else "the connected VAE"
+    return build_vae(sd, source=name)
+
+
+def _read_source_vae(folder: str, name: str) -> dict[str, torch.Tensor] | None:
+    """The VAE tensors of a model file, ldm-keyed as ComfyUI holds them; None if unavailable."""
+    import folder_paths
+
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        return None
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                keys = list(f.keys())
+                if folder == "checkpoints":  # read only the VAE part of a full checkpoint
+                    keys = [k for k in keys if k.startswith("first_stage_model.")]
+                sd = {k: f.get_tensor(k) for k in keys}
+        elif folder == "vae":
+            import comfy.utils
+
+            sd = comfy.utils.load_torch_file(path)
+        else:
+            return None
+        return normalise_state_dict(sd, name)[0]
+    except (VAEFTError, OSError, RuntimeError, ValueError) as e:
+        log.warning("could not read %s for its exact VAE weights (%s); using ComfyUI's copy", name, e)
+        return None
 
 
 def ldm_to_comfy_vae(sd: dict[str, torch.Tensor]):

@@ -61,8 +61,7 @@ class VAEFineTune(io.ComfyNode):
         device = mm.get_torch_device()
         # Prompts run under inference_mode; training needs autograd, on tensors made outside it.
         with torch.inference_mode(False):
-            base = comfy_vae_to_training(vae)
-            base.layout.base_name = _base_vae_name(cls.hidden.prompt, cls.hidden.unique_id) or "the connected VAE"
+            base = comfy_vae_to_training(vae, _source_file(cls.hidden.prompt, cls.hidden.unique_id))
             mm.unload_all_models()
             mm.soft_empty_cache()
             pbar = comfy.utils.ProgressBar(cfg.steps)
@@ -114,14 +113,15 @@ def config_from_widgets(widgets: dict) -> TrainConfig:
     return TrainConfig.from_recipe(recipe, **given)
 
 
-def _base_vae_name(prompt, unique_id) -> str | None:
-    """The file name when the VAE input comes straight from a loader node (for the export's metadata)."""
+def _source_file(prompt, unique_id) -> tuple[str, str] | None:
+    """(model folder, file name) when the VAE input comes straight from Load VAE or a checkpoint loader."""
     try:
         link = prompt[str(unique_id)]["inputs"]["vae"]
         src = prompt[str(link[0])]["inputs"]
     except (KeyError, TypeError, IndexError):
         return None
-    for key in ("vae_name", "ckpt_name"):
-        if isinstance(src.get(key), str):
-            return src[key]
+    if isinstance(src.get("vae_name"), str):
+        return ("vae", src["vae_name"])
+    if isinstance(src.get("ckpt_name"), str) and link[1] == 2:  # checkpoint loaders output VAE third
+        return ("checkpoints", src["ckpt_name"])
     return None
