@@ -131,9 +131,12 @@ def _step(default: float) -> float:
     return 10 ** (int(f"{abs(default):e}".split("e")[1]))
 
 
+def input_values(cls: type, kwargs: dict) -> dict:
+    """The node's keyword inputs that are fields of ``cls`` (empty strings -> None)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: (None if v == "" else v) for k, v in kwargs.items() if k in names}
+
+
 def config_from_inputs(cls: type, kwargs: dict, **overrides):
     """Build ``cls`` from the node's keyword inputs (unknown keys ignored, empty strings -> None)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: (None if v == "" else v) for k, v in kwargs.items() if k in names}
-    values.update(overrides)
-    return cls(**values)
+    return cls(**{**input_values(cls, kwargs), **overrides})

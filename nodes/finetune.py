@@ -12,7 +12,7 @@ from ..training.config import RECIPES, TrainConfig
 from ..training.data import augment, preview_patches
 from ..training.export import ldm_state_dict
 from ..training.trainer import HISTORY_CURVES, Callbacks, fine_tune
-from .common import Dataset, Trained, comfy_vae_to_training, config_inputs, ldm_to_comfy_vae
+from .common import Dataset, Trained, comfy_vae_to_training, config_inputs, input_values, ldm_to_comfy_vae
 
 log = logging.getLogger("vaeft")
 NODE_ORDER = ("recipe", "steps", "lr", "batch_size", "lpips_weight", "ema", "seed")
@@ -107,9 +107,8 @@ def config_from_widgets(widgets: dict) -> TrainConfig:
     recipe = widgets.get("recipe", "sd-vae-ft-mse")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     controlled = set(RECIPES.get(recipe, {}))
-    given = {k: v for k, v in widgets.items()
-             if k in defaults and k != "recipe" and not (k in controlled and v == defaults[k])}
-    given = {k: (None if v == "" else v) for k, v in given.items()}
+    given = {k: v for k, v in input_values(TrainConfig, widgets).items()
+             if k != "recipe" and not (k in controlled and v == defaults[k])}
     return TrainConfig.from_recipe(recipe, **given)
 
 

@@ -145,13 +145,9 @@ def _write_preview(folder: str, step: int, images) -> None:
 
 
 def _decoder_digest(model) -> str:
-    import hashlib
+    from .vae import state_dict_sha256
 
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        if name.startswith("decoder."):
-            h.update(t.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
+    return state_dict_sha256({k: v for k, v in model.state_dict().items() if k.startswith("decoder.")})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -121,9 +121,5 @@ class TrainConfig:
         changed = [k for k, v in preset.items() if getattr(self, k) != v]
         return self.recipe if not changed else f"custom (from {self.recipe}: {', '.join(changed)})"
 
-    @property
-    def effective_batch(self) -> int:
-        return self.batch_size
-
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import math
 import os
 import tempfile
@@ -26,7 +25,7 @@ from .config import TrainConfig
 from .errors import VAEFTError
 from .losses import (PatchDiscriminator, ReconstructionLoss, adaptive_gan_weight, hinge_d_loss, kl_divergence,
                      load_lpips)
-from .vae import LdmLayout, LoadedVAE
+from .vae import LdmLayout, LoadedVAE, reconstruct, state_dict_sha256
 
 # Parameter name prefixes (diffusers AutoencoderKL) trained in each mode.
 TRAINABLE_PREFIXES = {
@@ -56,13 +55,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def frozen_digest(model: torch.nn.Module, trainable: str) -> str:
     """sha256 over every parameter and buffer that the given mode does not train."""
     prefixes = TRAINABLE_PREFIXES[trainable]
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        if name.startswith(prefixes):
-            continue
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return state_dict_sha256({k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)})
 
 
 @dataclass
@@ -496,7 +489,7 @@ def _validate(model, params, ema, batch: torch.Tensor, device, autocast, lpips_n
         for x in batch.split(8):
             x = x.to(device).float()
             with autocast:
-                recon = model.decode(model.encode(x).latent_dist.mode()).sample
+                recon = reconstruct(model, x)
             recon = recon.float().clamp(-1, 1)
             out["mse"] += float(torch.nn.functional.mse_loss(recon, x, reduction="sum")) / x[0].numel()
             out["psnr"] += float(psnr(recon, x).sum())
@@ -518,8 +511,7 @@ def _preview(model, batch: torch.Tensor, device, autocast) -> torch.Tensor:
     model.eval()
     x = batch.to(device).float()
     with autocast:
-        z = model.encode(x).latent_dist.mode()
-        recon = model.decode(z).sample.float()
+        recon = reconstruct(model, x).float()
     model.train(was_training)
     return ((torch.cat([x, recon]) + 1) / 2).clamp(0, 1).cpu()
 
