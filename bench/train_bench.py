@@ -258,6 +258,18 @@ def our_config(a, batch: int, steps: int, *, for_flops: bool = False, settled_mi
             kw[field] = val
         else:
             ignored.append(field)
+    for item in a.set:
+        field, _, text = item.partition("=")
+        if field not in fields:
+            ignored.append(field)
+            continue
+        default = getattr(TrainConfig(), field)
+        if isinstance(default, bool):
+            val = text.lower() in ("1", "true", "yes", "on")
+        else:
+            val = type(default)(text) if default is not None else text
+        if not (for_flops and field in ("grad_checkpointing", "compile")):
+            kw[field] = val
     return TrainConfig(**{k: v for k, v in kw.items() if k in fields}), per_yield, ignored
 
 
@@ -273,6 +285,9 @@ def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = F
             marks[step] = time.perf_counter()
 
     before = flags_snapshot()
+    if a.cudnn_benchmark is not None:
+        torch.backends.cudnn.benchmark = a.cudnn_benchmark
+    requested = flags_snapshot()
     lp = copy.deepcopy(lpips_net)
     with MemoryMeter(device) as mem:
         t_call = time.perf_counter()
@@ -282,10 +297,11 @@ def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = F
         call_s = time.perf_counter() - t_call
     after = flags_snapshot()
     flags_restore(before)
-    changed = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
+    changed = {k: [requested[k], after[k]] for k in before if requested[k] != after[k]}
     if res.steps_done != total or len(marks) != 2:
         raise RuntimeError(f"fine_tune did {res.steps_done} of {total} steps (stopped early?)")
     settled = getattr(res, "micro_batch", None) or None
+    fused = getattr(res, "fused_norms", None)
     del res
     free(device)
 
@@ -299,15 +315,19 @@ def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = F
     out["call_s"] = round(call_s, 3)
     if settled:
         out["micro_batch_used"] = settled
+    if fused is not None:
+        out["fused_norms"] = fused
     out["config"] = {k: getattr(cfg, k) for k in ("batch_size", "micro_batch", "grad_accum", "trainable",
                                                   "precision", "ema", "lpips_weight", "mse_weight",
-                                                  "channels_last", "grad_checkpointing", "compile",
+                                                  "fused_norm", "channels_last", "grad_checkpointing", "compile",
                                                   "log_every", "recipe") if hasattr(cfg, k)}
     if ignored:
         out["requested_but_not_in_TrainConfig"] = ignored
     if changed:
         out["global_flags_changed_by_trainer"] = changed
     if profile and device.type == "cuda":
+        if a.cudnn_benchmark is not None:
+            torch.backends.cudnn.benchmark = a.cudnn_benchmark
         out["profile"] = profile_ours(vae, lpips_net, device, a, batch, size)
         flags_restore(before)
     return out
@@ -351,6 +371,7 @@ def profile_ours(vae, lpips_net, device, a, batch, size) -> dict:
     kernel_us = sum(dev_self(e) for e in kernels)
     table = ka.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
     kinds = (("attention", ("fmha", "flash", "attention")),
+             ("triton (inductor-fused)", ("triton",)),
              ("conv/gemm (tensor cores)", ("xmma", "implicit_gemm", "cudnn", "cutlass", "gemm", "sm90_", "nvjet")),
              ("copy/cast/layout", ("copy",)),
              ("group_norm", ("rowwisemoments", "group_norm", "groupnorm", "computeinternalgradients",
@@ -434,6 +455,10 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=0, help="ours: torch.profiler over N steps at the last size")
     ap.add_argument("--profile-out", default=None, help="file to append the profiler's kernel table to")
     ap.add_argument("--json-out", default=None, help="also write the JSON here")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="ours: any other TrainConfig field (repeatable), e.g. --set compile=true")
+    ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
+                    help="ours: set torch.backends.cudnn.benchmark around our side (restored after)")
     a = ap.parse_args(argv)
 
     device = torch.device(a.device)

@@ -71,10 +71,12 @@ class TrainConfig:
                             choices=("sample", "mode"))
     precision: str = option("auto", "'auto' = bf16 autocast over fp32 weights on CUDA, fp32 on CPU",
                             choices=("auto", "fp32", "bf16"))
-    channels_last: bool = option(False, "channels-last memory layout on CUDA (measured slower for this model "
-                                        "on an H100: GroupNorm has no channels-last kernel)")
-    norm_in_bf16: bool = option(True, "with bf16 autocast, run GroupNorm in bf16 too (autocast keeps it in "
-                                      "fp32, which costs casts and memory traffic)")
+    fused_norm: bool = option(True, "on CUDA with Triton: GroupNorm and the SiLU after it as one fused "
+                                    "channels-last kernel, and the whole model channels-last (fastest)")
+    channels_last: bool = option(False, "without fused_norm: channels-last layout on CUDA anyway (slower: "
+                                        "PyTorch's GroupNorm copies channels-last tensors)")
+    norm_in_bf16: bool = option(True, "without fused_norm, under bf16 autocast: run PyTorch's GroupNorm in "
+                                      "bf16 (autocast keeps it in fp32, which costs casts and memory traffic)")
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, "
                                              "~30% slower)")
     compile: bool = option(False, "torch.compile the model (slow first steps, faster after)")

@@ -23,6 +23,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import VAEFTError
+from .fused_norm import fuse_vae_blocks, triton_available
 from .losses import (PatchDiscriminator, ReconstructionLoss, adaptive_gan_weight, hinge_d_loss, kl_divergence,
                      load_lpips)
 from .vae import LdmLayout, LoadedVAE, reconstruct, state_dict_sha256
@@ -89,6 +90,7 @@ class TrainResult:
     micro_batch: int = 0            # what the run settled on
     skipped_steps: int = 0          # non-finite steps that were skipped
     best_step: int | None = None    # with export_best: the step whose weights the model holds
+    fused_norms: int = 0            # GroupNorms that ran as fused Triton kernels (0 = PyTorch's)
     dataset_summary: dict | None = None  # recorded in the export's metadata
 
     def __repr__(self) -> str:  # short: ComfyUI shows node inputs in error reports
@@ -213,7 +215,14 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         if p.requires_grad:
             params.append(p)
     on_cuda = device.type == "cuda"
-    if cfg.channels_last and on_cuda:
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_cuda)
+    fused, unfuse = 0, None
+    if cfg.fused_norm and on_cuda and triton_available():
+        fused, unfuse = fuse_vae_blocks(model)  # on our private copy only
+    elif use_bf16 and cfg.norm_in_bf16:
+        _set_groupnorm_class(model, _AutocastGroupNorm)
+    channels_last = on_cuda and (cfg.channels_last or bool(fused))
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
@@ -222,10 +231,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     if cfg.latent_weight:
         base_encoder = _Reconstruct(copy.deepcopy(vae.model).to(device).eval(), False, False)
 
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_cuda)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    if use_bf16 and cfg.norm_in_bf16:
-        _set_groupnorm_class(model, _AutocastGroupNorm)  # on our private copy only
     if cfg.lpips_weight > 0 and lpips_net is None:
         lpips_net = load_lpips(cfg.lpips_net, cfg.lpips_backbone)
     if lpips_net is not None:
@@ -302,7 +308,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
             try:
                 parts, stopped = _accumulate(
                     x_all, micro, step, cfg, device, step_module, loss_fn, augment, autocast, disc,
-                    base_encoder, model, callbacks, dist)
+                    base_encoder, model, callbacks, dist, channels_last)
                 break
             except torch.OutOfMemoryError:
                 opt.zero_grad(set_to_none=True)
@@ -398,11 +404,14 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         best_step = best["step"]
     if cfg.grad_checkpointing:
         model.disable_gradient_checkpointing()
+    if unfuse is not None:
+        unfuse()
     _set_groupnorm_class(model, torch.nn.GroupNorm)
     model.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
     return TrainResult(model=model, layout=vae.layout, config=cfg, steps_done=step, history=history,
                        stopped_early=stopped, frozen_digest=base_digest, seconds=time.perf_counter() - t0,
-                       used_ema=used_ema, micro_batch=micro, skipped_steps=int(skipped), best_step=best_step)
+                       used_ema=used_ema, micro_batch=micro, skipped_steps=int(skipped), best_step=best_step,
+                       fused_norms=fused)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -410,7 +419,7 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _accumulate(x_all, micro, step, cfg: TrainConfig, device, step_module, loss_fn, augment, autocast, disc,
-                base_encoder, model, callbacks: Callbacks, dist: Distributed):
+                base_encoder, model, callbacks: Callbacks, dist: Distributed, channels_last: bool):
     """Forward/backward over the micro-batches of one optimizer step. Returns (loss parts, stopped)."""
     gen = _step_generator(device, cfg.seed * max(1, dist.world_size) + dist.rank, step)
     x_all = x_all.to(device, non_blocking=True).float()
@@ -418,7 +427,7 @@ def _accumulate(x_all, micro, step, cfg: TrainConfig, device, step_module, loss_
         x_all = x_all.clone()
     if augment is not None:
         x_all = augment(x_all, gen)
-    if cfg.channels_last and device.type == "cuda":
+    if channels_last:
         x_all = x_all.contiguous(memory_format=torch.channels_last)
     chunks = x_all.split(micro)
     parts_sum: dict[str, torch.Tensor] = {}
