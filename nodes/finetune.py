@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..training.config import RECIPES, TrainConfig
-from ..training.data import augment, preview_patches
+from ..training.data import augmenter, preview_patches
 from ..training.export import ldm_state_dict
 from ..training.trainer import HISTORY_CURVES, Callbacks, fine_tune
 from .common import Dataset, Trained, comfy_vae_to_training, config_inputs, input_values, ldm_to_comfy_vae
@@ -76,12 +76,13 @@ class VAEFineTune(io.ComfyNode):
                 pbar.update_absolute(step, cfg.steps, ("JPEG", _preview_image(images), 768))
 
             pin = device.type == "cuda"
-            batches = lambda start: dataset.train_batches(cfg.batch_size, start_batch=start, pin_memory=pin)  # noqa: E731
+            batches = lambda start: dataset.train_batches(cfg.batch_size, start_batch=start, pin_memory=pin,  # noqa: E731
+                                                          with_keys=True)
             preview = preview_patches(dataset, 4, seed=cfg.seed) if cfg.preview_every else None
             val = dataset.val_patches(cfg.val_patches, seed=cfg.seed) if cfg.val_every else None
             result = fine_tune(
                 base, batches, cfg, device=device,
-                augment=lambda x, g: augment(x, dataset.cfg, g),
+                augment=augmenter(dataset.cfg),
                 preview_batch=preview,
                 val_batch=val,
                 callbacks=Callbacks(

@@ -55,3 +55,11 @@ def test_bench_cpu_smoke_16_channel_micro_batch():
     [entry] = doc["results"]
     assert "reference" not in entry
     check_side(entry["ours"])
+
+
+def test_bench_cpu_smoke_latent_cache_counts_only_decoder_work():
+    plain = run_bench("--sides", "ours", "--warmup", "2")["results"][0]["ours"]
+    cached = run_bench("--sides", "ours", "--warmup", "2", "--latent-cache")["results"][0]["ours"]
+    check_side(cached)
+    assert cached["latent_cache_hits"] == 4            # steps 3 and 4 reuse both pool batches
+    assert cached["flops_per_step"] < plain["flops_per_step"]   # the encoder's forward is gone

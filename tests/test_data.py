@@ -352,6 +352,33 @@ def test_grid_covers_every_patch_once_per_epoch():
     assert sorted(hits) == sorted(expected)  # each grid patch exactly once in the epoch
 
 
+def test_grid_keys_name_the_same_patch_all_run_and_random_mode_has_none():
+    torch.manual_seed(0)
+    imgs = torch.rand(2, 3, 96, 128)
+    cfg = DataConfig(patch_size=P, sampling="grid", foreground_threshold=0, val_fraction=0, flip=False,
+                     rotate90=False)
+    assert not cfg.augments and DataConfig().augments
+    ds = from_tensor(imgs, cfg)
+    n = ds.summary()["patches_per_epoch"]
+    seen: dict[int, torch.Tensor] = {}
+    it = ds.train_batches(4, with_keys=True)
+    for _ in range(3 * n // 4 + 1):  # three epochs (each shuffled differently) and a bit
+        batch, keys = next(it)
+        assert keys.dtype == torch.int64 and keys.shape == (4,)
+        for patch, k in zip(batch, keys.tolist()):
+            if k in seen:
+                assert torch.equal(seen[k], patch)
+            seen[k] = patch
+    assert sorted(seen) == list(range(n))
+    # resuming at batch k gives batch k's keys
+    again = next(ds.train_batches(4, start_batch=5, with_keys=True))[1]
+    it = ds.train_batches(4, with_keys=True)
+    assert torch.equal(again, [next(it) for _ in range(6)][-1][1])
+    rnd = from_tensor(imgs, DataConfig(patch_size=P, foreground_threshold=0, val_fraction=0))
+    batch, keys = next(rnd.train_batches(4, with_keys=True))
+    assert keys is None and batch.shape == (4, 3, P, P)
+
+
 def test_grid_mode_with_foreground(folder):
     ds = build_dataset(folder, DataConfig(patch_size=P, sampling="grid", val_fraction=0))
     s = ds.summary()

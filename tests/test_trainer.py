@@ -294,3 +294,54 @@ def test_bf16_autocast_with_bf16_groupnorm_trains_on_cpu():
     assert a.history[-1]["mse"] == pytest.approx(f.history[-1]["mse"], rel=0.05)
     assert b.history[-1]["mse"] == pytest.approx(f.history[-1]["mse"], rel=0.05)
     assert type(a.model.decoder.conv_norm_out) is torch.nn.GroupNorm  # the exported model is plain again
+
+
+def test_latent_cache_reuses_encoder_output_and_trains_the_same():
+    """Fixed patches with ids: the frozen encoder runs once per patch, the result is unchanged."""
+    vae = build_vae(tiny_ldm_sd())
+    g = torch.Generator().manual_seed(0)
+    pool = [torch.rand(4, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2)]
+    ids = [torch.arange(4), torch.arange(4, 8)]
+    encodes = []
+    hook = vae.model.encoder.register_forward_hook(lambda m, i, o: encodes.append(i[0].shape[0]))
+
+    def run(with_keys, **kw):
+        encodes.clear()
+        items = itertools.cycle(list(zip(pool, ids)) if with_keys else pool)
+        return fine_tune(vae, items, cfg(steps=6, **{"posterior": "mode", **kw}), device="cpu")
+
+    try:
+        plain = run(False)
+        assert sum(encodes) == 24 and plain.latent_cache_hits == 0
+        cached = run(True)
+        assert sum(encodes) == 8 and cached.latent_cache_hits == 16   # 2 batches encoded, 4 reused
+        # the same run: same losses at every step, same weights (to rounding: the cached latents
+        # are contiguous copies, so a kernel may sum in another order; AdamW turns such last-bit
+        # differences of near-zero gradients into lr-sized steps, hence the norm-wise check)
+        for a, b in zip(plain.history, cached.history):
+            assert a["total"] == pytest.approx(b["total"], rel=1e-5)
+        w0, w1 = (torch.cat([v.flatten() for k, v in r.model.state_dict().items() if k.startswith("decoder.")])
+                  for r in (plain, cached))
+        assert float((w1 - w0).norm() / w0.norm()) < 1e-3
+        sampled = [run(w, posterior="sample") for w in (False, True)]
+        assert sampled[1].latent_cache_hits == 16
+        for a, b in zip(sampled[0].history, sampled[1].history):
+            assert a["total"] == pytest.approx(b["total"], rel=1e-5)
+        # not used: with augmentation, training the encoder, or switched off
+        assert run(True, latent_cache_mb=0).latent_cache_hits == 0 and sum(encodes) == 24
+        assert run(True, trainable="full").latent_cache_hits == 0
+        aug = fine_tune(vae, itertools.cycle(list(zip(pool, ids))), cfg(steps=4), device="cpu",
+                        augment=lambda x, gen: x.flip(-1))
+        assert aug.latent_cache_hits == 0
+    finally:
+        hook.remove()
+
+
+def test_latent_cache_respects_its_budget_and_checks_keys():
+    vae = build_vae(tiny_ldm_sd())
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    # one patch's (mean, logvar): 8 channels x 4 x 4 floats = 512 bytes; a budget of 1 MiB holds all
+    res = fine_tune(vae, itertools.repeat((x, torch.arange(4))), cfg(steps=3), device="cpu")
+    assert res.latent_cache_hits == 8
+    with pytest.raises(VAEFTError, match="4 patches but 3 keys"):
+        fine_tune(vae, itertools.repeat((x, torch.arange(3))), cfg(steps=1), device="cpu")

@@ -48,7 +48,7 @@ def config_from_args(args) -> TrainConfig:
 
 
 def run_fit(args) -> int:
-    from .data import DataConfig, augment, build_dataset, preview_patches
+    from .data import DataConfig, augmenter, build_dataset, preview_patches
     from .export import export_vae
     from .plot import curve_image, save_png
     from .trainer import HISTORY_CURVES, Callbacks, Distributed, fine_tune, pick_device
@@ -111,8 +111,8 @@ def run_fit(args) -> int:
         result = fine_tune(
             base,
             lambda start: data.train_batches(local, start_batch=start, rank=dist.rank,
-                                             world_size=dist.world_size, pin_memory=pin),
-            cfg, device=device, augment=lambda x, g: augment(x, data_cfg, g),
+                                             world_size=dist.world_size, pin_memory=pin, with_keys=True),
+            cfg, device=device, augment=augmenter(data_cfg),
             val_batch=val, preview_batch=preview, callbacks=Callbacks(on_step=on_step, on_preview=on_preview),
             resume=args.resume, checkpoint_path=checkpoint, dist=dist)
         if bar is not None:

@@ -71,6 +71,10 @@ class TrainConfig:
                             choices=("sample", "mode"))
     precision: str = option("auto", "'auto' = bf16 autocast over fp32 weights on CUDA, fp32 on CPU",
                             choices=("auto", "fp32", "bf16"))
+    latent_cache_mb: int = option(2048, "decoder training on a fixed patch set (grid sampling, no augmentation): "
+                                        "keep each patch's encoder output, up to this many MiB on the "
+                                        "training device, and skip the encoder when the patch comes round "
+                                        "again (0 = off)", min=0)
     fused_norm: bool = option(True, "on CUDA with Triton: GroupNorm and the SiLU after it as one fused "
                                     "channels-last kernel, and the whole model channels-last (fastest)")
     channels_last: bool = option(False, "without fused_norm: channels-last layout on CUDA anyway (slower: "

@@ -82,6 +82,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_config(self)
 
+    @property
+    def augments(self) -> bool:
+        """Whether :func:`augment` changes anything (else a grid patch set is fixed)."""
+        return self.flip or self.rotate90 or self.color_jitter > 0
+
 
 def check_config(cfg: DataConfig) -> None:
     """Raise VAEFTError for an invalid setting (bounds, patch size multiple of 8, overlap < patch)."""
@@ -366,14 +371,21 @@ class PatchDataset:
     def _batch_specs(self, g: int, batch_size: int) -> list[_Spec]:
         """Patches of global batch ``g``: a pure function of (seed, g, batch_size, dataset)."""
         if self.cfg.sampling == "grid":
-            n = len(self._train_grid[0])
-            flat = g * batch_size + np.arange(batch_size, dtype=np.int64)
-            rows = np.array([self._epoch_order(int(e))[int(r)] for e, r in zip(flat // n, flat % n)])
-            return self._grid_specs(self._train_grid, rows)
+            return self._grid_specs(self._train_grid, self._batch_keys(g, batch_size).numpy())
         return self._random_specs(self._train, batch_size, _rng(self.cfg.seed, _TRAIN, g), self.cfg.scale_jitter)
 
     def _train_batch(self, g: int, batch_size: int) -> torch.Tensor:
         return self._extract(self._batch_specs(g, batch_size))
+
+    def _batch_keys(self, g: int, batch_size: int) -> torch.Tensor | None:
+        """Grid mode: the training-grid row of each patch of global batch ``g`` (a stable id of
+        the patch for the whole run). Random mode: None (patches are not repeated)."""
+        if self.cfg.sampling != "grid":
+            return None
+        n = len(self._train_grid[0])
+        flat = g * batch_size + np.arange(batch_size, dtype=np.int64)
+        return torch.from_numpy(np.array([self._epoch_order(int(e))[int(r)] for e, r in zip(flat // n, flat % n)],
+                                         dtype=np.int64))
 
     def _sample_specs(self, count: int, seed: int, tag: int) -> list[_Spec]:
         """``count`` seeded patches of training images (a seeded subset of the grid in grid mode)."""
@@ -387,8 +399,11 @@ class PatchDataset:
     # -- public ------------------------------------------------------------------------------
 
     def train_batches(self, batch_size: int, *, start_batch: int = 0, rank: int = 0, world_size: int = 1,
-                      num_workers: int | None = None, pin_memory: bool = False) -> Iterator[torch.Tensor]:
+                      num_workers: int | None = None, pin_memory: bool = False,
+                      with_keys: bool = False) -> Iterator:
         """Endless stream of training batches, (batch_size, 3, P, P) float32 in [-1, 1], CPU, not augmented.
+        With ``with_keys``: (batch, keys) pairs, keys an int64 id per patch in grid mode (the same
+        patch has the same id all run: the trainer's latent cache uses it) and None in random mode.
 
         Batch ``k`` (counting from 0 at ``start_batch=0``) of ``rank`` is global batch
         ``k * world_size + rank``, a function of (seed, that number) only: resuming with
@@ -405,10 +420,12 @@ class PatchDataset:
         workers = self.cfg.num_workers if num_workers is None else int(num_workers)
         if workers < 0:
             raise VAEFTError(f"num_workers must be >= 0, got {workers}")
-        stream = _BatchStream(self, batch_size, start_batch, rank, world_size)
+        stream = _BatchStream(self, batch_size, start_batch, rank, world_size, with_keys)
         pin = pin_memory and torch.cuda.is_available()
         if workers == 0:
-            return (b.pin_memory() if pin else b for b in stream)
+            if not pin:
+                return iter(stream)
+            return ((b[0].pin_memory(), b[1]) if with_keys else b.pin_memory() for b in stream)
         loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin,
                             worker_init_fn=_worker_init, prefetch_factor=2)
         return iter(loader)
@@ -524,16 +541,19 @@ class _BatchStream(IterableDataset):
     """Whole batches; worker w of W yields batches start+w, start+w+W, ... (DataLoader
     interleaves workers round-robin, so the order is the single-process order)."""
 
-    def __init__(self, data: PatchDataset, batch_size: int, start: int, rank: int, world_size: int):
+    def __init__(self, data: PatchDataset, batch_size: int, start: int, rank: int, world_size: int,
+                 with_keys: bool = False):
         self.data, self.batch_size, self.start = data, batch_size, start
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.with_keys = rank, world_size, with_keys
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator:
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         k = self.start + w
         while True:
-            yield self.data._train_batch(k * self.world_size + self.rank, self.batch_size)
+            g = k * self.world_size + self.rank
+            batch = self.data._train_batch(g, self.batch_size)
+            yield (batch, self.data._batch_keys(g, self.batch_size)) if self.with_keys else batch
             k += nw
 
 
@@ -793,6 +813,14 @@ def build_dataset(source: str | os.PathLike | torch.Tensor, cfg: DataConfig) -> 
 
 # ---------------------------------------------------------------------------------------------
 # Augmentation
+
+
+def augmenter(cfg: DataConfig):
+    """The trainer's ``augment`` hook for ``cfg``: None when nothing is augmented (which lets the
+    trainer cache latents of a fixed grid patch set)."""
+    if not cfg.augments:
+        return None
+    return lambda batch, generator: augment(batch, cfg, generator)
 
 
 def augment(batch: torch.Tensor, cfg: DataConfig, generator: torch.Generator | int | None = None) -> torch.Tensor:

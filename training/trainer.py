@@ -91,6 +91,7 @@ class TrainResult:
     skipped_steps: int = 0          # non-finite steps that were skipped
     best_step: int | None = None    # with export_best: the step whose weights the model holds
     fused_norms: int = 0            # GroupNorms that ran as fused Triton kernels (0 = PyTorch's)
+    latent_cache_hits: int = 0      # patches whose encoder output came from the latent cache
     dataset_summary: dict | None = None  # recorded in the export's metadata
 
     def __repr__(self) -> str:  # short: ComfyUI shows node inputs in error reports
@@ -151,13 +152,41 @@ class _Reconstruct(torch.nn.Module):
         super().__init__()
         self.vae, self.encoder_trains, self.sample = vae, encoder_trains, sample
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None):
-        # noise is drawn by the caller: a seeded generator inside would break torch.compile's graph
-        with torch.set_grad_enabled(self.encoder_trains and torch.is_grad_enabled()):
-            moments = self.vae.encode(x).latent_dist
-            mean, logvar = moments.mean, moments.logvar
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None, cached: torch.Tensor | None = None):
+        # noise is drawn by the caller: a seeded generator inside would break torch.compile's graph.
+        # cached: the frozen encoder's (mean, logvar) for x, concatenated on channels (latent cache)
+        if cached is not None:
+            mean, logvar = cached.chunk(2, dim=1)
+        else:
+            with torch.set_grad_enabled(self.encoder_trains and torch.is_grad_enabled()):
+                moments = self.vae.encode(x).latent_dist
+                mean, logvar = moments.mean, moments.logvar
         z = mean + noise * torch.exp(0.5 * logvar) if (self.sample and noise is not None) else mean
         return self.vae.decode(z).sample, mean, logvar
+
+
+class _LatentCache:
+    """The frozen encoder's (mean, logvar) per patch id, on the training device, up to a byte
+    budget (patches past it are simply encoded each time). Only used when the same patch (same
+    id) always has the same pixels: grid sampling without augmentation, encoder frozen."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes, self.hits = max_bytes, 0, 0
+        self.store: dict[int, torch.Tensor] = {}
+
+    def get(self, keys: list[int]) -> torch.Tensor | None:
+        if not keys or any(k not in self.store for k in keys):
+            return None
+        self.hits += len(keys)
+        return torch.stack([self.store[k] for k in keys])
+
+    def put(self, keys: list[int], mean: torch.Tensor, logvar: torch.Tensor) -> None:
+        moments = torch.cat([mean.detach(), logvar.detach()], dim=1)
+        for k, m in zip(keys, moments):
+            size = m.numel() * m.element_size()
+            if k not in self.store and self.bytes + size <= self.max_bytes:
+                self.store[k] = m.clone()
+                self.bytes += size
 
 
 def _step_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
@@ -186,7 +215,10 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     """Fine-tune a copy of ``vae.model``; the input model is never modified.
 
     batches: ``start_step -> iterator`` (needed to resume) or an iterator; each item is this
-        process's share of one optimizer step: (batch_size / world_size, 3, P, P) in [-1, 1].
+        process's share of one optimizer step: (batch_size / world_size, 3, P, P) in [-1, 1], or a
+        (patches, keys) pair where keys (int64 per patch, or None) are stable patch ids: with no
+        ``augment`` and the encoder frozen, the encoder's output is then cached per id
+        (``cfg.latent_cache_mb``) and reused instead of encoding the patch again.
     lpips_net: a loaded LPIPS network; loaded from disk (see losses.load_lpips) when None
         and ``cfg.lpips_weight > 0``.
     augment: applied to each batch on the device with the step's seeded generator.
@@ -288,6 +320,9 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     if cfg.val_every and val_batch is None:
         raise VAEFTError("val_every > 0 needs held-out patches: the dataset has no validation images "
                          "(raise val_fraction, add images, or set val_every = 0)")
+    cache = None
+    if cfg.latent_cache_mb and cfg.trainable == "decoder" and augment is None:
+        cache = _LatentCache(cfg.latent_cache_mb * 2**20)
     best: dict = {"score": float("inf"), "params": None, "step": 0}
     running: dict[str, torch.Tensor] = {}
     stopped = False
@@ -298,7 +333,11 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         if disc_opt is not None:
             for g in disc_opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-        x_all = next(batches)
+        x_all, keys = next(batches), None
+        if isinstance(x_all, (tuple, list)):
+            x_all, keys = x_all
+            if keys is not None and len(keys) != x_all.shape[0]:
+                raise VAEFTError(f"a training batch has {x_all.shape[0]} patches but {len(keys)} keys")
         if x_all.ndim != 4 or x_all.shape[1] != model.config.in_channels:
             raise VAEFTError(f"training batches have shape {tuple(x_all.shape)} but this VAE takes "
                              f"{model.config.in_channels}-channel images (B, C, H, W)")
@@ -308,7 +347,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
             try:
                 parts, stopped = _accumulate(
                     x_all, micro, step, cfg, device, step_module, loss_fn, augment, autocast, disc,
-                    base_encoder, model, callbacks, dist, channels_last)
+                    base_encoder, model, callbacks, dist, channels_last,
+                    cache if keys is not None else None, keys)
                 break
             except torch.OutOfMemoryError:
                 opt.zero_grad(set_to_none=True)
@@ -411,7 +451,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     return TrainResult(model=model, layout=vae.layout, config=cfg, steps_done=step, history=history,
                        stopped_early=stopped, frozen_digest=base_digest, seconds=time.perf_counter() - t0,
                        used_ema=used_ema, micro_batch=micro, skipped_steps=int(skipped), best_step=best_step,
-                       fused_norms=fused)
+                       fused_norms=fused, latent_cache_hits=cache.hits if cache is not None else 0)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -419,7 +459,8 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _accumulate(x_all, micro, step, cfg: TrainConfig, device, step_module, loss_fn, augment, autocast, disc,
-                base_encoder, model, callbacks: Callbacks, dist: Distributed, channels_last: bool):
+                base_encoder, model, callbacks: Callbacks, dist: Distributed, channels_last: bool,
+                cache: _LatentCache | None, keys: torch.Tensor | None):
     """Forward/backward over the micro-batches of one optimizer step. Returns (loss parts, stopped)."""
     gen = _step_generator(device, cfg.seed * max(1, dist.world_size) + dist.rank, step)
     x_all = x_all.to(device, non_blocking=True).float()
@@ -430,6 +471,7 @@ def _accumulate(x_all, micro, step, cfg: TrainConfig, device, step_module, loss_
     if channels_last:
         x_all = x_all.contiguous(memory_format=torch.channels_last)
     chunks = x_all.split(micro)
+    key_chunks = [k.tolist() for k in keys.split(micro)] if cache is not None else [None] * len(chunks)
     parts_sum: dict[str, torch.Tensor] = {}
     gan_on = disc is not None and step >= cfg.disc_start
     for i, x in enumerate(chunks):
@@ -445,8 +487,12 @@ def _accumulate(x_all, micro, step, cfg: TrainConfig, device, step_module, loss_
                 down = 2 ** (len(model.config.block_out_channels) - 1)
                 shape = (x.shape[0], model.config.latent_channels, x.shape[2] // down, x.shape[3] // down)
                 noise = torch.randn(shape, generator=gen, device=device)
+            cached = cache.get(key_chunks[i]) if cache is not None else None
             with autocast:
-                recon, mean, logvar = step_module(x, noise)
+                recon, mean, logvar = step_module(x, noise, cached)
+            if cache is not None and cached is None:
+                cache.put(key_chunks[i], mean, logvar)
+            with autocast:
                 rec_loss, parts = loss_fn(recon, x)
                 loss = rec_loss
                 if cfg.kl_weight and cfg.trainable == "full":
