@@ -55,6 +55,19 @@ def test_fit_trains_and_exports(setup, tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert sorted(os.listdir(tmp_path / "previews")) == ["preview-0000002.png", "preview-0000003.png"]
     assert result["best_step"] in (2, 3)
+    assert result["latent_cache_hits"] == 0     # random patches, augmented: nothing repeats
+
+
+def test_fit_fixed_grid_patch_set_uses_the_latent_cache(setup, tmp_path):
+    out = tmp_path / "vae-ft-grid.safetensors"
+    common = ["--sampling", "grid", "--lpips-weight", 0, "--val-fraction", 0]
+    p = run(*fit_args(setup, out, *common, "--no-flip", "--no-rotate90"), "--steps", 12)
+    hits = json.loads(p.stdout.strip().splitlines()[-1])["latent_cache_hits"]
+    n = json.loads(run("patches", "--data", setup / "images", "--patch-size", 32, "--foreground-threshold", 0,
+                       "--sampling", "grid", "--val-fraction", 0, "--json").stdout)["patches_per_epoch"]
+    assert n < 24 and hits == 24 - n            # every patch after its first appearance
+    p = run(*fit_args(setup, tmp_path / "b.safetensors", *common), "--steps", 12)   # flips on
+    assert json.loads(p.stdout.strip().splitlines()[-1])["latent_cache_hits"] == 0
 
 
 def test_fit_resume_matches_uninterrupted(setup, tmp_path):

@@ -128,6 +128,7 @@ def run_fit(args) -> int:
             save_png(curve_image(series, [h["step"] for h in result.history]), args.loss_plot)
         print(json.dumps({"out": path, "steps": result.steps_done, "seconds": round(result.seconds, 1),
                           "micro_batch": result.micro_batch, "skipped_steps": result.skipped_steps,
+                          "latent_cache_hits": result.latent_cache_hits,
                           "checkpoint": checkpoint, "best_step": result.best_step, "final": result.history[-1] if result.history else None}))
         return 0
     finally:
