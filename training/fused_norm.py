@@ -90,16 +90,21 @@ if triton is not None:
         tl.store(s2_ptr + out, tl.sum(acc2, axis=0))
 
     @triton.jit
+    def _tile(S, C: tl.constexpr, BLOCK_S: tl.constexpr):
+        """This program's sample, channel indices, element offsets and row mask: tile
+        program_id(1) of BLOCK_S rows of sample program_id(0) in an (N, S, C) tensor."""
+        n = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+        cols = tl.arange(0, C)
+        offs = n.to(tl.int64) * S * C + rows[:, None].to(tl.int64) * C + cols[None, :]
+        return n, cols, offs, rows[:, None] < S
+
+    @triton.jit
     def _apply_kernel(x_ptr, y_ptr, mean_ptr, a_ptr, beta_ptr, S,
                       C: tl.constexpr, BLOCK_S: tl.constexpr, ACT: tl.constexpr):
         """y = act((x - mean[n, c]) * a[n, c] + beta[c]); centred first, so a large mean does not
         cancel digits."""
-        n = tl.program_id(0)
-        blk = tl.program_id(1)
-        rows = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-        cols = tl.arange(0, C)
-        valid = rows[:, None] < S
-        offs = n.to(tl.int64) * S * C + rows[:, None].to(tl.int64) * C + cols[None, :]
+        n, cols, offs, valid = _tile(S, C, BLOCK_S)
         x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + n * C + cols)
         a = tl.load(a_ptr + n * C + cols)
@@ -149,12 +154,7 @@ if triton is not None:
     def _bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, a_ptr, beta_ptr, q_ptr, r_ptr, S,
                        C: tl.constexpr, BLOCK_S: tl.constexpr, ACT: tl.constexpr):
         """dx = g * a[n, c] + (x - mean[n, c]) * q[n, c] + r[n, c]."""
-        n = tl.program_id(0)
-        blk = tl.program_id(1)
-        rows = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-        cols = tl.arange(0, C)
-        valid = rows[:, None] < S
-        offs = n.to(tl.int64) * S * C + rows[:, None].to(tl.int64) * C + cols[None, :]
+        n, cols, offs, valid = _tile(S, C, BLOCK_S)
         x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + n * C + cols)
