@@ -84,10 +84,10 @@ def test_out_of_memory_retries_with_smaller_micro_batches(monkeypatch):
 
     real = trainer._Reconstruct.forward
 
-    def limited(self, x, noise):
+    def limited(self, x, noise, cached=None):
         if x.shape[0] > 1:
             raise torch.OutOfMemoryError("simulated")
-        return real(self, x, noise)
+        return real(self, x, noise, cached)
 
     monkeypatch.setattr(trainer._Reconstruct, "forward", limited)
     vae = build_vae(tiny_ldm_sd())
