@@ -14,6 +14,10 @@ Statistics are accumulated in fp32 (per-block mean and M2, combined with Chan's 
 large mean does not cancel the variance); inputs and outputs keep their dtype (bf16 under the
 trainer's autocast), weights stay fp32 masters and get fp32 gradients.
 
+Without Triton (or with ``fused_norm`` off) the trainer uses ``AutocastGroupNorm`` instead: PyTorch's
+GroupNorm, kept in bf16 under autocast. Both are swapped into the trainer's private copy of the
+model and swapped back before it is returned.
+
 The op is registered as ``vaeft::group_norm_act`` (torch.library custom op with its own
 backward), so torch.compile treats it as one opaque node instead of breaking the graph.
 
@@ -26,7 +30,6 @@ upsamplers forwards that keep tensors channels-last and in the autocast dtype (s
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -42,11 +45,6 @@ PROGRAMS = 1024   # reduction programs to aim for (fills an H100's 132 SMs sever
 
 def triton_available() -> bool:
     return triton is not None
-
-
-def interpreted() -> bool:
-    """TRITON_INTERPRET=1 runs the kernels on CPU tensors (used by the tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _pow2(n: int) -> bool:
@@ -282,18 +280,35 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
         return _ops()(_channels_last_dense(x), weight, bias, groups, eps, act)[0]
 
 
+def _in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x cast to the autocast dtype when autocast is on for its device, else x."""
+    kind = x.device.type
+    return x.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else x
+
+
+class AutocastGroupNorm(torch.nn.GroupNorm):
+    """PyTorch's GroupNorm run in the autocast dtype (autocast's policy is fp32 for group_norm,
+    which costs casts and memory traffic). The statistics are still accumulated in fp32 inside the
+    kernel; the weights stay fp32 masters. The trainer's choice where the fused kernel is not used."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        x = _in_autocast_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.group_norm(x, self.num_groups, self.weight.to(x.dtype),
+                                                  self.bias.to(x.dtype), self.eps)
+
+
 class FusedGroupNorm(torch.nn.GroupNorm):
     """A GroupNorm (same parameters, same state-dict keys) that runs the fused kernel, with the
     SiLU that follows it folded in when ``act`` is set. Under autocast it computes in the
-    autocast dtype, as the trainer's bf16 GroupNorm does."""
+    autocast dtype, as AutocastGroupNorm does."""
 
     act = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kind = x.device.type
-        if torch.is_autocast_enabled(kind):
-            x = x.to(torch.get_autocast_dtype(kind))
-        return group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, self.act)
+        return group_norm_act(_in_autocast_dtype(x), self.weight, self.bias, self.num_groups, self.eps, self.act)
 
 
 class FusedGroupNormSiLU(FusedGroupNorm):
@@ -316,12 +331,10 @@ def _upsample_forward(self, hidden_states: torch.Tensor, output_size=None, *args
     """diffusers Upsample2D.forward (nearest 2x, then conv) with the interpolation in the autocast
     dtype: autocast runs upsample_nearest2d in fp32, which costs a cast each way and twice the
     memory traffic at the largest resolution."""
-    kind = hidden_states.device.type
-    if torch.is_autocast_enabled(kind):
-        hidden_states = hidden_states.to(torch.get_autocast_dtype(kind))
+    hidden_states = _in_autocast_dtype(hidden_states)
     if hidden_states.numel() * 4 > 2**31:  # the channels-last kernel's size limit (pytorch#141831)
         hidden_states = hidden_states.contiguous()
-    with torch.autocast(kind, enabled=False):
+    with torch.autocast(hidden_states.device.type, enabled=False):
         if output_size is None:
             hidden_states = torch.nn.functional.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
         else:
@@ -352,17 +365,41 @@ def _fusable(norm) -> bool:
     return type(norm) is torch.nn.GroupNorm and norm.affine and supported(norm.num_channels, norm.num_groups)
 
 
+class _Swaps:
+    """Attributes set in place on a model's modules (``__class__`` included), undone in reverse order."""
+
+    def __init__(self):
+        self.changes: list[tuple[torch.nn.Module, str, object]] = []
+
+    def set(self, m: torch.nn.Module, attr: str, value) -> None:
+        self.changes.append((m, attr, getattr(m, attr)))
+        setattr(m, attr, value)
+
+    def swap(self, m: torch.nn.Module, cls: type) -> None:
+        self.set(m, "__class__", cls)
+
+    def undo(self) -> None:
+        for m, attr, old in reversed(self.changes):
+            setattr(m, attr, old)
+        self.changes.clear()
+
+
+def autocast_group_norms(model: torch.nn.Module):
+    """Swap, in place, every plain GroupNorm for AutocastGroupNorm. Returns (count, undo)."""
+    swaps = _Swaps()
+    for m in model.modules():
+        if type(m) is torch.nn.GroupNorm:
+            swaps.swap(m, AutocastGroupNorm)
+    return len(swaps.changes), swaps.undo
+
+
 def fuse_vae_blocks(model: torch.nn.Module):
     """Swap, in place, a diffusers VAE's GroupNorms for the fused kernel (with the SiLU that
     follows folded in), its resnet blocks and upsamplers for channels-last-friendly forwards.
     Parameters and state-dict keys do not change. Returns (GroupNorms fused, undo); undo() puts
     the original classes back."""
-    changes: list[tuple[torch.nn.Module, type]] = []
-
-    def swap(m: torch.nn.Module, cls: type) -> None:
-        changes.append((m, m.__class__))
-        m.__class__ = cls
-
+    swaps = _Swaps()
+    swap = swaps.swap
     for m in list(model.modules()):
         if _is_vae_resnet(m) and _fusable(m.norm1) and _fusable(m.norm2):
             swap(m.norm1, FusedGroupNormSiLU)
@@ -374,18 +411,9 @@ def fuse_vae_blocks(model: torch.nn.Module):
         norm_out, act = getattr(m, "conv_norm_out", None), getattr(m, "conv_act", None)
         if isinstance(norm_out, torch.nn.GroupNorm) and isinstance(act, torch.nn.SiLU) and _fusable(norm_out):
             swap(norm_out, FusedGroupNormSiLU)
-            changes.append((m, act))  # an instance, not a class: undone with setattr
-            m.conv_act = torch.nn.Identity()
+            swaps.set(m, "conv_act", torch.nn.Identity())
     for m in model.modules():  # the rest (attention's group_norm): no activation to fold
         if isinstance(m, torch.nn.GroupNorm) and _fusable(m):
             swap(m, FusedGroupNorm)
 
-    def undo() -> None:
-        for m, old in reversed(changes):
-            if isinstance(old, type):
-                m.__class__ = old
-            else:
-                m.conv_act = old
-        changes.clear()
-
-    return sum(isinstance(m, FusedGroupNorm) for m in model.modules()), undo
+    return sum(isinstance(m, FusedGroupNorm) for m in model.modules()), swaps.undo

@@ -23,7 +23,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import VAEFTError
-from .fused_norm import fuse_vae_blocks, triton_available
+from .fused_norm import autocast_group_norms, fuse_vae_blocks, triton_available
 from .losses import (PatchDiscriminator, ReconstructionLoss, adaptive_gan_weight, hinge_d_loss, kl_divergence,
                      load_lpips)
 from .vae import LdmLayout, LoadedVAE, reconstruct, state_dict_sha256
@@ -123,26 +123,6 @@ def pick_device(name: str | None = None, dist: Distributed | None = None) -> tor
     if torch.cuda.is_available():
         return torch.device("cuda", dist.local_rank if dist else 0)
     return torch.device("cpu")
-
-
-class _AutocastGroupNorm(torch.nn.GroupNorm):
-    """GroupNorm that runs in the autocast dtype (autocast's policy is fp32 for group_norm). The
-    statistics are still accumulated in fp32 inside the kernel; the weights stay fp32 masters."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kind = x.device.type
-        if not torch.is_autocast_enabled(kind):
-            return super().forward(x)
-        dt = torch.get_autocast_dtype(kind)
-        with torch.autocast(kind, enabled=False):
-            return torch.nn.functional.group_norm(x.to(dt), self.num_groups, self.weight.to(dt),
-                                                  self.bias.to(dt), self.eps)
-
-
-def _set_groupnorm_class(model: torch.nn.Module, cls: type) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.GroupNorm):
-            m.__class__ = cls
 
 
 class _Reconstruct(torch.nn.Module):
@@ -248,11 +228,11 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
             params.append(p)
     on_cuda = device.type == "cuda"
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_cuda)
-    fused, unfuse = 0, None
+    fused, restore_modules = 0, None  # the norm swaps are made on our private copy only
     if cfg.fused_norm and on_cuda and triton_available():
-        fused, unfuse = fuse_vae_blocks(model)  # on our private copy only
+        fused, restore_modules = fuse_vae_blocks(model)
     elif use_bf16 and cfg.norm_in_bf16:
-        _set_groupnorm_class(model, _AutocastGroupNorm)
+        _, restore_modules = autocast_group_norms(model)
     channels_last = on_cuda and (cfg.channels_last or bool(fused))
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -444,9 +424,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         best_step = best["step"]
     if cfg.grad_checkpointing:
         model.disable_gradient_checkpointing()
-    if unfuse is not None:
-        unfuse()
-    _set_groupnorm_class(model, torch.nn.GroupNorm)
+    if restore_modules is not None:
+        restore_modules()
     model.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
     return TrainResult(model=model, layout=vae.layout, config=cfg, steps_done=step, history=history,
                        stopped_early=stopped, frozen_digest=base_digest, seconds=time.perf_counter() - t0,
