@@ -228,6 +228,11 @@ def test_non_finite_steps_are_skipped_then_stop(monkeypatch):
     assert all(torch.isfinite(v).all() for v in result.model.state_dict().values())
     with pytest.raises(VAEFTError, match="consecutive steps had a non-finite"):
         fine_tune(vae, itertools.repeat(poisoned), cfg(steps=50, max_bad_steps=3, log_every=1), device="cpu")
+    # The count is read only at logging steps (no host sync per step), but a streak that ended in
+    # between still counts: 3 bad steps, then good ones, with the first log at step 8.
+    stream = iter([x, poisoned, poisoned, poisoned] + [x] * 4)
+    with pytest.raises(VAEFTError, match="3 consecutive steps had a non-finite"):
+        fine_tune(vae, stream, cfg(steps=8, max_bad_steps=3, log_every=8), device="cpu")
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path):

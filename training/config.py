@@ -85,7 +85,7 @@ class TrainConfig:
                                              "~30% slower)")
     compile: bool = option(False, "torch.compile the model (slow first steps, faster after)")
     max_bad_steps: int = option(20, "stop after this many consecutive steps with a non-finite loss or "
-                                    "gradient (each is skipped)", min=1)
+                                    "gradient (each is skipped); noticed at the next log step", min=1)
     seed: int = option(0, "seed for patches, augmentation, posterior samples", min=0, max=2**63 - 1)
     log_every: int = option(10, "steps between loss log lines / history points", min=1)
     preview_every: int = option(50, "steps between preview reconstructions (0 = off)", min=0)

@@ -271,6 +271,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     ema = [p.detach().clone() for p in params] if cfg.ema else None
     found_inf = torch.zeros((), device=device)
     bad_run = torch.zeros((), device=device)   # consecutive skipped steps, counted on the device
+    worst_run = torch.zeros((), device=device)  # the longest such streak so far (read at logging steps)
     skipped = torch.zeros((), device=device)
 
     step = 0
@@ -368,6 +369,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
             disc_opt.step()
             disc_opt.zero_grad(set_to_none=True)
         bad_run.mul_(found_inf).add_(found_inf)
+        torch.maximum(worst_run, bad_run, out=worst_run)
         skipped.add_(found_inf)
         for k, v in parts.items():
             running[k] = running.get(k, 0.0) + v
@@ -382,9 +384,9 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
                 logged["skipped_steps"] = int(skipped)
             history.append(logged)
             running = {}
-            if int(bad_run) >= cfg.max_bad_steps:
+            if int(worst_run) >= cfg.max_bad_steps:
                 raise VAEFTError(
-                    f"{int(bad_run)} consecutive steps had a non-finite loss or gradient (each was skipped); "
+                    f"{int(worst_run)} consecutive steps had a non-finite loss or gradient (each was skipped); "
                     "stopping. Lower lr, check the data for broken images, or use precision fp32")
         if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
             scores = _validate(model, params, ema if cfg.export_ema else None, val_batch, device, autocast,
