@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import tiny_ldm_sd
 from training.config import TrainConfig
@@ -350,3 +351,34 @@ def test_latent_cache_respects_its_budget_and_checks_keys():
     assert res.latent_cache_hits == 8
     with pytest.raises(VAEFTError, match="4 patches but 3 keys"):
         fine_tune(vae, itertools.repeat((x, torch.arange(3))), cfg(steps=1), device="cpu")
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (``.item()``, ``float(t)``, ``if t:``), which
+    on a GPU wait for every queued kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(ema=True, micro_batch=2, grad_clip=1.0, lr_schedule="cosine", warmup_steps=2, lpips_weight=0.1),
+    dict(recipe="ldm-gan", disc_start=1, lpips_weight=0.1, ema=True),
+])
+def test_no_host_sync_between_logging_steps(kw, lpips_random):
+    """The spec's "no .item() per step": the host reads device values only on logging steps."""
+    vae = build_vae(tiny_ldm_sd())
+    reads, per_step = _HostReads(), {}
+    callbacks = Callbacks(on_step=lambda step, total, losses: per_step.setdefault(step, reads.count))
+    c = cfg(steps=6, log_every=3, **kw)
+    with reads:
+        fine_tune(vae, fixed_batches(), c, device="cpu", lpips_net=lpips_random, callbacks=callbacks)
+    # steps 1, 2, 4, 5 are not logging steps: nothing read between the end of step 1 and of step 2, etc.
+    assert per_step[2] - per_step[1] == 0 and per_step[5] - per_step[4] == 0, per_step
+    assert per_step[3] - per_step[2] > 0  # the logging step does read (the losses): the counter works

@@ -356,7 +356,13 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         if ema is not None:
             # Warm-started decay (as in LDM's LitEma) so early averages are not dominated by the base.
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema, [p.detach() for p in params], (1.0 - decay) * (1.0 - found_inf))
+            # ema += w * (p - ema), with w kept on the device: _foreach_lerp_ takes only a Python
+            # number as weight, and turning found_inf into one would wait for the GPU every step.
+            w = (1.0 - decay) * (1.0 - found_inf)
+            delta = torch._foreach_sub([p.detach() for p in params], ema)
+            torch._foreach_mul_(delta, w)
+            torch._foreach_add_(ema, delta)
+            del delta
         if disc_opt is not None and step >= cfg.disc_start:
             if dist.world_size > 1:  # the discriminator is not DDP-wrapped: average its gradients here
                 for p in disc.parameters():
