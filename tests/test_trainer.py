@@ -382,3 +382,22 @@ def test_no_host_sync_between_logging_steps(kw, lpips_random):
     # steps 1, 2, 4, 5 are not logging steps: nothing read between the end of step 1 and of step 2, etc.
     assert per_step[2] - per_step[1] == 0 and per_step[5] - per_step[4] == 0, per_step
     assert per_step[3] - per_step[2] > 0  # the logging step does read (the losses): the counter works
+
+
+def test_pick_device_names_bad_devices_and_gives_each_rank_its_gpu(monkeypatch):
+    from training.trainer import Distributed, pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(VAEFTError, match="'bogus' is not a device name"):
+        pick_device("bogus")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(VAEFTError, match="sees no CUDA GPU"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    # under torchrun a bare "cuda" is this rank's GPU (torch.cuda.set_device and DDP need an index)
+    assert pick_device("cuda", Distributed(rank=1, world_size=2, local_rank=1)) == torch.device("cuda", 1)
+    assert pick_device("cuda") == torch.device("cuda", 0)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(VAEFTError, match="'cuda:2' does not exist: this machine has 2"):
+        pick_device("cuda:2")

@@ -118,8 +118,22 @@ class Distributed:
 
 
 def pick_device(name: str | None = None, dist: Distributed | None = None) -> torch.device:
+    """The device for ``name`` ("auto"/None: this process's GPU if there is one, else the CPU).
+    A bare "cuda" means this process's GPU, so that under torchrun each rank gets its own."""
     if name and name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise VAEFTError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise VAEFTError(f"device {name!r} was asked for, but this PyTorch sees no CUDA GPU")
+            if device.index is None:
+                device = torch.device("cuda", dist.local_rank if dist else 0)
+            if device.index >= torch.cuda.device_count():
+                raise VAEFTError(f"device {str(device)!r} does not exist: this machine has "
+                                 f"{torch.cuda.device_count()} CUDA GPU(s)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", dist.local_rank if dist else 0)
     return torch.device("cpu")
