@@ -321,18 +321,18 @@ def test_latent_cache_reuses_encoder_output_and_trains_the_same():
         assert sum(encodes) == 24 and plain.latent_cache_hits == 0
         cached = run(True)
         assert sum(encodes) == 8 and cached.latent_cache_hits == 16   # 2 batches encoded, 4 reused
-        # the same run: same losses at every step, same weights (to rounding: the cached latents
-        # are contiguous copies, so a kernel may sum in another order; AdamW turns such last-bit
-        # differences of near-zero gradients into lr-sized steps, hence the norm-wise check)
-        for a, b in zip(plain.history, cached.history):
-            assert a["total"] == pytest.approx(b["total"], rel=1e-5)
-        w0, w1 = (torch.cat([v.flatten() for k, v in r.model.state_dict().items() if k.startswith("decoder.")])
-                  for r in (plain, cached))
-        assert float((w1 - w0).norm() / w0.norm()) < 1e-3
+        # the same run to the last bit: same losses at every step, same weights (the latents reach
+        # the decoder in one layout whether cached or fresh, so a resumed run, whose cache starts
+        # cold, still matches an uninterrupted one)
+        def same(r0, r1):
+            assert [h["total"] for h in r0.history] == [h["total"] for h in r1.history]
+            s0, s1 = r0.model.state_dict(), r1.model.state_dict()
+            assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+        same(plain, cached)
         sampled = [run(w, posterior="sample") for w in (False, True)]
         assert sampled[1].latent_cache_hits == 16
-        for a, b in zip(sampled[0].history, sampled[1].history):
-            assert a["total"] == pytest.approx(b["total"], rel=1e-5)
+        same(*sampled)
         # not used: with augmentation, training the encoder, or switched off
         assert run(True, latent_cache_mb=0).latent_cache_hits == 0 and sum(encodes) == 24
         assert run(True, trainable="full").latent_cache_hits == 0

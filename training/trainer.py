@@ -142,9 +142,11 @@ def pick_device(name: str | None = None, dist: Distributed | None = None) -> tor
 class _Reconstruct(torch.nn.Module):
     """encode -> latent -> decode as one forward(), so DistributedDataParallel can wrap it."""
 
-    def __init__(self, vae: torch.nn.Module, encoder_trains: bool, sample: bool):
+    def __init__(self, vae: torch.nn.Module, encoder_trains: bool, sample: bool,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         super().__init__()
         self.vae, self.encoder_trains, self.sample = vae, encoder_trains, sample
+        self.memory_format = memory_format
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None, cached: torch.Tensor | None = None):
         # noise is drawn by the caller: a seeded generator inside would break torch.compile's graph.
@@ -155,6 +157,10 @@ class _Reconstruct(torch.nn.Module):
             with torch.set_grad_enabled(self.encoder_trains and torch.is_grad_enabled()):
                 moments = self.vae.encode(x).latent_dist
                 mean, logvar = moments.mean, moments.logvar
+        # One layout whichever way the latents came (fresh ones are strided views of the encoder's
+        # output, cached ones are stacked copies): the decoder's kernels, and so its gradients to
+        # the last bit, must not depend on whether the cache was warm (a resumed run starts cold).
+        mean, logvar = (t.contiguous(memory_format=self.memory_format) for t in (mean, logvar))
         z = mean + noise * torch.exp(0.5 * logvar) if (self.sample and noise is not None) else mean
         return self.vae.decode(z).sample, mean, logvar
 
@@ -267,7 +273,9 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
             lpips_net = lpips_net.to(torch.bfloat16)  # frozen: no reason to keep fp32 copies
     loss_fn = ReconstructionLoss(cfg.mse_weight, cfg.l1_weight, cfg.lpips_weight, lpips_net)
 
-    step_module: torch.nn.Module = _Reconstruct(model, cfg.trainable == "full", cfg.posterior == "sample")
+    step_module: torch.nn.Module = _Reconstruct(
+        model, cfg.trainable == "full", cfg.posterior == "sample",
+        torch.channels_last if channels_last else torch.contiguous_format)
     disc = disc_opt = None
     if cfg.gan_weight > 0:
         torch.manual_seed(cfg.seed)  # same discriminator init on every rank
