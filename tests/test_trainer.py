@@ -253,6 +253,11 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["step"] for h in resumed.history] == list(range(1, 7))
 
+    # a checkpoint path without checkpoint_every still gets the final state (the CLI's --checkpoint alone)
+    last = tmp_path / "last.ckpt"
+    fine_tune(vae, batches, c.replace(steps=2, checkpoint_every=0), device="cpu", checkpoint_path=last)
+    assert torch.load(last, weights_only=True)["step"] == 2
+
     before = ckpt.read_bytes()
     with pytest.raises(VAEFTError, match="other settings.*lr"):
         fine_tune(vae, batches, c.replace(lr=5e-3), device="cpu", resume=ckpt)

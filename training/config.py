@@ -94,7 +94,8 @@ class TrainConfig:
     val_patches: int = option(16, "held-out patches used for validation", min=1, max=4096)
     export_best: bool = option(False, "export the weights with the best validation LPIPS (validation MSE "
                                       "when LPIPS is off) instead of the last ones")
-    checkpoint_every: int = option(0, "steps between resumable checkpoints (0 = off; CLI --checkpoint)",
+    checkpoint_every: int = option(0, "steps between resumable checkpoints (0: only the last step, and only "
+                                      "when --checkpoint names a file)",
                                    min=0, node=False)
     export_dtype: str = option("fp16", "dtype of the exported weights", choices=EXPORT_DTYPES, node=False)
 

@@ -437,7 +437,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
             save_checkpoint(checkpoint_path, _checkpoint_state(step, cfg, vae.layout, params, opt, ema, disc,
                                                                disc_opt, history, skipped))
 
-    if checkpoint_path and dist.is_main and step > 0 and not stopped and cfg.checkpoint_every:
+    if checkpoint_path and dist.is_main and step > 0 and not stopped:  # asked for a path: always the last step
         save_checkpoint(checkpoint_path, _checkpoint_state(step, cfg, vae.layout, params, opt, ema, disc, disc_opt,
                                                            history, skipped))
     used_ema = False
