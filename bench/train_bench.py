@@ -482,6 +482,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
                     help="ours: set torch.backends.cudnn.benchmark around our side (restored after)")
     a = ap.parse_args(argv)
+    # the first step also builds the optimizer state and (with --compile) compiles: never timed
+    if a.warmup < 1 or a.steps < 1:
+        ap.error(f"--warmup and --steps must be at least 1 (got --warmup {a.warmup}, --steps {a.steps})")
 
     device = torch.device(a.device)
     if device.type == "cuda":

@@ -63,3 +63,10 @@ def test_bench_cpu_smoke_latent_cache_counts_only_decoder_work():
     check_side(cached)
     assert cached["latent_cache_hits"] == 4            # steps 3 and 4 reuse both pool batches
     assert cached["flops_per_step"] < plain["flops_per_step"]   # the encoder's forward is gone
+
+
+def test_bench_refuses_an_untimeable_run():
+    """The first step builds optimizer state: with no warm-up step there is nothing fair to time."""
+    proc = subprocess.run([sys.executable, BENCH, *SMOKE, "--warmup", "0"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "--warmup and --steps must be at least 1" in proc.stderr
