@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import struct
 import zlib
 
@@ -246,6 +247,18 @@ def test_lazy_reading_matches_cache(folder):
     a, b = cached.train_batches(16), lazy.train_batches(16)
     for _ in range(3):
         assert torch.equal(next(a), next(b))
+
+
+def test_order_signature_names_what_fixes_the_patch_stream(folder, mixed):
+    """What a resume checks: patch settings and training images, not speed settings."""
+    sig = mixed.order_signature()
+    json.dumps(sig)  # stored in checkpoints
+    assert sig["patch_size"] == P and sig["masked"] is False and "cache_mb" not in sig
+    assert sorted(s.split(" ")[0] for s in sig["train_images"]) == sorted(mixed.summary()["train_paths"])
+    assert all(re.fullmatch(r"\S+ \d+x\d+", s) for s in sig["train_images"])
+    lazy = build_dataset(folder, DataConfig(patch_size=P, scale_jitter=0.2, cache_mb=1, num_workers=1))
+    assert lazy.order_signature() == sig
+    assert build_dataset(folder, DataConfig(patch_size=P)).order_signature()["scale_jitter"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------

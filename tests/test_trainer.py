@@ -1,4 +1,5 @@
 import itertools
+import json
 import math
 
 import pytest
@@ -96,6 +97,15 @@ def test_out_of_memory_retries_with_smaller_micro_batches(monkeypatch):
     assert result.micro_batch == 1 and result.steps_done == 2
     with pytest.raises(VAEFTError, match="out of GPU memory at micro-batch 2"):
         fine_tune(vae, fixed_batches(4), cfg(steps=1, micro_batch=2), device="cpu")
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    # outside the step (here: validation) there is nothing to retry: a clear error, not a traceback
+    monkeypatch.setattr(trainer, "_validate", no_room)
+    with pytest.raises(VAEFTError, match=r"outside the training step.*Tried to allocate 2.00 GiB.*lower val_patches"):
+        fine_tune(vae, fixed_batches(1), cfg(steps=1, batch_size=1, val_every=1), device="cpu",
+                  val_batch=torch.zeros(1, 3, 32, 32))
 
 
 def test_ema_is_what_gets_exported():
@@ -271,6 +281,58 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert ckpt.read_bytes() == before
 
 
+def test_resume_carries_log_sums_and_best_pick_and_refuses_other_data(tmp_path):
+    """Resumed mid log window and after export_best's pick: same history, same pick, same weights."""
+    from training.trainer import load_checkpoint
+
+    vae = build_vae(tiny_ldm_sd())
+    val = torch.full((4, 3, 32, 32), 0.8)
+    # 4 steps on the validation images, then 4 on other ones: validation is best at step 2 or 4
+    data = [val] * 4 + [torch.full((4, 3, 32, 32), -0.8)] * 4
+
+    def batches(start):
+        return iter(data[start:])
+
+    c = cfg(steps=8, lr=1e-2, val_every=2, export_best=True, checkpoint_every=5, log_every=4)
+    sig = {"patch_size": 32, "train_images": ["a.png 64x64"]}
+    full = fine_tune(vae, batches, c, device="cpu", val_batch=val)
+    ckpt = tmp_path / "run.ckpt"
+
+    def crash(step, total, losses):  # killed during step 6: the last checkpoint is step 5's, mid log window
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(vae, batches, c, device="cpu", val_batch=val, checkpoint_path=ckpt, data_signature=sig,
+                  callbacks=Callbacks(on_step=crash))
+    assert torch.load(ckpt, weights_only=True)["step"] == 5
+    resumed = fine_tune(vae, batches, c, device="cpu", val_batch=val, resume=ckpt, data_signature=sig)
+    assert full.best_step in (2, 4) and resumed.best_step == full.best_step  # picked before the resume
+    assert resumed.history == full.history  # the step-8 line averages steps 5-8, one of them before the resume
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    before = ckpt.read_bytes()
+    with pytest.raises(VAEFTError, match=r"other data or data settings \(patch_size: 32 -> 64\)"):
+        fine_tune(vae, batches, c, device="cpu", val_batch=val, resume=ckpt, data_signature={**sig, "patch_size": 64})
+    with pytest.raises(VAEFTError, match="run of 1 process.*this one has 2"):
+        load_checkpoint(ckpt, vae.layout, c, world_size=2)
+    assert ckpt.read_bytes() == before
+
+
+def test_log_lines_average_each_term_over_the_steps_it_ran(lpips_random):
+    """The GAN terms start at disc_start, mid log window: averaged over their own steps."""
+    vae = build_vae(tiny_ldm_sd())
+    c = TrainConfig.from_recipe("ldm-gan", steps=4, disc_start=2, lr=1e-3, batch_size=2, log_every=1,
+                                preview_every=0, ema=False)
+    each = fine_tune(vae, fixed_batches(2), c, device="cpu", lpips_net=lpips_random).history
+    window = fine_tune(vae, fixed_batches(2), c.replace(log_every=4), device="cpu", lpips_net=lpips_random).history
+    assert "d_loss" not in each[1] and "d_loss" in each[2]
+    for key in ("d_loss", "g_loss", "total", "l1"):
+        steps = [h[key] for h in each if key in h]
+        assert window[0][key] == pytest.approx(sum(steps) / len(steps), rel=1e-5), key
+
+
 def test_validation_and_best_checkpoint(lpips_random):
     vae = build_vae(tiny_ldm_sd())
     val = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(9)) * 2 - 1
@@ -288,6 +350,12 @@ def test_validation_and_best_checkpoint(lpips_random):
     again = _validate(result.model, params, None, val, torch.device("cpu"),
                       torch.autocast("cpu", enabled=False), lpips_random)
     assert again["lpips"] == pytest.approx(best["val_lpips"], rel=1e-5)
+    # and the export says whose weights they are
+    from training.export import build_metadata
+
+    meta = build_metadata(result)
+    assert meta["vaeft.weights"] == "best-final" and meta["vaeft.best_step"] == str(best["step"])
+    assert json.loads(meta["vaeft.best_validation"])["val_lpips"] == pytest.approx(best["val_lpips"], rel=1e-5)
     with pytest.raises(VAEFTError, match="no validation images"):
         fine_tune(vae, fixed_batches(), c, device="cpu", lpips_net=lpips_random)
     with pytest.raises(VAEFTError, match="export_best needs validation"):

@@ -30,7 +30,8 @@ def add_fit_command(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--checkpoint", help="resumable checkpoint path, written every --checkpoint-every steps "
                                         "and at the end (default: <out>.ckpt when --checkpoint-every is set)")
-    p.add_argument("--resume", help="continue from this checkpoint (same settings; --steps may grow)")
+    p.add_argument("--resume", help="continue from this checkpoint (same training settings, data and number of "
+                                    "processes; --steps may grow)")
     p.add_argument("--loss-plot", help="also write the loss curve as a PNG here")
     p.add_argument("--preview-dir", help="write preview reconstructions (inputs above, outputs below) here "
                                          "every --preview-every steps")
@@ -114,7 +115,7 @@ def run_fit(args) -> int:
                                              world_size=dist.world_size, pin_memory=pin, with_keys=True),
             cfg, device=device, augment=augmenter(data_cfg),
             val_batch=val, preview_batch=preview, callbacks=Callbacks(on_step=on_step, on_preview=on_preview),
-            resume=args.resume, checkpoint_path=checkpoint, dist=dist)
+            resume=args.resume, checkpoint_path=checkpoint, dist=dist, data_signature=data.order_signature())
         if bar is not None:
             bar.close()
         if os.environ.get("VAEFT_REPORT_DIGEST"):  # tests: show that every rank ends with the same weights

@@ -28,6 +28,7 @@ import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -397,6 +398,21 @@ class PatchDataset:
         return self._random_specs(self._train, count, rng, self.cfg.scale_jitter)
 
     # -- public ------------------------------------------------------------------------------
+
+    # settings that do not choose or change patches (and where the masks are kept)
+    _ORDER_FREE = ("cache_mb", "num_workers", "mask_dir")
+
+    def order_signature(self) -> dict:
+        """What fixes the training patch stream, JSON-like: the data settings that choose or change
+        patches, whether masks are used, and the training images (relative name, size). Checkpoints
+        keep it so that a resume on other data is refused; speed settings and folder locations are
+        left out (a moved data folder still resumes)."""
+        sig = {f.name: getattr(self.cfg, f.name) for f in dataclasses.fields(self.cfg)
+               if f.name not in self._ORDER_FREE}
+        sig["masked"] = self.cfg.mask_dir is not None
+        sig["train_images"] = [f"{self._images[i].name} {self._images[i].width}x{self._images[i].height}"
+                               for i in self._train]
+        return sig
 
     def train_batches(self, batch_size: int, *, start_batch: int = 0, rank: int = 0, world_size: int = 1,
                       num_workers: int | None = None, pin_memory: bool = False,

@@ -60,7 +60,7 @@ def build_metadata(result: TrainResult, dataset_summary: dict | None = None,
         "vaeft.recipe": recipe,
         "vaeft.steps": str(result.steps_done),
         "vaeft.stopped_early": str(result.stopped_early),
-        "vaeft.weights": "ema" if result.used_ema else "final",
+        "vaeft.weights": ("best-" if result.best_step is not None else "") + ("ema" if result.used_ema else "final"),
         "vaeft.base_sha256": result.layout.base_sha256,
         "vaeft.base_name": result.layout.base_name,
         "vaeft.latent_channels": str(result.model.config.latent_channels),
@@ -70,6 +70,12 @@ def build_metadata(result: TrainResult, dataset_summary: dict | None = None,
     if result.history:
         last = result.history[-1]
         meta["vaeft.final_losses"] = json.dumps({k: round(v, 6) for k, v in last.items() if k not in ("step",)})
+    if result.best_step is not None:  # export_best: the weights are this step's, not the last one's
+        meta["vaeft.best_step"] = str(result.best_step)
+        scores = [h for h in result.history if h["step"] == result.best_step and any(k.startswith("val_") for k in h)]
+        if scores:
+            meta["vaeft.best_validation"] = json.dumps({k: round(v, 6) for k, v in scores[-1].items()
+                                                        if k.startswith("val_")})
     dataset_summary = dataset_summary if dataset_summary is not None else result.dataset_summary
     if dataset_summary is not None:
         meta["vaeft.dataset"] = json.dumps(_dataset_digest(dataset_summary))

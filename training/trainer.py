@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -202,6 +203,24 @@ def _largest_divisor_below(n: int, below: int) -> int:
     return 0
 
 
+def _out_of_memory_named(fn):
+    """Out-of-memory errors that escape the step's own retry (moving the model, the optimizer's
+    first state allocation, EMA, validation, preview) become a VAEFTError saying what to change."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except torch.OutOfMemoryError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+            raise VAEFTError(
+                f"out of GPU memory outside the training step's forward/backward ({first[:300]}). Free GPU "
+                "memory (unload other models), lower val_patches, patch_size or batch_size, or turn on "
+                "grad_checkpointing") from None
+    return wrapper
+
+
+@_out_of_memory_named
 def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
               device: torch.device | str | None = None,
               lpips_net: torch.nn.Module | None = None,
@@ -211,7 +230,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
               callbacks: Callbacks | None = None,
               resume: str | os.PathLike | None = None,
               checkpoint_path: str | os.PathLike | None = None,
-              dist: Distributed | None = None) -> TrainResult:
+              dist: Distributed | None = None,
+              data_signature: dict | None = None) -> TrainResult:
     """Fine-tune a copy of ``vae.model``; the input model is never modified.
 
     batches: ``start_step -> iterator`` (needed to resume) or an iterator; each item is this
@@ -228,6 +248,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     resume / checkpoint_path: read a checkpoint written by this function / write one every
         ``cfg.checkpoint_every`` steps and at the end (main process only).
     dist: set when running under torchrun; the process group must already be initialised.
+    data_signature: what determines ``batches``' order (data settings, image list), JSON-like;
+        stored in checkpoints, and a resume with a different one is refused.
     """
     callbacks = callbacks or Callbacks()
     dist = dist or Distributed()
@@ -236,6 +258,14 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         raise VAEFTError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes "
                          f"({dist.world_size})")
     local_batch = cfg.batch_size // dist.world_size
+    if cfg.micro_batch and local_batch % cfg.micro_batch:
+        raise VAEFTError(f"each process's batch ({local_batch}) must be a multiple of micro_batch "
+                         f"({cfg.micro_batch})")
+    if cfg.val_every and val_batch is None:
+        raise VAEFTError("val_every > 0 needs held-out patches: the dataset has no validation images "
+                         "(raise val_fraction, add images, or set val_every = 0)")
+    if resume is not None and not callable(batches):
+        raise VAEFTError("resuming needs batches as a function of the start step (to replay the data order)")
     torch.manual_seed(cfg.seed)
 
     base_digest = frozen_digest(vae.model, cfg.trainable)
@@ -298,8 +328,13 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
 
     step = 0
     history: list[dict] = []
+    # loss sums since the last log line, with how many steps each key was summed over (the GAN
+    # terms appear only from disc_start on)
+    running: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    best: dict = {"score": float("inf"), "params": None, "step": 0}  # export_best's pick so far
     if resume is not None:
-        state = load_checkpoint(resume, vae.layout, cfg)
+        state = load_checkpoint(resume, vae.layout, cfg, dist.world_size, data_signature)
         for p, t in zip(params, state["params"]):
             p.data.copy_(t)
         opt.load_state_dict(state["optimizer"])
@@ -311,23 +346,16 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
             disc_opt.load_state_dict(state["disc_optimizer"])
         step, history = state["step"], state["history"]
         skipped.fill_(state.get("skipped", 0))
+        for k, (total, n) in state.get("running", {}).items():
+            running[k], counts[k] = torch.tensor(total, dtype=torch.float32, device=device), n
+        best = state.get("best") or best
     if callable(batches):
         batches = batches(step)
-    elif resume is not None:
-        raise VAEFTError("resuming needs batches as a function of the start step (to replay the data order)")
 
     micro = cfg.micro_batch or local_batch
-    if cfg.micro_batch and local_batch % cfg.micro_batch:
-        raise VAEFTError(f"each process's batch ({local_batch}) must be a multiple of micro_batch "
-                         f"({cfg.micro_batch})")
-    if cfg.val_every and val_batch is None:
-        raise VAEFTError("val_every > 0 needs held-out patches: the dataset has no validation images "
-                         "(raise val_fraction, add images, or set val_every = 0)")
     cache = None
     if cfg.latent_cache_mb and cfg.trainable == "decoder" and augment is None:
         cache = _LatentCache(cfg.latent_cache_mb * 2**20)
-    best: dict = {"score": float("inf"), "params": None, "step": 0}
-    running: dict[str, torch.Tensor] = {}
     stopped = False
     t0 = time.perf_counter()
     while step < cfg.steps:
@@ -401,17 +429,17 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         skipped.add_(found_inf)
         for k, v in parts.items():
             running[k] = running.get(k, 0.0) + v
+            counts[k] = counts.get(k, 0) + 1
         step += 1
 
         logged = None
         if step % cfg.log_every == 0 or step == cfg.steps:
-            n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-            logged = {k: float(v) / n for k, v in running.items()}
+            logged = {k: float(v) / counts[k] for k, v in running.items()}
             logged.update(step=step, lr=opt.param_groups[0]["lr"])
             if int(skipped):
                 logged["skipped_steps"] = int(skipped)
             history.append(logged)
-            running = {}
+            running, counts = {}, {}
             if int(worst_run) >= cfg.max_bad_steps:
                 raise VAEFTError(
                     f"{int(worst_run)} consecutive steps had a non-finite loss or gradient (each was skipped); "
@@ -433,13 +461,14 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         if (callbacks.on_preview and preview_batch is not None and cfg.preview_every
                 and (step % cfg.preview_every == 0 or step == cfg.steps)):
             callbacks.on_preview(step, _preview(model, preview_batch, device, autocast))
-        if checkpoint_path and dist.is_main and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+        # a checkpoint path always gets the last step; checkpoint_every adds the ones in between
+        if checkpoint_path and dist.is_main and (
+                (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps):
+            loop = {"history": history, "skipped": skipped, "running": running, "counts": counts, "best": best,
+                    "world_size": dist.world_size, "data_signature": data_signature}
             save_checkpoint(checkpoint_path, _checkpoint_state(step, cfg, vae.layout, params, opt, ema, disc,
-                                                               disc_opt, history, skipped))
+                                                               disc_opt, loop))
 
-    if checkpoint_path and dist.is_main and step > 0 and not stopped:  # asked for a path: always the last step
-        save_checkpoint(checkpoint_path, _checkpoint_state(step, cfg, vae.layout, params, opt, ema, disc, disc_opt,
-                                                           history, skipped))
     used_ema = False
     if ema is not None and cfg.export_ema and step > 0:
         with torch.no_grad():
@@ -588,7 +617,10 @@ def check_frozen(result: TrainResult) -> None:
 
 # ----- checkpoints: one dict (weights, optimizer, EMA, step, config), written atomically -----
 
-def _checkpoint_state(step, cfg, layout, params, opt, ema, disc, disc_opt, history, skipped) -> dict:
+def _checkpoint_state(step, cfg, layout, params, opt, ema, disc, disc_opt, loop: dict) -> dict:
+    """One dict: the weights, optimizer, EMA, discriminator, and the loop's own state (``loop``:
+    history, skipped count, the unlogged loss sums and their counts, export_best's pick so far,
+    and what fixes the data order: the number of processes and the caller's data signature)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "step": step,
@@ -600,8 +632,12 @@ def _checkpoint_state(step, cfg, layout, params, opt, ema, disc, disc_opt, histo
         "ema": [e.cpu().clone() for e in ema] if ema is not None else None,
         "disc": _unwrap(disc).state_dict() if disc is not None else None,
         "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else None,
-        "history": list(history),
-        "skipped": int(skipped),
+        "history": list(loop["history"]),
+        "skipped": int(loop["skipped"]),
+        "running": {k: (float(v), loop["counts"][k]) for k, v in loop["running"].items()},
+        "best": loop["best"] if loop["best"]["params"] is not None else None,
+        "world_size": loop["world_size"],
+        "data_signature": loop["data_signature"],
     }
 
 
@@ -618,8 +654,11 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
             os.unlink(tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, layout: LdmLayout, cfg: TrainConfig) -> dict:
-    """Read and check a checkpoint against this run; refuse with the reason (the file is only read)."""
+def load_checkpoint(path: str | os.PathLike, layout: LdmLayout, cfg: TrainConfig, world_size: int = 1,
+                    data_signature: dict | None = None) -> dict:
+    """Read and check a checkpoint against this run; refuse with the reason (the file is only read).
+    The data order depends on the number of processes and on the data (``data_signature``, when
+    both the checkpoint and this run have one), so those must match too."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise VAEFTError(f"resume checkpoint {path!r} does not exist")
@@ -636,7 +675,17 @@ def load_checkpoint(path: str | os.PathLike, layout: LdmLayout, cfg: TrainConfig
     diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH if old.get(k) != getattr(cfg, k)]
     if diff:
         raise VAEFTError(f"resume checkpoint {path!r} was written with other settings ({'; '.join(diff)}); "
-                         "resume with the same settings (only steps may change)")
+                         "resume with the same training settings (steps may grow; speed and memory settings may differ)")
+    if state.get("world_size", 1) != world_size:
+        raise VAEFTError(f"resume checkpoint {path!r} was written by a run of {state.get('world_size', 1)} "
+                         f"process(es), this one has {world_size}: the data order would differ; resume with "
+                         "the same number of processes")
+    old_data = state.get("data_signature")
+    if old_data is not None and data_signature is not None and old_data != data_signature:
+        diff = [f"{k}: {old_data.get(k)!r} -> {data_signature.get(k)!r}"
+                for k in sorted(set(old_data) | set(data_signature)) if old_data.get(k) != data_signature.get(k)]
+        raise VAEFTError(f"resume checkpoint {path!r} was trained on other data or data settings "
+                         f"({'; '.join(d[:200] for d in diff)}); resume with the same images and data settings")
     if state["step"] > cfg.steps:
         raise VAEFTError(f"resume checkpoint {path!r} is at step {state['step']}, past steps={cfg.steps}")
     return state
