@@ -31,7 +31,7 @@ def add_fit_command(sub) -> None:
     p.add_argument("--checkpoint", help="resumable checkpoint path, written every --checkpoint-every steps "
                                         "and at the end (default: <out>.ckpt when --checkpoint-every is set)")
     p.add_argument("--resume", help="continue from this checkpoint (same training settings, data and number of "
-                                    "processes; --steps may grow)")
+                                    "processes; --steps may grow, which stretches a cosine schedule from there)")
     p.add_argument("--loss-plot", help="also write the loss curve as a PNG here")
     p.add_argument("--preview-dir", help="write preview reconstructions (inputs above, outputs below) here "
                                          "every --preview-every steps")
