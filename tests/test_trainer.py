@@ -186,7 +186,8 @@ def test_lr_schedule():
                                       (dict(batch_size=6, micro_batch=4), "micro_batch"),
                                       (dict(recipe="sd-vae-ft-xl"), "recipe"),
                                       (dict(batch_size=0), "batch_size"), (dict(export_dtype="fp8"), "export_dtype"),
-                                      (dict(lpips_weight=float("nan")), "lpips_weight")])
+                                      (dict(lpips_weight=float("nan")), "lpips_weight"),
+                                      (dict(gan_weight=0.5, disc_start=1000, steps=500), "disc_start")])
 def test_nonsense_hyperparameters_name_the_field(kw, field):
     with pytest.raises(VAEFTError, match=field):
         TrainConfig(**kw)

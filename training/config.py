@@ -110,6 +110,10 @@ class TrainConfig:
             raise VAEFTError("export_best needs validation: set val_every > 0")
         if self.latent_weight and self.trainable != "full":
             raise VAEFTError("latent_weight only applies when trainable = 'full' (the encoder must train)")
+        if self.gan_weight > 0 and self.disc_start >= self.steps:
+            raise VAEFTError(f"disc_start ({self.disc_start}) is not below steps ({self.steps}): the "
+                             "discriminator would never switch on; lower disc_start, raise steps, or set "
+                             "gan_weight to 0")
 
     @classmethod
     def from_recipe(cls, recipe: str = "sd-vae-ft-mse", **overrides) -> "TrainConfig":
