@@ -94,12 +94,25 @@ class VAEFineTune(io.ComfyNode):
             )
             result.model.to("cpu")
             out_vae = ldm_to_comfy_vae(ldm_state_dict(result, "fp32"))
-        loss_map = {"loss": [h.get("total", float("nan")) for h in result.history], "steps": [h["step"] for h in result.history]}
-        for key in HISTORY_CURVES[1:]:
-            if any(key in h for h in result.history):
-                loss_map[key] = [h.get(key, float("nan")) for h in result.history]
+        loss_map = loss_map_of(result.history)
         result.dataset_summary = dataset.summary()
         return io.NodeOutput(out_vae, loss_map, result)
+
+
+def loss_map_of(history: list[dict]) -> dict:
+    """LOSS_MAP for ComfyUI: "loss" (the total, what stock Plot Loss Graph draws) and the other training
+    terms over the logged steps ("steps"); validation scores over their own steps ("val_steps"), since
+    validation may run on steps that log no training loss (stock nodes cannot take NaN gaps)."""
+    train = [h for h in history if "total" in h]
+    val = [h for h in history if any(k.startswith("val_") for k in h)]
+    out = {"loss": [h["total"] for h in train], "steps": [h["step"] for h in train]}
+    for key in HISTORY_CURVES[1:]:
+        rows = val if key.startswith("val_") else train
+        if any(key in h for h in rows):
+            out[key] = [h.get(key, float("nan")) for h in rows]
+    if val:
+        out["val_steps"] = [h["step"] for h in val]
+    return out
 
 
 def config_from_widgets(widgets: dict) -> TrainConfig:

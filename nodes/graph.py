@@ -24,7 +24,10 @@ class VAELossGraph(io.ComfyNode):
 
     @classmethod
     def execute(cls, loss, log_scale) -> io.NodeOutput:
-        series = {k: v for k, v in loss.items() if k != "steps" and isinstance(v, list)}
-        series = {k: [float(x) for x in v] for k, v in series.items()}
-        img = curve_image(series, loss.get("steps"), log_y=log_scale, title="VAE fine-tune loss")
+        series = {k: [float(x) for x in v] for k, v in loss.items()
+                  if k not in ("steps", "val_steps") and isinstance(v, list)}
+        # validation curves have their own steps (LOSS_MAP from VAE Fine-tune); others share "steps"
+        steps = {k: loss.get("val_steps" if k.startswith("val_") and "val_steps" in loss else "steps")
+                 for k in series}
+        img = curve_image(series, steps, log_y=log_scale, title="VAE fine-tune loss")
         return io.NodeOutput(training_to_image(img))

@@ -156,3 +156,20 @@ def test_demo_then_fit_as_in_the_readme(tmp_path):
     assert os.path.getsize(info["vae"]) > 300e6  # the full SD layout
     sd = load_file(info["vae"])
     assert len(sd) == 248 and sd["encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
+
+
+def test_loss_curves_can_have_their_own_steps():
+    """Validation scores drawn at their own steps, on the training curve's axis."""
+    from training.plot import COLOURS, curve_image
+
+    img = curve_image({"loss": [1.0] * 10, "val_mse": [2.0]}, {"loss": list(range(1, 11)), "val_mse": [5]},
+                      width=200, height=120, log_y=False)
+    left, right, top, bottom = 64, 16, 28, 32
+    pw = 200 - left - right
+    x = round(left + (5 - 1) / (10 - 1) * pw)              # step 5 on the 1..10 axis
+    y = top  # the larger value sits on the top edge
+    colour = torch.tensor(COLOURS[1], dtype=torch.float32) / 255
+    patch = img[:, y - 2:y + 3, x - 2:x + 3].reshape(3, -1)
+    assert ((patch - colour[:, None]).abs().max(0).values < 0.02).any()
+    elsewhere = img[:, y - 2:y + 3, left + 2:left + 12].reshape(3, -1)
+    assert not ((elsewhere - colour[:, None]).abs().max(0).values < 0.02).any()

@@ -11,9 +11,10 @@ from PIL import Image, ImageDraw
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
-def curve_image(series: dict[str, list[float]], steps: list[int] | None = None, width: int = 768,
-                height: int = 384, title: str = "loss", log_y: bool = True) -> torch.Tensor:
-    """Line chart of named series against ``steps``. Returns (3, height, width) float in [0, 1].
+def curve_image(series: dict[str, list[float]], steps: list[int] | dict[str, list[int] | None] | None = None,
+                width: int = 768, height: int = 384, title: str = "loss", log_y: bool = True) -> torch.Tensor:
+    """Line chart of named series against ``steps`` (one list for all, or one per series name;
+    missing: 1, 2, ...). Non-finite values are gaps. Returns (3, height, width) float in [0, 1].
 
     A log y axis (the default) shows the slow late decrease of reconstruction losses;
     series with non-positive values fall back to a linear axis.
@@ -28,8 +29,9 @@ def curve_image(series: dict[str, list[float]], steps: list[int] | None = None, 
     if not series:
         d.text((left + 8, top + 8), "no data", fill=(0, 0, 0))
         return _to_tensor(img)
-    n = max(len(v) for v in series.values())
-    steps = list(steps) if steps else list(range(1, n + 1))
+    per = steps if isinstance(steps, dict) else {k: steps for k in series}
+    xs = {k: list(per.get(k) or range(1, len(v) + 1)) for k, v in series.items()}
+    all_steps = sorted({s for v in xs.values() for s in v})
     values = [x for v in series.values() for x in v if math.isfinite(x)]
     use_log = log_y and values and min(values) > 0
     f = (lambda y: math.log10(y)) if use_log else (lambda y: y)
@@ -37,7 +39,7 @@ def curve_image(series: dict[str, list[float]], steps: list[int] | None = None, 
     lo, hi = min(ys), max(ys)
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
-    x0, x1 = steps[0], steps[-1] if steps[-1] != steps[0] else steps[0] + 1
+    x0, x1 = all_steps[0], all_steps[-1] if all_steps[-1] != all_steps[0] else all_steps[0] + 1
 
     def px(step, y):
         return (left + (step - x0) / (x1 - x0) * pw, top + (1 - (f(y) - lo) / (hi - lo)) * ph)
@@ -49,10 +51,10 @@ def curve_image(series: dict[str, list[float]], steps: list[int] | None = None, 
         d.line([left - 4, yp, left, yp], fill=(0, 0, 0))
         d.text((2, yp - 6), f"{label:.3g}", fill=(0, 0, 0))
     d.text((left, top + ph + 8), f"step {x0}", fill=(0, 0, 0))
-    d.text((left + pw - 70, top + ph + 8), f"step {steps[-1]}", fill=(0, 0, 0))
+    d.text((left + pw - 70, top + ph + 8), f"step {all_steps[-1]}", fill=(0, 0, 0))
     for ci, (name, vals) in enumerate(series.items()):
         colour = COLOURS[ci % len(COLOURS)]
-        pts = [px(s, v) for s, v in zip(steps, vals) if math.isfinite(v) and (not use_log or v > 0)]
+        pts = [px(s, v) for s, v in zip(xs[name], vals) if math.isfinite(v) and (not use_log or v > 0)]
         if len(pts) == 1:
             x, y = pts[0]
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
