@@ -25,6 +25,15 @@ def _is_widget(spec) -> bool:
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
+def _has_control_widget(name: str, kind, options: dict) -> bool:
+    """Whether the frontend adds a "control after generate" widget after this one (it does for an
+    INT spec that asks for it, and for any INT named seed or noise_seed that does not refuse it)."""
+    if kind != "INT":
+        return False
+    wanted = options.get("control_after_generate")
+    return bool(wanted) if wanted is not None else name in ("seed", "noise_seed")
+
+
 def build(api: dict, object_info: dict) -> dict:
     nodes, links = [], []
     link_id = 0
@@ -48,7 +57,10 @@ def build(api: dict, object_info: dict) -> dict:
         for name in names:
             spec = spec_all[name]
             if _is_widget(spec):
-                widgets.append(node["inputs"].get(name, spec[1].get("default") if len(spec) > 1 else None))
+                options = spec[1] if len(spec) > 1 else {}
+                widgets.append(node["inputs"].get(name, options.get("default")))
+                if _has_control_widget(name, spec[0], options):
+                    widgets.append("fixed")  # the saved value of the frontend's added control widget
             else:
                 link = incoming.get(nid, {}).get(name)
                 inputs.append({"name": name, "type": spec[0], "link": link})

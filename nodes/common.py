@@ -114,21 +114,24 @@ def config_inputs(cls: type, defaults: dict | None = None, skip: tuple[str, ...]
         elif tp is int:
             lo = meta.get("min", 0)
             hi = meta.get("max", 2**63 - 1)
-            inputs.append(io.Int.Input(f.name, default=default, min=lo, max=hi, tooltip=tip))
+            # control_after_generate=False: the frontend otherwise adds a "randomize" control to any
+            # INT named seed, which re-seeds (and so retrains) on every queue and takes a saved slot
+            inputs.append(io.Int.Input(f.name, default=default, min=lo, max=hi, control_after_generate=False,
+                                       tooltip=tip))
         elif tp is float:
             lo = meta.get("min", meta.get("gt", 0.0))
             hi = meta.get("max", 1e9)
-            inputs.append(io.Float.Input(f.name, default=default, min=lo, max=hi, step=_step(default),
-                                         round=False, tooltip=tip))
+            step = meta.get("ui_step", FLOAT_STEP)
+            inputs.append(io.Float.Input(f.name, default=default, min=lo, max=hi, step=step, round=step,
+                                         tooltip=tip))
         elif tp is str:
             inputs.append(io.String.Input(f.name, default=default or "", optional=optional, tooltip=tip))
     return inputs
 
 
-def _step(default: float) -> float:
-    if not default:
-        return 0.01
-    return 10 ** (int(f"{abs(default):e}".split("e")[1]))
+# The frontend shows and rounds a FLOAT widget to the decimals of its step, so the step is the
+# finest value a user can enter; fields that need finer say so (option(..., ui_step=...)).
+FLOAT_STEP = 1e-4
 
 
 def input_values(cls: type, kwargs: dict) -> dict:

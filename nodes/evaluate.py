@@ -32,7 +32,7 @@ class VAEEvaluate(io.ComfyNode):
                 io.Int.Input("patches", default=32, min=1, max=4096,
                              tooltip="held-out patches to score (validation images; all images if none)"),
                 io.Int.Input("rows", default=4, min=1, max=32, tooltip="rows in the comparison image"),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False),
                 io.Combo.Input("lpips_net", options=["alex", "vgg"], default="alex"),
             ],
             outputs=[io.String.Output("table"), io.Image.Output("comparison")],

@@ -7,6 +7,7 @@ Skipped, with the reason, when no ComfyUI checkout is available.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -303,6 +304,40 @@ def test_interrupt_stops_training_and_server_stays_healthy(comfy):
     next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "after-interrupt"
     entry = server.wait(server.queue(prompt))
     assert entry["status"]["status_str"] == "success", _messages(entry)
+
+
+def test_widgets_keep_what_users_type(comfy):
+    """What ComfyUI's frontend does with our specs: it adds a "randomize" control after an INT named
+    seed unless told not to, and rounds a FLOAT to the decimals of its step."""
+    server, _, _ = comfy
+    info = requests.get(server.url + "/object_info", timeout=30).json()
+    typical = {"lr": 5e-6, "ema_decay": 0.9999, "kl_weight": 1e-6, "weight_decay": 1e-4, "lpips_weight": 0.05,
+               "min_foreground": 0.35, "grad_clip": 0.5}
+    seen = set()
+    for node in ("VAEFTPatchDataset", "VAEFTFineTune", "VAEFTEvaluate"):
+        for name, spec in info[node]["input"]["required"].items():
+            kind, opts = spec[0], spec[1] if len(spec) > 1 else {}
+            if kind == "INT":  # the frontend's rule for adding the control widget
+                control = opts.get("control_after_generate")
+                assert not (control or (control is None and name in ("seed", "noise_seed"))), (node, name)
+            if kind == "FLOAT":
+                decimals = max(0, -math.floor(math.log10(opts["step"])))
+                for value in (opts["default"], typical.get(name, opts["default"])):
+                    assert round(value, decimals) == pytest.approx(value, rel=1e-9, abs=1e-12), (node, name, value)
+                seen.add(name)
+    assert set(typical) <= seen
+
+
+def test_loss_map_with_validation_rows_feeds_stock_plot_loss_graph(comfy):
+    """Validation on steps that log no loss: the LOSS_MAP still has no gaps in "loss"."""
+    server, base, _ = comfy
+    prompt = _example("random_sd_vae.safetensors", "vae_train", steps=3, log_every=2, val_every=1, val_patches=2,
+                      preview_every=0)
+    next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "lossmap"
+    prompt["99"] = {"class_type": "LossGraphNode", "inputs": {"loss": ["3", 1], "filename_prefix": "vaeft_loss"}}
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-3000:]
+    assert entry["outputs"]["99"]["images"] and entry["outputs"]["6"]["images"]
 
 
 def test_ui_example_matches_the_live_node_definitions(comfy):

@@ -40,7 +40,7 @@ class TrainConfig:
                                           "('custom' = exactly the values given)",
                          choices=tuple(RECIPES) + ("custom",))
     steps: int = option(2000, "optimizer steps", min=1, max=10_000_000)
-    lr: float = option(1e-5, "peak learning rate (AdamW)", gt=0.0, max=1.0)
+    lr: float = option(1e-5, "peak learning rate (AdamW)", gt=0.0, max=1.0, ui_step=1e-8)
     batch_size: int = option(4, "patches per optimizer step (the effective batch, over all GPUs)",
                              min=1, max=65536)
     micro_batch: int = option(0, "patches per forward pass; batch_size must be a multiple. 0 = auto: "
@@ -49,7 +49,8 @@ class TrainConfig:
     mse_weight: float = option(1.0, "weight of the MSE term", min=0.0)
     l1_weight: float = option(0.0, "weight of the L1 term", min=0.0)
     lpips_weight: float = option(0.1, "weight of the LPIPS term (0 trains without it)", min=0.0)
-    kl_weight: float = option(0.0, "weight of the KL term (only matters when the encoder trains)", min=0.0)
+    kl_weight: float = option(0.0, "weight of the KL term (only matters when the encoder trains)", min=0.0,
+                              ui_step=1e-8)
     gan_weight: float = option(0.0, "weight of the PatchGAN hinge loss (scaled by LDM's adaptive weight; "
                                     "0 = no discriminator)", min=0.0)
     disc_start: int = option(0, "optimizer step at which the discriminator loss switches on", min=0)
@@ -61,9 +62,9 @@ class TrainConfig:
     trainable: str = option("decoder", "what is trained: 'decoder' (+ post_quant_conv; keeps the latent space) "
                                        "or 'full' (encoder too)", choices=TRAINABLE)
     ema: bool = option(True, "keep an exponential moving average of the trained weights")
-    ema_decay: float = option(0.999, "EMA decay per optimizer step", min=0.0, max=1.0)
+    ema_decay: float = option(0.999, "EMA decay per optimizer step", min=0.0, max=1.0, ui_step=1e-6)
     export_ema: bool = option(True, "export the EMA weights (when ema is on)")
-    weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0.0, ui_step=1e-6)
     warmup_steps: int = option(0, "linear LR warmup steps", min=0)
     lr_schedule: str = option("constant", "LR after warmup", choices=("constant", "cosine"))
     grad_clip: float = option(1.0, "clip the gradient norm to this (0 = off)", min=0.0)

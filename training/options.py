@@ -8,6 +8,7 @@ A field's metadata may hold:
     choices  allowed values
     cli      False to keep a field off the command line
     node     False to keep a field off the ComfyUI node
+    ui_step  a float node widget's step, when 1e-4 is too coarse (the frontend rounds to it)
 """
 
 from __future__ import annotations
