@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -29,6 +30,24 @@ def resolve_input_folder(folder: str) -> str:
     return path
 
 
+def folder_fingerprint(path: str, recursive: bool) -> str:
+    """sha256 of a folder's listing (relative path, size, modification time): changes when an image
+    is added, removed, replaced or edited, and not otherwise."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            h.update(f"{os.path.relpath(full, path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        if not recursive:
+            break
+    return h.hexdigest()
+
+
 class VAEPatchDataset(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -53,6 +72,20 @@ class VAEPatchDataset(io.ComfyNode):
                 io.String.Output("summary"),
             ],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder, images=None, mask_folder="", recursive=True, **kwargs):
+        """Re-run when the files change, not only the inputs (ComfyUI caches by inputs otherwise, and
+        would keep training on the old listing)."""
+        if images is not None:
+            return ""  # an IMAGE batch is part of the inputs already
+        try:
+            parts = [folder_fingerprint(resolve_input_folder(folder), recursive)]
+            if mask_folder and mask_folder.strip():
+                parts.append(folder_fingerprint(resolve_input_folder(mask_folder), True))
+        except VAEFTError:
+            return float("nan")  # never equal: execute runs and reports the problem
+        return "/".join(parts)
 
     @classmethod
     def execute(cls, folder, images=None, mask_folder="", **kwargs) -> io.NodeOutput:

@@ -340,6 +340,25 @@ def test_loss_map_with_validation_rows_feeds_stock_plot_loss_graph(comfy):
     assert entry["outputs"]["99"]["images"] and entry["outputs"]["6"]["images"]
 
 
+def test_dataset_node_reruns_when_its_folder_changes(comfy):
+    """ComfyUI caches a node by its inputs; the dataset must still see images added to its folder."""
+    server, base, _ = comfy
+    write_images(os.path.join(base, "input", "grows"), names=("astronaut", "coffee"), size=64)
+    dataset = next(n for n in _example("random_sd_vae.safetensors", "grows").values()
+                   if n["class_type"] == "VAEFTPatchDataset")
+    prompt = {"1": dataset, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}}
+
+    def cached_nodes() -> list:
+        entry = server.wait(server.queue(prompt))
+        assert entry["status"]["status_str"] == "success", _messages(entry)
+        return [m[1]["nodes"] for m in entry["status"]["messages"] if m[0] == "execution_cached"][0]
+
+    cached_nodes()
+    assert "1" in cached_nodes()           # nothing changed: cached
+    write_images(os.path.join(base, "input", "grows"), names=("chelsea",), size=64)
+    assert "1" not in cached_nodes()       # a new image: built again
+
+
 def test_ui_example_matches_the_live_node_definitions(comfy):
     import importlib.util
 
