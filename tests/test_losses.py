@@ -72,3 +72,17 @@ def test_backbone_from_env_and_bad_file(tmp_path, monkeypatch):
         load_lpips("alex", backbone_path=str(bad))
     with pytest.raises(VAEFTError, match="does not exist"):
         load_lpips("alex", backbone_path=str(tmp_path / "nope.pth"))
+
+
+def test_env_backbone_for_one_network_does_not_block_the_other(tmp_path, monkeypatch):
+    """VAEFT_LPIPS_BACKBONE set to the AlexNet file (evaluation); training's VGG comes from the cache."""
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    alex_path, alex = _features_file(tmp_path, "alex")
+    monkeypatch.setenv(ENV_BACKBONE, str(alex_path))
+    with pytest.raises(VAEFTError, match=r"vgg16-397923af.pth.*not a torchvision backbone for this LPIPS"):
+        load_lpips("vgg")  # nothing fits VGG yet: the message says why the env file was passed over
+    _, vgg = _features_file(hub / "checkpoints", "vgg")
+    assert torch.equal(load_lpips("vgg").net.state_dict()["slice1.0.weight"], vgg[0].weight)
+    assert torch.equal(load_lpips("alex").net.state_dict()["slice2.3.weight"], alex[3].weight)

@@ -32,19 +32,35 @@ def backbone_candidates(net: str) -> list[str]:
     return paths
 
 
-def _find_backbone(net: str, path: str | None) -> str:
+def _read_backbone(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise VAEFTError(f"cannot read LPIPS backbone file {path!r}: {e}") from e
+
+
+def _load_backbone_from_disk(model: torch.nn.Module, net: str, path: str | None) -> None:
+    """Fill ``model``'s backbone from ``path`` (must fit) or else from the first candidate that fits
+    this network: VAEFT_LPIPS_BACKBONE may name the VGG file for training while evaluation asks for
+    AlexNet, which then comes from torchvision's cache."""
     if path:
         if not os.path.isfile(path):
             raise VAEFTError(f"LPIPS backbone file {path!r} does not exist")
-        return path
+        _load_backbone(model.net, _read_backbone(path), path)
+        return
+    unfit = []
     for p in backbone_candidates(net):
         if os.path.isfile(p):
-            return p
+            try:
+                _load_backbone(model.net, _read_backbone(p), p)
+                return
+            except VAEFTError as e:
+                unfit.append(str(e))
     where = " or ".join(repr(p) for p in backbone_candidates(net))
     raise VAEFTError(
         f"LPIPS needs torchvision's ImageNet {net} weights ({BACKBONE_FILES[net]}), which are not on this "
-        f"machine and are never downloaded here. Put the file at {where}, pass its path "
-        f"(--lpips-backbone / the node's lpips_backbone input, or set {ENV_BACKBONE}), "
+        f"machine and are never downloaded here{' (' + '; '.join(unfit) + ')' if unfit else ''}. Put the file "
+        f"at {where}, pass its path (--lpips-backbone, or set {ENV_BACKBONE}), "
         "or train without the perceptual term (lpips_weight = 0).")
 
 
@@ -65,12 +81,7 @@ def load_lpips(net: str = "vgg", backbone_path: str | None = None, random_backbo
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
     if not random_backbone:
-        path = _find_backbone(net, backbone_path)
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise VAEFTError(f"cannot read LPIPS backbone file {path!r}: {e}") from e
-        _load_backbone(model.net, sd, path)
+        _load_backbone_from_disk(model, net, backbone_path)
     model.eval().requires_grad_(False)
     return model
 
@@ -83,8 +94,10 @@ def _load_backbone(slices: torch.nn.Module, sd: dict, path: str) -> None:
         if m:
             target[f"features.{m.group(1)}.{m.group(2)}"] = name
     missing = [k for k in target if k not in sd]
-    if missing:
-        raise VAEFTError(f"{path!r} is not a torchvision backbone for LPIPS (missing {missing[:3]})")
+    wrong = [k for k in target if k in sd and sd[k].shape != slices.state_dict()[target[k]].shape]
+    if missing or wrong:
+        raise VAEFTError(f"{path!r} is not a torchvision backbone for this LPIPS network "
+                         f"({'missing ' + str(missing[:3]) if missing else 'other shapes: ' + str(wrong[:3])})")
     slices.load_state_dict({target[k]: sd[k] for k in target}, strict=True)
 
 
