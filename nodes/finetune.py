@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..training.config import RECIPES, TrainConfig
-from ..training.data import augmenter, preview_patches
+from ..training.data import augmenter, preview_patches, worker_start_method
 from ..training.export import ldm_state_dict
 from ..training.trainer import HISTORY_CURVES, Callbacks, fine_tune
 from .common import Dataset, Trained, comfy_vae_to_training, config_inputs, input_values, ldm_to_comfy_vae
@@ -76,8 +76,16 @@ class VAEFineTune(io.ComfyNode):
                 pbar.update_absolute(step, cfg.steps, ("JPEG", _preview_image(images), 768))
 
             pin = device.type == "cuda"
+            workers, method = dataset.cfg.num_workers, None
+            if workers:
+                method = worker_start_method(importable=False)
+                if method is None:
+                    log.warning("VAE fine-tune: num_workers=%d needs the 'fork' start method, which this "
+                                "platform lacks for custom nodes; loading patches in the main process", workers)
+                    workers = 0
             batches = lambda start: dataset.train_batches(cfg.batch_size, start_batch=start, pin_memory=pin,  # noqa: E731
-                                                          with_keys=True)
+                                                          with_keys=True, num_workers=workers,
+                                                          start_method=method)
             preview = preview_patches(dataset, 4, seed=cfg.seed) if cfg.preview_every else None
             val = dataset.val_patches(cfg.val_patches, seed=cfg.seed) if cfg.val_every else None
             result = fine_tune(

@@ -164,7 +164,7 @@ def test_loss_curves_can_have_their_own_steps():
 
     img = curve_image({"loss": [1.0] * 10, "val_mse": [2.0]}, {"loss": list(range(1, 11)), "val_mse": [5]},
                       width=200, height=120, log_y=False)
-    left, right, top, bottom = 64, 16, 28, 32
+    left, right, top = 64, 16, 28
     pw = 200 - left - right
     x = round(left + (5 - 1) / (10 - 1) * pw)              # step 5 on the 1..10 axis
     y = top  # the larger value sits on the top edge

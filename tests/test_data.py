@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import re
 import struct
 import zlib
@@ -19,6 +20,7 @@ skimage_data = pytest.importorskip("skimage.data")
 from training import imageio as tio  # noqa: E402
 from training.data import (  # noqa: E402
     DataConfig, add_patches_command, augment, build_dataset, from_tensor, grid_positions, run_patches,
+    worker_start_method,
 )
 from training.errors import VAEFTError  # noqa: E402
 
@@ -456,6 +458,12 @@ def test_split_is_by_image_and_seeded():
     assert len(splits) > 1  # the seed chooses the split
 
 
+def test_worker_start_method():
+    assert worker_start_method(importable=True) is None                       # CLI, tests: Python's default
+    assert worker_start_method(importable=False, methods=["fork", "spawn", "forkserver"]) == "fork"
+    assert worker_start_method(importable=False, methods=["spawn"]) is None   # Windows: main process
+
+
 def test_stream_is_resumable_worker_independent_and_sharded(mixed):
     it = mixed.train_batches(4, num_workers=0)
     ref = [next(it) for _ in range(6)]
@@ -468,6 +476,11 @@ def test_stream_is_resumable_worker_independent_and_sharded(mixed):
     for k in range(6):
         assert torch.equal(next(workers), ref[k])
     del workers
+    # the start method the ComfyUI node picks (fork: its package is not importable by name elsewhere)
+    if "fork" in multiprocessing.get_all_start_methods():
+        forked = mixed.train_batches(4, num_workers=1, start_method="fork")
+        assert torch.equal(next(forked), ref[0])
+        del forked
     r0 = mixed.train_batches(4, rank=0, world_size=2)
     r1 = mixed.train_batches(4, rank=1, world_size=2)
     for k in range(3):  # rank r's batch k is global batch 2k + r: disjoint shards of one stream

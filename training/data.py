@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
 import dataclasses
@@ -416,7 +417,7 @@ class PatchDataset:
 
     def train_batches(self, batch_size: int, *, start_batch: int = 0, rank: int = 0, world_size: int = 1,
                       num_workers: int | None = None, pin_memory: bool = False,
-                      with_keys: bool = False) -> Iterator:
+                      with_keys: bool = False, start_method: str | None = None) -> Iterator:
         """Endless stream of training batches, (batch_size, 3, P, P) float32 in [-1, 1], CPU, not augmented.
         With ``with_keys``: (batch, keys) pairs, keys an int64 id per patch in grid mode (the same
         patch has the same id all run: the trainer's latent cache uses it) and None in random mode.
@@ -425,7 +426,8 @@ class PatchDataset:
         ``k * world_size + rank``, a function of (seed, that number) only: resuming with
         ``start_batch=k`` yields exactly the rest of the uninterrupted stream, for any
         ``num_workers`` (default ``cfg.num_workers``). ``pin_memory`` only acts when CUDA is
-        available.
+        available. ``start_method``: the workers' multiprocessing start method (default: Python's;
+        see :func:`worker_start_method`).
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise VAEFTError(f"batch_size must be a positive whole number, got {batch_size!r}")
@@ -443,7 +445,8 @@ class PatchDataset:
                 return iter(stream)
             return ((b[0].pin_memory(), b[1]) if with_keys else b.pin_memory() for b in stream)
         loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin,
-                            worker_init_fn=_worker_init, prefetch_factor=2)
+                            worker_init_fn=_worker_init, prefetch_factor=2,
+                            multiprocessing_context=start_method)
         return iter(loader)
 
     def val_patches(self, count: int, *, seed: int | None = None) -> torch.Tensor:
@@ -571,6 +574,19 @@ class _BatchStream(IterableDataset):
             batch = self.data._train_batch(g, self.batch_size)
             yield (batch, self.data._batch_keys(g, self.batch_size)) if self.with_keys else batch
             k += nw
+
+
+def worker_start_method(importable: bool, methods: list[str] | None = None) -> str | None:
+    """How loader workers can start, or None when they cannot (load in the main process then).
+
+    ``importable``: whether a fresh interpreter can import this package by its module name. Spawned
+    (or forkserver) workers re-import it; ComfyUI loads custom nodes under a file-path module name
+    that no other process can import, so there only "fork" works, and Windows has no fork.
+    """
+    if importable:
+        return None  # Python's default start method is fine
+    methods = multiprocessing.get_all_start_methods() if methods is None else methods
+    return "fork" if "fork" in methods else None
 
 
 def _worker_init(_: int) -> None:
