@@ -101,6 +101,7 @@ def test_export_filename():
     assert export_filename("fundus", 2000) == "vae-ft-fundus-2000.safetensors"
     assert export_filename("vae-ft-retina v2", 10) == "vae-ft-retina_v2-10.safetensors"
     assert export_filename("x.safetensors", 5) == "vae-ft-x-5.safetensors"
+    assert export_filename("vae-ft-", 7) == "vae-ft-7.safetensors"
 
 
 def test_dtype_is_checked(trained):

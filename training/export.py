@@ -47,8 +47,8 @@ def export_filename(name: str, steps: int) -> str:
     """``vae-ft-<name>-<steps>.safetensors``."""
     stem = safe_name(name)
     if stem.startswith("vae-ft-"):
-        stem = stem[len("vae-ft-"):]
-    return f"vae-ft-{stem}-{steps}.safetensors"
+        stem = stem[len("vae-ft-"):].strip("._-")
+    return f"vae-ft-{stem}-{steps}.safetensors" if stem else f"vae-ft-{steps}.safetensors"
 
 
 def build_metadata(result: TrainResult, dataset_summary: dict | None = None,
