@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..training.config import RECIPES, TrainConfig
 from ..training.data import augmenter, preview_patches, worker_start_method
 from ..training.export import ldm_state_dict
-from ..training.trainer import HISTORY_CURVES, Callbacks, fine_tune
+from ..training.trainer import Callbacks, fine_tune, history_curves
 from .common import Dataset, Trained, comfy_vae_to_training, config_inputs, input_values, ldm_to_comfy_vae
 
 log = logging.getLogger("vaeft")
@@ -109,17 +109,12 @@ class VAEFineTune(io.ComfyNode):
 
 def loss_map_of(history: list[dict]) -> dict:
     """LOSS_MAP for ComfyUI: "loss" (the total, what stock Plot Loss Graph draws) and the other training
-    terms over the logged steps ("steps"); validation scores over their own steps ("val_steps"), since
-    validation may run on steps that log no training loss (stock nodes cannot take NaN gaps)."""
-    train = [h for h in history if "total" in h]
-    val = [h for h in history if any(k.startswith("val_") for k in h)]
-    out = {"loss": [h["total"] for h in train], "steps": [h["step"] for h in train]}
-    for key in HISTORY_CURVES[1:]:
-        rows = val if key.startswith("val_") else train
-        if any(key in h for h in rows):
-            out[key] = [h.get(key, float("nan")) for h in rows]
-    if val:
-        out["val_steps"] = [h["step"] for h in val]
+    terms over "steps"; validation scores over "val_steps" (stock nodes cannot take NaN gaps)."""
+    values, steps = history_curves(history)
+    out = {"loss": values.pop("total", []), "steps": steps.pop("total", []), **values}
+    val_steps = [steps[k] for k in values if k.startswith("val_")]
+    if val_steps:
+        out["val_steps"] = val_steps[0]
     return out
 
 

@@ -52,7 +52,7 @@ def run_fit(args) -> int:
     from .data import DataConfig, augmenter, build_dataset, preview_patches
     from .export import export_vae
     from .plot import curve_image, save_png
-    from .trainer import HISTORY_CURVES, Callbacks, Distributed, fine_tune, pick_device
+    from .trainer import Callbacks, Distributed, fine_tune, history_curves, pick_device
     from .vae import load_vae
 
     cfg = config_from_args(args)
@@ -124,9 +124,7 @@ def run_fit(args) -> int:
             return 0
         path = export_vae(result, args.out, dataset_summary=summary, overwrite=args.overwrite)
         if args.loss_plot:
-            keys = [k for k in HISTORY_CURVES if any(k in h for h in result.history)]
-            series = {k: [h.get(k, float("nan")) for h in result.history] for k in keys}
-            save_png(curve_image(series, [h["step"] for h in result.history]), args.loss_plot)
+            save_png(curve_image(*history_curves(result.history)), args.loss_plot)
         print(json.dumps({"out": path, "steps": result.steps_done, "seconds": round(result.seconds, 1),
                           "micro_batch": result.micro_batch, "skipped_steps": result.skipped_steps,
                           "latent_cache_hits": result.latent_cache_hits,

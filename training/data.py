@@ -24,12 +24,12 @@ seeded order. Augmentation is separate (:func:`augment`), applied by the trainer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
-import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 

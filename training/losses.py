@@ -93,8 +93,9 @@ def _load_backbone(slices: torch.nn.Module, sd: dict, path: str) -> None:
         m = re.match(r"slice\d+\.(\d+)\.(weight|bias)$", name)
         if m:
             target[f"features.{m.group(1)}.{m.group(2)}"] = name
+    own = slices.state_dict()
     missing = [k for k in target if k not in sd]
-    wrong = [k for k in target if k in sd and sd[k].shape != slices.state_dict()[target[k]].shape]
+    wrong = [k for k in target if k in sd and sd[k].shape != own[target[k]].shape]
     if missing or wrong:
         raise VAEFTError(f"{path!r} is not a torchvision backbone for this LPIPS network "
                          f"({'missing ' + str(missing[:3]) if missing else 'other shapes: ' + str(wrong[:3])})")

@@ -54,6 +54,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
+def history_curves(history: list[dict]) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """(values, steps) per HISTORY_CURVES key present in a TrainResult.history: training terms over
+    the logged steps, validation scores over the steps they were scored at (validation may run on
+    steps that log no training loss, so the two sets of rows differ)."""
+    train = [h for h in history if "total" in h]
+    val = [h for h in history if any(k.startswith("val_") for k in h)]
+    values, steps = {}, {}
+    for key in HISTORY_CURVES:
+        rows = val if key.startswith("val_") else train
+        if any(key in h for h in rows):
+            values[key] = [h.get(key, float("nan")) for h in rows]
+            steps[key] = [h["step"] for h in rows]
+    return values, steps
+
+
 def frozen_digest(model: torch.nn.Module, trainable: str) -> str:
     """sha256 over every parameter and buffer that the given mode does not train."""
     prefixes = TRAINABLE_PREFIXES[trainable]
