@@ -52,7 +52,8 @@ def run_fit(args) -> int:
     from .data import DataConfig, augmenter, build_dataset, preview_patches
     from .export import export_vae
     from .plot import curve_image, save_png
-    from .trainer import Callbacks, Distributed, fine_tune, history_curves, pick_device
+    from .device import Distributed, pick_device
+    from .trainer import Callbacks, fine_tune, history_curves
     from .vae import load_vae
 
     cfg = config_from_args(args)

@@ -286,7 +286,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """
     from .data import DataConfig
     from .options import from_arguments
-    from .trainer import pick_device
+    from .device import pick_device
     from .vae import load_vae, reconstruct
 
     cfg = from_arguments(DataConfig, args)

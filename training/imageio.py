@@ -262,3 +262,24 @@ def orient(t: torch.Tensor, orientation: int) -> torch.Tensor:
     if orientation == 8:  # rotate 90° counter-clockwise
         return t.transpose(1, 2).flip(1)
     return t
+
+
+# ----- pixel scaling: the one place that knows 8- and 16-bit maxima and the [-1, 1] convention
+
+PIXEL_MAX = {torch.uint8: 255.0, torch.uint16: 65535.0}
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8/uint16 pixels (or float already in [0, 1]) -> float32 in [0, 1]."""
+    maxval = PIXEL_MAX.get(pixels.dtype)
+    return pixels.to(torch.float32) / maxval if maxval else pixels.to(torch.float32)
+
+
+def to_signed(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8/uint16 pixels (or float in [0, 1]) -> float32 in [-1, 1], the training convention."""
+    return to_unit(pixels) * 2 - 1
+
+
+def signed_to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clipped (for pictures and metrics)."""
+    return ((x + 1.0) * 0.5).clamp(0.0, 1.0)

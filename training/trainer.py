@@ -23,10 +23,12 @@ from typing import Callable
 import torch
 
 from .config import TrainConfig
+from .device import Distributed, pick_device
 from .errors import VAEFTError
 from .fused_norm import autocast_group_norms, fuse_vae_blocks, triton_available
 from .losses import (PatchDiscriminator, ReconstructionLoss, adaptive_gan_weight, hinge_d_loss, kl_divergence,
                      load_lpips)
+from .imageio import signed_to_unit
 from .vae import LdmLayout, LoadedVAE, reconstruct, state_dict_sha256
 
 # Parameter name prefixes (diffusers AutoencoderKL) trained in each mode.
@@ -34,7 +36,7 @@ TRAINABLE_PREFIXES = {
     "decoder": ("decoder.", "post_quant_conv."),
     "full": ("encoder.", "quant_conv.", "decoder.", "post_quant_conv."),
 }
-CHECKPOINT_FORMAT = "vaeft-checkpoint-1"
+CHECKPOINT_FORMAT = "vaeft-checkpoint-2"
 # History keys worth drawing as curves, in legend order.
 HISTORY_CURVES = ("total", "mse", "l1", "lpips", "kl", "latent", "g_loss", "d_loss", "val_mse", "val_lpips")
 # Fields a resumed run must share with the run that wrote the checkpoint (steps may grow).
@@ -115,46 +117,6 @@ class TrainResult:
                 f"latent_channels={self.model.config.latent_channels}, ema={self.used_ema})")
 
 
-@dataclass
-class Distributed:
-    """torchrun's view of this process; world_size 1 when not distributed."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> "Distributed":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def pick_device(name: str | None = None, dist: Distributed | None = None) -> torch.device:
-    """The device for ``name`` ("auto"/None: this process's GPU if there is one, else the CPU).
-    A bare "cuda" means this process's GPU, so that under torchrun each rank gets its own."""
-    if name and name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise VAEFTError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise VAEFTError(f"device {name!r} was asked for, but this PyTorch sees no CUDA GPU")
-            if device.index is None:
-                device = torch.device("cuda", dist.local_rank if dist else 0)
-            if device.index >= torch.cuda.device_count():
-                raise VAEFTError(f"device {str(device)!r} does not exist: this machine has "
-                                 f"{torch.cuda.device_count()} CUDA GPU(s)")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist.local_rank if dist else 0)
-    return torch.device("cpu")
-
-
 class _Reconstruct(torch.nn.Module):
     """encode -> latent -> decode as one forward(), so DistributedDataParallel can wrap it."""
 
@@ -205,10 +167,10 @@ class _LatentCache:
                 self.bytes += size
 
 
-def _step_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
-    """A generator seeded from (seed, step): augmentation and posterior noise of step k are the
+def _step_seed(seed: int, step: int) -> int:
+    """The seed of optimizer step ``step``: augmentation and posterior noise of step k are the
     same in an uninterrupted and a resumed run, with no RNG state to carry."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+    return (seed * 1_000_003 + step) % (2**63 - 1)
 
 
 def _largest_divisor_below(n: int, below: int) -> int:
@@ -235,11 +197,173 @@ def _out_of_memory_named(fn):
     return wrapper
 
 
+class EMA:
+    """Exponential moving average of the trained parameters, on their device, in fp32.
+
+    The decay warms up as in LDM's LitEma, ``min(decay, (1 + step) / (10 + step))``, so early
+    averages are not dominated by the base weights."""
+
+    def __init__(self, params: list[torch.Tensor], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, step: int, skip: torch.Tensor) -> None:
+        """Average in the weights after optimizer step ``step``; ``skip`` (0-dim, 0. or 1., on the
+        device) leaves the average unchanged for a skipped step without a host sync."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        # shadow += w * (p - shadow) with w kept on the device: _foreach_lerp_ takes only a Python
+        # number as weight, and turning ``skip`` into one would wait for the GPU every step.
+        w = (1.0 - decay) * (1.0 - skip)
+        delta = torch._foreach_sub([p.detach() for p in self.params], self.shadow)
+        torch._foreach_mul_(delta, w)
+        torch._foreach_add_(self.shadow, delta)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Within the block the parameters hold the averaged weights; the live ones come back after."""
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    def _swap(self) -> None:
+        for p, e in zip(self.params, self.shadow):
+            p.data, e.data = e.data, p.data
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for p, e in zip(self.params, self.shadow):
+            p.copy_(e)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [e.detach().cpu().clone() for e in self.shadow]
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: list[torch.Tensor]) -> None:
+        for e, t in zip(self.shadow, tensors):
+            e.copy_(t)
+
+
+@dataclass
+class LoopState:
+    """Everything the loop carries from step to step besides the weights and optimizers. The whole
+    of it goes into a checkpoint and comes back on resume: a new field is saved and restored
+    without another change. Device tensors are counted on the device (no host sync per step)."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    running: dict[str, torch.Tensor] = field(default_factory=dict)  # loss sums since the last log line
+    counts: dict[str, int] = field(default_factory=dict)  # steps each sum ran over (GAN terms: from disc_start)
+    skipped: torch.Tensor | None = None    # non-finite steps skipped so far
+    bad_run: torch.Tensor | None = None    # current streak of skipped steps
+    worst_run: torch.Tensor | None = None  # the longest streak since the last log line
+    best: dict = field(default_factory=lambda: {"score": float("inf"), "params": None, "step": 0})
+
+    @classmethod
+    def new(cls, device: torch.device) -> "LoopState":
+        zero = lambda: torch.zeros((), device=device)  # noqa: E731
+        return cls(skipped=zero(), bad_run=zero(), worst_run=zero())
+
+    def add(self, parts: dict[str, torch.Tensor], skip: torch.Tensor) -> None:
+        """Count one finished optimizer step: its loss terms and whether it was skipped."""
+        self.bad_run.mul_(skip).add_(skip)
+        torch.maximum(self.worst_run, self.bad_run, out=self.worst_run)
+        self.skipped.add_(skip)
+        for k, v in parts.items():
+            self.running[k] = self.running.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.step += 1
+
+    def log_line(self, lr: float) -> dict:
+        """Average each term over the steps it ran since the last line; append to the history."""
+        line = {k: float(v) / self.counts[k] for k, v in self.running.items()}
+        line.update(step=self.step, lr=lr)
+        if int(self.skipped):
+            line["skipped_steps"] = int(self.skipped)
+        self.history.append(line)
+        self.running, self.counts = {}, {}
+        return line
+
+    def consider_best(self, score: float, weights: list[torch.Tensor]) -> None:
+        """export_best: keep a CPU copy of ``weights`` when ``score`` (lower is better) is the best yet."""
+        if score < self.best["score"]:
+            self.best = {"score": score, "params": [t.detach().cpu().clone() for t in weights], "step": self.step}
+
+    def state_dict(self) -> dict:
+        return {f.name: _to_cpu(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: torch.device) -> "LoopState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        out = cls.new(device)
+        for k, v in state.items():
+            if k in names:
+                setattr(out, k, _to_device(v, device))
+        return out
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
+
+
+def _to_device(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
+
+
+@dataclass
+class _Step:
+    """What every optimizer step uses and no step changes (built once by :func:`fine_tune`)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    model: torch.nn.Module            # the AutoencoderKL being trained
+    module: torch.nn.Module           # _Reconstruct around it (DDP-wrapped / compiled as asked)
+    loss_fn: ReconstructionLoss
+    autocast: torch.autocast
+    dist: Distributed
+    channels_last: bool
+    augment: Callable | None = None
+    disc: torch.nn.Module | None = None
+    base_encoder: torch.nn.Module | None = None
+    cache: _LatentCache | None = None
+    callbacks: Callbacks = field(default_factory=Callbacks)
+
+
+def _batch_stream(batches, start: int, in_channels: int, local_batch: int):
+    """The caller's batches from optimizer step ``start`` on as one stream of (patches, keys or
+    None), each checked: (local_batch, in_channels, P, P), keys one per patch."""
+    items = batches(start) if callable(batches) else batches
+    for item in items:
+        x, keys = item if isinstance(item, (tuple, list)) else (item, None)
+        if keys is not None and len(keys) != x.shape[0]:
+            raise VAEFTError(f"a training batch has {x.shape[0]} patches but {len(keys)} keys")
+        if x.ndim != 4 or x.shape[1] != in_channels:
+            raise VAEFTError(f"training batches have shape {tuple(x.shape)} but this VAE takes "
+                             f"{in_channels}-channel images (B, C, H, W)")
+        if x.shape[0] != local_batch:
+            raise VAEFTError(f"a training batch has {x.shape[0]} patches; expected {local_batch}")
+        yield x, keys
+
+
 @_out_of_memory_named
 def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
               device: torch.device | str | None = None,
               lpips_net: torch.nn.Module | None = None,
-              augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+              augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
               preview_batch: torch.Tensor | None = None,
               val_batch: torch.Tensor | None = None,
               callbacks: Callbacks | None = None,
@@ -256,7 +380,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         (``cfg.latent_cache_mb``) and reused instead of encoding the patch again.
     lpips_net: a loaded LPIPS network; loaded from disk (see losses.load_lpips) when None
         and ``cfg.lpips_weight > 0``.
-    augment: applied to each batch on the device with the step's seeded generator.
+    augment: ``augment(batch, seed)``, applied to each batch on the device; ``seed`` is an int
+        fixed by (cfg.seed, rank, step), so a resumed run augments as an uninterrupted one.
     preview_batch: fixed BCHW [-1, 1] patches reconstructed every ``preview_every`` steps.
     val_batch: held-out BCHW [-1, 1] patches scored every ``val_every`` steps (the weights that
         would be exported: EMA when on); ``export_best`` keeps the best of them.
@@ -265,6 +390,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     dist: set when running under torchrun; the process group must already be initialised.
     data_signature: what determines ``batches``' order (data settings, image list), JSON-like;
         stored in checkpoints, and a resume with a different one is refused.
+    The global RNG of the calling process is left as it was.
     """
     callbacks = callbacks or Callbacks()
     dist = dist or Distributed()
@@ -281,16 +407,12 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
                          "(raise val_fraction, add images, or set val_every = 0)")
     if resume is not None and not callable(batches):
         raise VAEFTError("resuming needs batches as a function of the start step (to replay the data order)")
-    torch.manual_seed(cfg.seed)
 
+    # ---- model, precision, loss, optimizer
     base_digest = frozen_digest(vae.model, cfg.trainable)
     model = copy.deepcopy(vae.model).to(device)  # build_vae made it fp32: the master weights
-    prefixes = TRAINABLE_PREFIXES[cfg.trainable]
-    params = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(prefixes))
-        if p.requires_grad:
-            params.append(p)
+    params = [p for name, p in model.named_parameters()
+              if p.requires_grad_(name.startswith(TRAINABLE_PREFIXES[cfg.trainable])).requires_grad]
     on_cuda = device.type == "cuda"
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_cuda)
     fused, restore_modules = 0, None  # the norm swaps are made on our private copy only
@@ -304,108 +426,66 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    base_encoder = None
-    if cfg.latent_weight:
-        base_encoder = _Reconstruct(copy.deepcopy(vae.model).to(device).eval(), False, False)
-
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     if cfg.lpips_weight > 0 and lpips_net is None:
         lpips_net = load_lpips(cfg.lpips_net, cfg.lpips_backbone)
     if lpips_net is not None:
-        # a private copy: the caller's network keeps its device and dtype
-        lpips_net = copy.deepcopy(lpips_net).to(device).eval().requires_grad_(False)
-        if use_bf16:
-            lpips_net = lpips_net.to(torch.bfloat16)  # frozen: no reason to keep fp32 copies
-    loss_fn = ReconstructionLoss(cfg.mse_weight, cfg.l1_weight, cfg.lpips_weight, lpips_net)
-
-    step_module: torch.nn.Module = _Reconstruct(
-        model, cfg.trainable == "full", cfg.posterior == "sample",
-        torch.channels_last if channels_last else torch.contiguous_format)
-    disc = disc_opt = None
-    if cfg.gan_weight > 0:
-        torch.manual_seed(cfg.seed)  # same discriminator init on every rank
-        disc = PatchDiscriminator().to(device)
-        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0, fused=True)
+        # a private copy: the caller's network keeps its device and dtype; frozen, so bf16 under bf16
+        lpips_net = copy.deepcopy(lpips_net).to(device, torch.bfloat16 if use_bf16 else None).eval()
+        lpips_net.requires_grad_(False)
+    module: torch.nn.Module = _Reconstruct(model, cfg.trainable == "full", cfg.posterior == "sample",
+                                           torch.channels_last if channels_last else torch.contiguous_format)
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ids = [device.index] if on_cuda else None
-        step_module = DDP(step_module, device_ids=ids)
+        module = DDP(module, device_ids=[device.index] if on_cuda else None)
     if cfg.compile:
-        step_module = torch.compile(step_module)
-
-    opt = torch.optim.AdamW(params, lr=lr_at(0, cfg), weight_decay=cfg.weight_decay, fused=True)
-    ema = [p.detach().clone() for p in params] if cfg.ema else None
-    found_inf = torch.zeros((), device=device)
-    bad_run = torch.zeros((), device=device)   # consecutive skipped steps, counted on the device
-    worst_run = torch.zeros((), device=device)  # the longest such streak so far (read at logging steps)
-    skipped = torch.zeros((), device=device)
-
-    step = 0
-    history: list[dict] = []
-    # loss sums since the last log line, with how many steps each key was summed over (the GAN
-    # terms appear only from disc_start on)
-    running: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    best: dict = {"score": float("inf"), "params": None, "step": 0}  # export_best's pick so far
-    if resume is not None:
-        state = load_checkpoint(resume, vae.layout, cfg, dist.world_size, data_signature)
-        for p, t in zip(params, state["params"]):
-            p.data.copy_(t)
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            for e, t in zip(ema, state["ema"]):
-                e.copy_(t)
-        if disc is not None:
-            _unwrap(disc).load_state_dict(state["disc"])
-            disc_opt.load_state_dict(state["disc_optimizer"])
-        step, history = state["step"], state["history"]
-        skipped.fill_(state.get("skipped", 0))
-        for k, (total, n) in state.get("running", {}).items():
-            running[k], counts[k] = torch.tensor(total, dtype=torch.float32, device=device), n
-        best = state.get("best") or best
-    if callable(batches):
-        batches = batches(step)
-
-    micro = cfg.micro_batch or local_batch
-    cache = None
+        module = torch.compile(module)
+    s = _Step(cfg, device, model, module, ReconstructionLoss(cfg.mse_weight, cfg.l1_weight, cfg.lpips_weight,
+                                                             lpips_net),
+              autocast, dist, channels_last, augment, callbacks=callbacks)
+    if cfg.latent_weight:
+        s.base_encoder = _Reconstruct(copy.deepcopy(vae.model).to(device).eval(), False, False)
     if cfg.latent_cache_mb and cfg.trainable == "decoder" and augment is None:
-        cache = _LatentCache(cfg.latent_cache_mb * 2**20)
-    stopped = False
-    t0 = time.perf_counter()
-    while step < cfg.steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        if disc_opt is not None:
-            for g in disc_opt.param_groups:
+        s.cache = _LatentCache(cfg.latent_cache_mb * 2**20)
+    opt = torch.optim.AdamW(params, lr=lr_at(0, cfg), weight_decay=cfg.weight_decay, fused=True)
+    disc_opt = None
+    if cfg.gan_weight > 0:
+        with torch.random.fork_rng(devices=[]):  # the same init on every rank, the caller's RNG untouched
+            torch.manual_seed(cfg.seed)
+            s.disc = PatchDiscriminator().to(device)
+        disc_opt = torch.optim.AdamW(s.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0,
+                                     fused=True)
+    ema = EMA(params, cfg.ema_decay) if cfg.ema else None
+    state = LoopState.new(device)
+    if resume is not None:
+        ckpt = load_checkpoint(resume, vae.layout, cfg, dist.world_size, data_signature)
+        state = restore_checkpoint(ckpt, params, opt, ema, s.disc, disc_opt, device)
+    stream = _batch_stream(batches, state.step, model.config.in_channels, local_batch)
+
+    # ---- the loop
+    found_inf = torch.zeros((), device=device)
+    micro, stopped, t0 = cfg.micro_batch or local_batch, False, time.perf_counter()
+    while state.step < cfg.steps:
+        step = state.step
+        for o in (opt, disc_opt):
+            for g in (o.param_groups if o is not None else ()):
                 g["lr"] = lr_at(step, cfg)
-        x_all, keys = next(batches), None
-        if isinstance(x_all, (tuple, list)):
-            x_all, keys = x_all
-            if keys is not None and len(keys) != x_all.shape[0]:
-                raise VAEFTError(f"a training batch has {x_all.shape[0]} patches but {len(keys)} keys")
-        if x_all.ndim != 4 or x_all.shape[1] != model.config.in_channels:
-            raise VAEFTError(f"training batches have shape {tuple(x_all.shape)} but this VAE takes "
-                             f"{model.config.in_channels}-channel images (B, C, H, W)")
-        if x_all.shape[0] != local_batch:
-            raise VAEFTError(f"a training batch has {x_all.shape[0]} patches; expected {local_batch}")
-        while True:
+        x_all, keys = next(stream)
+        while True:  # retry the step at a smaller micro-batch when it runs out of GPU memory
             try:
-                parts, stopped = _accumulate(
-                    x_all, micro, step, cfg, device, step_module, loss_fn, augment, autocast, disc,
-                    base_encoder, model, callbacks, dist, channels_last,
-                    cache if keys is not None else None, keys)
+                parts, stopped = _accumulate(s, x_all, keys, step=step, micro=micro)
                 break
             except torch.OutOfMemoryError:
                 opt.zero_grad(set_to_none=True)
-                if disc is not None:
-                    disc.zero_grad(set_to_none=True)
-                smaller = _largest_divisor_below(local_batch, micro)
-                if cfg.micro_batch or not smaller:
+                if s.disc is not None:
+                    s.disc.zero_grad(set_to_none=True)
+                micro = _largest_divisor_below(local_batch, micro)
+                if cfg.micro_batch or not micro:
                     raise VAEFTError(
-                        f"out of GPU memory at micro-batch {micro} with {x_all.shape[-1]}² patches; "
-                        "turn on grad_checkpointing, lower patch_size, or set a smaller micro_batch") from None
-                micro = smaller
+                        f"out of GPU memory at micro-batch {cfg.micro_batch or local_batch} with "
+                        f"{x_all.shape[-1]}² patches; turn on grad_checkpointing, lower patch_size, or set "
+                        "a smaller micro_batch") from None
                 if on_cuda:
                     torch.cuda.empty_cache()
         if stopped:
@@ -415,62 +495,37 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         # so there is no host sync here; the count is read at logging steps.
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         found_inf.copy_(~torch.isfinite(norm))
-        opt.found_inf, opt.grad_scale = found_inf, None
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _fused_step(opt, found_inf)
         if ema is not None:
-            # Warm-started decay (as in LDM's LitEma) so early averages are not dominated by the base.
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            # ema += w * (p - ema), with w kept on the device: _foreach_lerp_ takes only a Python
-            # number as weight, and turning found_inf into one would wait for the GPU every step.
-            w = (1.0 - decay) * (1.0 - found_inf)
-            delta = torch._foreach_sub([p.detach() for p in params], ema)
-            torch._foreach_mul_(delta, w)
-            torch._foreach_add_(ema, delta)
-            del delta
+            ema.update(step, found_inf)
         if disc_opt is not None and step >= cfg.disc_start:
             if dist.world_size > 1:  # the discriminator is not DDP-wrapped: average its gradients here
-                for p in disc.parameters():
+                for p in s.disc.parameters():
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad)
                         p.grad.div_(dist.world_size)
-            d_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), float("inf"))
-            disc_opt.found_inf = torch.maximum((~torch.isfinite(d_norm)).float(), found_inf)
-            disc_opt.grad_scale = None
-            disc_opt.step()
-            disc_opt.zero_grad(set_to_none=True)
-        bad_run.mul_(found_inf).add_(found_inf)
-        torch.maximum(worst_run, bad_run, out=worst_run)
-        skipped.add_(found_inf)
-        for k, v in parts.items():
-            running[k] = running.get(k, 0.0) + v
-            counts[k] = counts.get(k, 0) + 1
-        step += 1
+            d_norm = torch.nn.utils.clip_grad_norm_(s.disc.parameters(), float("inf"))
+            _fused_step(disc_opt, torch.maximum((~torch.isfinite(d_norm)).float(), found_inf))
+        state.add(parts, found_inf)
+        step = state.step
 
         logged = None
         if step % cfg.log_every == 0 or step == cfg.steps:
-            logged = {k: float(v) / counts[k] for k, v in running.items()}
-            logged.update(step=step, lr=opt.param_groups[0]["lr"])
-            if int(skipped):
-                logged["skipped_steps"] = int(skipped)
-            history.append(logged)
-            running, counts = {}, {}
-            if int(worst_run) >= cfg.max_bad_steps:
+            logged = state.log_line(opt.param_groups[0]["lr"])
+            if int(state.worst_run) >= cfg.max_bad_steps:
                 raise VAEFTError(
-                    f"{int(worst_run)} consecutive steps had a non-finite loss or gradient (each was skipped); "
-                    "stopping. Lower lr, check the data for broken images, or use precision fp32")
+                    f"{int(state.worst_run)} consecutive steps had a non-finite loss or gradient (each was "
+                    "skipped); stopping. Lower lr, check the data for broken images, or use precision fp32")
         if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
-            scores = _validate(model, params, ema if cfg.export_ema else None, val_batch, device, autocast,
-                               lpips_net)
-            scores["step"] = step
+            swap = ema.swapped_in() if (ema is not None and cfg.export_ema) else contextlib.nullcontext()
+            with swap:  # scored with the weights that would be exported
+                scores = {f"val_{k}": v for k, v in _validate(model, val_batch, device, autocast, lpips_net).items()}
+                if cfg.export_best:
+                    state.consider_best(scores.get("val_lpips", scores["val_mse"]), params)
             if logged is not None:
-                logged.update({f"val_{k}": v for k, v in scores.items() if k != "step"})
+                logged.update(scores)
             else:
-                history.append({"step": step, **{f"val_{k}": v for k, v in scores.items() if k != "step"}})
-            key = scores.get("lpips", scores["mse"])
-            if cfg.export_best and key < best["score"]:
-                src = ema if (ema is not None and cfg.export_ema) else params
-                best = {"score": key, "params": [t.detach().cpu().clone() for t in src], "step": step}
+                state.history.append({"step": step, **scores})
         if callbacks.on_step:
             callbacks.on_step(step, cfg.steps, logged)
         if (callbacks.on_preview and preview_batch is not None and cfg.preview_every
@@ -479,97 +534,103 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         # a checkpoint path always gets the last step; checkpoint_every adds the ones in between
         if checkpoint_path and dist.is_main and (
                 (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps):
-            loop = {"history": history, "skipped": skipped, "running": running, "counts": counts, "best": best,
-                    "world_size": dist.world_size, "data_signature": data_signature}
-            save_checkpoint(checkpoint_path, _checkpoint_state(step, cfg, vae.layout, params, opt, ema, disc,
-                                                               disc_opt, loop))
+            save_checkpoint(checkpoint_path, checkpoint_state(cfg, vae.layout, params, opt, ema, s.disc, disc_opt,
+                                                              state, dist.world_size, data_signature))
 
-    used_ema = False
-    if ema is not None and cfg.export_ema and step > 0:
+    # ---- the weights to export: EMA, or export_best's pick
+    if ema is not None and cfg.export_ema and state.step > 0:
+        ema.copy_to_params()
+    if cfg.export_best and state.best["params"] is not None:
         with torch.no_grad():
-            for p, e in zip(params, ema):
-                p.copy_(e)
-        used_ema = True
-    best_step = None
-    if cfg.export_best and best["params"] is not None:
-        with torch.no_grad():
-            for p, b in zip(params, best["params"]):
+            for p, b in zip(params, state.best["params"]):
                 p.copy_(b)
-        best_step = best["step"]
     if cfg.grad_checkpointing:
         model.disable_gradient_checkpointing()
     if restore_modules is not None:
         restore_modules()
     model.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
-    return TrainResult(model=model, layout=vae.layout, config=cfg, steps_done=step, history=history,
+    return TrainResult(model=model, layout=vae.layout, config=cfg, steps_done=state.step, history=state.history,
                        stopped_early=stopped, frozen_digest=base_digest, seconds=time.perf_counter() - t0,
-                       used_ema=used_ema, micro_batch=micro, skipped_steps=int(skipped), best_step=best_step,
-                       fused_norms=fused, latent_cache_hits=cache.hits if cache is not None else 0)
+                       used_ema=ema is not None and cfg.export_ema and state.step > 0, micro_batch=micro,
+                       skipped_steps=int(state.skipped),
+                       best_step=state.best["step"] if cfg.export_best and state.best["params"] is not None else None,
+                       fused_norms=fused, latent_cache_hits=s.cache.hits if s.cache is not None else 0)
+
+
+def _fused_step(opt: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """One step of a fused AdamW, skipped on the device when ``skip`` (0-dim, 0./1.) is set.
+
+    PyTorch's fused Adam/AdamW kernels take ``found_inf``/``grad_scale`` from attributes of the
+    optimizer (the protocol ``torch.amp.GradScaler`` uses, ``_step_supports_amp_scaling``); a
+    test checks that a set flag still leaves the weights alone."""
+    opt.found_inf, opt.grad_scale = skip, None
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "module", module)
 
 
-def _accumulate(x_all, micro, step, cfg: TrainConfig, device, step_module, loss_fn, augment, autocast, disc,
-                base_encoder, model, callbacks: Callbacks, dist: Distributed, channels_last: bool,
-                cache: _LatentCache | None, keys: torch.Tensor | None):
-    """Forward/backward over the micro-batches of one optimizer step. Returns (loss parts, stopped)."""
-    gen = _step_generator(device, cfg.seed * max(1, dist.world_size) + dist.rank, step)
+def _accumulate(s: _Step, x_all: torch.Tensor, keys: torch.Tensor | None, *, step: int, micro: int
+                ) -> tuple[dict[str, torch.Tensor], bool]:
+    """Forward/backward over the micro-batches of optimizer step ``step``. Returns (loss parts
+    averaged over the batch, on the device; stopped)."""
+    cfg, device = s.cfg, s.device
+    seed = _step_seed(cfg.seed * max(1, s.dist.world_size) + s.dist.rank, step)
     x_all = x_all.to(device, non_blocking=True).float()
     if x_all.is_inference():  # ComfyUI hands over tensors made under inference_mode
         x_all = x_all.clone()
-    if augment is not None:
-        x_all = augment(x_all, gen)
-    if channels_last:
+    if s.augment is not None:
+        x_all = s.augment(x_all, seed)
+    if s.channels_last:
         x_all = x_all.contiguous(memory_format=torch.channels_last)
     chunks = x_all.split(micro)
+    cache = s.cache if keys is not None else None
     key_chunks = [k.tolist() for k in keys.split(micro)] if cache is not None else [None] * len(chunks)
+    gen = torch.Generator(device=device).manual_seed(seed) if cfg.posterior == "sample" else None
     parts_sum: dict[str, torch.Tensor] = {}
-    gan_on = disc is not None and step >= cfg.disc_start
+    gan_on = s.disc is not None and step >= cfg.disc_start
     for i, x in enumerate(chunks):
-        if callbacks.should_stop and callbacks.should_stop():
+        if s.callbacks.should_stop and s.callbacks.should_stop():
             return parts_sum, True
         share = x.shape[0] / x_all.shape[0]
-        last = i == len(chunks) - 1
-        sync = getattr(step_module, "no_sync", None)
-        ctx = sync() if (sync is not None and not last) else contextlib.nullcontext()
-        with ctx:
+        sync = getattr(s.module, "no_sync", None)  # DDP: all-reduce gradients on the last micro-batch only
+        with sync() if (sync is not None and i < len(chunks) - 1) else contextlib.nullcontext():
             noise = None
-            if cfg.posterior == "sample":
-                down = 2 ** (len(model.config.block_out_channels) - 1)
-                shape = (x.shape[0], model.config.latent_channels, x.shape[2] // down, x.shape[3] // down)
+            if gen is not None:
+                down = 2 ** (len(s.model.config.block_out_channels) - 1)
+                shape = (x.shape[0], s.model.config.latent_channels, x.shape[2] // down, x.shape[3] // down)
                 noise = torch.randn(shape, generator=gen, device=device)
             cached = cache.get(key_chunks[i]) if cache is not None else None
-            with autocast:
-                recon, mean, logvar = step_module(x, noise, cached)
+            with s.autocast:
+                recon, mean, logvar = s.module(x, noise, cached)
             if cache is not None and cached is None:
                 cache.put(key_chunks[i], mean, logvar)
-            with autocast:
-                rec_loss, parts = loss_fn(recon, x)
+            with s.autocast:
+                rec_loss, parts = s.loss_fn(recon, x)
                 loss = rec_loss
                 if cfg.kl_weight and cfg.trainable == "full":
                     kl = kl_divergence(mean.float(), logvar.float())
                     parts["kl"] = kl.detach()
                     loss = loss + cfg.kl_weight * kl
-                if base_encoder is not None:
+                if s.base_encoder is not None:
                     with torch.no_grad():
-                        _, base_mean, _ = base_encoder(x, None)
+                        _, base_mean, _ = s.base_encoder(x, None)
                     lat = torch.nn.functional.mse_loss(mean.float(), base_mean.float())
                     parts["latent"] = lat.detach()
                     loss = loss + cfg.latent_weight * lat
                 if gan_on:
-                    disc.requires_grad_(False)
-                    g_loss = -disc(recon).float().mean()
-                    w = adaptive_gan_weight(rec_loss, g_loss, _unwrap(step_module).vae.decoder.conv_out.weight,
-                                            cfg.gan_weight)
+                    s.disc.requires_grad_(False)
+                    g_loss = -s.disc(recon).float().mean()
+                    w = adaptive_gan_weight(rec_loss, g_loss, s.model.decoder.conv_out.weight, cfg.gan_weight)
                     parts["g_loss"], parts["gan_w"] = g_loss.detach(), w
                     loss = loss + w * g_loss
             (loss * share).backward()
             if gan_on:
-                disc.requires_grad_(True)
-                with autocast:
-                    d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
+                s.disc.requires_grad_(True)
+                with s.autocast:
+                    d_loss = hinge_d_loss(s.disc(x).float(), s.disc(recon.detach()).float())
                 (d_loss * share).backward()
                 parts["d_loss"] = d_loss.detach()
         parts["total"] = loss.detach()
@@ -579,14 +640,11 @@ def _accumulate(x_all, micro, step, cfg: TrainConfig, device, step_module, loss_
 
 
 @torch.no_grad()
-def _validate(model, params, ema, batch: torch.Tensor, device, autocast, lpips_net) -> dict[str, float]:
+def _validate(model, batch: torch.Tensor, device, autocast, lpips_net) -> dict[str, float]:
     """Mean MSE / PSNR / LPIPS of the posterior-mode reconstruction of held-out patches, scored
-    with the weights that would be exported (the EMA, swapped in and back, when given)."""
+    with the weights the model holds now."""
     from .metrics import psnr
 
-    if ema is not None:
-        for p, e in zip(params, ema):
-            p.data, e.data = e.data, p.data
     was_training = model.training
     model.eval()
     try:
@@ -608,9 +666,6 @@ def _validate(model, params, ema, batch: torch.Tensor, device, autocast, lpips_n
         return {k: v / n for k, v in out.items()}
     finally:
         model.train(was_training)
-        if ema is not None:
-            for p, e in zip(params, ema):
-                p.data, e.data = e.data, p.data
 
 
 @torch.no_grad()
@@ -621,7 +676,7 @@ def _preview(model, batch: torch.Tensor, device, autocast) -> torch.Tensor:
     with autocast:
         recon = reconstruct(model, x).float()
     model.train(was_training)
-    return ((torch.cat([x, recon]) + 1) / 2).clamp(0, 1).cpu()
+    return signed_to_unit(torch.cat([x, recon])).cpu()
 
 
 def check_frozen(result: TrainResult) -> None:
@@ -630,30 +685,41 @@ def check_frozen(result: TrainResult) -> None:
         raise VAEFTError("internal check failed: frozen weights changed during training; refusing to export")
 
 
-# ----- checkpoints: one dict (weights, optimizer, EMA, step, config), written atomically -----
+# ----- checkpoints: one dict (weights, optimizers, EMA, loop state, what fixes the data order) -----
 
-def _checkpoint_state(step, cfg, layout, params, opt, ema, disc, disc_opt, loop: dict) -> dict:
-    """One dict: the weights, optimizer, EMA, discriminator, and the loop's own state (``loop``:
-    history, skipped count, the unlogged loss sums and their counts, export_best's pick so far,
-    and what fixes the data order: the number of processes and the caller's data signature)."""
+def checkpoint_state(cfg: TrainConfig, layout: LdmLayout, params, opt, ema: EMA | None, disc, disc_opt,
+                     state: LoopState, world_size: int, data_signature: dict | None) -> dict:
+    """The checkpoint of a run at ``state.step``; :func:`restore_checkpoint` is its inverse."""
     return {
         "format": CHECKPOINT_FORMAT,
-        "step": step,
+        "step": state.step,
         "config": dataclasses.asdict(cfg),
         "base_sha256": layout.base_sha256,
         "param_shapes": [tuple(p.shape) for p in params],
         "params": [p.detach().cpu().clone() for p in params],
         "optimizer": opt.state_dict(),
-        "ema": [e.cpu().clone() for e in ema] if ema is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
         "disc": _unwrap(disc).state_dict() if disc is not None else None,
         "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else None,
-        "history": list(loop["history"]),
-        "skipped": int(loop["skipped"]),
-        "running": {k: (float(v), loop["counts"][k]) for k, v in loop["running"].items()},
-        "best": loop["best"] if loop["best"]["params"] is not None else None,
-        "world_size": loop["world_size"],
-        "data_signature": loop["data_signature"],
+        "loop": state.state_dict(),
+        "world_size": world_size,
+        "data_signature": data_signature,
     }
+
+
+@torch.no_grad()
+def restore_checkpoint(ckpt: dict, params, opt, ema: EMA | None, disc, disc_opt, device: torch.device
+                       ) -> LoopState:
+    """Load a checkpoint (from :func:`load_checkpoint`) into the run's objects; returns its loop state."""
+    for p, t in zip(params, ckpt["params"]):
+        p.copy_(t)
+    opt.load_state_dict(ckpt["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
+    if disc is not None:
+        _unwrap(disc).load_state_dict(ckpt["disc"])
+        disc_opt.load_state_dict(ckpt["disc_optimizer"])
+    return LoopState.from_state_dict(ckpt["loop"], device)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:

@@ -1,0 +1,57 @@
+"""Where things run: this process's device (one GPU per torchrun rank) and a module's device/dtype."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import VAEFTError
+
+
+@dataclass
+class Distributed:
+    """torchrun's view of this process; world_size 1 when not distributed."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_device(name: str | None = None, dist: Distributed | None = None) -> torch.device:
+    """The device for ``name`` ("auto"/None: this process's GPU if there is one, else the CPU).
+    A bare "cuda" means this process's GPU, so that under torchrun each rank gets its own."""
+    if name and name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise VAEFTError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise VAEFTError(f"device {name!r} was asked for, but this PyTorch sees no CUDA GPU")
+            if device.index is None:
+                device = torch.device("cuda", dist.local_rank if dist else 0)
+            if device.index >= torch.cuda.device_count():
+                raise VAEFTError(f"device {str(device)!r} does not exist: this machine has "
+                                 f"{torch.cuda.device_count()} CUDA GPU(s)")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank if dist else 0)
+    return torch.device("cpu")
+
+
+def model_place(model: torch.nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """(device, dtype) of a module's first parameter; (None, None) for a module without any."""
+    params = getattr(model, "parameters", None)
+    p = next(iter(params()), None) if callable(params) else None
+    return (p.device, p.dtype) if p is not None else (None, None)
