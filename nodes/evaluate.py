@@ -5,13 +5,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
-from ..training.errors import VAEFTError
-from ..training.evaluate import comparison_grid, format_table
-from ..training.metrics import evaluate_vaes, try_load_lpips
-from ..training.vae import reconstruct
+from ..training.evaluate import compare, evaluation_patches, format_table
+from ..training.metrics import try_load_lpips
 from .common import Dataset, comfy_vae_to_training, training_to_image
-
-SLOTS = ("vae_a", "vae_b", "vae_c", "vae_d")
 
 
 class VAEEvaluate(io.ComfyNode):
@@ -48,22 +44,11 @@ class VAEEvaluate(io.ComfyNode):
         device = mm.get_torch_device()
         with torch.inference_mode(False):
             models = {name: comfy_vae_to_training(v).model for name, v in given.items() if v is not None}
-            try:
-                x = dataset.val_patches(patches, seed=seed)
-                source = "validation images"
-            except VAEFTError:
-                x = next(iter(dataset.train_batches(patches, start_batch=0)))
-                source = "all images (the dataset has no validation split)"
+            x, info = evaluation_patches(dataset, patches, seed)
             net, availability = try_load_lpips(lpips_net)
-            kwargs = {"lpips_net": net} if net is not None else {"lpips_unavailable": availability["reason"]}
-            results = evaluate_vaes(models, x, device=device, **kwargs)
-            shown = x[:rows]
-            recons = []
-            for model in models.values():
-                model.to(device)
-                with torch.no_grad():
-                    recons.append(reconstruct(model, shown.to(device)).float().cpu())
-                model.to("cpu")
+            lpips = {"lpips_net": net} if net is not None else {"lpips_unavailable": availability["reason"]}
+            results, grid = compare(models, x, rows=rows, device=device, **lpips)
+        source = "validation images" if info["split"] == "validation" else \
+            "all images (the dataset has no validation split)"
         table = f"{len(x)} patches from {source}\n" + format_table(results)
-        grid = comparison_grid(shown, recons)
         return io.NodeOutput(table, training_to_image(grid), ui=ui.PreviewText(table))

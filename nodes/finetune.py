@@ -11,22 +11,12 @@ from comfy_api.latest import io
 from ..training.config import RECIPES, TrainConfig
 from ..training.data import augmenter, preview_patches, worker_start_method
 from ..training.export import ldm_state_dict
+from ..training.plot import image_grid, to_pil
 from ..training.trainer import Callbacks, fine_tune, history_curves
 from .common import Dataset, Trained, comfy_vae_to_training, config_inputs, input_values, ldm_to_comfy_vae
 
 log = logging.getLogger("vaeft")
 NODE_ORDER = ("recipe", "steps", "lr", "batch_size", "lpips_weight", "ema", "seed")
-
-
-def _preview_image(images: torch.Tensor):
-    """(2N, 3, H, W) [0, 1] (inputs then reconstructions) -> a PIL image for the progress display."""
-    from PIL import Image
-
-    from ..training.plot import image_grid
-
-    grid = image_grid(images, rows=2)
-    arr = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype("uint8")
-    return Image.fromarray(arr)
 
 
 class VAEFineTune(io.ComfyNode):
@@ -73,7 +63,7 @@ class VAEFineTune(io.ComfyNode):
                              ", ".join(f"{k}={v:.5f}" for k, v in losses.items() if k not in ("step",)))
 
             def on_preview(step, images):
-                pbar.update_absolute(step, cfg.steps, ("JPEG", _preview_image(images), 768))
+                pbar.update_absolute(step, cfg.steps, ("JPEG", to_pil(image_grid(images, rows=2)), 768))
 
             pin = device.type == "cuda"
             workers, method = dataset.cfg.num_workers, None

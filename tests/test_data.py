@@ -19,9 +19,10 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from training import imageio as tio  # noqa: E402
 from training.data import (  # noqa: E402
-    DataConfig, add_patches_command, augment, build_dataset, from_tensor, grid_positions, run_patches,
+    DataConfig, augment, build_dataset, from_tensor, grid_positions,
     worker_start_method,
 )
+from training.cli import add_patches_command, run_patches  # noqa: E402
 from training.errors import VAEFTError  # noqa: E402
 
 P = 64  # patch size for most tests: small keeps the file fast

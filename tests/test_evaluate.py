@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from training import cli
 from training import evaluate as E
 from training import metrics as M
 from training.errors import VAEFTError
@@ -128,7 +129,7 @@ def test_comparison_grid_and_heat_map(patches):
 
 def _parser():
     parser = argparse.ArgumentParser()
-    E.add_eval_command(parser.add_subparsers(dest="command", required=True))
+    cli.add_eval_command(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
@@ -147,7 +148,7 @@ def folders(tmp_path_factory):
 
 def _run(argv, capsys):
     args = _parser().parse_args(["eval"] + argv)
-    assert args.func is E.run_eval
+    assert args.func is cli.run_eval
     assert args.func(args) == 0
     out = capsys.readouterr().out.strip()
     assert out.count("\n") == 0  # exactly one JSON object
@@ -155,7 +156,7 @@ def _run(argv, capsys):
 
 
 def test_eval_command_end_to_end(vae_files, folders, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(E, "try_load_lpips", functools.partial(M.try_load_lpips, random_backbone=True))
+    monkeypatch.setattr(M, "try_load_lpips", functools.partial(M.try_load_lpips, random_backbone=True))
     out_json, grid = tmp_path / "eval.json", tmp_path / "grid.png"
     res = _run(["--vae", vae_files["base"], "--vae", vae_files["tuned"], "--data", folders["data"],
                 "--general", folders["general"], "--patch-size", str(P), "--count", "5", "--seed", "3",
@@ -214,20 +215,16 @@ def test_eval_errors(vae_files, folders, tmp_path):
     args = parser.parse_args(["eval", "--vae", str(tmp_path / "missing.safetensors"), "--data", folders["data"],
                               "--patch-size", str(P)])
     with pytest.raises(VAEFTError, match="does not exist"):
-        E.run_eval(args)
+        cli.run_eval(args)
     args = parser.parse_args(["eval", "--vae", vae_files["base"], "--data", folders["data"], "--patch-size", "30"])
     with pytest.raises(VAEFTError, match="multiple of 8"):
-        E.run_eval(args)
+        cli.run_eval(args)
 
 
 def test_vae_names_unique():
-    assert list(E._vae_names(["a/x.safetensors", "b/x.safetensors", "y.ckpt"])) == ["x", "x-2", "y"]
+    assert list(cli._vae_names(["a/x.safetensors", "b/x.safetensors", "y.ckpt"])) == ["x", "x-2", "y"]
 
 
 def test_registered_in_package_cli():
-    if not os.path.exists(os.path.join(os.path.dirname(E.__file__), "cli.py")):
-        pytest.skip("no package CLI in this checkout")
-    from training import cli
-
     args = cli.build_parser().parse_args(["eval", "--vae", "v.safetensors", "--data", "d"])
-    assert args.func is E.run_eval and args.count == 64 and args.lpips_net == "alex"
+    assert args.func is cli.run_eval and args.count == 64 and args.lpips_net == "alex"

@@ -1,4 +1,5 @@
-"""``python -m training <command>``: fit, patches, eval — thin layers over the library.
+"""``python -m training <command>``: fit, patches, eval, demo. The one command-line layer: each
+subcommand's parser and runner live here, over library functions (no other module imports argparse).
 
     python -m training fit --vae BASE.safetensors --data DIR --out OUT.safetensors \
         --steps N --patch-size P --batch-size B
@@ -10,8 +11,10 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
+from typing import Any
 
 from .config import TrainConfig
 from .errors import VAEFTError
@@ -119,8 +122,6 @@ def run_fit(args) -> int:
             resume=args.resume, checkpoint_path=checkpoint, dist=dist, data_signature=data.order_signature())
         if bar is not None:
             bar.close()
-        if os.environ.get("VAEFT_REPORT_DIGEST"):  # tests: show that every rank ends with the same weights
-            print(json.dumps({"rank": dist.rank, "decoder_digest": _decoder_digest(result.model)}), file=sys.stderr)
         if not dist.is_main:
             return 0
         path = export_vae(result, args.out, dataset_summary=summary, overwrite=args.overwrite)
@@ -129,7 +130,7 @@ def run_fit(args) -> int:
         print(json.dumps({"out": path, "steps": result.steps_done, "seconds": round(result.seconds, 1),
                           "micro_batch": result.micro_batch, "skipped_steps": result.skipped_steps,
                           "latent_cache_hits": result.latent_cache_hits,
-                          "checkpoint": checkpoint, "best_step": result.best_step, "final": result.history[-1] if result.history else None}))
+                          "checkpoint": checkpoint, "best_step": result.best_step, "rank_digests": result.rank_digests, "final": result.history[-1] if result.history else None}))
         return 0
     finally:
         if dist.world_size > 1:
@@ -145,37 +146,222 @@ def _write_preview(folder: str, step: int, images) -> None:
     save_png(image_grid(images, rows=2), os.path.join(folder, f"preview-{step:07d}.png"))
 
 
-def _decoder_digest(model) -> str:
-    from .vae import state_dict_sha256
+# ----------------------------------------------------------------------------- patches
 
-    return state_dict_sha256({k: v for k, v in model.state_dict().items() if k.startswith("decoder.")})
+def add_patches_command(sub) -> None:
+    """``patches``: inspect a dataset (summary, sample stats, preview PNG)."""
+    from .data import DataConfig
+
+    p = sub.add_parser("patches", help="scan a folder, sample patches, print one JSON summary",
+                       description="Scan a folder of images as training would, sample patches and "
+                                   "print one JSON object: the dataset summary plus stats of "
+                                   "--count sampled patches (the first training batch).")
+    p.add_argument("--data", required=True, help="folder of training images")
+    p.add_argument("--count", type=int, default=16, help="patches to sample for stats and the preview (default: 16)")
+    p.add_argument("--preview", default=None, help="write a PNG grid of sampled patches with foreground outlines")
+    p.add_argument("--json", action="store_true", help="output is always one JSON object (accepted for symmetry)")
+    add_arguments(p, DataConfig)
+    p.set_defaults(func=run_patches)
+
+
+def run_patches(args) -> int:
+    from .data import DataConfig, build_dataset
+    from .plot import save_png
+
+    cfg = from_arguments(DataConfig, args)
+    if args.count < 1:
+        raise VAEFTError(f"--count must be at least 1, got {args.count}")
+    data = build_dataset(args.data, cfg)
+    out = dict(data.summary())
+    batch = data.inspect_batch(0, args.count)  # = the first training batch
+    x, masks = batch["patches"], batch["foreground"]
+    out["sample"] = {
+        "count": x.shape[0],
+        "shape": list(x.shape),
+        "min": round(float(x.min()), 4),
+        "max": round(float(x.max()), 4),
+        "mean_rgb": [round(v, 4) for v in x.mean(dim=(0, 2, 3)).tolist()],
+        "std_rgb": [round(v, 4) for v in x.std(dim=(0, 2, 3)).tolist()],
+        "foreground": None if masks is None else [round(v, 4) for v in masks.float().mean(dim=(1, 2)).tolist()],
+        "images": batch["images"],
+    }
+    out["preview"] = None
+    if args.preview:
+        os.makedirs(os.path.dirname(os.path.abspath(args.preview)), exist_ok=True)
+        save_png(data.preview(args.count, seed=cfg.seed), args.preview)
+        out["preview"] = args.preview
+    print(json.dumps(out))
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+def add_eval_command(sub) -> None:
+    """``eval``: compare VAEs on the same seeded patches (see training/evaluate.py)."""
+    from .data import DataConfig
+    from .evaluate import DATA_FLAGS
+
+    p = sub.add_parser(
+        "eval", help="compare VAEs on the same seeded patches (PSNR, SSIM, LPIPS, CIEDE2000, colour shift)",
+        description="Encode and decode the same seeded patches with every --vae and print one JSON "
+                    "object of metrics (mean and std over patches). Use the --seed and --val-fraction "
+                    "of the fit run to evaluate on its held-out validation images.")
+    p.add_argument("--vae", action="append", required=True, metavar="PATH",
+                   help="VAE file; repeat to compare several (each named by its file stem; the first is "
+                        "the reference for --general deltas)")
+    p.add_argument("--data", required=True, metavar="DIR", help="folder of images like those fine-tuned on")
+    p.add_argument("--general", metavar="DIR", help="optional folder of other (general) images, to measure harm")
+    p.add_argument("--count", type=int, default=64, help="patches per folder (default: 64)")
+    p.add_argument("--batch-size", type=int, default=8, help="patches per forward pass (default: 8)")
+    p.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"), help="LPIPS backbone (default: alex)")
+    p.add_argument("--lpips-backbone", metavar="PATH",
+                   help="torchvision ImageNet weights for LPIPS (default: torchvision's cache); never downloaded")
+    p.add_argument("--inception", metavar="PATH",
+                   help="Inception v3 weights for rFID (default: torch hub cache); rFID is skipped without them")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--json", nargs="?", const="", default=None, metavar="PATH",
+                   help="also write the JSON object to PATH (stdout is always one JSON object; a bare --json "
+                        "is accepted for symmetry with other commands)")
+    p.add_argument("--grid", metavar="PATH", help="also write a PNG: original | each VAE | error heat map "
+                                                   "for the first 4 patches of --data")
+    p.add_argument("--full-image", metavar="PATH", help="also reconstruct this whole image in tiles and report "
+                                                         "seams along tile borders")
+    p.add_argument("--tile", type=int, default=512, help="tile size for --full-image, px (default: 512)")
+    p.add_argument("--overlap", type=int, default=64, help="tile overlap for --full-image, px (default: 64)")
+    add_arguments(p, DataConfig, skip=tuple(f.name for f in dataclasses.fields(DataConfig) if f.name not in DATA_FLAGS))
+    p.set_defaults(func=run_eval)
+
+
+def _vae_names(paths: list[str]) -> dict[str, str]:
+    """name (file stem, made unique with -2, -3, ...) -> path."""
+    names: dict[str, str] = {}
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0] or "vae"
+        name, k = stem, 2
+        while name in names:
+            name, k = f"{stem}-{k}", k + 1
+        names[name] = path
+    return names
+
+
+def _finite(obj):
+    """JSON-safe: NaN/inf floats become None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def run_eval(args) -> int:
+    """Print one JSON object: {"patch_size", "seed", "count", "vaes": {name: path}, "sources":
+    {"data": {...}, "general": {...}}, "data": {name: {metric: {"mean", "std"}, "patches": n, ...}},
+    "general": {...} (with --general), "general_delta" / "data_delta" (with 2+ VAEs), "lpips" and
+    "rfid": availability, "grid" (with --grid), "full_image": {...} (with --full-image), "notes": [...]}."""
+    from .data import DataConfig
+    from .device import pick_device
+    from .evaluate import compare, eval_patches, full_image_report, metric_deltas
+    from .imageio import ImageReadError, read_image, to_signed
+    from .metrics import latent_channels, load_inception, try_load_lpips
+    from .plot import save_png
+    from .vae import load_vae
+
+    cfg = from_arguments(DataConfig, args)
+    if args.count < 1:
+        raise VAEFTError(f"--count must be at least 1, got {args.count}")
+    if args.batch_size < 1:
+        raise VAEFTError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.full_image and not os.path.isfile(args.full_image):
+        raise VAEFTError(f"--full-image {args.full_image!r} does not exist")
+    for flag, path in (("--json", args.json), ("--grid", args.grid)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise VAEFTError(f"the folder of {flag} {path!r} does not exist")
+    device = pick_device(args.device)
+    names = _vae_names(args.vae)
+    vaes = {name: load_vae(path).model for name, path in names.items()}
+
+    lpips_net, lpips_info = try_load_lpips(args.lpips_net, args.lpips_backbone)
+    inception, rfid_info = load_inception(args.inception)
+    if inception is not None:
+        rfid_info["note"] = ("rFID over few patches is biased upward (it is meant for thousands); compare "
+                             "values only between VAEs of this run")
+    common = dict(lpips_net=lpips_net, lpips_unavailable='see "lpips" at the top level', inception=inception,
+                  rfid_unavailable='see "rfid" at the top level', batch_size=args.batch_size, device=device)
+
+    out: dict[str, Any] = {"patch_size": cfg.patch_size, "seed": cfg.seed, "count": args.count,
+                           "vaes": names, "sources": {}, "lpips": lpips_info, "rfid": rfid_info}
+    notes: list[str] = []
+    latents = {n: latent_channels(m) for n, m in vaes.items()}
+    if len(set(latents.values())) > 1:
+        notes.append(f"the VAEs have different latent layouts ({latents} latent channels): each encodes and "
+                     "decodes its own latents, so these reconstruction metrics are comparable, but their "
+                     "latents are not interchangeable and cannot be compared with each other")
+
+    patches, out["sources"]["data"] = eval_patches(args.data, cfg, args.count, use_validation=True)
+    out["data"], grid = compare(vaes, patches, rows=4 if args.grid else 0, **common)
+    if args.general:
+        # the masks of --mask-dir belong to --data's images
+        gpatches, out["sources"]["general"] = eval_patches(args.general, dataclasses.replace(cfg, mask_dir=None),
+                                                           args.count, use_validation=False)
+        out["general"], _ = compare(vaes, gpatches, **common)
+        if len(vaes) > 1:
+            out["general_delta"] = metric_deltas(out["general"], next(iter(vaes)))
+    if len(vaes) > 1:
+        out["data_delta"] = metric_deltas(out["data"], next(iter(vaes)))
+    if grid is not None:
+        save_png(grid, args.grid)
+        out["grid"] = {"path": args.grid, "columns": ["original"] + list(vaes) + [f"|{list(vaes)[-1]} - original|"]}
+    if args.full_image:
+        try:
+            image = to_signed(read_image(args.full_image).pixels)[None]
+        except ImageReadError as e:
+            raise VAEFTError(f"--full-image {args.full_image!r}: {e}") from None
+        out["full_image"] = full_image_report(vaes, image, args.full_image, args.tile, args.overlap, device)
+    out["notes"] = notes
+    text = json.dumps(_finite(out))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+def add_demo_command(sub) -> None:
+    """``demo``: a random-init VAE and synthetic fundus-like images to try the tool on."""
+    p = sub.add_parser("demo", help="write a random-init VAE and synthetic fundus-like images to try the tool")
+    p.add_argument("--out", default="demo", help="folder to write into")
+    p.add_argument("--images", type=int, default=6, help="number of images")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels")
+    p.add_argument("--latent-channels", type=int, default=4, help="4 (SD1/2/XL layout) or 16 (SD3/Flux layout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> int:
+    from .demo import write_demo
+
+    print(json.dumps(write_demo(args.out, args.images, args.size, args.latent_channels, args.seed)))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training",
                                      description="Fine-tune the Stable Diffusion kl-f8 VAE on your own images.")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_fit_command(sub)
-    from .data import add_patches_command
-    from .demo import add_demo_command
-
-    add_demo_command(sub)
-
-    add_patches_command(sub)
-    from .evaluate import add_eval_command
-
-    add_eval_command(sub)
+    for add in (add_fit_command, add_demo_command, add_patches_command, add_eval_command):
+        add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    func = getattr(args, "func", None)
-    if func is None:
-        parser.error(f"command {args.command!r} has no handler")
     try:
-        return int(func(args) or 0)
+        return int(args.func(args) or 0)
     except VAEFTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,6 @@ seeded order. Augmentation is separate (:func:`augment`), applied by the trainer
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -39,8 +38,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import VAEFTError
-from .imageio import ALPHA_POLICY, IMAGE_EXTENSIONS, Decoded, ImageReadError, is_image_name, read_image
-from .options import add_arguments, from_arguments, option, validate
+from .imageio import (ALPHA_POLICY, IMAGE_EXTENSIONS, PIXEL_MAX, Decoded, ImageReadError, is_image_name, read_image,
+                      signed_to_unit, to_unit)
+from .options import option, validate
+from .plot import image_grid
 
 CELL = 8  # foreground-map cell and patch-corner lattice, in pixels (the VAE's downsampling factor)
 LUMA = (0.299, 0.587, 0.114)  # Rec. 601 weights, as kornia.color.rgb_to_grayscale
@@ -111,15 +112,6 @@ def luminance(rgb: torch.Tensor) -> torch.Tensor:
     return LUMA[0] * rgb[..., 0, :, :] + LUMA[1] * rgb[..., 1, :, :] + LUMA[2] * rgb[..., 2, :, :]
 
 
-def to_unit(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8/uint16 (or float [0,1]) tensor -> float32 in [0, 1]."""
-    if pixels.dtype == torch.uint8:
-        return pixels.to(torch.float32) / 255.0
-    if pixels.dtype == torch.uint16:
-        return pixels.to(torch.float32) / 65535.0
-    return pixels.to(torch.float32)
-
-
 def foreground_mask(pixels: torch.Tensor, threshold: float, rows: int = 512) -> torch.Tensor:
     """(3, H, W) uint8/uint16 -> (H, W) bool, luminance > threshold. Row blocks bound the float copy."""
     out = torch.empty(pixels.shape[1:], dtype=torch.bool)
@@ -166,22 +158,10 @@ def grid_positions(length: int, patch: int, overlap: int) -> list[int]:
 
 def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bicubic resize of a (3, H, W) uint8/uint16 image to ``size``, same dtype."""
-    maxval = 255.0 if pixels.dtype == torch.uint8 else 65535.0
+    maxval = PIXEL_MAX[pixels.dtype]
     x = F.interpolate(pixels.to(torch.float32)[None], size=size, mode="bicubic", align_corners=False,
                       antialias=True)[0]
     return x.clamp(0, maxval).round().to(pixels.dtype)
-
-
-def tile(images: torch.Tensor, pad: int = 2, value: float = 1.0) -> torch.Tensor:
-    """(N, 3, H, W) -> (3, rows*(H+pad)+pad, cols*(W+pad)+pad), near-square grid, row-major."""
-    n, c, h, w = images.shape
-    cols = max(1, math.ceil(math.sqrt(n)))
-    rows = max(1, math.ceil(n / cols))
-    out = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), value, dtype=images.dtype)
-    for i in range(n):
-        y, x = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
-        out[:, y:y + h, x:x + w] = images[i]
-    return out
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -299,7 +279,6 @@ class PatchDataset:
     def _extract(self, specs: list[_Spec]) -> torch.Tensor:
         """Specs -> (n, 3, P, P) float32 in [-1, 1]; each uncached image is read once."""
         p = self.cfg.patch_size
-        maxval = {torch.uint8: 255.0, torch.uint16: 65535.0}
         out = torch.empty((len(specs), 3, p, p), dtype=torch.float32)
         for i in sorted(set(s.img for s in specs)):
             pix = self._pixels(i)
@@ -312,7 +291,7 @@ class PatchDataset:
                                          antialias=True)[0].clamp_(0, 1)
                     torch.addcmul(torch.tensor(-1.0), crop, torch.tensor(2.0), out=out[j])
                 else:  # in place: integer -> float copy, scale, shift (max / (max / 2) is exactly 2)
-                    out[j].copy_(crop).div_(maxval[pix.dtype] / 2).sub_(1.0)
+                    out[j].copy_(crop).div_(PIXEL_MAX[pix.dtype] / 2).sub_(1.0)
         return out
 
     # -- sampling ----------------------------------------------------------------------------
@@ -449,6 +428,21 @@ class PatchDataset:
                             multiprocessing_context=start_method)
         return iter(loader)
 
+    def patches_at(self, batch: int, count: int) -> torch.Tensor:
+        """Training batch ``batch`` at batch size ``count`` (the ``batch``-th item of
+        ``train_batches(count)``): (count, 3, P, P) float32 in [-1, 1], not augmented, read here
+        (no loader workers)."""
+        return self._train_batch(batch, count)
+
+    def inspect_batch(self, batch: int, count: int) -> dict:
+        """Training batch ``batch`` at batch size ``count`` with what each patch was cut from:
+        {"patches": (n, 3, P, P) in [-1, 1], "foreground": (n, P, P) bool or None when masking is
+        off, "images": relative name per patch}."""
+        specs = self._batch_specs(batch, count)
+        x = self._extract(specs)
+        return {"patches": x, "foreground": self._patch_masks(specs, signed_to_unit(x)),
+                "images": [self._images[s.img].name for s in specs]}
+
     def val_patches(self, count: int, *, seed: int | None = None) -> torch.Tensor:
         """(n, 3, P, P) float32 in [-1, 1] from validation images only, n <= count.
 
@@ -475,13 +469,13 @@ class PatchDataset:
         import kornia
 
         specs = self._sample_specs(max(1, count), seed, _PREVIEW)
-        x = (self._extract(specs) + 1) / 2
+        x = signed_to_unit(self._extract(specs))
         masks = self._patch_masks(specs, x)
         if masks is not None:
             edge = kornia.morphology.gradient(masks[:, None].float(), torch.ones(3, 3))[:, 0] > 0
             red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
             x = torch.where(edge[:, None], red, x)
-        return tile(x)
+        return image_grid(x, pad=2, margin=2)
 
     def _patch_masks(self, specs: list[_Spec], x01: torch.Tensor) -> torch.Tensor | None:
         """(n, P, P) bool foreground of extracted patches, or None when masking is off."""
@@ -914,61 +908,9 @@ def augment(batch: torch.Tensor, cfg: DataConfig, generator: torch.Generator | i
     return x
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI: python -m training patches ...
-
-
-def add_patches_command(subparsers) -> None:
-    """Register the ``patches`` subcommand (inspect a dataset: summary, sample stats, preview PNG)."""
-    p = subparsers.add_parser("patches", help="scan a folder, sample patches, print one JSON summary",
-                              description="Scan a folder of images as training would, sample patches and "
-                                          "print one JSON object: the dataset summary plus stats of "
-                                          "--count sampled patches (the first training batch).")
-    p.add_argument("--data", required=True, help="folder of training images")
-    p.add_argument("--count", type=int, default=16, help="patches to sample for stats and the preview (default: 16)")
-    p.add_argument("--preview", default=None, help="write a PNG grid of sampled patches with foreground outlines")
-    p.add_argument("--json", action="store_true", help="output is always one JSON object (accepted for symmetry)")
-    add_arguments(p, DataConfig)
-    p.set_defaults(func=run_patches)
-
-
-def run_patches(args: argparse.Namespace) -> int:
-    """Run ``patches``: print one JSON object; VAEFTError propagates to the CLI's handler."""
-    cfg = from_arguments(DataConfig, args)
-    if args.count < 1:
-        raise VAEFTError(f"--count must be at least 1, got {args.count}")
-    data = build_dataset(args.data, cfg)
-    out = dict(data.summary())
-    specs = data._batch_specs(0, args.count)  # = the first training batch
-    x = data._extract(specs)
-    masks = data._patch_masks(specs, (x + 1) / 2)
-    out["sample"] = {
-        "count": len(specs),
-        "shape": list(x.shape),
-        "min": round(float(x.min()), 4),
-        "max": round(float(x.max()), 4),
-        "mean_rgb": [round(v, 4) for v in x.mean(dim=(0, 2, 3)).tolist()],
-        "std_rgb": [round(v, 4) for v in x.std(dim=(0, 2, 3)).tolist()],
-        "foreground": None if masks is None else [round(v, 4) for v in masks.float().mean(dim=(1, 2)).tolist()],
-        "images": [data._images[s.img].name for s in specs],
-    }
-    out["preview"] = None
-    if args.preview:
-        from PIL import Image
-
-        grid = data.preview(args.count, seed=cfg.seed)
-        folder = os.path.dirname(os.path.abspath(args.preview))
-        os.makedirs(folder, exist_ok=True)
-        arr = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-        Image.fromarray(arr).save(args.preview)
-        out["preview"] = args.preview
-    print(json.dumps(out))
-    return 0
-
-
 def preview_patches(data: PatchDataset, count: int = 4, seed: int = 0) -> torch.Tensor:
     """Fixed patches to watch during training, (n, 3, P, P) in [-1, 1]: held-out ones when the dataset
     has validation images, else patches from far along the training stream (rarely trained on early)."""
     if data.summary().get("val_images"):
         return data.val_patches(count, seed=seed)
-    return next(iter(data.train_batches(count, start_batch=10**6)))[:count]
+    return data.patches_at(10**6, count)

@@ -8,7 +8,6 @@ photographs this tool was first built for). Nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -77,14 +76,3 @@ def write_demo(out: str, images: int = 6, size: int = 512, latent_channels: int 
         Image.fromarray(fundus_like(size, rng)).save(p)
         paths.append(p)
     return {"vae": vae_path, "images": os.path.join(out, "images"), "count": len(paths)}
-
-
-def add_demo_command(sub) -> None:
-    p = sub.add_parser("demo", help="write a random-init VAE and synthetic fundus-like images to try the tool")
-    p.add_argument("--out", default="demo", help="folder to write into")
-    p.add_argument("--images", type=int, default=6, help="number of images")
-    p.add_argument("--size", type=int, default=512, help="image side in pixels")
-    p.add_argument("--latent-channels", type=int, default=4, help="4 (SD1/2/XL layout) or 16 (SD3/Flux layout)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=lambda a: print(json.dumps(write_demo(a.out, a.images, a.size, a.latent_channels,
-                                                               a.seed))) or 0)

@@ -28,17 +28,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .device import model_place, pick_device
 from .errors import VAEFTError
+from .imageio import signed_to_unit
+from .vae import reconstruct
 
 PSNR_MAX_DB = 100.0  # PSNR of identical images (MSE floor 1e-10) instead of +inf
 SSIM_WINDOW = 11
 # File names of Inception v3 weights we accept for rFID, searched in <torch hub dir>/checkpoints/.
 INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d.pth", "inception_v3_google-0cc3c7bd.pth")
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1], clipped."""
-    return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -60,7 +58,7 @@ def psnr(recon: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     """
     _check_pair(recon, original)
     dt = _colour_dtype(recon)
-    mse = (_unit(recon.to(dt)) - _unit(original.to(dt))).pow(2).flatten(1).mean(1)
+    mse = (signed_to_unit(recon.to(dt)) - signed_to_unit(original.to(dt))).pow(2).flatten(1).mean(1)
     return (10.0 * torch.log10(1.0 / mse.clamp_min(10 ** (-PSNR_MAX_DB / 10)))).float()
 
 
@@ -80,7 +78,7 @@ def ssim(recon: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
         raise VAEFTError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} px, got "
                          f"{tuple(recon.shape[-2:])}")
     dt = _colour_dtype(recon)
-    m = kornia.metrics.ssim(_unit(recon.to(dt)), _unit(original.to(dt)), SSIM_WINDOW, max_val=1.0,
+    m = kornia.metrics.ssim(signed_to_unit(recon.to(dt)), signed_to_unit(original.to(dt)), SSIM_WINDOW, max_val=1.0,
                             padding="valid")
     return m.flatten(1).mean(1).float()
 
@@ -103,7 +101,7 @@ def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
     """
     import kornia
 
-    return kornia.color.rgb_to_lab(_unit(x.to(_colour_dtype(x))))
+    return kornia.color.rgb_to_lab(signed_to_unit(x.to(_colour_dtype(x))))
 
 
 def ciede2000(lab1: torch.Tensor, lab2: torch.Tensor, kL: float = 1.0, kC: float = 1.0, kH: float = 1.0
@@ -180,7 +178,7 @@ def channel_shift(recon: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     """
     _check_pair(recon, original)
     dt = _colour_dtype(recon)
-    return ((_unit(recon.to(dt)) - _unit(original.to(dt))).mean((2, 3)) * 255.0).float()
+    return ((signed_to_unit(recon.to(dt)) - signed_to_unit(original.to(dt))).mean((2, 3)) * 255.0).float()
 
 
 def image_metrics(recon: torch.Tensor, original: torch.Tensor, lpips_net: torch.nn.Module | None = None
@@ -324,15 +322,6 @@ def frechet_distance(feats1: torch.Tensor, feats2: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- several VAEs
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _model_device(model: torch.nn.Module) -> torch.device | None:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else None
-
-
 def latent_channels(model: torch.nn.Module) -> int | None:
     """Latent channels of a diffusers AutoencoderKL (None when unknown)."""
     cfg = getattr(model, "config", None)
@@ -366,7 +355,7 @@ def evaluate_vaes(vaes: dict[str, torch.nn.Module], patches: torch.Tensor, *,
         raise VAEFTError(f"patch size must be a multiple of 8, got {tuple(patches.shape[-2:])}")
     if batch_size < 1:
         raise VAEFTError(f"batch_size must be at least 1, got {batch_size}")
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = torch.device(device) if device is not None else pick_device()
     n = patches.shape[0]
     if lpips_net is not None:
         lpips_net = lpips_net.to(dev)
@@ -378,16 +367,14 @@ def evaluate_vaes(vaes: dict[str, torch.nn.Module], patches: torch.Tensor, *,
 
     results: dict[str, dict] = {}
     for name, model in vaes.items():
-        home = _model_device(model)
+        home = model_place(model)[0]
         model.to(dev)
         try:
             per: dict[str, list[torch.Tensor]] = {}
             feats = []
             for i in range(0, n, batch_size):
                 x = patches[i:i + batch_size].to(dev, torch.float32)
-                p = next(iter(model.parameters()), None)
-                xin = x.to(p.dtype) if p is not None else x
-                recon = model.decode(model.encode(xin).latent_dist.mode()).sample.float().clamp(-1, 1)
+                recon = reconstruct(model, x).float().clamp(-1, 1)
                 for k, v in image_metrics(recon, x, lpips_net).items():
                     per.setdefault(k, []).append(v)
                 if inception is not None:

@@ -64,15 +64,25 @@ def curve_image(series: dict[str, list[float]], steps: list[int] | dict[str, lis
     return _to_tensor(img)
 
 
-def image_grid(images: torch.Tensor, rows: int, pad: int = 2) -> torch.Tensor:
-    """Tile (N, 3, H, W) images in [0, 1] into ``rows`` rows. Returns (3, H', W')."""
+def image_grid(images: torch.Tensor, rows: int | None = None, pad: int = 2, margin: int = 0,
+               value: float = 1.0) -> torch.Tensor:
+    """Tile (N, C, H, W) images row-major into ``rows`` rows (None: a near-square grid), ``pad`` px
+    of ``value`` between cells and ``margin`` px around. Returns (C, H', W')."""
     n, c, h, w = images.shape
-    cols = math.ceil(n / rows)
-    out = torch.ones(c, rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad)
+    cols = math.ceil(n / rows) if rows else max(1, math.ceil(math.sqrt(n)))
+    rows = rows or max(1, math.ceil(n / cols))
+    out = torch.full((c, rows * h + (rows - 1) * pad + 2 * margin, cols * w + (cols - 1) * pad + 2 * margin),
+                     value, dtype=images.dtype if images.is_floating_point() else torch.float32)
     for i in range(n):
-        r, col = divmod(i, cols)
-        out[:, r * (h + pad):r * (h + pad) + h, col * (w + pad):col * (w + pad) + w] = images[i]
+        y, x = margin + (i // cols) * (h + pad), margin + (i % cols) * (w + pad)
+        out[:, y:y + h, x:x + w] = images[i]
     return out
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A (3, H, W) [0, 1] tensor as an 8-bit RGB Pillow image."""
+    arr = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(arr)
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
@@ -81,5 +91,4 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 
 def save_png(image: torch.Tensor, path: str) -> None:
     """Write a (3, H, W) [0, 1] tensor as PNG."""
-    arr = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-    Image.fromarray(arr).save(path)
+    to_pil(image).save(path)

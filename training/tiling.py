@@ -19,7 +19,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .device import model_place
 from .errors import VAEFTError
+from .vae import reconstruct
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -81,12 +83,6 @@ def _pad_to_8(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return x, h, w
 
 
-def _model_place(model) -> tuple[torch.device | None, torch.dtype | None]:
-    params = getattr(model, "parameters", None)
-    p = next(iter(params()), None) if callable(params) else None
-    return (p.device, p.dtype) if p is not None else (None, None)
-
-
 @torch.no_grad()
 def reconstruct_tiled(model, image: torch.Tensor, tile: int = 512, overlap: int = 64) -> torch.Tensor:
     """Encode + decode an image of any size tile by tile, blending the overlaps.
@@ -101,8 +97,7 @@ def reconstruct_tiled(model, image: torch.Tensor, tile: int = 512, overlap: int 
     _check(tile, overlap)
     if image.ndim != 4 or image.shape[1] != 3:
         raise VAEFTError(f"reconstruct_tiled needs a (B, 3, H, W) image, got {tuple(image.shape)}")
-    dev, dt = _model_place(model)
-    dev = dev or image.device
+    dev = model_place(model)[0] or image.device
     b, _, h, w = image.shape
     out = torch.zeros(b, 3, h, w, dtype=torch.float32, device=image.device)
     norm = torch.zeros(1, 1, h, w, dtype=torch.float32, device=image.device)
@@ -115,8 +110,7 @@ def reconstruct_tiled(model, image: torch.Tensor, tile: int = 512, overlap: int 
             wx = _ramp(tw, overlap, xi > 0, xi < len(xs) - 1, image.device, torch.float32)
             crop = image[:, :, y0:y0 + th, x0:x0 + tw]
             padded, ch, cw = _pad_to_8(crop)
-            padded = padded.to(dev, dt or padded.dtype)
-            rec = model.decode(model.encode(padded).latent_dist.mode()).sample
+            rec = reconstruct(model, padded.to(dev))
             rec = rec[:, :, :ch, :cw].to(image.device, torch.float32)
             weight = (wy[:, None] * wx[None, :])[None, None]
             out[:, :, y0:y0 + th, x0:x0 + tw] += rec * weight

@@ -109,6 +109,7 @@ class TrainResult:
     skipped_steps: int = 0          # non-finite steps that were skipped
     best_step: int | None = None    # with export_best: the step whose weights the model holds
     fused_norms: int = 0            # GroupNorms that ran as fused Triton kernels (0 = PyTorch's)
+    rank_digests: list[str] | None = None  # under torchrun: each rank's trained weights' sha256 (all equal)
     latent_cache_hits: int = 0      # patches whose encoder output came from the latent cache
     dataset_summary: dict | None = None  # recorded in the export's metadata
 
@@ -549,12 +550,27 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     if restore_modules is not None:
         restore_modules()
     model.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
+    digests = _check_ranks_agree(model, cfg.trainable, dist) if dist.world_size > 1 else None
     return TrainResult(model=model, layout=vae.layout, config=cfg, steps_done=state.step, history=state.history,
                        stopped_early=stopped, frozen_digest=base_digest, seconds=time.perf_counter() - t0,
                        used_ema=ema is not None and cfg.export_ema and state.step > 0, micro_batch=micro,
                        skipped_steps=int(state.skipped),
                        best_step=state.best["step"] if cfg.export_best and state.best["params"] is not None else None,
-                       fused_norms=fused, latent_cache_hits=s.cache.hits if s.cache is not None else 0)
+                       fused_norms=fused, latent_cache_hits=s.cache.hits if s.cache is not None else 0,
+                       rank_digests=digests)
+
+
+def _check_ranks_agree(model: torch.nn.Module, trainable: str, dist: Distributed) -> list[str]:
+    """Under torchrun every rank must end with the same weights (DDP all-reduces the gradients);
+    a difference means the processes fell out of step, and the export would be one rank's view."""
+    prefixes = TRAINABLE_PREFIXES[trainable]
+    mine = state_dict_sha256({k: v for k, v in model.state_dict().items() if k.startswith(prefixes)})
+    digests: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(digests, mine)
+    if len(set(digests)) > 1:
+        raise VAEFTError(f"the {dist.world_size} processes ended with different weights ({digests}); "
+                         "the run fell out of step between ranks: rerun, and report this if it repeats")
+    return digests
 
 
 def _fused_step(opt: torch.optim.Optimizer, skip: torch.Tensor) -> None:

@@ -345,7 +345,13 @@ def model_to_ldm(model: "torch.nn.Module", layout: LdmLayout) -> dict[str, torch
 
 def reconstruct(model: "torch.nn.Module", x: torch.Tensor, sample: bool = False,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Encode and decode. x: BCHW in [-1, 1], H and W multiples of 8 -> BCHW (unclamped)."""
+    """Encode and decode with a diffusers ``AutoencoderKL`` (or anything with
+    ``.encode(x).latent_dist`` and ``.decode(z).sample``): posterior mode, or a sample with
+    ``sample``. x: BCHW in [-1, 1], H and W multiples of 8, cast to the model's dtype ->
+    BCHW in the model's dtype (unclamped)."""
+    p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    if p is not None and x.dtype != p.dtype:
+        x = x.to(p.dtype)
     dist = model.encode(x).latent_dist
     z = dist.sample(generator) if sample else dist.mode()
     return model.decode(z).sample
