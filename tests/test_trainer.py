@@ -257,7 +257,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     c = cfg(steps=6, ema=True, warmup_steps=2, lr_schedule="cosine", log_every=1, checkpoint_every=3)
     full = fine_tune(vae, batches, c, device="cpu")
     ckpt = tmp_path / "run.ckpt"
-    first = fine_tune(vae, batches, c.replace(steps=3), device="cpu", checkpoint_path=ckpt)
+    first = fine_tune(vae, batches, c.replace(steps=3), device="cpu", checkpoints=ckpt)
     assert first.steps_done == 3 and ckpt.exists()
     resumed = fine_tune(vae, batches, c, device="cpu", resume=ckpt)
     a, b = full.model.state_dict(), resumed.model.state_dict()
@@ -266,7 +266,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
 
     # a checkpoint path without checkpoint_every still gets the final state (the CLI's --checkpoint alone)
     last = tmp_path / "last.ckpt"
-    fine_tune(vae, batches, c.replace(steps=2, checkpoint_every=0), device="cpu", checkpoint_path=last)
+    fine_tune(vae, batches, c.replace(steps=2, checkpoint_every=0), device="cpu", checkpoints=last)
     assert torch.load(last, weights_only=True)["step"] == 2
 
     before = ckpt.read_bytes()
@@ -304,7 +304,7 @@ def test_resume_carries_log_sums_and_best_pick_and_refuses_other_data(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fine_tune(vae, batches, c, device="cpu", val_batch=val, checkpoint_path=ckpt, data_signature=sig,
+        fine_tune(vae, batches, c, device="cpu", val_batch=val, checkpoints=ckpt, data_signature=sig,
                   callbacks=Callbacks(on_step=crash))
     assert torch.load(ckpt, weights_only=True)["step"] == 5
     resumed = fine_tune(vae, batches, c, device="cpu", val_batch=val, resume=ckpt, data_signature=sig)
@@ -340,7 +340,9 @@ def test_validation_and_best_checkpoint(lpips_random):
     c = cfg(steps=4, val_every=2, export_best=True, ema=False, lpips_weight=0.1, lr=5e-3)
     result = fine_tune(vae, fixed_batches(), c, device="cpu", lpips_net=lpips_random, val_batch=val)
     vals = [h for h in result.history if "val_lpips" in h]
-    assert [h["step"] for h in vals] == [2, 4]
+    assert [h["step"] for h in vals] == [0, 2, 4]  # 0: the base VAE, before the first step
+    base, vals = vals[0], vals[1:]
+    assert "total" not in base and base["val_psnr"] > 0
     assert all(h["val_psnr"] > 0 for h in vals)
     best = min(vals, key=lambda h: h["val_lpips"])
     assert result.best_step == best["step"]

@@ -68,7 +68,8 @@ def run_fit(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise VAEFTError(f"the folder of --out ({out_dir}) does not exist")
-    checkpoint = args.checkpoint or (args.out[: -len(".safetensors")] + ".ckpt" if cfg.checkpoint_every else None)
+    # checkpoints only where asked: --checkpoint FILE, or <out>.ckpt when --checkpoint-every is given
+    checkpoint = args.checkpoint or (args.out[: -len(".safetensors")] + ".ckpt" if args.checkpoint_every else None)
 
     dist = Distributed.from_env()
     device = pick_device(args.device, dist)
@@ -119,7 +120,7 @@ def run_fit(args) -> int:
                                              world_size=dist.world_size, pin_memory=pin, with_keys=True),
             cfg, device=device, augment=augmenter(data_cfg),
             val_batch=val, preview_batch=preview, callbacks=Callbacks(on_step=on_step, on_preview=on_preview),
-            resume=args.resume, checkpoint_path=checkpoint, dist=dist, data_signature=data.order_signature())
+            resume=args.resume, checkpoints=checkpoint, dist=dist, data_signature=data.order_signature())
         if bar is not None:
             bar.close()
         if not dist.is_main:

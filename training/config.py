@@ -95,9 +95,14 @@ class TrainConfig:
     val_patches: int = option(16, "held-out patches used for validation", min=1, max=4096)
     export_best: bool = option(False, "export the weights with the best validation LPIPS (validation MSE "
                                       "when LPIPS is off) instead of the last ones")
-    checkpoint_every: int = option(0, "steps between resumable checkpoints (0: only the last step, and only "
-                                      "when --checkpoint names a file)",
-                                   min=0, node=False)
+    checkpoint_every: int = option(0, "steps between resumable checkpoints (0: by time only). Written where "
+                                      "a run folder, --checkpoint or --resume says; always at the last step "
+                                      "and when the run is stopped", min=0, node=False)
+    checkpoint_minutes: float = option(10.0, "also checkpoint when this many minutes passed since the last "
+                                             "checkpoint (0 = by steps only): a crash loses at most this much",
+                                       min=0.0, node=False)
+    keep_checkpoints: int = option(3, "checkpoints kept in a run folder (the oldest are removed)", min=1, max=1000,
+                                   node=False)
     export_dtype: str = option("fp16", "dtype of the exported weights", choices=EXPORT_DTYPES, node=False)
 
     def __post_init__(self) -> None:

@@ -15,13 +15,14 @@ import dataclasses
 import functools
 import math
 import os
-import tempfile
+import uuid
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from .checkpoint import CHECKPOINT_FORMAT, Checkpoints, read_checkpoint
 from .config import TrainConfig
 from .device import Distributed, pick_device
 from .errors import VAEFTError
@@ -36,9 +37,9 @@ TRAINABLE_PREFIXES = {
     "decoder": ("decoder.", "post_quant_conv."),
     "full": ("encoder.", "quant_conv.", "decoder.", "post_quant_conv."),
 }
-CHECKPOINT_FORMAT = "vaeft-checkpoint-2"
 # History keys worth drawing as curves, in legend order.
-HISTORY_CURVES = ("total", "mse", "l1", "lpips", "kl", "latent", "g_loss", "d_loss", "val_mse", "val_lpips")
+HISTORY_CURVES = ("total", "mse", "l1", "lpips", "kl", "latent", "g_loss", "d_loss", "val_mse", "val_lpips",
+                  "gen_mse", "gen_lpips")
 # Fields a resumed run must share with the run that wrote the checkpoint (steps may grow).
 RESUME_MUST_MATCH = ("recipe", "lr", "batch_size", "mse_weight", "l1_weight", "lpips_weight", "kl_weight",
                      "gan_weight", "disc_start", "latent_weight", "lpips_net", "trainable", "ema", "ema_decay",
@@ -61,10 +62,10 @@ def history_curves(history: list[dict]) -> tuple[dict[str, list[float]], dict[st
     the logged steps, validation scores over the steps they were scored at (validation may run on
     steps that log no training loss, so the two sets of rows differ)."""
     train = [h for h in history if "total" in h]
-    val = [h for h in history if any(k.startswith("val_") for k in h)]
+    val = [h for h in history if any(k.startswith(("val_", "gen_")) for k in h)]
     values, steps = {}, {}
     for key in HISTORY_CURVES:
-        rows = val if key.startswith("val_") else train
+        rows = val if key.startswith(("val_", "gen_")) else train
         if any(key in h for h in rows):
             values[key] = [h.get(key, float("nan")) for h in rows]
             steps[key] = [h["step"] for h in rows]
@@ -85,11 +86,17 @@ class Callbacks:
         floats only on logging steps (every ``log_every``), else None, so no host sync
         happens on other steps.
     on_preview(step, images) with images BCHW in [0, 1]: inputs, then reconstructions.
-    should_stop() polled before every micro-batch; True ends training early (cancel).
-    Raising from any hook aborts training (that is how ComfyUI's interrupt works).
+    on_log(line) for every line added to the history (training terms at logging steps,
+        validation scores, and the base VAE's scores at step 0), as it is added.
+    on_checkpoint(step, path) after a checkpoint was written.
+    should_stop() polled before every micro-batch; True ends training early (cancel): the step
+        reached is checkpointed (when checkpoints are on) and the result has stopped_early.
+    Raising from any hook aborts training at once, without a checkpoint of the step reached.
     """
 
     on_step: Callable[[int, int, dict | None], None] | None = None
+    on_log: Callable[[dict], None] | None = None
+    on_checkpoint: Callable[[int, str], None] | None = None
     on_preview: Callable[[int, torch.Tensor], None] | None = None
     should_stop: Callable[[], bool] | None = None
 
@@ -112,6 +119,8 @@ class TrainResult:
     rank_digests: list[str] | None = None  # under torchrun: each rank's trained weights' sha256 (all equal)
     latent_cache_hits: int = 0      # patches whose encoder output came from the latent cache
     dataset_summary: dict | None = None  # recorded in the export's metadata
+    run_id: str = ""                # the run's identity: kept across resumes, stored in its checkpoints
+    checkpoint: str | None = None   # the last checkpoint written, if any
 
     def __repr__(self) -> str:  # short: ComfyUI shows node inputs in error reports
         return (f"TrainResult(steps_done={self.steps_done}, base={self.layout.base_name!r}, "
@@ -367,9 +376,10 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
               augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
               preview_batch: torch.Tensor | None = None,
               val_batch: torch.Tensor | None = None,
+              general_batch: torch.Tensor | None = None,
               callbacks: Callbacks | None = None,
               resume: str | os.PathLike | None = None,
-              checkpoint_path: str | os.PathLike | None = None,
+              checkpoints: Checkpoints | str | os.PathLike | None = None,
               dist: Distributed | None = None,
               data_signature: dict | None = None) -> TrainResult:
     """Fine-tune a copy of ``vae.model``; the input model is never modified.
@@ -385,9 +395,15 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         fixed by (cfg.seed, rank, step), so a resumed run augments as an uninterrupted one.
     preview_batch: fixed BCHW [-1, 1] patches reconstructed every ``preview_every`` steps.
     val_batch: held-out BCHW [-1, 1] patches scored every ``val_every`` steps (the weights that
-        would be exported: EMA when on); ``export_best`` keeps the best of them.
-    resume / checkpoint_path: read a checkpoint written by this function / write one every
-        ``cfg.checkpoint_every`` steps and at the end (main process only).
+        would be exported: EMA when on) and once before the first step (the base VAE's scores,
+        history step 0); ``export_best`` keeps the best of the trained ones.
+    general_batch: optional BCHW [-1, 1] patches of other ("general") images, scored with the
+        validation patches as ``gen_*``: does the fine-tune harm images outside the domain?
+    resume: a checkpoint written by this function to continue from (its run identity is kept).
+    checkpoints: where and when to write checkpoints (main process only): a
+        :class:`~training.checkpoint.Checkpoints`, or a file path (written every
+        ``cfg.checkpoint_every`` steps or ``cfg.checkpoint_minutes``, at the end, and when stopped).
+        Checked before the first step: a file of another run there is refused.
     dist: set when running under torchrun; the process group must already be initialised.
     data_signature: what determines ``batches``' order (data settings, image list), JSON-like;
         stored in checkpoints, and a resume with a different one is refused.
@@ -462,6 +478,38 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     if resume is not None:
         ckpt = load_checkpoint(resume, vae.layout, cfg, dist.world_size, data_signature)
         state = restore_checkpoint(ckpt, params, opt, ema, s.disc, disc_opt, device)
+    run_id = (ckpt.get("run_id") if resume is not None else None) or uuid.uuid4().hex
+    if checkpoints is not None and not isinstance(checkpoints, Checkpoints):
+        checkpoints = Checkpoints(checkpoints, every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes)
+    if checkpoints is not None and dist.is_main:
+        checkpoints.claim(run_id, cfg.steps)
+    else:
+        checkpoints = None
+
+    def log(line: dict) -> None:
+        if callbacks.on_log:
+            callbacks.on_log(line)
+
+    def validate() -> dict:
+        swap = ema.swapped_in() if (ema is not None and cfg.export_ema) else contextlib.nullcontext()
+        with swap:  # scored with the weights that would be exported
+            scores = {f"val_{k}": v for k, v in _validate(model, val_batch, device, autocast, lpips_net).items()}
+            if general_batch is not None:
+                scores.update({f"gen_{k}": v for k, v in
+                               _validate(model, general_batch, device, autocast, lpips_net).items()})
+            if cfg.export_best and state.step > 0:
+                state.consider_best(scores.get("val_lpips", scores["val_mse"]), params)
+        return scores
+
+    def save(step: int) -> None:
+        path = checkpoints.write(step, checkpoint_state(cfg, vae.layout, params, opt, ema, s.disc, disc_opt, state,
+                                                        dist.world_size, data_signature))
+        if callbacks.on_checkpoint:
+            callbacks.on_checkpoint(step, path)
+
+    if cfg.val_every and state.step == 0:  # the base VAE's scores: every curve starts from "before"
+        state.history.append({"step": 0, **validate()})
+        log(state.history[-1])
     stream = _batch_stream(batches, state.step, model.config.in_channels, local_batch)
 
     # ---- the loop
@@ -518,25 +566,22 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
                     f"{int(state.worst_run)} consecutive steps had a non-finite loss or gradient (each was "
                     "skipped); stopping. Lower lr, check the data for broken images, or use precision fp32")
         if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
-            swap = ema.swapped_in() if (ema is not None and cfg.export_ema) else contextlib.nullcontext()
-            with swap:  # scored with the weights that would be exported
-                scores = {f"val_{k}": v for k, v in _validate(model, val_batch, device, autocast, lpips_net).items()}
-                if cfg.export_best:
-                    state.consider_best(scores.get("val_lpips", scores["val_mse"]), params)
+            scores = validate()
             if logged is not None:
                 logged.update(scores)
             else:
                 state.history.append({"step": step, **scores})
+        if state.history and state.history[-1]["step"] == step:
+            log(state.history[-1])
         if callbacks.on_step:
             callbacks.on_step(step, cfg.steps, logged)
         if (callbacks.on_preview and preview_batch is not None and cfg.preview_every
                 and (step % cfg.preview_every == 0 or step == cfg.steps)):
             callbacks.on_preview(step, _preview(model, preview_batch, device, autocast))
-        # a checkpoint path always gets the last step; checkpoint_every adds the ones in between
-        if checkpoint_path and dist.is_main and (
-                (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps):
-            save_checkpoint(checkpoint_path, checkpoint_state(cfg, vae.layout, params, opt, ema, s.disc, disc_opt,
-                                                              state, dist.world_size, data_signature))
+        if checkpoints is not None and checkpoints.due(step, final=step == cfg.steps):
+            save(step)
+    if stopped and checkpoints is not None and checkpoints.due(state.step, final=True):
+        save(state.step)  # Cancel: keep the steps done so far
 
     # ---- the weights to export: EMA, or export_best's pick
     if ema is not None and cfg.export_ema and state.step > 0:
@@ -557,7 +602,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
                        skipped_steps=int(state.skipped),
                        best_step=state.best["step"] if cfg.export_best and state.best["params"] is not None else None,
                        fused_norms=fused, latent_cache_hits=s.cache.hits if s.cache is not None else 0,
-                       rank_digests=digests)
+                       rank_digests=digests, run_id=run_id,
+                       checkpoint=checkpoints.written[-1] if checkpoints is not None and checkpoints.written else None)
 
 
 def _check_ranks_agree(model: torch.nn.Module, trainable: str, dist: Distributed) -> list[str]:
@@ -738,33 +784,13 @@ def restore_checkpoint(ckpt: dict, params, opt, ema: EMA | None, disc, disc_opt,
     return LoopState.from_state_dict(ckpt["loop"], device)
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".vaeft-ckpt-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint whole
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def load_checkpoint(path: str | os.PathLike, layout: LdmLayout, cfg: TrainConfig, world_size: int = 1,
                     data_signature: dict | None = None) -> dict:
     """Read and check a checkpoint against this run; refuse with the reason (the file is only read).
     The data order depends on the number of processes and on the data (``data_signature``, when
     both the checkpoint and this run have one), so those must match too."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise VAEFTError(f"resume checkpoint {path!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign file: same answer
-        raise VAEFTError(f"resume checkpoint {path!r} is unreadable or corrupt: {e}") from e
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise VAEFTError(f"{path!r} is not a checkpoint written by this tool ({CHECKPOINT_FORMAT})")
+    state = read_checkpoint(path)
     if state["base_sha256"] != layout.base_sha256:
         raise VAEFTError(f"resume checkpoint {path!r} was trained from a different base VAE "
                          f"(base sha256 {state['base_sha256'][:12]}…, this run's {layout.base_sha256[:12]}…)")

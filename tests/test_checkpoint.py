@@ -1,0 +1,125 @@
+"""Checkpoints: whose file may be replaced, damaged files refused, when they are written, Cancel kept."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_ldm_sd
+from training import checkpoint as C
+from training.config import TrainConfig
+from training.errors import VAEFTError
+from training.trainer import Callbacks, fine_tune
+from training.vae import build_vae
+
+
+def cfg(**kw):
+    base = dict(steps=4, lr=1e-3, batch_size=2, lpips_weight=0.0, ema=True, log_every=1, preview_every=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+DATA = [torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(8)]
+
+
+def batches(start):
+    return iter(DATA[start:])
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return build_vae(tiny_ldm_sd())
+
+
+def test_a_file_of_someone_else_is_never_replaced(vae, tmp_path, tiny_vae_file):
+    # the user's base VAE at the checkpoint path: refused before the first step, byte-identical after
+    target = tmp_path / "base-copy.safetensors"
+    shutil.copy(tiny_vae_file, target)
+    before = target.read_bytes()
+    steps = []
+    with pytest.raises(VAEFTError, match="not a checkpoint of this run; it is never replaced"):
+        fine_tune(vae, batches, cfg(), device="cpu", checkpoints=target,
+                  callbacks=Callbacks(on_step=lambda *a: steps.append(a)))
+    assert target.read_bytes() == before and steps == []
+    # unless the user says so
+    fine_tune(vae, batches, cfg(steps=1), device="cpu", checkpoints=C.Checkpoints(target, overwrite=True))
+    assert C.peek(target)["step"] == 1
+
+
+def test_a_fresh_run_does_not_write_over_an_unfinished_run(vae, tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    first = fine_tune(vae, batches, cfg(steps=4), device="cpu", checkpoints=ckpt,
+                      callbacks=Callbacks(should_stop=_stop_after(2)))  # Cancel after step 2
+    assert first.checkpoint == str(ckpt) and C.peek(ckpt)["step"] == 2
+    before = ckpt.read_bytes()
+    with pytest.raises(VAEFTError, match=r"checkpoint of an unfinished run \(step 2 of 4\).*resuming from it"):
+        fine_tune(vae, batches, cfg(steps=4), device="cpu", checkpoints=ckpt)
+    assert ckpt.read_bytes() == before
+    # the run that wrote it continues into the same file, and then it is a finished run's
+    resumed = fine_tune(vae, batches, cfg(steps=4), device="cpu", resume=ckpt, checkpoints=ckpt)
+    assert resumed.run_id == first.run_id and C.peek(ckpt) == {"run_id": first.run_id, "step": 4, "steps": 4}
+    with pytest.raises(VAEFTError, match=r"checkpoint of a finished run \(step 4 of 4\)"):
+        fine_tune(vae, batches, cfg(steps=4), device="cpu", checkpoints=ckpt)
+
+
+def _stop_after(n):
+    calls = itertools.count()
+    # should_stop is polled once per micro-batch (one per step here): True on the (n+1)-th step
+    return lambda: next(calls) >= n
+
+
+def test_damaged_checkpoints_are_refused_and_left_alone(vae, tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    fine_tune(vae, batches, cfg(steps=2), device="cpu", checkpoints=ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    state["params"][0].view(-1)[:16] = 0  # a zeroed block inside a weight tensor, digest unchanged
+    damaged = tmp_path / "damaged.ckpt"
+    torch.save(state, damaged)
+    before = damaged.read_bytes()
+    with pytest.raises(VAEFTError, match="is damaged: its tensors do not match the digest"):
+        fine_tune(vae, batches, cfg(steps=4), device="cpu", resume=damaged)
+    assert damaged.read_bytes() == before
+    raw = bytearray(ckpt.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)  # bytes zeroed in the file itself
+    (tmp_path / "zeroed.ckpt").write_bytes(bytes(raw))
+    with pytest.raises(VAEFTError, match="damaged|corrupt"):
+        fine_tune(vae, batches, cfg(steps=4), device="cpu", resume=tmp_path / "zeroed.ckpt")
+    with pytest.raises(VAEFTError, match="not a file"):
+        fine_tune(vae, batches, cfg(steps=4), device="cpu", resume=tmp_path)
+
+
+def test_stop_checkpoints_the_step_reached_and_continuing_matches_an_uninterrupted_run(vae, tmp_path):
+    c = cfg(steps=6, warmup_steps=2, lr_schedule="cosine")
+    full = fine_tune(vae, batches, c, device="cpu")
+    ckpt = tmp_path / "run.ckpt"
+    stopped = fine_tune(vae, batches, c, device="cpu", checkpoints=ckpt,
+                        callbacks=Callbacks(should_stop=_stop_after(3)))
+    assert stopped.stopped_early and stopped.steps_done == 3 and C.peek(ckpt)["step"] == 3
+    resumed = fine_tune(vae, batches, c, device="cpu", resume=ckpt, checkpoints=ckpt)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed.history == full.history
+
+
+def test_folder_keeps_the_newest_and_time_triggers_a_checkpoint(vae, tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    written = []
+    fine_tune(vae, batches, cfg(steps=5), device="cpu",
+              checkpoints=C.Checkpoints(folder, every_steps=1, keep=2, folder=True),
+              callbacks=Callbacks(on_checkpoint=lambda step, path: written.append(step)))
+    assert written == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in folder.iterdir()) == ["step-0000004.ckpt", "step-0000005.ckpt"]
+    assert C.latest_in(folder).endswith("step-0000005.ckpt")
+    # another run may not take the folder over
+    with pytest.raises(VAEFTError, match="finished run"):
+        fine_tune(vae, batches, cfg(steps=5), device="cpu", checkpoints=C.Checkpoints(folder, folder=True))
+    # by time: a clock that moves 6 minutes per step with every_minutes=10 writes every second step
+    clock = itertools.count(0, 360)
+    monkeypatch.setattr(C.time, "monotonic", lambda: float(next(clock)))
+    written.clear()
+    fine_tune(vae, batches, cfg(steps=5), device="cpu",
+              checkpoints=C.Checkpoints(tmp_path / "t.ckpt", every_minutes=10),
+              callbacks=Callbacks(on_checkpoint=lambda step, path: written.append(step)))
+    assert written[-1] == 5 and 2 <= len(written) <= 4
