@@ -173,3 +173,93 @@ def test_loss_curves_can_have_their_own_steps():
     assert ((patch - colour[:, None]).abs().max(0).values < 0.02).any()
     elsewhere = img[:, y - 2:y + 3, left + 2:left + 12].reshape(3, -1)
     assert not ((elsewhere - colour[:, None]).abs().max(0).values < 0.02).any()
+
+
+def test_run_folder_config_rerun_and_ctrl_c_continue(setup, tmp_path):
+    """--run-dir writes a run folder; --config re-runs it exactly; Ctrl-C checkpoints the step reached
+    and --resume RUN_DIR continues to the same weights as an uninterrupted run."""
+    import signal
+    import time
+
+    common = ("--lpips-weight", 0, "--export-dtype", "fp32", "--lr", 1e-3, "--val-every", 2, "--val-patches", 2,
+              "--preview-every", 2, "--log-every", 1)
+    first = tmp_path / "first.safetensors"
+    run(*fit_args(setup, first, *common, "--steps", 4, "--run-dir", tmp_path / "run"))
+    folder = tmp_path / "run"
+    assert sorted(os.listdir(folder / "checkpoints")) == ["step-0000004.ckpt"]
+    assert sorted(os.listdir(folder / "previews")) == ["preview-0000002.png", "preview-0000004.png"]
+    config = json.loads((folder / "config.json").read_text())
+    assert all(not os.path.isabs(v) for v in config["inputs"].values() if v)  # nothing of the user's layout
+    metrics = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4]
+    assert "val_mse" in metrics[0] and "total" not in metrics[0]  # the base VAE, before the first step
+    assert all("seconds" in m for m in metrics) and "steps_per_s" in metrics[-1]
+    # the config alone re-runs the same run
+    again = tmp_path / "again.safetensors"
+    run("fit", "--config", folder / "config.json", "--out", again, "--run-dir", tmp_path / "run2", "--no-progress")
+    a, b = load_file(first), load_file(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a fresh run into a folder that holds a run is refused, and the folder is left alone
+    before = (folder / "metrics.jsonl").read_bytes()
+    p = run(*fit_args(setup, tmp_path / "x.safetensors", *common, "--run-dir", folder), check=False)
+    assert p.returncode == 2 and "already holds a run" in p.stderr and "Traceback" not in p.stderr
+    assert (folder / "metrics.jsonl").read_bytes() == before
+
+    # Ctrl-C during a long run: the step reached is checkpointed, exit 130, then continue
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    args = [str(a) for a in fit_args(setup, tmp_path / "long.safetensors", *common, "--steps", 400,
+                                     "--run-dir", tmp_path / "long")]
+    proc = subprocess.Popen([sys.executable, "-m", "training", *args], cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (tmp_path / "long" / "metrics.jsonl").exists():
+            time.sleep(0.5)
+        while time.monotonic() < deadline and len((tmp_path / "long" / "metrics.jsonl").read_text().splitlines()) < 4:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
+    ckpts = os.listdir(tmp_path / "long" / "checkpoints")
+    assert len(ckpts) == 1
+    reached = int(ckpts[0][5:12])
+    assert 3 <= reached < 400 and not (tmp_path / "long.safetensors").exists()
+    # continue to step reached + 2 and compare with a straight run of that length
+    n = reached + 2
+    straight = tmp_path / "straight.safetensors"
+    run(*fit_args(setup, straight, *common, "--steps", n))
+    cont = tmp_path / "cont.safetensors"
+    run(*fit_args(setup, cont, *common, "--steps", n, "--run-dir", tmp_path / "long", "--resume", tmp_path / "long"))
+    a, b = load_file(straight), load_file(cont)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(n + 1))  # one run's log: nothing written past the checkpoint is repeated
+
+
+def test_outputs_are_checked_before_training(setup, tmp_path, tiny_vae_file):
+    """A bad output path costs seconds, not a finished run; nobody's file is replaced."""
+    out = tmp_path / "o.safetensors"
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (("--preview-dir", tmp_path / "afile"), "is a file, not a folder"),
+        (("--loss-plot", tmp_path / "missing" / "loss.png"), "does not exist"),
+        (("--checkpoint", tiny_vae_file), "not a checkpoint of this run; it is never replaced"),
+        (("--run-dir", tmp_path / "afile"), "is a file"),
+    ]
+    before = tiny_vae_file.read_bytes()
+    for extra, expected in cases:
+        p = run(*fit_args(setup, out, "--lpips-weight", 0, *extra), check=False)
+        assert p.returncode == 2 and expected in p.stderr, (extra, p.stderr[-1500:])
+        assert "Traceback" not in p.stderr and "fine-tune" not in p.stderr  # no step was run
+        assert not out.exists()
+    assert tiny_vae_file.read_bytes() == before
+    # a fresh run next to an unfinished run's checkpoint says how to continue it
+    ckpt = tmp_path / "run.ckpt"
+    run(*fit_args(setup, tmp_path / "a.safetensors", "--lpips-weight", 0, "--checkpoint", ckpt, "--steps", 2))
+    p = run(*fit_args(setup, tmp_path / "b.safetensors", "--lpips-weight", 0, "--checkpoint", ckpt, "--steps", 4),
+            check=False)
+    assert p.returncode == 2 and "checkpoint of a finished run (step 2 of 2)" in p.stderr

@@ -21,20 +21,30 @@ from .errors import VAEFTError
 from .options import add_arguments, from_arguments
 
 
-def add_fit_command(sub) -> None:
+def add_fit_command(sub) -> argparse.ArgumentParser:
     from .data import DataConfig
 
     p = sub.add_parser("fit", help="fine-tune a VAE on patches of a folder of images and export it",
                        description="Fine-tune a VAE. Multi-GPU: torchrun --nproc-per-node N -m training fit ...")
-    p.add_argument("--vae", required=True, help="base VAE file (.safetensors/.ckpt; ldm or diffusers keys)")
-    p.add_argument("--data", required=True, help="folder of training images (searched recursively)")
-    p.add_argument("--out", required=True, help="output .safetensors path (ldm keys, loadable by Load VAE)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--config", metavar="FILE", help="a run's config.json (or its run folder): every setting "
+                                                      "and input of that run; flags given here override it")
+    p.add_argument("--vae", help="base VAE file (.safetensors/.ckpt; ldm or diffusers keys)")
+    p.add_argument("--data", help="folder of training images (searched recursively)")
+    p.add_argument("--out", help="output .safetensors path (ldm keys, loadable by Load VAE)")
+    p.add_argument("--general", metavar="DIR", help="optional folder of other images, validated beside the "
+                                                     "domain's (gen_* scores): does the fine-tune harm them?")
+    p.add_argument("--run-dir", metavar="DIR", help="the run's folder: config.json, metrics.jsonl, previews/, "
+                                                     "checkpoints/ (TensorBoard events when tensorboard is "
+                                                     "installed). Continue a stopped run with --resume DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace --out, --checkpoint or --run-dir if they "
+                                                            "hold something else")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--checkpoint", help="resumable checkpoint path, written every --checkpoint-every steps "
-                                        "and at the end (default: <out>.ckpt when --checkpoint-every is set)")
-    p.add_argument("--resume", help="continue from this checkpoint (same training settings, data and number of "
-                                    "processes; --steps may grow, which stretches a cosine schedule from there)")
+    p.add_argument("--checkpoint", help="resumable checkpoint file, written every --checkpoint-every steps or "
+                                        "--checkpoint-minutes, at the end and on Ctrl-C (default: <out>.ckpt when "
+                                        "--checkpoint-every is given; the run folder's checkpoints/ with --run-dir)")
+    p.add_argument("--resume", help="continue from this checkpoint, or from the newest one of this run folder "
+                                    "(same training settings, data and number of processes; --steps may grow, "
+                                    "which stretches a cosine schedule from there)")
     p.add_argument("--loss-plot", help="also write the loss curve as a PNG here")
     p.add_argument("--preview-dir", help="write preview reconstructions (inputs above, outputs below) here "
                                          "every --preview-every steps")
@@ -42,6 +52,7 @@ def add_fit_command(sub) -> None:
     add_arguments(p, TrainConfig)
     add_arguments(p, DataConfig, skip=("seed",))  # one --seed, from TrainConfig, seeds everything
     p.set_defaults(func=run_fit)
+    return p
 
 
 def config_from_args(args) -> TrainConfig:
@@ -51,28 +62,59 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig.from_recipe(args.recipe or "sd-vae-ft-mse", **given)
 
 
+def _check_outputs(args) -> None:
+    """Every output path, before anything is loaded: a bad path costs seconds, not a finished run."""
+    if not args.out.endswith(".safetensors"):
+        raise VAEFTError(f"--out must end in .safetensors; got {args.out!r}")
+    if os.path.isdir(args.out):
+        raise VAEFTError(f"--out {args.out!r} is a folder; give a file name ending in .safetensors")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise VAEFTError(f"{args.out!r} already exists; choose another --out or pass --overwrite")
+    for flag, path in (("--out", args.out), ("--loss-plot", args.loss_plot)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise VAEFTError(f"the folder of {flag} ({folder}) does not exist; create it or choose another path")
+        if folder and not os.access(folder, os.W_OK):
+            raise VAEFTError(f"cannot write {flag} {path!r}: its folder is not writable")
+    if args.loss_plot and os.path.isdir(args.loss_plot):
+        raise VAEFTError(f"--loss-plot {args.loss_plot!r} is a folder; give a .png file name")
+    if args.preview_dir and os.path.lexists(args.preview_dir) and not os.path.isdir(args.preview_dir):
+        raise VAEFTError(f"--preview-dir {args.preview_dir!r} is a file, not a folder; choose another path")
+
+
 def run_fit(args) -> int:
     from .data import DataConfig, augmenter, build_dataset, preview_patches
+    from .device import Distributed, pick_device
     from .export import export_vae
     from .plot import curve_image, save_png
-    from .device import Distributed, pick_device
+    from .runs import RunFolder, RunStatus, latest_in
     from .trainer import Callbacks, fine_tune, history_curves
     from .vae import load_vae
 
+    missing = [f"--{k}" for k in ("vae", "data", "out") if not getattr(args, k)]
+    if missing:
+        raise VAEFTError(f"{', '.join(missing)} required (or a --config that names them)")
     cfg = config_from_args(args)
     data_cfg = from_arguments(DataConfig, args, seed=cfg.seed)
-    if not args.out.endswith(".safetensors"):
-        raise VAEFTError(f"--out must end in .safetensors; got {args.out!r}")
-    if os.path.exists(args.out) and not args.overwrite:
-        raise VAEFTError(f"{args.out!r} already exists; choose another --out or pass --overwrite")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise VAEFTError(f"the folder of --out ({out_dir}) does not exist")
-    # checkpoints only where asked: --checkpoint FILE, or <out>.ckpt when --checkpoint-every is given
-    checkpoint = args.checkpoint or (args.out[: -len(".safetensors")] + ".ckpt" if args.checkpoint_every else None)
+    _check_outputs(args)
+    resume = args.resume
+    if resume and os.path.isdir(resume):  # a run folder: its newest checkpoint
+        resume = latest_in(os.path.join(resume, "checkpoints"))
+        if resume is None:
+            raise VAEFTError(f"--resume {args.resume!r}: that run folder has no checkpoint yet")
 
     dist = Distributed.from_env()
     device = pick_device(args.device, dist)
+    run = checkpoints = None
+    if dist.is_main and args.run_dir:
+        run = RunFolder.create(args.run_dir, resume=bool(resume), overwrite=args.overwrite)
+        checkpoints = run.checkpoints(cfg, overwrite=args.overwrite)
+    elif args.checkpoint or args.checkpoint_every:  # only where asked: --checkpoint FILE or <out>.ckpt
+        from .checkpoint import Checkpoints
+
+        checkpoints = Checkpoints(args.checkpoint or args.out[: -len(".safetensors")] + ".ckpt",
+                                  every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes,
+                                  overwrite=args.overwrite)
     if dist.world_size > 1:
         import torch.distributed
 
@@ -90,7 +132,19 @@ def run_fit(args) -> int:
             f"skipped; train {summary.get('train_images')}, validation {summary.get('val_images')}")
         for item in summary.get("images_skipped", []):
             log(f"  skipped {item['path']}: {item['reason']}")
+        general = None
+        if args.general and cfg.val_every:
+            from .evaluate import eval_patches
 
+            general, _ = eval_patches(args.general, dataclasses.replace(data_cfg, mask_dir=None), cfg.val_patches,
+                                      use_validation=False)
+        if run is not None:
+            run.write_config({"vae": args.vae, "data": args.data, "out": args.out, "general": args.general},
+                             {**dataclasses.asdict(data_cfg), **dataclasses.asdict(cfg)})
+            if resume:
+                run.rewind(_checkpoint_step(resume))
+
+        status = RunStatus(cfg.steps)
         bar = None
         if dist.is_main and not args.no_progress:
             from tqdm import tqdm
@@ -98,31 +152,58 @@ def run_fit(args) -> int:
             bar = tqdm(total=cfg.steps, desc="fine-tune", unit="step", file=sys.stderr)
 
         def on_step(step, total, losses):
+            status.step = step
             if bar is not None:
                 bar.update(step - bar.n)
                 if losses:
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items() if k not in ("step", "lr")})
-            elif losses and dist.is_main:
-                print(json.dumps(losses), file=sys.stderr)
+                    bar.set_postfix(status.fields())
+
+        def on_log(line):
+            status.update(line)
+            if run is not None:
+                run.log(line)
+            if bar is None and dist.is_main:
+                print(json.dumps(line), file=sys.stderr)
+
+        def on_preview(step, images):
+            if args.preview_dir:
+                _write_preview(args.preview_dir, step, images)
+            if run is not None:
+                run.preview(step, images)
+
+        def on_checkpoint(step, path):
+            if bar is None and dist.is_main:
+                print(json.dumps({"checkpoint": path, "step": step}), file=sys.stderr)
 
         val = data.val_patches(cfg.val_patches, seed=cfg.seed) if cfg.val_every else None
         local = cfg.batch_size // dist.world_size if cfg.batch_size % dist.world_size == 0 else cfg.batch_size
         pin = device.type == "cuda"
-        preview = on_preview = None
-        if args.preview_dir and dist.is_main and cfg.preview_every:
-            os.makedirs(args.preview_dir, exist_ok=True)
+        preview = None
+        if (args.preview_dir or run is not None) and dist.is_main and cfg.preview_every:
+            if args.preview_dir:
+                os.makedirs(args.preview_dir, exist_ok=True)
             preview = preview_patches(data, 4, seed=cfg.seed)
-            on_preview = functools.partial(_write_preview, args.preview_dir)
 
-        result = fine_tune(
-            base,
-            lambda start: data.train_batches(local, start_batch=start, rank=dist.rank,
-                                             world_size=dist.world_size, pin_memory=pin, with_keys=True),
-            cfg, device=device, augment=augmenter(data_cfg),
-            val_batch=val, preview_batch=preview, callbacks=Callbacks(on_step=on_step, on_preview=on_preview),
-            resume=args.resume, checkpoints=checkpoint, dist=dist, data_signature=data.order_signature())
+        stop = _StopOnSigint()
+        with stop:
+            result = fine_tune(
+                base,
+                lambda start: data.train_batches(local, start_batch=start, rank=dist.rank,
+                                                 world_size=dist.world_size, pin_memory=pin, with_keys=True),
+                cfg, device=device, augment=augmenter(data_cfg), val_batch=val, general_batch=general,
+                preview_batch=preview,
+                callbacks=Callbacks(on_step=on_step, on_log=on_log, on_preview=on_preview,
+                                    on_checkpoint=on_checkpoint, should_stop=stop.requested),
+                resume=resume, checkpoints=checkpoints, dist=dist, data_signature=data.order_signature())
         if bar is not None:
             bar.close()
+        if run is not None:
+            run.close()
+        if result.stopped_early:
+            where = f"; continue with --resume {args.run_dir or result.checkpoint}" if result.checkpoint else \
+                "; nothing was written (no checkpoint was asked for)"
+            print(f"interrupted at step {result.steps_done} of {cfg.steps}{where}", file=sys.stderr)
+            return 130
         if not dist.is_main:
             return 0
         path = export_vae(result, args.out, dataset_summary=summary, overwrite=args.overwrite)
@@ -130,8 +211,10 @@ def run_fit(args) -> int:
             save_png(curve_image(*history_curves(result.history)), args.loss_plot)
         print(json.dumps({"out": path, "steps": result.steps_done, "seconds": round(result.seconds, 1),
                           "micro_batch": result.micro_batch, "skipped_steps": result.skipped_steps,
-                          "latent_cache_hits": result.latent_cache_hits,
-                          "checkpoint": checkpoint, "best_step": result.best_step, "rank_digests": result.rank_digests, "final": result.history[-1] if result.history else None}))
+                          "latent_cache_hits": result.latent_cache_hits, "checkpoint": result.checkpoint,
+                          "run_dir": args.run_dir, "best_step": result.best_step,
+                          "rank_digests": result.rank_digests,
+                          "final": result.history[-1] if result.history else None}))
         return 0
     finally:
         if dist.world_size > 1:
@@ -139,6 +222,44 @@ def run_fit(args) -> int:
 
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+
+
+def _checkpoint_step(checkpoint: str) -> int:
+    from .checkpoint import peek
+
+    info = peek(checkpoint)
+    return int(info["step"]) if info else 0
+
+
+class _StopOnSigint:
+    """Ctrl-C once: finish the current micro-batch, checkpoint the step reached, stop. Twice: stop at once."""
+
+    def __init__(self):
+        self.flag, self.previous = False, None
+
+    def requested(self) -> bool:
+        return self.flag
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def _write_preview(folder: str, step: int, images) -> None:
@@ -245,17 +366,6 @@ def _vae_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
-def _finite(obj):
-    """JSON-safe: NaN/inf floats become None."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def run_eval(args) -> int:
     """Print one JSON object: {"patch_size", "seed", "count", "vaes": {name: path}, "sources":
     {"data": {...}, "general": {...}}, "data": {name: {metric: {"mean", "std"}, "patches": n, ...}},
@@ -267,6 +377,7 @@ def run_eval(args) -> int:
     from .imageio import ImageReadError, read_image, to_signed
     from .metrics import latent_channels, load_inception, try_load_lpips
     from .plot import save_png
+    from .runs import json_safe
     from .vae import load_vae
 
     cfg = from_arguments(DataConfig, args)
@@ -321,7 +432,7 @@ def run_eval(args) -> int:
             raise VAEFTError(f"--full-image {args.full_image!r}: {e}") from None
         out["full_image"] = full_image_report(vaes, image, args.full_image, args.tile, args.overlap, device)
     out["notes"] = notes
-    text = json.dumps(_finite(out))
+    text = json.dumps(json_safe(out))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(text + "\n")
@@ -353,15 +464,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training",
                                      description="Fine-tune the Stable Diffusion kl-f8 VAE on your own images.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_fit_command, add_demo_command, add_patches_command, add_eval_command):
+    parser.fit_parser = add_fit_command(sub)
+    for add in (add_demo_command, add_patches_command, add_eval_command):
         add(sub)
     return parser
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None, args) -> argparse.Namespace:
+    """``fit --config FILE``: the run's inputs and settings become the defaults, flags override."""
+    from .runs import read_config
+
+    run = read_config(args.config)
+    fit = parser.fit_parser
+    dests = {a.dest for a in fit._actions}
+    values = {**run.get("settings", {}), **{k: v for k, v in run.get("inputs", {}).items() if v is not None}}
+    unknown = sorted(set(values) - dests)
+    if unknown:
+        raise VAEFTError(f"--config {args.config!r} has settings this version does not know: {', '.join(unknown)}")
+    fit.set_defaults(**values)
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            args = _apply_config(parser, argv, args)
         return int(args.func(args) or 0)
     except VAEFTError as e:
         print(f"error: {e}", file=sys.stderr)

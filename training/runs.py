@@ -1,0 +1,275 @@
+"""A fine-tune run is a folder, the same for the node and the CLI::
+
+    <run>/
+        config.json       every setting, re-runnable: ``python -m training fit --config <run>/config.json``
+        metrics.jsonl     one JSON object per history line: losses, lr, validation scores (the base
+                          VAE's at step 0), seconds, steps/s, peak GPU memory
+        previews/         preview-NNNNNNN.png (inputs above, reconstructions below)
+        checkpoints/      step-NNNNNNN.ckpt, the newest few (see training.checkpoint)
+        events.out.tfevents.*   the same scalars and previews for TensorBoard, when the optional
+                          ``tensorboard`` package is importable
+
+Paths written into the folder are relative to it (a run folder can be shared or moved without
+carrying the user's directory layout); the node writes ComfyUI names instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+
+from .checkpoint import Checkpoints, latest_in
+from .config import TrainConfig
+from .errors import VAEFTError
+from .files import atomic_write, describe_os_error
+
+CONFIG_FORMAT = "vaeft-run-config-1"
+MARKER = "config.json"
+
+
+def portable_path(path: str | None, folder: str) -> str | None:
+    """``path`` as written in a run folder's config: relative to ``folder`` (never absolute)."""
+    if path is None:
+        return None
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """A run's config.json: {"format", "inputs": {name: path relative to the file's folder or a
+    ComfyUI name}, "settings": {TrainConfig and DataConfig fields}}; paths come back resolved
+    against the file's folder."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, MARKER)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise VAEFTError(f"--config {path!r} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise VAEFTError(f"--config {path!r} is not a readable run config ({str(e)[:200]})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != CONFIG_FORMAT:
+        raise VAEFTError(f"--config {path!r} is not a run config written by this tool ({CONFIG_FORMAT})")
+    folder = os.path.dirname(os.path.abspath(path))
+    inputs = {k: (os.path.normpath(os.path.join(folder, v)) if isinstance(v, str) and cfg.get("paths") == "relative"
+                  else v) for k, v in (cfg.get("inputs") or {}).items()}
+    return {**cfg, "inputs": inputs}
+
+
+class RunFolder:
+    """Writes one run's folder. ``create`` checks the folder before any training happens."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.checkpoint_dir = os.path.join(path, "checkpoints")
+        self.preview_dir = os.path.join(path, "previews")
+        self.metrics_path = os.path.join(path, "metrics.jsonl")
+        self._tb = None
+        self._t0 = time.monotonic()
+        self._last = (None, None)  # (step, time) of the previous metrics line
+
+    # ----- opening
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> "RunFolder":
+        """Open ``path`` for a run: made if missing; an existing folder is used only if it is a run
+        folder of ours being continued (``resume``), is empty, or ``overwrite`` is set. Refused
+        otherwise, with what to do, before the first step."""
+        path = os.fspath(path)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise VAEFTError(f"run folder {path!r} is a file; choose another run folder")
+        if os.path.isdir(path) and os.listdir(path):
+            ours = os.path.isfile(os.path.join(path, MARKER))
+            if not ours and not overwrite:
+                raise VAEFTError(f"{path!r} exists and is not a run folder of this tool; choose another run folder "
+                                 "(nothing in it was changed)")
+            if ours and not (resume or overwrite):
+                latest = latest_in(os.path.join(path, "checkpoints"))
+                hint = f"continue it (resume from {latest!r})" if latest else "continue it"
+                raise VAEFTError(f"run folder {path!r} already holds a run; {hint}, choose another run name, or "
+                                 "allow overwriting")
+        try:
+            os.makedirs(os.path.join(path, "previews"), exist_ok=True)
+            probe = os.path.join(path, ".write-test")
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        except OSError as e:
+            raise VAEFTError(describe_os_error(e, path, "run folder")) from None
+        return cls(path)
+
+    def rewind(self, step: int) -> None:
+        """Continuing from the checkpoint of ``step``: forget metrics lines written after it (a
+        crashed run may have logged past its last checkpoint), so the log reads as one run."""
+        kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        atomic_write(self.metrics_path, lambda f: f.write(text.encode()), overwrite=True, what="metrics log")
+        if kept:
+            self._t0 = time.monotonic() - float(kept[-1].get("seconds") or 0.0)
+
+    def latest_checkpoint(self) -> str | None:
+        return latest_in(self.checkpoint_dir)
+
+    def checkpoints(self, cfg: TrainConfig, overwrite: bool = False) -> Checkpoints:
+        return Checkpoints(self.checkpoint_dir, every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes,
+                           keep=cfg.keep_checkpoints, folder=True, overwrite=overwrite)
+
+    # ----- writing
+
+    def write_config(self, inputs: dict, settings: dict, *, paths: str = "relative") -> str:
+        """config.json. ``inputs``: {"vae", "data", "out", ...}: file paths (written relative to
+        this folder) when ``paths`` is "relative", ComfyUI names when it is "comfyui"."""
+        if paths == "relative":
+            inputs = {k: portable_path(v, self.path) for k, v in inputs.items()}
+        body = {"format": CONFIG_FORMAT, "paths": paths, "inputs": inputs, "settings": settings}
+        text = json.dumps(body, indent=2, default=str) + "\n"
+        return atomic_write(os.path.join(self.path, MARKER), lambda f: f.write(text.encode()), overwrite=True,
+                            what="run config")
+
+    def log(self, line: dict, step_time: float | None = None) -> dict:
+        """Append a history line to metrics.jsonl (and TensorBoard), with the seconds since the run
+        started, steps/s since the previous line and peak GPU memory. Returns the written record."""
+        now = time.monotonic()
+        record = dict(line)
+        record["seconds"] = round(now - self._t0, 3)
+        prev_step, prev_time = self._last
+        if prev_step is not None and line["step"] > prev_step and now > prev_time:
+            record["steps_per_s"] = round((line["step"] - prev_step) / (now - prev_time), 4)
+        self._last = (line["step"], now)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(json_safe(record)) + "\n")
+        except OSError as e:
+            raise VAEFTError(describe_os_error(e, self.metrics_path, "metrics log")) from None
+        tb = self._tensorboard()
+        if tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    tb.add_scalar(k, v, line["step"])
+            tb.flush()
+        return record
+
+    def preview(self, step: int, images: torch.Tensor) -> str:
+        """Write (2N, 3, H, W) [0, 1] images (inputs, then reconstructions) as previews/preview-NNNNNNN.png."""
+        from .plot import image_grid, to_pil
+
+        grid = image_grid(images, rows=2)
+        path = os.path.join(self.preview_dir, f"preview-{step:07d}.png")
+
+        def write(f):
+            to_pil(grid).save(f, format="PNG")
+
+        atomic_write(path, write, overwrite=True, what="preview")
+        tb = self._tensorboard()
+        if tb is not None:
+            tb.add_image("preview", grid, step)
+            tb.flush()
+        return path
+
+    def close(self) -> None:
+        if self._tb:
+            self._tb.close()
+        self._tb = None
+
+    def _tensorboard(self):
+        """TensorBoard's writer when the optional ``tensorboard`` package is installed, else None."""
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional: never required
+                self._tb = False
+            else:
+                self._tb = SummaryWriter(self.path)
+        return self._tb or None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a run's metrics.jsonl (a missing file: none)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def json_safe(obj):
+    """For JSON: NaN/inf floats become None (JSON has no such numbers), recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+class RunStatus:
+    """What a person watching a run wants to see, for the node's progress text and the CLI's
+    progress bar: step/total, steps/s, elapsed, ETA, the latest losses, the latest validation
+    scores beside the base VAE's (step 0), peak GPU memory."""
+
+    def __init__(self, total: int, start_step: int = 0, history: list[dict] | None = None):
+        self.total, self.start_step, self.step = total, start_step, start_step
+        self.t0 = time.monotonic()
+        self.losses: dict = {}
+        self.val: dict = {}
+        self.base: dict = {}
+        for line in history or []:
+            self.update(line)
+
+    def update(self, line: dict) -> None:
+        """Take a history line (training terms and/or validation scores)."""
+        scores = {k: v for k, v in line.items() if k.startswith(("val_", "gen_"))}
+        if scores:
+            (self.base if line["step"] == 0 else self.val).update(scores)
+        losses = {k: v for k, v in line.items() if k not in ("step", "lr", "skipped_steps") and k not in scores}
+        if losses:
+            self.losses = losses
+
+    def rates(self) -> tuple[float, float, float | None]:
+        """(elapsed s, steps/s, ETA s or None) over the steps done in this session."""
+        elapsed = time.monotonic() - self.t0
+        done = self.step - self.start_step
+        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+        eta = (self.total - self.step) / rate if rate > 0 else None
+        return elapsed, rate, eta
+
+    def fields(self) -> dict[str, str]:
+        """Short name -> formatted value (the CLI's progress-bar postfix)."""
+        out = {k: f"{v:.4g}" for k, v in self.losses.items() if isinstance(v, (int, float))}
+        for k, v in self.val.items():
+            base = self.base.get(k)
+            out[k] = f"{v:.4g}" + (f" (base {base:.4g})" if base is not None else "")
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["peak_gpu"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+        return out
+
+    def text(self) -> str:
+        """Several lines for the node."""
+        elapsed, rate, eta = self.rates()
+        lines = [f"step {self.step}/{self.total}  {rate:.2f} steps/s  elapsed {_hms(elapsed)}  "
+                 f"ETA {_hms(eta) if eta is not None else '-'}"]
+        if self.losses:
+            lines.append("loss  " + "  ".join(f"{k} {v:.4g}" for k, v in self.losses.items()
+                                            if isinstance(v, (int, float))))
+        keys = sorted(set(self.val) | set(self.base))
+        if keys:
+            lines.append("validation (now / base)  " + "  ".join(
+                f"{k} {self.val[k]:.4g}/{self.base[k]:.4g}" if k in self.val and k in self.base
+                else f"{k} {self.val.get(k, self.base.get(k)):.4g}" for k in keys))
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            lines.append(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        return "\n".join(lines)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
