@@ -501,3 +501,33 @@ def test_fused_adamw_still_honours_the_found_inf_flag():
     w.grad = torch.full((4,), 0.5)
     _fused_step(opt, torch.zeros(()))
     assert (w.detach() < 1).all()
+
+
+def test_precision_auto_follows_the_gpu_and_fp16_scales_the_loss(monkeypatch):
+    from training.device import resolve_precision
+
+    cuda = torch.device("cuda", 0)
+    assert resolve_precision("auto", cuda, (9, 0))[0] == "bf16"      # H100
+    assert resolve_precision("auto", cuda, (8, 6))[0] == "bf16"      # RTX 30xx
+    assert resolve_precision("auto", cuda, (7, 5))[0] == "fp16"      # RTX 20xx, T4
+    assert resolve_precision("auto", cuda, (6, 1))[0] == "fp16"      # GTX 10xx
+    assert resolve_precision("auto", cuda, (5, 2))[0] == "fp32"      # Maxwell
+    assert resolve_precision("auto", torch.device("cpu"))[0] == "fp32"
+    assert "capability 7.5" in resolve_precision("auto", cuda, (7, 5))[1]
+    # fp16 autocast with dynamic loss scaling trains (on the CPU here), and an overflow halves the
+    # scale and skips the step instead of poisoning the weights
+    vae = build_vae(tiny_ldm_sd())
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    res = fine_tune(vae, itertools.repeat(x), cfg(steps=4, precision="fp16"), device="cpu")
+    fp32 = fine_tune(vae, itertools.repeat(x), cfg(steps=4, precision="fp32"), device="cpu")
+    assert res.precision.startswith("precision = fp16") and res.skipped_steps == 0
+    assert res.history[-1]["mse"] == pytest.approx(fp32.history[-1]["mse"], rel=0.05)
+    from training.trainer import LoopState
+
+    state = LoopState.new(torch.device("cpu"), loss_scaling=True)
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.tensor([float("inf"), 1.0])
+    found = torch.zeros(())
+    state.unscale_([p], found)
+    state.update_scale(found)
+    assert found.item() == 1.0 and state.loss_scale.item() == 2.0**15

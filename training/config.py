@@ -70,8 +70,10 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the gradient norm to this (0 = off)", min=0.0)
     posterior: str = option("sample", "decode a sample of the encoder's posterior (as LDM trains) or its mode",
                             choices=("sample", "mode"))
-    precision: str = option("auto", "'auto' = bf16 autocast over fp32 weights on CUDA, fp32 on CPU",
-                            choices=("auto", "fp32", "bf16"))
+    precision: str = option("auto", "autocast over fp32 weights. 'auto': bf16 on GPUs that run it natively "
+                                    "(compute capability 8.0+), fp16 with loss scaling on older ones (GTX 10xx, "
+                                    "RTX 20xx, T4, V100), fp32 on the CPU",
+                            choices=("auto", "fp32", "bf16", "fp16"))
     latent_cache_mb: int = option(2048, "decoder training on a fixed patch set (grid sampling, no augmentation): "
                                         "keep each patch's encoder output, up to this many MiB on the "
                                         "training device, and skip the encoder when the patch comes round "

@@ -55,3 +55,26 @@ def model_place(model: torch.nn.Module) -> tuple[torch.device | None, torch.dtyp
     params = getattr(model, "parameters", None)
     p = next(iter(params()), None) if callable(params) else None
     return (p.device, p.dtype) if p is not None else (None, None)
+
+
+def resolve_precision(precision: str, device: torch.device,
+                      capability: tuple[int, int] | None = None) -> tuple[str, str]:
+    """The autocast dtype a run uses: ("bf16" | "fp16" | "fp32", why), for the log and the metadata.
+
+    ``auto``: bf16 autocast where the GPU runs bf16 natively (compute capability 8.0 and newer:
+    Ampere, Ada, Hopper, ...); fp16 autocast with dynamic loss scaling on the 6.x/7.x cards many
+    ComfyUI users have (Pascal, Volta, Turing: GTX 10xx, RTX 20xx, T4, V100), where bf16 is
+    emulated; fp32 on older GPUs and on the CPU. ``capability`` overrides the device's (tests).
+    """
+    device = torch.device(device)
+    if precision != "auto":
+        return precision, f"precision = {precision} (asked for)"
+    if device.type != "cuda":
+        return "fp32", f"precision auto on {device.type}: fp32"
+    cc = tuple(capability or torch.cuda.get_device_capability(device))
+    if cc >= (8, 0):
+        return "bf16", f"precision auto: bf16 autocast (compute capability {cc[0]}.{cc[1]} runs bf16 natively)"
+    if cc >= (6, 0):
+        return "fp16", (f"precision auto: fp16 autocast with dynamic loss scaling (compute capability "
+                        f"{cc[0]}.{cc[1]} has no native bf16)")
+    return "fp32", f"precision auto: fp32 (compute capability {cc[0]}.{cc[1]} is too old for fast half precision)"

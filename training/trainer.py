@@ -24,7 +24,7 @@ import torch
 
 from .checkpoint import CHECKPOINT_FORMAT, Checkpoints, read_checkpoint
 from .config import TrainConfig
-from .device import Distributed, pick_device
+from .device import Distributed, pick_device, resolve_precision
 from .errors import VAEFTError
 from .fused_norm import autocast_group_norms, fuse_vae_blocks, triton_available
 from .losses import (PatchDiscriminator, ReconstructionLoss, adaptive_gan_weight, hinge_d_loss, kl_divergence,
@@ -120,6 +120,7 @@ class TrainResult:
     latent_cache_hits: int = 0      # patches whose encoder output came from the latent cache
     dataset_summary: dict | None = None  # recorded in the export's metadata
     run_id: str = ""                # the run's identity: kept across resumes, stored in its checkpoints
+    precision: str = ""             # the autocast dtype used and why (precision auto picks by GPU)
     checkpoint: str | None = None   # the last checkpoint written, if any
 
     def __repr__(self) -> str:  # short: ComfyUI shows node inputs in error reports
@@ -271,10 +272,29 @@ class LoopState:
     worst_run: torch.Tensor | None = None  # the longest streak since the last log line
     best: dict = field(default_factory=lambda: {"score": float("inf"), "params": None, "step": 0})
 
+    loss_scale: torch.Tensor | None = None   # fp16: dynamic loss scale (GradScaler's rule, on the device)
+    scale_growth: torch.Tensor | None = None  # fp16: good steps since the scale last changed
+
     @classmethod
-    def new(cls, device: torch.device) -> "LoopState":
+    def new(cls, device: torch.device, loss_scaling: bool = False) -> "LoopState":
         zero = lambda: torch.zeros((), device=device)  # noqa: E731
-        return cls(skipped=zero(), bad_run=zero(), worst_run=zero())
+        out = cls(skipped=zero(), bad_run=zero(), worst_run=zero())
+        if loss_scaling:
+            out.loss_scale = torch.full((), 2.0**16, device=device)
+            out.scale_growth = torch.zeros((), dtype=torch.int32, device=device)
+        return out
+
+    def unscale_(self, params, found_inf: torch.Tensor) -> None:
+        """fp16: divide the gradients by the loss scale (sets ``found_inf`` on inf/NaN), no host sync."""
+        if self.loss_scale is not None:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, self.loss_scale.reciprocal())
+
+    def update_scale(self, found_inf: torch.Tensor) -> None:
+        """fp16: halve the scale after an overflow, double it after 2000 good steps (GradScaler's defaults)."""
+        if self.loss_scale is not None:
+            torch._amp_update_scale_(self.loss_scale, self.scale_growth, found_inf, 2.0, 0.5, 2000)
 
     def add(self, parts: dict[str, torch.Tensor], skip: torch.Tensor) -> None:
         """Count one finished optimizer step: its loss terms and whether it was skipped."""
@@ -305,11 +325,11 @@ class LoopState:
         return {f.name: _to_cpu(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_state_dict(cls, state: dict, device: torch.device) -> "LoopState":
+    def from_state_dict(cls, state: dict, device: torch.device, loss_scaling: bool = False) -> "LoopState":
         names = {f.name for f in dataclasses.fields(cls)}
-        out = cls.new(device)
+        out = cls.new(device, loss_scaling)
         for k, v in state.items():
-            if k in names:
+            if k in names and v is not None:
                 setattr(out, k, _to_device(v, device))
         return out
 
@@ -431,9 +451,10 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     params = [p for name, p in model.named_parameters()
               if p.requires_grad_(name.startswith(TRAINABLE_PREFIXES[cfg.trainable])).requires_grad]
     on_cuda = device.type == "cuda"
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_cuda)
+    amp, amp_why = resolve_precision(cfg.precision, device)
+    use_bf16 = amp == "bf16"
     fused, restore_modules = 0, None  # the norm swaps are made on our private copy only
-    if cfg.fused_norm and on_cuda and triton_available():
+    if cfg.fused_norm and on_cuda and amp != "fp16" and triton_available():
         fused, restore_modules = fuse_vae_blocks(model)
     elif use_bf16 and cfg.norm_in_bf16:
         _, restore_modules = autocast_group_norms(model)
@@ -443,7 +464,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                              enabled=amp != "fp32")
     if cfg.lpips_weight > 0 and lpips_net is None:
         lpips_net = load_lpips(cfg.lpips_net, cfg.lpips_backbone)
     if lpips_net is not None:
@@ -474,10 +496,10 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         disc_opt = torch.optim.AdamW(s.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0,
                                      fused=True)
     ema = EMA(params, cfg.ema_decay) if cfg.ema else None
-    state = LoopState.new(device)
+    state = LoopState.new(device, loss_scaling=amp == "fp16")
     if resume is not None:
         ckpt = load_checkpoint(resume, vae.layout, cfg, dist.world_size, data_signature)
-        state = restore_checkpoint(ckpt, params, opt, ema, s.disc, disc_opt, device)
+        state = restore_checkpoint(ckpt, params, opt, ema, s.disc, disc_opt, device, loss_scaling=amp == "fp16")
     run_id = (ckpt.get("run_id") if resume is not None else None) or uuid.uuid4().hex
     if checkpoints is not None and not isinstance(checkpoints, Checkpoints):
         checkpoints = Checkpoints(checkpoints, every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes)
@@ -523,7 +545,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         x_all, keys = next(stream)
         while True:  # retry the step at a smaller micro-batch when it runs out of GPU memory
             try:
-                parts, stopped = _accumulate(s, x_all, keys, step=step, micro=micro)
+                parts, stopped = _accumulate(s, x_all, keys, step=step, micro=micro, loss_scale=state.loss_scale)
                 break
             except torch.OutOfMemoryError:
                 opt.zero_grad(set_to_none=True)
@@ -542,8 +564,10 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
             break
         # Non-finite gradients: the fused optimizer skips the update on the device (found_inf),
         # so there is no host sync here; the count is read at logging steps.
+        found_inf.zero_()
+        state.unscale_(params, found_inf)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        found_inf.copy_(~torch.isfinite(norm))
+        torch.maximum(found_inf, (~torch.isfinite(norm)).float(), out=found_inf)
         _fused_step(opt, found_inf)
         if ema is not None:
             ema.update(step, found_inf)
@@ -553,8 +577,14 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad)
                         p.grad.div_(dist.world_size)
+            d_inf = torch.zeros_like(found_inf)
+            state.unscale_(list(s.disc.parameters()), d_inf)
             d_norm = torch.nn.utils.clip_grad_norm_(s.disc.parameters(), float("inf"))
-            _fused_step(disc_opt, torch.maximum((~torch.isfinite(d_norm)).float(), found_inf))
+            d_inf = torch.maximum(torch.maximum((~torch.isfinite(d_norm)).float(), d_inf), found_inf)
+            _fused_step(disc_opt, d_inf)
+            state.update_scale(d_inf)
+        else:
+            state.update_scale(found_inf)
         state.add(parts, found_inf)
         step = state.step
 
@@ -602,7 +632,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
                        skipped_steps=int(state.skipped),
                        best_step=state.best["step"] if cfg.export_best and state.best["params"] is not None else None,
                        fused_norms=fused, latent_cache_hits=s.cache.hits if s.cache is not None else 0,
-                       rank_digests=digests, run_id=run_id,
+                       rank_digests=digests, run_id=run_id, precision=amp_why,
                        checkpoint=checkpoints.written[-1] if checkpoints is not None and checkpoints.written else None)
 
 
@@ -634,10 +664,10 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "module", module)
 
 
-def _accumulate(s: _Step, x_all: torch.Tensor, keys: torch.Tensor | None, *, step: int, micro: int
-                ) -> tuple[dict[str, torch.Tensor], bool]:
-    """Forward/backward over the micro-batches of optimizer step ``step``. Returns (loss parts
-    averaged over the batch, on the device; stopped)."""
+def _accumulate(s: _Step, x_all: torch.Tensor, keys: torch.Tensor | None, *, step: int, micro: int,
+                loss_scale: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], bool]:
+    """Forward/backward over the micro-batches of optimizer step ``step`` (gradients multiplied by
+    ``loss_scale`` under fp16). Returns (loss parts averaged over the batch, on the device; stopped)."""
     cfg, device = s.cfg, s.device
     seed = _step_seed(cfg.seed * max(1, s.dist.world_size) + s.dist.rank, step)
     x_all = x_all.to(device, non_blocking=True).float()
@@ -688,12 +718,12 @@ def _accumulate(s: _Step, x_all: torch.Tensor, keys: torch.Tensor | None, *, ste
                     w = adaptive_gan_weight(rec_loss, g_loss, s.model.decoder.conv_out.weight, cfg.gan_weight)
                     parts["g_loss"], parts["gan_w"] = g_loss.detach(), w
                     loss = loss + w * g_loss
-            (loss * share).backward()
+            (loss * (share if loss_scale is None else share * loss_scale)).backward()
             if gan_on:
                 s.disc.requires_grad_(True)
                 with s.autocast:
                     d_loss = hinge_d_loss(s.disc(x).float(), s.disc(recon.detach()).float())
-                (d_loss * share).backward()
+                (d_loss * (share if loss_scale is None else share * loss_scale)).backward()
                 parts["d_loss"] = d_loss.detach()
         parts["total"] = loss.detach()
         for k, v in parts.items():
@@ -770,8 +800,8 @@ def checkpoint_state(cfg: TrainConfig, layout: LdmLayout, params, opt, ema: EMA 
 
 
 @torch.no_grad()
-def restore_checkpoint(ckpt: dict, params, opt, ema: EMA | None, disc, disc_opt, device: torch.device
-                       ) -> LoopState:
+def restore_checkpoint(ckpt: dict, params, opt, ema: EMA | None, disc, disc_opt, device: torch.device,
+                       loss_scaling: bool = False) -> LoopState:
     """Load a checkpoint (from :func:`load_checkpoint`) into the run's objects; returns its loop state."""
     for p, t in zip(params, ckpt["params"]):
         p.copy_(t)
@@ -781,7 +811,7 @@ def restore_checkpoint(ckpt: dict, params, opt, ema: EMA | None, disc, disc_opt,
     if disc is not None:
         _unwrap(disc).load_state_dict(ckpt["disc"])
         disc_opt.load_state_dict(ckpt["disc_optimizer"])
-    return LoopState.from_state_dict(ckpt["loop"], device)
+    return LoopState.from_state_dict(ckpt["loop"], device, loss_scaling)
 
 
 def load_checkpoint(path: str | os.PathLike, layout: LdmLayout, cfg: TrainConfig, world_size: int = 1,
