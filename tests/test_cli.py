@@ -263,3 +263,18 @@ def test_outputs_are_checked_before_training(setup, tmp_path, tiny_vae_file):
     p = run(*fit_args(setup, tmp_path / "b.safetensors", "--lpips-weight", 0, "--checkpoint", ckpt, "--steps", 4),
             check=False)
     assert p.returncode == 2 and "checkpoint of a finished run (step 2 of 2)" in p.stderr
+
+
+def test_loss_curve_draws_the_base_level_of_a_series_that_starts_at_step_0():
+    from training.plot import COLOURS, curve_image
+
+    kw = dict(width=200, height=120, log_y=False)
+    with_base = curve_image({"loss": [3.0, 1.0], "val_mse": [2.0, 1.5]}, {"loss": [1, 10], "val_mse": [0, 10]}, **kw)
+    without = curve_image({"loss": [3.0, 1.0], "val_mse": [2.0, 1.5]}, {"loss": [1, 10], "val_mse": [1, 10]}, **kw)
+    top, ph = 28, 120 - 28 - 32
+    y = round(top + (1 - (2.0 - 1.0) / (3.0 - 1.0)) * ph)        # the base value 2.0 on the 1..3 axis
+    colour = torch.tensor(COLOURS[1], dtype=torch.float32) / 255
+    def hits(img):
+        row = img[:, y - 1:y + 2, 120:180].reshape(3, -1)             # right half: far from the curve's start
+        return int(((row - colour[:, None]).abs().max(0).values < 0.02).sum())
+    assert hits(with_base) > 10 and hits(without) == 0

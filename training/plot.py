@@ -16,6 +16,10 @@ def curve_image(series: dict[str, list[float]], steps: list[int] | dict[str, lis
     """Line chart of named series against ``steps`` (one list for all, or one per series name;
     missing: 1, 2, ...). Non-finite values are gaps. Returns (3, height, width) float in [0, 1].
 
+    A series with a point at step 0 (validation scores: the base VAE, before the first step)
+    also gets a dashed line at that level across the chart: above or below it is better or
+    worse than the base.
+
     A log y axis (the default) shows the slow late decrease of reconstruction losses;
     series with non-positive values fall back to a linear axis.
     """
@@ -54,13 +58,18 @@ def curve_image(series: dict[str, list[float]], steps: list[int] | dict[str, lis
     d.text((left + pw - 70, top + ph + 8), f"step {all_steps[-1]}", fill=(0, 0, 0))
     for ci, (name, vals) in enumerate(series.items()):
         colour = COLOURS[ci % len(COLOURS)]
+        if xs[name] and xs[name][0] == 0 and math.isfinite(vals[0]) and (not use_log or vals[0] > 0):
+            _, yb = px(x0, vals[0])
+            for xa in range(left, left + pw, 8):  # the base VAE's level, dashed
+                d.line([xa, yb, min(xa + 4, left + pw), yb], fill=colour, width=1)
         pts = [px(s, v) for s, v in zip(xs[name], vals) if math.isfinite(v) and (not use_log or v > 0)]
         if len(pts) == 1:
             x, y = pts[0]
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
         elif pts:
             d.line(pts, fill=colour, width=2)
-        d.text((left + pw - 120, top + 6 + 14 * ci), f"— {name}", fill=colour)
+        label = f"-- {name}" + (" (- - base)" if xs[name] and xs[name][0] == 0 else "")
+        d.text((left + pw - 150, top + 6 + 14 * ci), label, fill=colour)
     return _to_tensor(img)
 
 
