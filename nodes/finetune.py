@@ -12,6 +12,7 @@ from ..training.config import RECIPES, TrainConfig
 from ..training.data import augmenter, preview_patches, worker_start_method
 from ..training.export import ldm_state_dict
 from ..training.plot import image_grid, to_pil
+from ..training.runs import validation_patches
 from ..training.trainer import Callbacks, fine_tune, history_curves
 from .common import Dataset, Trained, comfy_vae_to_training, config_inputs, input_values, ldm_to_comfy_vae
 
@@ -77,7 +78,9 @@ class VAEFineTune(io.ComfyNode):
                                                           with_keys=True, num_workers=workers,
                                                           start_method=method)
             preview = preview_patches(dataset, 4, seed=cfg.seed) if cfg.preview_every else None
-            val = dataset.val_patches(cfg.val_patches, seed=cfg.seed) if cfg.val_every else None
+            val, cfg, note = validation_patches(dataset, cfg)
+            if note:
+                log.warning("VAE fine-tune: %s", note)
             result = fine_tune(
                 base, batches, cfg, device=device,
                 augment=augmenter(dataset.cfg),

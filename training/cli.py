@@ -87,7 +87,7 @@ def run_fit(args) -> int:
     from .device import Distributed, pick_device
     from .export import export_vae
     from .plot import curve_image, save_png
-    from .runs import RunFolder, RunStatus, latest_in
+    from .runs import RunFolder, RunStatus, latest_in, validation_patches
     from .trainer import Callbacks, fine_tune, history_curves
     from .vae import load_vae
 
@@ -132,6 +132,9 @@ def run_fit(args) -> int:
             f"skipped; train {summary.get('train_images')}, validation {summary.get('val_images')}")
         for item in summary.get("images_skipped", []):
             log(f"  skipped {item['path']}: {item['reason']}")
+        val, cfg, note = validation_patches(data, cfg)
+        if note:
+            log(note)
         general = None
         if args.general and cfg.val_every:
             from .evaluate import eval_patches
@@ -175,7 +178,6 @@ def run_fit(args) -> int:
             if bar is None and dist.is_main:
                 print(json.dumps({"checkpoint": path, "step": step}), file=sys.stderr)
 
-        val = data.val_patches(cfg.val_patches, seed=cfg.seed) if cfg.val_every else None
         local = cfg.batch_size // dist.world_size if cfg.batch_size % dist.world_size == 0 else cfg.batch_size
         pin = device.type == "cuda"
         preview = None

@@ -92,12 +92,13 @@ class TrainConfig:
     seed: int = option(0, "seed for patches, augmentation, posterior samples", min=0, max=2**63 - 1)
     log_every: int = option(10, "steps between loss log lines / history points", min=1)
     preview_every: int = option(50, "steps between preview reconstructions (0 = off)", min=0)
-    val_every: int = option(0, "steps between validation metrics (PSNR, LPIPS) on held-out patches (0 = off)",
-                            min=0)
+    val_every: int = option(200, "steps between validation scores (MSE, PSNR, LPIPS) on held-out patches, the "
+                                 "base VAE's scored before the first step (0 = off; off by itself when the "
+                                 "dataset has no held-out images)", min=0)
     val_patches: int = option(16, "held-out patches used for validation", min=1, max=4096)
     export_best: bool = option(False, "export the weights with the best validation LPIPS (validation MSE "
                                       "when LPIPS is off) instead of the last ones")
-    checkpoint_every: int = option(0, "steps between resumable checkpoints (0: by time only). Written where "
+    checkpoint_every: int = option(500, "steps between resumable checkpoints (0: by time only). Written where "
                                       "a run folder, --checkpoint or --resume says; always at the last step "
                                       "and when the run is stopped", min=0, node=False)
     checkpoint_minutes: float = option(10.0, "also checkpoint when this many minutes passed since the last "

@@ -211,6 +211,18 @@ def json_safe(obj):
     return obj
 
 
+def validation_patches(data, cfg: TrainConfig) -> tuple[torch.Tensor | None, TrainConfig, str | None]:
+    """Held-out patches for ``cfg.val_every`` from a PatchDataset, the config to train with, and a
+    note for the user. Without held-out images validation is switched off with a note (unless
+    export_best asks for it, which stays an error naming the fix)."""
+    if not cfg.val_every:
+        return None, cfg, None
+    if not data.summary().get("val_images") and not cfg.export_best:
+        return None, cfg.replace(val_every=0), ("validation is off: the dataset has no held-out images ("
+                                                f"{data.summary().get('validation')}); add images or raise val_fraction")
+    return data.val_patches(cfg.val_patches, seed=cfg.seed), cfg, None
+
+
 class RunStatus:
     """What a person watching a run wants to see, for the node's progress text and the CLI's
     progress bar: step/total, steps/s, elapsed, ETA, the latest losses, the latest validation

@@ -440,8 +440,10 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         raise VAEFTError(f"each process's batch ({local_batch}) must be a multiple of micro_batch "
                          f"({cfg.micro_batch})")
     if cfg.val_every and val_batch is None:
-        raise VAEFTError("val_every > 0 needs held-out patches: the dataset has no validation images "
-                         "(raise val_fraction, add images, or set val_every = 0)")
+        if cfg.export_best:
+            raise VAEFTError("export_best needs held-out patches: the dataset has no validation images "
+                             "(raise val_fraction, add images, or turn export_best off)")
+        cfg = cfg.replace(val_every=0)  # nothing to score: validation is off
     if resume is not None and not callable(batches):
         raise VAEFTError("resuming needs batches as a function of the start step (to replay the data order)")
 
