@@ -8,18 +8,13 @@ every pre-existing file is left exactly as it was.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import socket
-import stat
-import struct
 import subprocess
 import sys
-import threading
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -28,6 +23,7 @@ from PIL import Image, ImageFile
 from safetensors.torch import save_file
 
 from conftest import ROOT, tiny_ldm_sd, write_images
+from hostile_files import FifoWatchdog, png, snapshot
 from training import imageio as tio
 from training.data import DataConfig, build_dataset, from_tensor
 from training.errors import VAEFTError
@@ -40,68 +36,6 @@ needs_posix = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs and /d
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def png(width: int, height: int) -> bytes:
-    """A valid 1-bit grayscale PNG of any size, all white, written without decoding a pixel buffer
-    (1-bit rows compress to almost nothing, so a 200-megapixel file is ~50 KB)."""
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    row = b"\x00" + b"\xff" * ((width + 7) // 8)
-    z = zlib.compressobj()
-    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-
-
-def snapshot(folder) -> dict:
-    """Every entry under ``folder``: its type, a link's target, a regular file's bytes."""
-    out = {}
-    for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            full = os.path.join(root, name)
-            st = os.lstat(full)
-            if stat.S_ISLNK(st.st_mode):
-                out[full] = ("link", os.readlink(full))
-            elif stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as f:
-                    out[full] = ("file", f.read())
-            else:
-                out[full] = ("other", stat.S_IFMT(st.st_mode))
-    return out
-
-
-class FifoWatchdog:
-    """Unblocks any reader stuck opening one of ``fifos`` after ``seconds`` (by opening the write
-    end, which lets the blocked open return), and records that it had to: a hang then fails the
-    test instead of freezing it."""
-
-    def __init__(self, fifos, seconds: float = 20.0):
-        self.fifos, self.fired = [str(f) for f in fifos], False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(seconds,), daemon=True)
-
-    def _run(self, seconds: float) -> None:
-        if self._stop.wait(seconds):
-            return
-        while not self._stop.is_set():
-            for f in self.fifos:
-                try:
-                    os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO unless a reader waits
-                    self.fired = True
-                except OSError as e:
-                    if e.errno != errno.ENXIO:
-                        raise
-            time.sleep(0.2)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(5)
 
 
 def cli(*args, timeout: float = 300):
@@ -382,6 +316,32 @@ def test_cli_named_errors(tmp_path, case, expected):
     assert expected in p.stderr and "Traceback" not in p.stderr
     assert "not found" not in p.stderr and "does not exist" not in p.stderr
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("nan", "holds NaN or infinite weights in 2 of"),
+    ("mixed", "the encoder and decoder do not fit together: quant_conv makes 8 latent channels"),
+])
+def test_cli_refuses_a_broken_base_vae(tmp_path, case, expected):
+    write_images(tmp_path / "data", names=("astronaut",), size=64)
+    sd = tiny_ldm_sd()
+    if case == "nan":
+        sd["decoder.conv_out.weight"].view(-1)[0] = float("nan")
+        sd["decoder.up.0.block.0.conv1.bias"].view(-1)[0] = float("inf")
+    else:
+        eight = tiny_ldm_sd(8)
+        sd = {k: (eight[k] if k.startswith(("encoder.", "quant_conv.")) else v) for k, v in sd.items()}
+    base = tmp_path / "base.safetensors"
+    save_file(sd, str(base))
+    before = snapshot(tmp_path)
+    out = tmp_path / "out.safetensors"
+    p = cli("fit", "--vae", base, "--data", tmp_path / "data", "--out", out, "--steps", 1, "--patch-size", P,
+            "--batch-size", 1, "--lpips-weight", 0, "--no-progress", timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert expected in p.stderr and str(base) in p.stderr and "Traceback" not in p.stderr
+    if case == "nan":
+        assert "decoder.conv_out.weight" in p.stderr and "decoder.up.0.block.0.conv1.bias" in p.stderr
+    assert snapshot(tmp_path) == before  # no export, base untouched
 
 
 # ---------------------------------------------------------------------------------------------
