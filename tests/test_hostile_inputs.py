@@ -297,8 +297,9 @@ def test_cli_special_files_do_not_hang_and_are_listed(hostile, base_vae, tmp_pat
     ("data_is_file", "is a file, not a folder; give the folder that holds the images"),
     ("mask_is_file", "is a file, not a folder; give the folder that holds the masks"),
     ("huge_batch", "out of CPU memory building a batch of 100000 patches of 1024×1024"),
+    ("huge_batch_fit", "out of CPU memory building a batch of 65536 patches of 1024×1024"),
 ])
-def test_cli_named_errors(tmp_path, case, expected):
+def test_cli_named_errors(tmp_path, base_vae, case, expected):
     data = tmp_path / "data"
     write_images(data, names=("astronaut",), size=64)
     afile = tmp_path / "file.png"
@@ -310,6 +311,9 @@ def test_cli_named_errors(tmp_path, case, expected):
         args += ["--mask-dir", afile]
     elif case == "huge_batch":
         args = ["patches", "--data", data, "--patch-size", 1024, "--upscale-small", "--count", 100000]
+    elif case == "huge_batch_fit":
+        args = ["fit", "--vae", base_vae, "--data", data, "--out", tmp_path / "out.safetensors", "--steps", 1,
+                "--patch-size", 1024, "--upscale-small", "--batch-size", 65536, "--lpips-weight", 0, "--no-progress"]
     before = snapshot(tmp_path)
     p = cli(*args, timeout=120)
     assert p.returncode == 2, p.stderr[-3000:]
