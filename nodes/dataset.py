@@ -26,6 +26,12 @@ def resolve_input_folder(folder: str) -> str:
         raise VAEFTError(f"data folder {folder!r} is outside ComfyUI's input directory ({base}); "
                          "put (or symlink) the images under it")
     if not os.path.isdir(path):
+        from ..training.imageio import describe_path
+
+        kind = describe_path(path)  # stat only: a FIFO named like a folder is never opened
+        if kind is not None:
+            raise VAEFTError(f"{folder!r} in ComfyUI's input directory ({base}) is {kind}, not a folder; "
+                             "name a folder inside it")
         raise VAEFTError(f"data folder {folder!r} does not exist in ComfyUI's input directory ({base})")
     return path
 

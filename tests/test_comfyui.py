@@ -374,3 +374,81 @@ def test_ui_example_matches_the_live_node_definitions(comfy):
         committed = json.load(f)
     assert builder.build(api, info) == committed, (
         "example_workflows/vae_finetune.json is stale: rebuild it with build_ui_workflow.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile files in the data folder (issue 15): the node form of tests/test_hostile_inputs.py
+
+
+def _dataset_prompt(server, folder: str, **settings) -> dict:
+    """VAE Patch Dataset on ``folder`` with a PreviewAny of its summary. Each setting goes to the
+    dataset node when it has that input, else to the node that has it and feeds one of the
+    dataset node's sockets; required inputs left out take their defaults."""
+    info = requests.get(server.url + "/object_info", timeout=30).json()
+
+    def inputs(node: str) -> dict:
+        return {**info[node]["input"]["required"], **info[node]["input"].get("optional", {})}
+
+    ds = inputs("VAEFTPatchDataset")
+    prompt = {"1": {"class_type": "VAEFTPatchDataset", "inputs": {"folder": folder}},
+              "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 2]}}}
+    for key, value in settings.items():
+        if key in ds:
+            prompt["1"]["inputs"][key] = value
+            continue
+        feeder = next(n for n in info if key in inputs(n)
+                      and any(spec[0] in info[n]["output"] for spec in ds.values()))
+        socket_name = next(s for s, spec in ds.items() if spec[0] in info[feeder]["output"])
+        prompt.setdefault("3", {"class_type": feeder, "inputs": {}})["inputs"][key] = value
+        prompt["1"]["inputs"][socket_name] = ["3", info[feeder]["output"].index(ds[socket_name][0])]
+    for node in prompt.values():
+        for name, spec in info[node["class_type"]]["input"]["required"].items():
+            if name not in node["inputs"] and len(spec) > 1 and "default" in spec[1]:
+                node["inputs"][name] = spec[1]["default"]
+    return prompt
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs and /dev/zero need a POSIX system")
+def test_dataset_node_skips_special_files_without_hanging(comfy):
+    from hostile_files import FifoWatchdog, png, snapshot
+
+    server, base, _ = comfy
+    folder = os.path.join(base, "input", "hostile")
+    write_images(folder, names=("astronaut", "coffee"), size=64)
+    os.mkfifo(os.path.join(folder, "x.png"))
+    os.symlink("/dev/zero", os.path.join(folder, "z.png"))
+    with open(os.path.join(folder, "wide.png"), "wb") as f:
+        f.write(png(100000, 1))
+    before = snapshot(folder)
+    prompt = _dataset_prompt(server, "hostile", patch_size=64, upscale_small=True, foreground_threshold=0.0)
+    with FifoWatchdog([os.path.join(folder, "x.png")], seconds=120) as dog:
+        entry = server.wait(server.queue(prompt), timeout=240)
+    assert not dog.fired, "the prompt blocked on the FIFO"
+    assert entry["status"]["status_str"] == "success", _messages(entry)
+    summary = json.loads(entry["outputs"]["2"]["text"][0])
+    reasons = {e["path"]: e["reason"] for e in summary["images_skipped"]}
+    assert reasons["x.png"].startswith("a named pipe (FIFO), not a regular file")
+    assert reasons["z.png"].startswith("a link to a character device (/dev/zero), not a regular file")
+    assert reasons["wide.png"].startswith("100000×1 pixels would be 6400000×64 (409.6 megapixels)")
+    assert summary["images_used"] == ["astronaut.png", "coffee.png"]
+    assert snapshot(folder) == before
+    assert server.healthy()
+
+
+@pytest.mark.parametrize("setting", ["folder", "mask_folder"])
+def test_dataset_node_folder_that_is_a_file(comfy, setting):
+    server, base, _ = comfy
+    afile = os.path.join(base, "input", "files", "images.png")  # a subfolder: Load Image lists top-level files
+    os.makedirs(os.path.dirname(afile), exist_ok=True)
+    with open(afile, "wb") as f:
+        f.write(b"precious")
+    settings = {"folder": "vae_train", setting: "files/images.png"}
+    prompt = _dataset_prompt(server, settings.pop("folder"), **settings)
+    entry = server.wait(server.queue(prompt), timeout=240)
+    assert entry["status"]["status_str"] == "error"
+    text = _messages(entry)
+    assert "'files/images.png' in ComfyUI's input directory" in text and "is a file, not a folder" in text
+    assert "does not exist" not in text
+    with open(afile, "rb") as f:
+        assert f.read() == b"precious"
+    assert server.healthy()

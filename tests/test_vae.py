@@ -100,3 +100,100 @@ def test_load_vae_from_file(tiny_vae_file):
     assert loaded.layout.base_name == "tiny_vae.safetensors"
     assert len(loaded.layout.base_sha256) == 64
     assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile base files (issue 15): refused at load with a message naming the problem, file untouched
+
+
+def test_non_finite_base_is_refused_naming_the_tensors(tmp_path):
+    sd = tiny_ldm_sd()
+    poisoned = ["decoder.conv_in.weight", "decoder.conv_out.bias", "encoder.conv_in.weight",
+                "decoder.mid.attn_1.q.weight", "quant_conv.weight", "post_quant_conv.bias"]
+    for i, k in enumerate(poisoned):
+        sd[k].view(-1)[i % 4] = (float("nan"), float("inf"), float("-inf"))[i % 3]
+    path = tmp_path / "nan_vae.safetensors"
+    save_file(sd, str(path))
+    before = path.read_bytes()
+    with pytest.raises(VAEFTError) as e:
+        load_vae(path)
+    msg = str(e.value)
+    assert f"holds NaN or infinite weights in 6 of {len(sd)} tensors" in msg
+    shown = [k for k in poisoned if k in msg]
+    assert len(shown) == 4 and "and 2 more" in msg
+    assert "use another copy of the base VAE" in msg
+    assert path.read_bytes() == before
+    half = {k: v.half() for k, v in tiny_ldm_sd().items()}  # fp16 files are checked the same way
+    half["decoder.conv_out.weight"].view(-1)[0] = float("inf")
+    with pytest.raises(VAEFTError, match=r"in 1 of \d+ tensors \(decoder\.conv_out\.weight\)"):
+        build_vae(half, "half.safetensors")
+
+
+@pytest.mark.parametrize("quant", [True, False])
+def test_encoder_and_decoder_latent_channels_must_match(quant):
+    """An 8-channel encoder with a 4-channel decoder: named before load_state_dict (whose
+    size-mismatch RuntimeError names neither the file nor the cause)."""
+    eight, four = tiny_ldm_sd(8, quant), tiny_ldm_sd(4, quant)
+    mixed = {k: (eight[k] if k.startswith(("encoder.", "quant_conv.")) else four[k]) for k in four}
+    with pytest.raises(VAEFTError) as e:
+        build_vae(mixed, "mixed.safetensors")
+    maker, taker = ("quant_conv", "post_quant_conv") if quant else ("encoder.conv_out", "decoder.conv_in")
+    assert str(e.value).startswith(f"mixed.safetensors: the encoder and decoder do not fit together: {maker} makes "
+                                   f"8 latent channels (as 16 = mean + log-variance) but {taker} takes 4")
+    assert "use one complete VAE file" in str(e.value)
+    # the other way round, and with the quant conv of the other half
+    mixed = {k: (four[k] if k.startswith("encoder.") else eight[k]) for k in four}
+    with pytest.raises(VAEFTError, match="do not fit together"):
+        build_vae(mixed, "mixed.safetensors")
+
+
+def test_any_shape_mismatch_is_named_with_ldm_keys():
+    sd = tiny_ldm_sd()
+    sd["decoder.mid.block_1.conv1.weight"] = sd["decoder.mid.block_1.conv1.weight"][:, :32].clone()
+    with pytest.raises(VAEFTError, match=r"bad\.safetensors: 1 tensor\(s\) have shapes .*"
+                                         r"decoder\.mid\.block_1\.conv1\.weight \(64, 32, 3, 3\) "
+                                         r"\(expected \(64, 64, 3, 3\)\)"):
+        build_vae(sd, "bad.safetensors")
+
+
+def test_vae_path_that_is_not_a_regular_file(tmp_path):
+    import os
+    import threading
+
+    with pytest.raises(VAEFTError, match="is a folder, not a regular file"):
+        load_vae(tmp_path)
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "vae.safetensors"
+        os.mkfifo(fifo)
+        result = []
+        t = threading.Thread(target=lambda: result.append(pytest.raises(VAEFTError, load_vae, fifo)), daemon=True)
+        t.start()
+        t.join(30)
+        if t.is_alive():  # unblock the reader so the test fails instead of hanging
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail("load_vae blocked on a FIFO")
+        assert "is a named pipe (FIFO), not a regular file" in str(result[0].value)
+        os.unlink(fifo)
+        os.symlink("/dev/zero", fifo)
+        with pytest.raises(VAEFTError, match=r"is a link to a character device \(/dev/zero\)"):
+            load_vae(fifo)
+
+
+def test_pickle_payload_in_a_ckpt_never_runs(tmp_path):
+    import os
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {"decoder.conv_in.weight": Payload()}}, f, protocol=2)
+    before = path.read_bytes()
+    with pytest.raises(VAEFTError, match="cannot read VAE file"):
+        load_vae(path)
+    assert not marker.exists()
+    assert path.read_bytes() == before

@@ -3,7 +3,10 @@
 Tensors here are BCHW float32 in [-1, 1] unless stated. The pipeline:
 
 1. Scan: every file is decoded in full (:mod:`training.imageio`) so a corrupt file is
-   reported now, never mid-training. Each unusable file is listed with a reason.
+   reported now, never mid-training. Each unusable file is listed with a reason. Only regular
+   files are opened (FIFOs, sockets, devices and links to them are listed, not read), and an
+   image's size is checked from its header, before decoding or upscaling, against
+   :data:`training.imageio.MAX_PIXELS`.
 2. Foreground: a pixel is foreground when its luminance (Rec. 601, [0, 1]) exceeds
    ``foreground_threshold``, or when the user's mask is > 0.5. Per image a low-res map
    counts foreground pixels per 8×8 cell; patch corners lie on that 8-pixel lattice, so a
@@ -23,6 +26,7 @@ seeded order. Augmentation is separate (:func:`augment`), applied by the trainer
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -38,8 +42,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import VAEFTError
-from .imageio import (ALPHA_POLICY, IMAGE_EXTENSIONS, PIXEL_MAX, Decoded, ImageReadError, is_image_name, read_image,
-                      signed_to_unit, to_unit)
+from .imageio import (
+    ALPHA_POLICY, IMAGE_EXTENSIONS, PIXEL_MAX, Decoded, ImageMemoryError, ImageReadError, check_regular_file,
+    check_size, describe_path, is_image_name, is_out_of_memory, read_image, signed_to_unit, to_unit, upscaled_size,
+)
 from .options import option, validate
 from .plot import image_grid
 
@@ -258,7 +264,9 @@ class PatchDataset:
         if rec.pixels is not None:
             return rec.pixels
         try:
-            t = read_image(rec.path).pixels
+            t = read_image(rec.path, min_side=self.cfg.patch_size if rec.upscale else 0).pixels
+        except ImageMemoryError as e:
+            raise VAEFTError(f"{rec.name}: {e}") from None
         except ImageReadError as e:
             raise VAEFTError(f"{rec.name}: could not be read again ({e}); it was readable when the "
                              "dataset was built - was it changed or deleted? Rebuild the dataset.") from None
@@ -279,9 +287,14 @@ class PatchDataset:
     def _extract(self, specs: list[_Spec]) -> torch.Tensor:
         """Specs -> (n, 3, P, P) float32 in [-1, 1]; each uncached image is read once."""
         p = self.cfg.patch_size
-        out = torch.empty((len(specs), 3, p, p), dtype=torch.float32)
+        what = f"building a batch of {len(specs)} patches of {p}×{p}"
+        hint = "use fewer patches at a time (batch_size, val_patches or --count) or a smaller patch_size"
+        _check_cpu_memory(len(specs) * 3 * p * p * 4, what, hint)
+        with _named_oom(what, hint):
+            out = torch.empty((len(specs), 3, p, p), dtype=torch.float32)
         for i in sorted(set(s.img for s in specs)):
-            pix = self._pixels(i)
+            with _named_oom(f"reading {self._images[i].name}", "close other programs or lower cache_mb"):
+                pix = self._pixels(i)
             for j, s in enumerate(specs):
                 if s.img != i:
                     continue
@@ -600,10 +613,45 @@ def _masking_text(cfg: DataConfig) -> str:
 # Building
 
 
-def _read_mask(path: str) -> torch.Tensor:
+def _read_mask(path: str, min_side: int = 0) -> torch.Tensor:
     """(H, W) bool: mask image > half its range (colour masks: mean of channels)."""
-    dec = read_image(path)
+    dec = read_image(path, min_side)
     return to_unit(dec.pixels).mean(0) > 0.5
+
+
+def _available_memory() -> int | None:
+    """Bytes of CPU memory the kernel can give without swapping (Linux MemAvailable); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_cpu_memory(nbytes: int, what: str, hint: str) -> None:
+    """VAEFTError before allocating ``nbytes`` that cannot fit: Linux overcommits, so such an
+    allocation often "succeeds" and the process is killed later while filling it."""
+    if nbytes < 256 << 20:  # small: not worth reading /proc per batch
+        return
+    avail = _available_memory()
+    if avail is not None and nbytes > avail:
+        raise VAEFTError(f"out of CPU memory {what}: it needs {nbytes / 2**30:.1f} GiB, "
+                         f"{avail / 2**30:.1f} GiB is available; {hint}")
+
+
+@contextlib.contextmanager
+def _named_oom(what: str, hint: str):
+    """Turn an allocator failure (MemoryError, torch's CPU allocator error) into a VAEFTError."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        detail = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise VAEFTError(f"out of CPU memory {what} ({detail}); {hint}") from None
 
 
 def _prepare(name: str, path: str | None, dec: Decoded, mask_path: str | None, cfg: DataConfig
@@ -615,9 +663,15 @@ def _prepare(name: str, path: str | None, dec: Decoded, mask_path: str | None, c
     h, w = pixels.shape[1:]
     upscale = None
     mask = None
+    try:  # the folder path checked this before decoding; a tensor source is checked here
+        check_size(w, h, p if cfg.upscale_small else 0)
+    except ImageReadError as e:
+        return None, str(e), notes
     if mask_path is not None:
         try:
-            mask = _read_mask(mask_path)
+            mask = _read_mask(mask_path, p if cfg.upscale_small else 0)
+        except ImageMemoryError:
+            raise
         except ImageReadError as e:
             return None, f"mask {os.path.basename(mask_path)}: {e}", notes
         if tuple(mask.shape) != (h, w):
@@ -627,8 +681,7 @@ def _prepare(name: str, path: str | None, dec: Decoded, mask_path: str | None, c
         if not cfg.upscale_small:
             return None, (f"smaller than the patch ({w}×{h} < {p}×{p}); set upscale_small to upscale it, "
                           "or use a smaller patch_size"), notes
-        s = p / min(h, w)
-        upscale = (max(p, math.ceil(h * s - 1e-6)), max(p, math.ceil(w * s - 1e-6)))
+        upscale = upscaled_size(h, w, p)
         pixels = resize_pixels(pixels, upscale)
         if mask is not None:
             mask = F.interpolate(mask[None, None].float(), size=upscale, mode="nearest")[0, 0] > 0.5
@@ -663,7 +716,10 @@ def _prepare(name: str, path: str | None, dec: Decoded, mask_path: str | None, c
 
 
 def _list_folder(root: str, cfg: DataConfig) -> tuple[list[tuple[str, str]], list[dict]]:
-    """Sorted (relative posix path, absolute path) of image files, and skipped entries."""
+    """Sorted (relative posix path, absolute path) of image files, and skipped entries.
+
+    Image names that are not regular files (FIFOs, sockets, devices, links to them, broken
+    links) are skipped with what they are, found by ``stat`` alone: they are never opened."""
     files: list[tuple[str, str]] = []
     skipped: list[dict] = []
     mask_real = os.path.realpath(cfg.mask_dir) if cfg.mask_dir else None
@@ -691,7 +747,13 @@ def _list_folder(root: str, cfg: DataConfig) -> tuple[list[tuple[str, str]], lis
         for f in sorted(filenames):
             rel = rel_dir + f
             if is_image_name(f):
-                files.append((rel, os.path.join(dirpath, f)))
+                full = os.path.join(dirpath, f)
+                try:
+                    check_regular_file(full)
+                except ImageReadError as e:
+                    skipped.append({"path": rel, "reason": str(e)})
+                    continue
+                files.append((rel, full))
             else:
                 ext = os.path.splitext(f)[1].lower() or "none"
                 skipped.append({"path": rel, "reason": f"not an image file (extension {ext}; supported: "
@@ -703,7 +765,10 @@ def _list_folder(root: str, cfg: DataConfig) -> tuple[list[tuple[str, str]], lis
 def _find_masks(files: list[tuple[str, str]], mask_dir: str) -> dict[str, str]:
     """Image relative path -> mask file with the same relative path and stem (any image extension)."""
     if not os.path.isdir(mask_dir):
-        raise VAEFTError(f"mask folder not found: {mask_dir}")
+        what = describe_path(mask_dir)
+        if what is None:
+            raise VAEFTError(f"mask folder not found: {mask_dir}")
+        raise VAEFTError(f"mask folder {mask_dir} is {what}, not a folder; give the folder that holds the masks")
     found: dict[str, str] = {}
     missing = []
     for rel, _ in files:
@@ -736,22 +801,32 @@ def from_folder(path: str | os.PathLike, cfg: DataConfig) -> PatchDataset:
     """Scan ``path`` (recursively when ``cfg.recursive``); see :func:`build_dataset`."""
     check_config(cfg)
     root = os.fspath(path)
-    if not os.path.exists(root):
-        raise VAEFTError(f"data folder not found: {root}")
     if not os.path.isdir(root):
-        raise VAEFTError(f"data source {root} is a file; give the folder that holds the images")
+        what = describe_path(root)
+        if what is None:
+            raise VAEFTError(f"data folder not found: {root}")
+        raise VAEFTError(f"data folder {root} is {what}, not a folder; give the folder that holds the images")
     files, skipped = _list_folder(root, cfg)
     if not files and not skipped:
         raise VAEFTError(f"data folder {root} is empty; put PNG, JPEG, WebP or TIFF images in it")
     masks = _find_masks(files, cfg.mask_dir) if cfg.mask_dir else {}
+    min_side = cfg.patch_size if cfg.upscale_small else 0
 
     def load(item: tuple[str, str]):
         rel, full = item
         try:
-            dec = read_image(full)
+            dec = read_image(full, min_side)
+        except ImageMemoryError as e:  # the machine's state, not the file's: stop, do not skip
+            raise VAEFTError(f"{rel}: {e}") from None
         except ImageReadError as e:
             return rel, full, None, str(e), []
-        return (rel, full) + _prepare(rel, full, dec, masks.get(rel), cfg)
+        h, w = dec.pixels.shape[1:]
+        try:
+            with _named_oom(f"preparing {rel} ({w}×{h} pixels)", "close other programs, lower cache_mb, "
+                                                                   "or downscale the image"):
+                return (rel, full) + _prepare(rel, full, dec, masks.get(rel), cfg)
+        except ImageMemoryError as e:  # reading its mask
+            raise VAEFTError(f"{rel}: {e}") from None
 
     images: list[_Image] = []
     notes: list[dict] = []
@@ -795,7 +870,10 @@ def from_tensor(images: torch.Tensor, cfg: DataConfig | None = None) -> PatchDat
         raise VAEFTError(f"images must be (B, C, H, W) with 1, 3 or 4 channels, got {tuple(images.shape)}{hint}")
     if images.shape[0] == 0:
         raise VAEFTError("the image batch is empty")
-    x = images.detach().to("cpu", torch.float32)
+    what, hint = f"reading the image batch {tuple(images.shape)}", "use fewer or smaller images"
+    _check_cpu_memory(images.numel() * 4, what, hint)
+    with _named_oom(what, hint):
+        x = images.detach().to("cpu", torch.float32)
     if not torch.isfinite(x).all():
         raise VAEFTError("the image batch contains NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
@@ -810,9 +888,10 @@ def from_tensor(images: torch.Tensor, cfg: DataConfig | None = None) -> PatchDat
             note.append("alpha " + ALPHA_POLICY)
         elif img.shape[0] == 1:
             img = img.expand(3, -1, -1)
-        dec = Decoded((img * 65535).round().to(torch.uint16).contiguous(), 16, note)
         name = f"image_{b:04d}"
-        rec, reason, rec_notes = _prepare(name, None, dec, None, cfg)
+        with _named_oom(f"preparing {name} of the image batch", hint):
+            dec = Decoded((img * 65535).round().to(torch.uint16).contiguous(), 16, note)
+            rec, reason, rec_notes = _prepare(name, None, dec, None, cfg)
         notes += [{"path": name, "note": n} for n in rec_notes]
         if rec is None:
             skipped.append({"path": name, "reason": reason})

@@ -6,12 +6,18 @@ EXIF orientation; embedded ICC profiles (converted to sRGB). Pure PIL/numpy/torc
 
 Alpha: images with transparency are composited over black (RGB × alpha), which suits
 photographs on a dark background such as fundus images; the alpha channel is then dropped.
+
+Hostile files: only regular files are opened (a named pipe would block ``open`` forever, a
+link to ``/dev/zero`` would be read until memory runs out), and an image's size is read
+from its header and checked against :data:`MAX_PIXELS` before any pixel is decoded.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 
@@ -26,9 +32,73 @@ _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _EXIF_ORIENTATION = 0x0112
 
+# Pixels one decoded (and, with upscale_small, upscaled) image may have: the size at which PIL
+# itself refuses a file as a decompression bomb (2 × its default MAX_IMAGE_PIXELS), ~179 MP,
+# i.e. 1 GiB as 16-bit RGB. Fixed here, so a program that lifts PIL's global limit lifts not ours.
+MAX_PIXELS = 2 * 89_478_485
+# Bytes one image file may have: an uncompressed 16-bit RGBA image of MAX_PIXELS plus 64 MiB of
+# metadata. Bigger is not an image we could use, and reading it could exhaust memory.
+MAX_FILE_BYTES = MAX_PIXELS * 8 + (64 << 20)
+
 
 class ImageReadError(Exception):
     """A file that cannot be used; the message is the user-facing reason (no path)."""
+
+
+class ImageMemoryError(ImageReadError):
+    """Out of CPU memory while decoding: the machine's state, not the file's fault (callers
+    should stop rather than skip the file, or the dataset would depend on memory luck)."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for Python's MemoryError and torch's allocator failures (CPU and CUDA)."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "DefaultCPUAllocator" in str(e))
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def describe_path(path: str | os.PathLike) -> str | None:
+    """What is at ``path``, for messages: None when nothing is; else "a file", "a folder", "a named
+    pipe (FIFO)", "a socket", "a character device", "a block device", "a broken link (to T)", or
+    "a link to <kind> (T)". Only stats, never opens."""
+    try:
+        lst = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISLNK(lst.st_mode):
+        return _kind(lst.st_mode)
+    target = os.path.realpath(path)
+    try:
+        return f"a link to {_kind(os.stat(path).st_mode)} ({target})"
+    except OSError:
+        return f"a broken link (to {target})"
+
+
+def check_regular_file(path: str | os.PathLike) -> os.stat_result:
+    """``os.stat`` of ``path`` (links followed) when it is a regular file; otherwise ImageReadError
+    naming what it is. Never opens the file: opening a FIFO blocks until someone writes to it,
+    and opening some devices has side effects."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        what = describe_path(path)
+        raise ImageReadError(f"{what}, nothing to read" if what else "the file no longer exists") from None
+    except PermissionError:
+        raise ImageReadError("cannot examine the file (permission denied); check its permissions") from None
+    except OSError as e:
+        raise ImageReadError(f"cannot examine the file ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageReadError(f"{describe_path(path)}, not a regular file; only image files are read")
+    return st
 
 
 @dataclass
@@ -46,41 +116,89 @@ def is_image_name(name: str) -> bool:
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """The whole file. Separate so tests can simulate unreadable files."""
-    with open(path, "rb") as f:
-        return f.read()
+    """The whole file, if it is a regular file of at most :data:`MAX_FILE_BYTES`.
+
+    Anything else raises ImageReadError without being opened (see :func:`check_regular_file`).
+    The open itself is non-blocking and re-checked, so a file swapped for a FIFO between the
+    check and the open cannot hang us either.
+    """
+    st = check_regular_file(path)
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageReadError(f"file of {st.st_size / 2**20:.0f} MiB is larger than any usable image "
+                             f"(at most {MAX_FILE_BYTES / 2**20:.0f} MiB)")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ImageReadError("the file was replaced by something that is not a regular file")
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageReadError(f"file grew past {MAX_FILE_BYTES / 2**20:.0f} MiB while being read")
+    return data
 
 
-def read_image(path: str | os.PathLike) -> Decoded:
+def upscaled_size(height: int, width: int, min_side: int) -> tuple[int, int]:
+    """(height, width) after scaling up so the short side is at least ``min_side`` pixels (aspect
+    kept, rounded up); unchanged when it already is, or when ``min_side`` is 0."""
+    if min_side <= 0 or min(height, width) >= min_side:
+        return height, width
+    s = min_side / min(height, width)
+    return max(min_side, math.ceil(height * s - 1e-6)), max(min_side, math.ceil(width * s - 1e-6))
+
+
+def check_size(width: int, height: int, min_side: int = 0, max_pixels: int = MAX_PIXELS) -> None:
+    """ImageReadError naming the size when a ``width``×``height`` image, after upscaling to
+    ``min_side`` (see :func:`upscaled_size`), would have more than ``max_pixels`` pixels."""
+    limit = f"the limit is {max_pixels / 1e6:.1f} megapixels per image"
+    if width * height > max_pixels:
+        raise ImageReadError(f"{width}×{height} pixels ({width * height / 1e6:.1f} megapixels) is too large to "
+                             f"decode safely ({limit}); downscale it or cut it into tiles")
+    uh, uw = upscaled_size(height, width, min_side)
+    if uh * uw > max_pixels:
+        raise ImageReadError(f"{width}×{height} pixels would be {uw}×{uh} ({uw * uh / 1e6:.1f} megapixels) "
+                             f"once upscaled to the {min_side}-pixel patch ({limit}); crop it to a less "
+                             "extreme shape, or turn off upscale_small to skip small images")
+
+
+def read_image(path: str | os.PathLike, min_side: int = 0) -> Decoded:
     """Decode ``path`` completely (so a corrupt file fails here, not mid-training).
 
     Returns (3, H, W) uint8 or uint16 in display orientation and sRGB. Raises
-    :class:`ImageReadError` with a short reason on any failure.
+    :class:`ImageReadError` with a short reason on any failure: not a regular file, too large
+    (checked from the header, before decoding: :func:`check_size` with ``min_side``, the short
+    side it will be upscaled to), unreadable, corrupt; :class:`ImageMemoryError` when the
+    machine runs out of memory decoding it.
     """
     try:
         data = read_bytes(path)
     except PermissionError:
         raise ImageReadError("cannot read the file (permission denied); check its permissions") from None
+    except MemoryError:
+        raise ImageMemoryError("out of CPU memory reading the file") from None
     except OSError as e:
         raise ImageReadError(f"cannot read the file ({e.strerror or e})") from None
     if not data:
         raise ImageReadError("empty file (0 bytes)")
-    return decode_image(data)
+    return decode_image(data, min_side)
 
 
-def decode_image(data: bytes) -> Decoded:
+def decode_image(data: bytes, min_side: int = 0) -> Decoded:
     """Decode encoded image bytes; see :func:`read_image`."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
     except Image.DecompressionBombError as e:
-        raise ImageReadError(f"too large to decode safely ({e})") from None
+        # PIL checks the header's size against its own limit before we can see it; its message names both
+        raise ImageReadError(f"too large to decode safely: {_short(e).rstrip('.')}; downscale it or cut it into "
+                             "tiles") from None
     except Exception as e:  # UnidentifiedImageError and friends
         raise ImageReadError(f"not a readable image ({_short(e)})") from None
+    check_size(*img.size, min_side=min_side)
     try:
         img.load()  # full decode: truncated or corrupt data raises here
         # 16-bit RGB(A) PNG and TIFF: PIL would reduce them to 8 bits.
         wide = _decode_16bit(data, img)
     except Exception as e:
+        if is_out_of_memory(e):
+            raise ImageMemoryError(_oom_text(img)) from None
         raise ImageReadError(f"corrupt or truncated image ({_short(e)})") from None
     if isinstance(wide, Decoded):
         return wide
@@ -89,10 +207,18 @@ def decode_image(data: bytes) -> Decoded:
     except ImageReadError:
         raise
     except Exception as e:
+        if is_out_of_memory(e):
+            raise ImageMemoryError(_oom_text(img)) from None
         raise ImageReadError(f"unsupported pixel format {img.mode} ({_short(e)})") from None
     if wide:  # a 16-bit file that only PIL could read
         out.notes.append(wide)
     return out
+
+
+def _oom_text(img: Image.Image) -> str:
+    w, h = img.size
+    return (f"out of CPU memory decoding this {w}×{h} image (about {w * h * 6 / 2**20:.0f} MiB as 16-bit RGB); "
+            "close other programs, lower cache_mb, or downscale the image")
 
 
 def _short(e: Exception) -> str:

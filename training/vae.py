@@ -242,8 +242,9 @@ def normalise_state_dict(sd: dict[str, torch.Tensor], source: str = "state dict"
             "ae.safetensors) or a checkpoint that contains one.")
     if "decoder.mid.block_1.mix_factor" in sd or any(".time_stack." in k for k in sd):
         raise VAEFTError(f"{source} is a video VAE (temporal decoder); only image kl-f8 VAEs are supported")
+    levels = _num_levels(sd)
     for k in sd:
-        ldm_to_diffusers_key(k, _num_levels(sd))  # raises on keys of another architecture
+        ldm_to_diffusers_key(k, levels)  # raises on keys of another architecture
     return sd, dropped
 
 
@@ -278,6 +279,56 @@ def config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
     )
 
 
+def _names(keys: list[str], shown: int = 4) -> str:
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def check_finite(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """VAEFTError naming the tensors that hold NaN or infinite values (a damaged file, or one saved
+    from a run that diverged): training from it gives NaN losses and a non-finite export."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise VAEFTError(f"{source} holds NaN or infinite weights in {len(bad)} of {len(sd)} tensors "
+                         f"({_names(bad)}); the file is damaged or was saved from a run that diverged: "
+                         "use another copy of the base VAE")
+
+
+def check_latent_channels(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """VAEFTError when an ldm state dict's encoder makes a different number of latent channels than
+    its decoder takes (halves of two VAEs, e.g. a 4-channel SD one and a 16-channel SD3/Flux one).
+
+    The chain, for L latent channels: encoder.conv_out gives 2L (mean and log-variance),
+    quant_conv maps 2L -> 2L; a sample has L; post_quant_conv maps L -> L, decoder.conv_in takes L.
+    """
+    def io(name: str) -> tuple[int, int] | None:  # (in, out) channels of a conv
+        v = sd.get(f"{name}.weight")
+        return (int(v.shape[1]), int(v.shape[0])) if v is not None and v.ndim >= 2 else None
+
+    enc, quant, post, dec = io("encoder.conv_out"), io("quant_conv"), io("post_quant_conv"), io("decoder.conv_in")
+    if enc is None or dec is None:
+        return  # normalise_state_dict names missing tensors
+
+    def refuse(what: str) -> None:
+        raise VAEFTError(f"{source}: the encoder and decoder do not fit together: {what}. The file mixes parts "
+                         "of different VAEs (e.g. a 4-channel SD1.x/SDXL one and a 16-channel SD3/Flux one); "
+                         "use one complete VAE file.")
+
+    moments, maker = enc[1], "encoder.conv_out"
+    if quant is not None:
+        if quant[0] != moments:
+            refuse(f"encoder.conv_out makes {moments} channels but quant_conv takes {quant[0]}")
+        moments, maker = quant[1], "quant_conv"
+    if moments % 2:
+        raise VAEFTError(f"{source}: {maker} makes {moments} channels, not mean + log-variance pairs; this is not "
+                         "a kl-f8 AutoencoderKL")
+    taker, takes = ("post_quant_conv", post[0]) if post is not None else ("decoder.conv_in", dec[0])
+    if moments // 2 != takes:
+        refuse(f"{maker} makes {moments // 2} latent channels (as {moments} = mean + log-variance) but "
+               f"{taker} takes {takes}")
+    if post is not None and post[1] != dec[0]:
+        refuse(f"post_quant_conv makes {post[1]} channels but decoder.conv_in takes {dec[0]}")
+
+
 @dataclass
 class LoadedVAE:
     model: "torch.nn.Module"  # diffusers AutoencoderKL, fp32, eval mode
@@ -290,20 +341,30 @@ def build_vae(sd: dict[str, torch.Tensor], source: str = "state dict", base_sha2
     from diffusers import AutoencoderKL
 
     ldm, dropped = normalise_state_dict(sd, source)
+    check_finite(ldm, source)
+    check_latent_channels(ldm, source)
     config = config_from_ldm(ldm)
     with torch.device("meta"):
         model = AutoencoderKL(**config)
     dsd = {k: v.float() for k, v in ldm_to_diffusers(ldm).items()}
-    expected = set(model.state_dict())
-    if set(dsd) != expected:
-        missing = sorted(expected - set(dsd))
-        extra = sorted(set(dsd) - expected)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if set(dsd) != set(expected):
+        missing = sorted(set(expected) - set(dsd))
+        extra = sorted(set(dsd) - set(expected))
         raise VAEFTError(f"{source}: VAE layout not understood (missing {missing[:4]}, unexpected {extra[:4]})")
+    # shapes before load_state_dict, whose size-mismatch RuntimeError names no file and no remedy
+    levels = _num_levels(ldm)
+    wrong = [f"{diffusers_to_ldm_key(k, levels)} {tuple(v.shape)} (expected {expected[k]})"
+             for k, v in dsd.items() if tuple(v.shape) != expected[k]]
+    if wrong:
+        raise VAEFTError(f"{source}: {len(wrong)} tensor(s) have shapes that do not fit the VAE read off its other "
+                         f"tensors: {_names(wrong, 3)}. The file is damaged or mixes parts of different VAEs; "
+                         "use one complete VAE file.")
     model.load_state_dict(dsd, strict=True, assign=True)
     model.eval().requires_grad_(False)
     layout = LdmLayout(
         shapes={k: tuple(v.shape) for k, v in ldm.items()},
-        num_levels=_num_levels(ldm),
+        num_levels=levels,
         base_sha256=base_sha256 or state_dict_sha256(ldm),
         base_name=os.path.basename(source),
         dropped_keys=dropped,
@@ -315,7 +376,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors / .ckpt / .pt / .bin file, with a clear error otherwise."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise VAEFTError(f"VAE file {path!r} does not exist")
+        from .imageio import describe_path
+
+        what = describe_path(path)  # stat only: a FIFO or device is never opened
+        if what is None:
+            raise VAEFTError(f"VAE file {path!r} does not exist")
+        raise VAEFTError(f"VAE file {path!r} is {what}, not a regular file; give the .safetensors (or .ckpt) file")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
