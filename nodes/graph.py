@@ -27,7 +27,7 @@ class VAELossGraph(io.ComfyNode):
         series = {k: [float(x) for x in v] for k, v in loss.items()
                   if k not in ("steps", "val_steps") and isinstance(v, list)}
         # validation curves have their own steps (LOSS_MAP from VAE Fine-tune); others share "steps"
-        steps = {k: loss.get("val_steps" if k.startswith("val_") and "val_steps" in loss else "steps")
+        steps = {k: loss.get("val_steps" if k.startswith(("val_", "gen_")) and "val_steps" in loss else "steps")
                  for k in series}
         img = curve_image(series, steps, log_y=log_scale, title="VAE fine-tune loss")
         return io.NodeOutput(training_to_image(img))
