@@ -75,13 +75,11 @@ def test_never_overwrites_unless_asked(tmp_path, trained):
 def test_failed_write_leaves_nothing(tmp_path, trained, monkeypatch):
     import safetensors.torch
 
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"half")
-        raise OSError("disk full")
+    def broken(tensors, metadata=None):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(safetensors.torch, "save", broken)
+    with pytest.raises(VAEFTError, match="No space left on device"):
         export_vae(trained[1], tmp_path / "v.safetensors")
     assert os.listdir(tmp_path) == []
 

@@ -1,10 +1,9 @@
 """Write a fine-tuned VAE as an ldm-keyed safetensors file that stock loaders accept.
 
 The key set and shapes are the base file's exactly (ComfyUI's Load VAE and
-Automatic1111's strict ``load_state_dict`` both rely on them). The write is atomic:
-the tensors go to a temporary file in the target folder, which is then linked into
-place, so a crash never leaves a half-written model and an existing file is never
-replaced unless ``overwrite=True``.
+Automatic1111's strict ``load_state_dict`` both rely on them). The write is atomic
+(:mod:`training.files`): a crash, a full disk or a racing writer never leaves a
+half-written model, and an existing file is never replaced unless ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -12,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 
 import torch
 
 from . import __version__
 from .config import TrainConfig
 from .errors import VAEFTError
+from .files import atomic_write
 from .options import to_metadata
 from .trainer import TrainResult, check_frozen
 from .vae import model_to_ldm
@@ -106,42 +105,12 @@ def ldm_state_dict(result: TrainResult, dtype: str = "fp16") -> dict[str, torch.
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                       metadata: dict[str, str] | None = None, overwrite: bool = False) -> str:
-    """Atomically write ``tensors`` to ``path``; never clobbers unless ``overwrite``."""
-    from safetensors.torch import save_file
+    """Atomically write ``tensors`` to ``path`` (see :func:`training.files.atomic_write`); never
+    clobbers unless ``overwrite``."""
+    from safetensors.torch import save
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise VAEFTError(f"output folder {folder!r} does not exist")
-    if os.path.exists(path) and not overwrite:
-        raise VAEFTError(f"{path!r} already exists; choose another name or allow overwriting")
-    fd, tmp = tempfile.mkstemp(prefix=".vaeft-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a model file is as readable as any other
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic create-if-absent: fails if another writer got there first
-            except FileExistsError:
-                raise VAEFTError(f"{path!r} already exists; choose another name or allow overwriting") from None
-            except OSError:
-                # Filesystems without hard links: the exists check above is the guard.
-                if os.path.exists(path):
-                    raise VAEFTError(f"{path!r} already exists; choose another name") from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return atomic_write(path, lambda f: f.write(save(tensors, metadata=metadata)), overwrite=overwrite,
+                        what="VAE file")
 
 
 def export_vae(result: TrainResult, path: str | os.PathLike, dtype: str | None = None,
