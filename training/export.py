@@ -106,11 +106,26 @@ def ldm_state_dict(result: TrainResult, dtype: str = "fp16") -> dict[str, torch.
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                       metadata: dict[str, str] | None = None, overwrite: bool = False) -> str:
     """Atomically write ``tensors`` to ``path`` (see :func:`training.files.atomic_write`); never
-    clobbers unless ``overwrite``."""
+    clobbers unless ``overwrite``. Refuses tensors holding NaN or infinity, naming them."""
     from safetensors.torch import save
 
+    check_finite(tensors)
     return atomic_write(path, lambda f: f.write(save(tensors, metadata=metadata)), overwrite=overwrite,
                         what="VAE file")
+
+
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Raise VAEFTError naming the floating-point tensors that hold NaN or infinity.
+
+    Such a file decodes to black or NaN images in every loader; a cast can cause it too (fp32
+    values beyond fp16's ±65504 become infinite in an fp16 export)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        dtypes = sorted({str(tensors[k].dtype).replace("torch.", "") for k in bad})
+        raise VAEFTError(
+            f"refusing to write: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}; stored as {', '.join(dtypes)}). If training diverged, lower lr "
+            "or raise grad_clip and train again; if only this dtype overflows, export as bf16 or fp32.")
 
 
 def export_vae(result: TrainResult, path: str | os.PathLike, dtype: str | None = None,
