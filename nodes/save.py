@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import folder_paths
@@ -10,6 +11,8 @@ from comfy_api.latest import io, ui
 from ..training.config import EXPORT_DTYPES
 from ..training.export import export_filename, export_vae
 from .common import Trained
+
+log = logging.getLogger("vaeft")
 
 
 def vae_output_folder() -> str:
@@ -33,7 +36,10 @@ class SaveFineTunedVAE(io.ComfyNode):
                 Trained.Input("trained"),
                 io.String.Input("name", default="custom", tooltip="a plain name; the file is "
                                 "vae-ft-<name>-<steps>.safetensors"),
-                io.Combo.Input("dtype", options=list(EXPORT_DTYPES), default="fp16"),
+                io.Combo.Input("dtype", options=list(EXPORT_DTYPES), default="base",
+                               tooltip="base: every tensor in the base file's dtype, so the untrained encoder "
+                                       "stays bit-identical; fp16/bf16/fp32: cast everything (the node says "
+                                       "when that rounds untrained tensors)"),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="replace an existing file of the same name (off: refuse)"),
             ],
@@ -45,5 +51,7 @@ class SaveFineTunedVAE(io.ComfyNode):
     def execute(cls, trained, name, dtype, overwrite) -> io.NodeOutput:
         filename = export_filename(name, trained.steps_done)
         path = os.path.join(vae_output_folder(), filename)
-        export_vae(trained, path, dtype=dtype, overwrite=overwrite)
-        return io.NodeOutput(filename, ui=ui.PreviewText(f"saved {path}"))
+        report = export_vae(trained, path, dtype=dtype, overwrite=overwrite)
+        for warning in report.warnings:
+            log.warning("Save Fine-tuned VAE: %s", warning)
+        return io.NodeOutput(filename, ui=ui.PreviewText(report.text()))

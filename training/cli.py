@@ -122,7 +122,9 @@ def run_fit(args) -> int:
             print(json.dumps({"rank": dist.rank, "decoder_digest": _decoder_digest(result.model)}), file=sys.stderr)
         if not dist.is_main:
             return 0
-        path = export_vae(result, args.out, dataset_summary=summary, overwrite=args.overwrite)
+        report = export_vae(result, args.out, dataset_summary=summary, overwrite=args.overwrite)
+        print(report.text(), file=sys.stderr)
+        path = report.path
         if args.loss_plot:
             save_png(curve_image(*history_curves(result.history)), args.loss_plot)
         print(json.dumps({"out": path, "steps": result.steps_done, "seconds": round(result.seconds, 1),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .errors import VAEFTError
 from .options import option, validate
 
-EXPORT_DTYPES = ("fp16", "bf16", "fp32")
+EXPORT_DTYPES = ("base", "fp16", "bf16", "fp32")
 TRAINABLE = ("decoder", "full")
 
 
@@ -98,7 +98,9 @@ class TrainConfig:
     checkpoint_every: int = option(0, "steps between resumable checkpoints (0: only the last step, and only "
                                       "when --checkpoint names a file)",
                                    min=0, node=False)
-    export_dtype: str = option("fp16", "dtype of the exported weights", choices=EXPORT_DTYPES, node=False)
+    export_dtype: str = option("base", "dtype of the exported weights: 'base' = each tensor in the base file's "
+                                       "dtype (the untrained ones stay bit-identical); fp16/bf16/fp32 cast all",
+                               choices=EXPORT_DTYPES, node=False)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
 from . import __version__
-from .config import TrainConfig
+from .config import EXPORT_DTYPES, TrainConfig
 from .errors import VAEFTError
 from .files import atomic_write
 from .options import to_metadata
-from .trainer import TrainResult, check_frozen
-from .vae import model_to_ldm
+from .trainer import TRAINABLE_PREFIXES, TrainResult, check_frozen
+from .vae import LdmLayout, model_to_ldm, tensor_sha256
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -94,13 +96,75 @@ def _dataset_digest(summary: dict) -> dict:
     return out
 
 
-def ldm_state_dict(result: TrainResult, dtype: str = "fp16") -> dict[str, torch.Tensor]:
-    """Trained weights under the base's exact ldm keys and shapes, cast to ``dtype``."""
-    if dtype not in DTYPES:
-        raise VAEFTError(f"export dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
-    check_frozen(result)
-    sd = model_to_ldm(result.model, result.layout)
-    return {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in sd.items()}
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(
+        dtype, str(dtype).replace("torch.", ""))
+
+
+def export_dtypes(layout: LdmLayout, dtype: str = "base") -> dict[str, torch.dtype]:
+    """ldm key -> the dtype it is written in: the base file's own per tensor ('base'), or one for all."""
+    if dtype not in EXPORT_DTYPES:
+        raise VAEFTError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}; got {dtype!r}")
+    if dtype != "base":
+        return {k: DTYPES[dtype] for k in layout.shapes}
+    # a layout without recorded dtypes (built by hand) has fp32 weights: build_vae upcasts to fp32
+    return {k: layout.dtypes.get(k, torch.float32) for k in layout.shapes}
+
+
+def frozen_keys(result: TrainResult) -> list[str]:
+    """ldm keys the run did not train (encoder and quant_conv in decoder mode; none in full mode).
+    ldm and diffusers names share their first component, so the trainer's prefixes apply."""
+    trained = TRAINABLE_PREFIXES[result.config.trainable]
+    return [k for k in result.layout.shapes if not k.startswith(trained)]
+
+
+def check_frozen_against_base(result: TrainResult, fp32: dict[str, torch.Tensor]) -> None:
+    """Raise unless every untrained tensor, stored in the base file's dtype, has the base file's
+    exact bytes (compared with the per-tensor hashes taken when the base was loaded)."""
+    check_frozen(result)  # the fp32 model against the fp32 copy training started from
+    layout = result.layout
+    changed = []
+    for k in frozen_keys(result):
+        want, dtype = layout.tensor_sha256.get(k), layout.dtypes.get(k)
+        if want is None or dtype is None or dtype == torch.float64:
+            continue  # nothing recorded, or a float64 base the fp32 model cannot hold exactly
+        if tensor_sha256(fp32[k].to(dtype)) != want:
+            changed.append(k)
+    if changed:
+        raise VAEFTError(f"internal check failed: untrained tensors differ from the base file "
+                         f"({', '.join(changed[:5])}); refusing to export")
+
+
+def ldm_state_dict(result: TrainResult, dtype: str = "base") -> dict[str, torch.Tensor]:
+    """Trained weights under the base's exact ldm keys and shapes, each tensor in the base file's
+    dtype (``dtype='base'``) or cast to ``dtype`` ('fp16', 'bf16', 'fp32'), contiguous on the CPU."""
+    return _export_tensors(result, dtype)[0]
+
+
+def _export_tensors(result: TrainResult, dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(exported tensors, the same in fp32) after checking the untrained ones against the base."""
+    dtypes = export_dtypes(result.layout, dtype)
+    fp32 = {k: v.detach().to("cpu", torch.float32) for k, v in model_to_ldm(result.model, result.layout).items()}
+    check_frozen_against_base(result, fp32)
+    return {k: v.to(dtypes[k]).contiguous() for k, v in fp32.items()}, fp32
+
+
+def frozen_rounding(result: TrainResult, tensors: dict[str, torch.Tensor],
+                    fp32: dict[str, torch.Tensor]) -> str | None:
+    """A warning when the export changes untrained tensors' values (a narrower dtype than the base's),
+    else None. The encoder then no longer gives the base's latents exactly."""
+    rounded, worst = [], 0.0
+    for k in frozen_keys(result):
+        diff = (tensors[k].float() - fp32[k]).abs().max().item() if fp32[k].numel() else 0.0
+        if diff > 0:
+            rounded.append(k)
+            worst = max(worst, diff)
+    if not rounded:
+        return None
+    stored = sorted({_dtype_name(tensors[k].dtype) for k in rounded})
+    return (f"{'/'.join(stored)} export rounds {len(rounded)} of {len(frozen_keys(result))} untrained tensors "
+            f"(the base file stores them in higher precision; largest change {worst:.2g}): the encoder is no longer "
+            "bit-identical to the base, so latents move slightly. Export with dtype 'base' to keep it exact.")
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
@@ -128,12 +192,66 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
             "or raise grad_clip and train again; if only this dtype overflows, export as bf16 or fp32.")
 
 
+@dataclass
+class ExportReport:
+    """What an export wrote and what the user should know about it (the CLI prints :meth:`text`,
+    the Save node shows it)."""
+
+    path: str
+    dtype: str                      # as requested: 'base', 'fp16', 'bf16' or 'fp32'
+    stored_dtypes: dict[str, int]   # dtype name -> number of tensors written in it
+    frozen: str | None              # untrained tensors vs the base file: 'identical' (byte for byte),
+                                    # 'widened' (values exact, wider dtype), 'rounded'; None in full mode
+    metadata: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def frozen_identical(self) -> bool | None:
+        return None if self.frozen is None else self.frozen == "identical"
+
+    def text(self) -> str:
+        lines = [f"saved {self.path}",
+                 "dtype: " + (f"base ({_counts(self.stored_dtypes)})" if self.dtype == "base" else self.dtype)]
+        if self.frozen is not None:
+            lines.append("untrained tensors (encoder, quant_conv): " + {
+                "identical": "bit-identical to the base file", "widened": "values exact, stored wider",
+                "rounded": "ROUNDED (see the warning)"}[self.frozen])
+        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"WARNING: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))
+
+
 def export_vae(result: TrainResult, path: str | os.PathLike, dtype: str | None = None,
                dataset_summary: dict | None = None, overwrite: bool = False,
-               extra_metadata: dict[str, str] | None = None) -> str:
-    """Write ``result`` as an ldm-keyed ``.safetensors``; returns the path written."""
+               extra_metadata: dict[str, str] | None = None) -> ExportReport:
+    """Write ``result`` as an ldm-keyed ``.safetensors`` (``dtype`` default: the config's
+    ``export_dtype``, 'base' = the base file's dtype per tensor); returns what was written."""
     dtype = dtype or result.config.export_dtype
-    tensors = ldm_state_dict(result, dtype)
+    tensors, fp32 = _export_tensors(result, dtype)
+    report = ExportReport(path=os.fspath(path), dtype=dtype, metadata={},
+                          stored_dtypes=dict(Counter(_dtype_name(v.dtype) for v in tensors.values())),
+                          frozen=None)
+    frozen = frozen_keys(result)
+    if frozen:
+        rounding = frozen_rounding(result, tensors, fp32)
+        base = export_dtypes(result.layout, "base")
+        widened = sorted({_dtype_name(base[k]) for k in frozen if tensors[k].dtype != base[k]})
+        report.frozen = "rounded" if rounding else "widened" if widened else "identical"
+        if rounding:
+            report.warnings.append(rounding)
+        elif widened:
+            report.notes.append(f"untrained tensors are stored as {dtype} where the base file has "
+                                f"{'/'.join(widened)}: values exact, bytes not (dtype 'base' keeps them identical)")
     meta = build_metadata(result, dataset_summary, extra_metadata)
     meta["vaeft.dtype"] = dtype
-    return write_safetensors(tensors, path, meta, overwrite=overwrite)
+    meta["vaeft.stored_dtypes"] = json.dumps(report.stored_dtypes, sort_keys=True)
+    if report.frozen_identical is not None:
+        meta["vaeft.frozen_identical"] = str(report.frozen_identical).lower()
+    report.metadata = meta
+    write_safetensors(tensors, path, meta, overwrite=overwrite)
+    return report
