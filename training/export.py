@@ -8,6 +8,7 @@ half-written model, and an existing file is never replaced unless ``overwrite=Tr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -54,6 +55,8 @@ def export_filename(name: str, steps: int) -> str:
 
 def build_metadata(result: TrainResult, dataset_summary: dict | None = None,
                    extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The file's ``vaeft.*`` metadata: what was trained, from what, how. Private: no value holds
+    an absolute path (folders appear by name, image lists as counts and a hash)."""
     cfg: TrainConfig = result.config
     recipe = cfg.recipe_label()
     meta = {
@@ -63,7 +66,7 @@ def build_metadata(result: TrainResult, dataset_summary: dict | None = None,
         "vaeft.stopped_early": str(result.stopped_early),
         "vaeft.weights": ("best-" if result.best_step is not None else "") + ("ema" if result.used_ema else "final"),
         "vaeft.base_sha256": result.layout.base_sha256,
-        "vaeft.base_name": result.layout.base_name,
+        "vaeft.base_name": _last_component(result.layout.base_name),
         "vaeft.latent_channels": str(result.model.config.latent_channels),
         "vaeft.train_seconds": f"{result.seconds:.1f}",
         **to_metadata(cfg, "vaeft.config"),
@@ -79,20 +82,60 @@ def build_metadata(result: TrainResult, dataset_summary: dict | None = None,
                                                         if k.startswith("val_")})
     dataset_summary = dataset_summary if dataset_summary is not None else result.dataset_summary
     if dataset_summary is not None:
-        meta["vaeft.dataset"] = json.dumps(_dataset_digest(dataset_summary))
+        meta["vaeft.dataset"] = json.dumps(dataset_digest(dataset_summary))
     if extra:
         meta.update({str(k): str(v) for k, v in extra.items()})
-    return meta
+    return {k: private_value(v) for k, v in meta.items()}
 
 
-def _dataset_digest(summary: dict) -> dict:
-    """The dataset summary without long per-file lists (metadata lives in the file header)."""
-    out = {}
-    for k, v in summary.items():
-        if isinstance(v, list):
-            out[k] = len(v)
-        else:
-            out[k] = v
+# Absolute paths as they appear in text: POSIX (/a/b), home (~/a), Windows (C:\a, C:/a) and UNC (\\host\a),
+# each starting a value or following a space, quote, bracket, '=', ':' or ','.
+_ABS_PATH = re.compile(r"""(?:^|(?<=[\s'"(\[=:,]))(?:/|~[\\/]|[A-Za-z]:[\\/]|\\\\)[^\s'"()\[\],;]+""")
+
+
+def _last_component(path: str) -> str:
+    parts = [p for p in re.split(r"[\\/]+", path) if p and not re.fullmatch(r"[A-Za-z]:", p)]
+    return parts[-1] if parts else ""
+
+
+def strip_paths(text: str) -> str:
+    """``text`` with every absolute path replaced by its last component (a folder or file name):
+    metadata travels with a file people share, and must not reveal the user's directory layout."""
+    return _ABS_PATH.sub(lambda m: _last_component(m.group(0)) or "…", text)
+
+
+def private_value(value: str) -> str:
+    """A metadata value without absolute paths: a value that is one path (a setting such as
+    lpips_backbone, spaces and all) becomes its last component; paths inside text, see strip_paths."""
+    if _ABS_PATH.match(value) and "\n" not in value:
+        return _last_component(value)
+    return strip_paths(value)
+
+
+def dataset_digest(summary: dict) -> dict:
+    """What the metadata says about the training data: the folder's name, counts, the patch setup,
+    and ``files_sha256``, a hash of the relative file names (train and validation lists), which
+    identifies the image set without listing (possibly private) names. Nothing else of the
+    summary is kept; see PatchDataset.summary() for its keys."""
+    out: dict = {}
+    source = summary.get("source")
+    if isinstance(source, str):
+        out["folder"] = _last_component(source) if _ABS_PATH.match(source) or os.sep in source else source
+    for key, count_of in (("images", "images_used"), ("skipped", "images_skipped"), ("notes", "notes")):
+        if isinstance(summary.get(count_of), list):
+            out[key] = len(summary[count_of])
+    for key in ("train_images", "val_images", "patch_size", "sampling", "masking", "patches_per_epoch",
+                "mean_foreground", "bit_depth", "seed"):
+        if key in summary:
+            out[key] = summary[key]
+    if isinstance(out.get("masking"), str):  # "mask folder /abs/masks (...)": the folder by name only
+        out["masking"] = re.sub(r"^mask folder (.+?) \(", lambda m: f"mask folder {_last_component(m.group(1))} (",
+                                out["masking"])
+    lists = {k: summary[k] for k in ("train_paths", "val_paths") if isinstance(summary.get(k), list)}
+    if not lists and isinstance(summary.get("images_used"), list):
+        lists = {"images_used": summary["images_used"]}
+    if lists:
+        out["files_sha256"] = hashlib.sha256(json.dumps(lists, sort_keys=True).encode()).hexdigest()
     return out
 
 
