@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..training.config import RECIPES, TrainConfig
 from ..training.data import augmenter, preview_patches, worker_start_method
-from ..training.export import ldm_state_dict
+from ..training.export import ldm_state_dict, make_probe
 from ..training.trainer import Callbacks, fine_tune, history_curves
 from .common import Dataset, Trained, comfy_vae_to_training, config_inputs, input_values, ldm_to_comfy_vae
 
@@ -100,6 +100,7 @@ class VAEFineTune(io.ComfyNode):
                     should_stop=lambda: mm.throw_exception_if_processing_interrupted() or False,
                 ),
             )
+            result.export_probe = make_probe(base, dataset, seed=cfg.seed, device=device)  # for Save's fp16 check
             result.model.to("cpu")
             out_vae = ldm_to_comfy_vae(ldm_state_dict(result, "fp32"))
         loss_map = loss_map_of(result.history)

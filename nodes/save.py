@@ -51,7 +51,9 @@ class SaveFineTunedVAE(io.ComfyNode):
     def execute(cls, trained, name, dtype, overwrite) -> io.NodeOutput:
         filename = export_filename(name, trained.steps_done)
         path = os.path.join(vae_output_folder(), filename)
-        report = export_vae(trained, path, dtype=dtype, overwrite=overwrite)
+        import comfy.model_management as mm
+
+        report = export_vae(trained, path, dtype=dtype, overwrite=overwrite, device=mm.get_torch_device())
         for warning in report.warnings:
             log.warning("Save Fine-tuned VAE: %s", warning)
         return io.NodeOutput(filename, ui=ui.PreviewText(report.text()))

@@ -50,7 +50,7 @@ def config_from_args(args) -> TrainConfig:
 
 def run_fit(args) -> int:
     from .data import DataConfig, augmenter, build_dataset, preview_patches
-    from .export import export_vae
+    from .export import export_vae, make_probe
     from .plot import curve_image, save_png
     from .trainer import Callbacks, Distributed, fine_tune, history_curves, pick_device
     from .vae import load_vae
@@ -122,7 +122,8 @@ def run_fit(args) -> int:
             print(json.dumps({"rank": dist.rank, "decoder_digest": _decoder_digest(result.model)}), file=sys.stderr)
         if not dist.is_main:
             return 0
-        report = export_vae(result, args.out, dataset_summary=summary, overwrite=args.overwrite)
+        result.export_probe = make_probe(base, data, seed=cfg.seed, device=device)
+        report = export_vae(result, args.out, dataset_summary=summary, overwrite=args.overwrite, device=device)
         print(report.text(), file=sys.stderr)
         path = report.path
         if args.loss_plot:

@@ -235,6 +235,218 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
             "or raise grad_clip and train again; if only this dtype overflows, export as bf16 or fp32.")
 
 
+# ----- half precision: does the exported decoder survive fp16 / bf16, as ComfyUI and A1111 often run it? -----
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504: anything larger becomes inf in fp16
+_SATURATION_GAP = 0.1  # [-1, 1] units (~13 8-bit levels): rounding noise stays below it, breakage does not
+
+
+@dataclass
+class ExportProbe:
+    """Patches the export decodes to check half precision, with the base VAE's figures on them.
+
+    Made by :func:`make_probe` after training (the CLI and the fine-tune node do it) and kept on
+    ``TrainResult.export_probe``, so the Save node needs nothing but the trained result.
+    """
+
+    patches: torch.Tensor   # (n, 3, P, P) in [-1, 1], fp32, CPU
+    held_out: bool          # True: validation images' patches; False: training patches (no validation split)
+    base_report: dict       # half_precision_report of the base VAE on the base encoder's latents of ``patches``
+
+
+def probe_patches(patches: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The patches the check decodes on ``device``: fp16 convolutions on a CPU are slow (a full SD
+    decoder takes minutes per 256² patch), so on a CPU at most 2 patches, centre-cropped to 64²."""
+    if torch.device(device).type == "cpu":
+        n, side = 2, 64
+    else:
+        n, side = 4, 256
+    x = patches[:n]
+    h, w = x.shape[-2:]
+    th, tw = min(h, side) // 8 * 8, min(w, side) // 8 * 8
+    top, left = (h - th) // 2, (w - tw) // 2
+    return x[..., top:top + th, left:left + tw].contiguous()
+
+
+def _as_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    import copy
+
+    m = copy.deepcopy(model)
+    torch.nn.Module.to(m, dtype)  # (diffusers' ModelMixin.to would warn about fp32 modules it has none of)
+    return m.eval()
+
+
+def _block_of(name: str) -> str | None:
+    """Decoder block of a module name: 'conv_in', 'mid_block', 'up_blocks.2', 'conv_norm_out', ..."""
+    parts = name.split(".")
+    if parts[0] == "post_quant_conv":
+        return "post_quant_conv"
+    if parts[0] != "decoder" or len(parts) < 2:
+        return None
+    if parts[1] == "conv_act":  # the SiLU between conv_norm_out and conv_out
+        return "conv_norm_out"
+    return ".".join(parts[1:3]) if parts[1] == "up_blocks" and len(parts) > 2 else parts[1]
+
+
+@torch.no_grad()
+def _decode_watched(model: torch.nn.Module, latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """(decoded images in fp32, largest |output| of any layer per decoder block; inf where one overflowed)."""
+    peaks: dict[str, float] = {}
+    hooks = []
+
+    def watch(block):
+        def hook(_module, _inputs, out):
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+                peak = float(out.detach().abs().amax())
+                peaks[block] = max(peaks.get(block, 0.0), float("inf") if peak != peak else peak)  # NaN: overflowed
+        return hook
+
+    for name, module in model.named_modules():
+        block = _block_of(name)
+        if block is not None and not list(module.children()):
+            hooks.append(module.register_forward_hook(watch(block)))
+    try:
+        out = model.decode(latents).sample.float()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, peaks
+
+
+@torch.no_grad()
+def half_precision_report(model: torch.nn.Module, latents: torch.Tensor, device: torch.device | str = "cpu") -> dict:
+    """Decode ``latents`` (n, C, h, w) with ``model``'s decoder in fp32, fp16 and bf16.
+
+    Returns {"pixels": n·H·W, "fp16": figures, "bf16": figures}; figures:
+      nonfinite_pixels   pixels with NaN or inf in any channel (black or broken in a viewer)
+      saturated_pixels   finite pixels pushed past white or black (|x| > 1, so a viewer clips them) and
+                         more than 0.1 away from the fp32 decode of the same weights (so not rounding noise)
+      max_abs_error      largest |half - fp32| over finite pixels, in [-1, 1] units
+      max_activation     decoder block -> largest |output| of any of its layers (inf: overflowed)
+      limit_used         fp16 only: the largest activation / 65504 (fp16's largest value); inf: overflowed
+      safe               no non-finite and no saturated pixels
+    """
+    device = torch.device(device)
+    z = latents.to(device, torch.float32)
+    ref, _ = _decode_watched(_as_dtype(model, torch.float32).to(device), z)
+    out = {"pixels": int(ref.shape[0] * ref.shape[2] * ref.shape[3])}
+    for name, dtype in HALF.items():
+        img, peaks = _decode_watched(_as_dtype(model, dtype).to(device), z.to(dtype))
+        finite = torch.isfinite(img)
+        nonfinite = int((~finite).any(1).sum())
+        saturated = int(((img.abs() > 1) & finite & ((img - ref).abs() > _SATURATION_GAP)).any(1).sum())
+        err = (img - ref).abs()[finite]
+        fig = {"nonfinite_pixels": nonfinite, "saturated_pixels": saturated,
+               "max_abs_error": float(err.max()) if err.numel() else float("inf"),
+               "max_activation": peaks, "safe": nonfinite == 0 and saturated == 0}
+        if name == "fp16":
+            fig["limit_used"] = max(peaks.values(), default=0.0) / FP16_MAX
+        out[name] = fig
+    return out
+
+
+@torch.no_grad()
+def encode_latents(model: torch.nn.Module, patches: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The encoder's posterior means of ``patches`` (n, 3, P, P) in [-1, 1], in fp32, on the CPU."""
+    m = _as_dtype(model, torch.float32).to(device)
+    return m.encode(patches.to(device, torch.float32)).latent_dist.mode().cpu()
+
+
+def make_probe(base, data, *, seed: int = 0, device: torch.device | str = "cpu", count: int = 4) -> ExportProbe:
+    """Probe for the half-precision check: ``count`` held-out patches of ``data`` (a PatchDataset;
+    training patches when it has no validation images) or ``data`` itself (BCHW in [-1, 1]), and the
+    base VAE's (``base``: a LoadedVAE) figures on them."""
+    if isinstance(data, torch.Tensor):
+        patches, held_out = data[:count], False
+    else:
+        from .data import preview_patches
+
+        patches, held_out = preview_patches(data, count, seed=seed), bool(data.summary().get("val_images"))
+    patches = patches.detach().to("cpu", torch.float32)
+    model = base.model if hasattr(base, "model") else base
+    x = probe_patches(patches, device)
+    return ExportProbe(patches=patches, held_out=held_out,
+                       base_report=half_precision_report(model, encode_latents(model, x, device), device))
+
+
+def _peak(fig: dict) -> tuple[str, float]:
+    return max(fig["max_activation"].items(), key=lambda kv: kv[1], default=("-", 0.0))
+
+
+def _fmt(value: float) -> str:
+    return "overflow" if value == float("inf") else f"{value:.3g}"
+
+
+def _figures_line(name: str, fig: dict, pixels: int) -> str:
+    block, top = _peak(fig)
+    verdict = "safe" if fig["safe"] else "UNSAFE"
+    line = (f"{name}: {verdict}: {fig['nonfinite_pixels']} of {pixels} pixels NaN/inf, {fig['saturated_pixels']} "
+            f"pushed past black/white; largest activation {_fmt(top)} ({block})")
+    if "limit_used" in fig and fig["limit_used"] != float("inf"):
+        line += f", {100 * fig['limit_used']:.2g}% of fp16's limit"
+    return line
+
+
+def _json_safe(obj):
+    """inf/NaN as strings: metadata is strict JSON."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else ("overflow" if obj == obj else "nan")
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    return obj
+
+
+def _round_figures(fig: dict) -> dict:
+    out = {k: v for k, v in fig.items() if k != "max_activation"}
+    out["max_activation"] = {k: float(f"{v:.4g}") if v != float("inf") else v for k, v in fig["max_activation"].items()}
+    for k in ("max_abs_error", "limit_used"):
+        if k in out and out[k] != float("inf"):
+            out[k] = float(f"{out[k]:.4g}")
+    return out
+
+
+def check_half_precision(result: TrainResult, tensors: dict[str, torch.Tensor], probe: ExportProbe,
+                         device: torch.device | str = "cpu") -> tuple[dict, list[str], list[str]]:
+    """Decode the probe with the exported weights (``tensors``, ldm keys) in fp16 and bf16.
+
+    Returns (summary for the report and metadata, warnings, notes). Warns when the fine-tuned
+    decoder overflows or saturates in a half precision where the base decoder did not."""
+    import copy
+
+    from .vae import ldm_to_diffusers
+
+    model = copy.deepcopy(result.model).cpu()
+    model.load_state_dict({k: v.float() for k, v in ldm_to_diffusers(tensors).items()}, strict=True)
+    x = probe_patches(probe.patches, device)
+    fine = half_precision_report(model, encode_latents(model, x, device), device)
+    base = probe.base_report
+    summary = {"patches": f"{x.shape[0]} {'held-out' if probe.held_out else 'training'} patches of "
+                          f"{x.shape[-1]}x{x.shape[-2]}",
+               "pixels": fine["pixels"],
+               "fine_tuned": {k: _round_figures(fine[k]) for k in HALF},
+               "base": {k: _round_figures(base[k]) for k in HALF if k in base}}
+    warnings, notes = [], []
+    for name in HALF:
+        if fine[name]["safe"]:
+            continue
+        block, top = _peak(fine[name])
+        what = (f"{fine[name]['nonfinite_pixels']} of {fine['pixels']} probe pixels NaN/inf, "
+                f"{fine[name]['saturated_pixels']} pushed past black/white; largest activation {_fmt(top)} in {block}")
+        if base.get(name, {}).get("safe", True):
+            instead = ("bf16 or fp32 (ComfyUI --bf16-vae or --fp32-vae; Automatic1111 --no-half-vae)"
+                       if name == "fp16" and fine["bf16"]["safe"] else
+                       "fp32 (ComfyUI --fp32-vae; Automatic1111 --no-half-vae)")
+            warnings.append(
+                f"the fine-tuned decoder breaks in {name} where the base decoder did not ({what}). Tools that run "
+                f"the VAE in {name} will give black, NaN or blown-out images: run it in {instead}, or train "
+                "again with a lower lr or fewer steps.")
+        else:
+            notes.append(f"the base decoder breaks in {name} too, and so does the fine-tune ({what}); run it in "
+                         "fp32 or a higher precision, as with the base")
+    return summary, warnings, notes
+
+
 @dataclass
 class ExportReport:
     """What an export wrote and what the user should know about it (the CLI prints :meth:`text`,
@@ -248,6 +460,11 @@ class ExportReport:
     metadata: dict[str, str]
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    half_precision: dict | None = None  # see check_half_precision; None: not checked (no probe)
+
+    @property
+    def fp16_safe(self) -> bool | None:
+        return None if self.half_precision is None else self.half_precision["fine_tuned"]["fp16"]["safe"]
 
     @property
     def frozen_identical(self) -> bool | None:
@@ -260,6 +477,13 @@ class ExportReport:
             lines.append("untrained tensors (encoder, quant_conv): " + {
                 "identical": "bit-identical to the base file", "widened": "values exact, stored wider",
                 "rounded": "ROUNDED (see the warning)"}[self.frozen])
+        hp = self.half_precision
+        if hp is not None:
+            lines.append(f"half precision, decoding {hp['patches']} with the exported weights:")
+            for name in HALF:
+                lines.append("  " + _figures_line(name, hp["fine_tuned"][name], hp["pixels"]))
+                if name in hp["base"]:
+                    lines.append("  " + _figures_line(f"{name} (base)", hp["base"][name], hp["pixels"]))
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -271,9 +495,13 @@ def _counts(counts: dict[str, int]) -> str:
 
 def export_vae(result: TrainResult, path: str | os.PathLike, dtype: str | None = None,
                dataset_summary: dict | None = None, overwrite: bool = False,
-               extra_metadata: dict[str, str] | None = None) -> ExportReport:
+               extra_metadata: dict[str, str] | None = None, probe: ExportProbe | None = None,
+               device: torch.device | str = "cpu") -> ExportReport:
     """Write ``result`` as an ldm-keyed ``.safetensors`` (``dtype`` default: the config's
-    ``export_dtype``, 'base' = the base file's dtype per tensor); returns what was written."""
+    ``export_dtype``, 'base' = the base file's dtype per tensor); returns what was written.
+
+    ``probe`` (default ``result.export_probe``): patches decoded with the exported weights in fp16
+    and bf16 on ``device`` (the half-precision check); without one the check is skipped and said so."""
     dtype = dtype or result.config.export_dtype
     tensors, fp32 = _export_tensors(result, dtype)
     report = ExportReport(path=os.fspath(path), dtype=dtype, metadata={},
@@ -290,7 +518,17 @@ def export_vae(result: TrainResult, path: str | os.PathLike, dtype: str | None =
         elif widened:
             report.notes.append(f"untrained tensors are stored as {dtype} where the base file has "
                                 f"{'/'.join(widened)}: values exact, bytes not (dtype 'base' keeps them identical)")
+    probe = probe if probe is not None else getattr(result, "export_probe", None)
+    if probe is not None:
+        report.half_precision, warnings, notes = check_half_precision(result, tensors, probe, device)
+        report.warnings += warnings
+        report.notes += notes
+    else:
+        report.notes.append("half precision not checked: no probe patches (make_probe after training)")
     meta = build_metadata(result, dataset_summary, extra_metadata)
+    meta["vaeft.fp16_safe"] = "unchecked" if report.fp16_safe is None else str(report.fp16_safe).lower()
+    if report.half_precision is not None:
+        meta["vaeft.half_precision"] = json.dumps(_json_safe(report.half_precision))
     meta["vaeft.dtype"] = dtype
     meta["vaeft.stored_dtypes"] = json.dumps(report.stored_dtypes, sort_keys=True)
     if report.frozen_identical is not None:

@@ -109,6 +109,7 @@ class TrainResult:
     fused_norms: int = 0            # GroupNorms that ran as fused Triton kernels (0 = PyTorch's)
     latent_cache_hits: int = 0      # patches whose encoder output came from the latent cache
     dataset_summary: dict | None = None  # recorded in the export's metadata
+    export_probe: object | None = None   # export.ExportProbe: patches for the export's half-precision check
 
     def __repr__(self) -> str:  # short: ComfyUI shows node inputs in error reports
         return (f"TrainResult(steps_done={self.steps_done}, base={self.layout.base_name!r}, "
