@@ -1,6 +1,7 @@
 import itertools
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -173,3 +174,35 @@ def test_export_filename():
 def test_dtype_is_checked(trained):
     with pytest.raises(VAEFTError, match="dtype"):
         export_mod.ldm_state_dict(trained[1], "int8")
+
+
+def test_matrix_form_attention_is_exported_as_1x1_convs(tmp_path):
+    from training.vae import load_vae
+
+    conv = tiny_ldm_sd(seed=5)
+    attn = [k for k in conv if re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", k)]
+    assert len(attn) == 8 and all(conv[k].ndim == 4 for k in attn)  # encoder and decoder mid-block attention
+    matrix = {k: v[:, :, 0, 0].clone() if k in attn else v for k, v in conv.items()}
+    vae = build_vae(dict(matrix))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cfg = TrainConfig(steps=1, lr=1e-3, batch_size=2, lpips_weight=0.0, preview_every=0)
+    result = fine_tune(vae, itertools.repeat(x), cfg, device="cpu")
+    report = export_vae(result, tmp_path / "v.safetensors")
+    out = load_file(report.path)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {k: tuple(v.shape) for k, v in conv.items()}
+    for k in attn:
+        if k.startswith("encoder."):  # untrained: the same bytes, now in conv form
+            assert _same_bytes(out[k], conv[k]), k
+    assert report.frozen_identical is True
+    assert any("8 attention weights as matrices" in n for n in report.notes)
+    with safe_open(report.path, "pt") as f:
+        assert f.metadata()["vaeft.attention_form"] == "1x1 conv (converted from the base's matrices)"
+    # and it is the same model
+    again = load_vae(report.path).model.state_dict()
+    for k, v in result.model.state_dict().items():
+        assert torch.equal(again[k], v), k
+    # a conv-form base says so too
+    plain = export_vae(result.__class__(**{**result.__dict__, "layout": build_vae(dict(conv)).layout}),
+                       tmp_path / "c.safetensors")
+    with safe_open(plain.path, "pt") as f:
+        assert f.metadata()["vaeft.attention_form"] == "1x1 conv"

@@ -23,7 +23,7 @@ from .errors import VAEFTError
 from .files import atomic_write
 from .options import to_metadata
 from .trainer import TRAINABLE_PREFIXES, TrainResult, check_frozen
-from .vae import LdmLayout, model_to_ldm, tensor_sha256
+from .vae import LdmLayout, _is_attention_weight, model_to_ldm, tensor_sha256
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -184,11 +184,20 @@ def ldm_state_dict(result: TrainResult, dtype: str = "base") -> dict[str, torch.
     return _export_tensors(result, dtype)[0]
 
 
+def matrix_attention_keys(layout: LdmLayout) -> list[str]:
+    """Attention q/k/v/proj_out weights the base stores as (C, C) matrices rather than ldm's
+    (C, C, 1, 1) convolutions (some converters write that; Automatic1111 and ComfyUI reject it)."""
+    return [k for k, shape in layout.shapes.items() if _is_attention_weight(k) and len(shape) == 2]
+
+
 def _export_tensors(result: TrainResult, dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(exported tensors, the same in fp32) after checking the untrained ones against the base."""
+    """(exported tensors, the same in fp32) after checking the untrained ones against the base.
+    Attention weights are always written as 1x1 convolutions, the form every stock loader takes."""
     dtypes = export_dtypes(result.layout, dtype)
     fp32 = {k: v.detach().to("cpu", torch.float32) for k, v in model_to_ldm(result.model, result.layout).items()}
-    check_frozen_against_base(result, fp32)
+    check_frozen_against_base(result, fp32)  # the hashes ignore shape: a matrix and its 1x1 conv hash alike
+    for k in matrix_attention_keys(result.layout):
+        fp32[k] = fp32[k][:, :, None, None]
     return {k: v.to(dtypes[k]).contiguous() for k, v in fp32.items()}, fp32
 
 
@@ -518,6 +527,10 @@ def export_vae(result: TrainResult, path: str | os.PathLike, dtype: str | None =
         elif widened:
             report.notes.append(f"untrained tensors are stored as {dtype} where the base file has "
                                 f"{'/'.join(widened)}: values exact, bytes not (dtype 'base' keeps them identical)")
+    converted = matrix_attention_keys(result.layout)
+    if converted:
+        report.notes.append(f"the base stores {len(converted)} attention weights as matrices; they are written as "
+                            "1x1 convolutions (same values), the form Automatic1111 and ComfyUI load")
     probe = probe if probe is not None else getattr(result, "export_probe", None)
     if probe is not None:
         report.half_precision, warnings, notes = check_half_precision(result, tensors, probe, device)
@@ -530,6 +543,7 @@ def export_vae(result: TrainResult, path: str | os.PathLike, dtype: str | None =
     if report.half_precision is not None:
         meta["vaeft.half_precision"] = json.dumps(_json_safe(report.half_precision))
     meta["vaeft.dtype"] = dtype
+    meta["vaeft.attention_form"] = ("1x1 conv (converted from the base's matrices)" if converted else "1x1 conv")
     meta["vaeft.stored_dtypes"] = json.dumps(report.stored_dtypes, sort_keys=True)
     if report.frozen_identical is not None:
         meta["vaeft.frozen_identical"] = str(report.frozen_identical).lower()
