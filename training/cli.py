@@ -25,8 +25,17 @@ def add_fit_command(sub) -> None:
                        description="Fine-tune a VAE. Multi-GPU: torchrun --nproc-per-node N -m training fit ...")
     p.add_argument("--vae", required=True, help="base VAE file (.safetensors/.ckpt; ldm or diffusers keys)")
     p.add_argument("--data", required=True, help="folder of training images (searched recursively)")
-    p.add_argument("--out", required=True, help="output .safetensors path (ldm keys, loadable by Load VAE)")
+    p.add_argument("--out", required=True, help="output .safetensors path (ldm keys, loadable by Load VAE); with "
+                                                "--format diffusers a model folder")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    from .export import FAMILY_CHOICES, FORMATS
+
+    p.add_argument("--format", choices=FORMATS, default="safetensors",
+                   help="safetensors: one ldm-keyed file (ComfyUI, Automatic1111); diffusers: a folder that "
+                        "AutoencoderKL.from_pretrained loads (config.json + diffusion_pytorch_model.safetensors)")
+    p.add_argument("--family", choices=FAMILY_CHOICES, default="auto",
+                   help="latent family whose scaling_factor/shift_factor the export records (auto: from the base "
+                        "file's name or its latents; re-estimated when the encoder is trained)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--checkpoint", help="resumable checkpoint path, written every --checkpoint-every steps "
                                         "and at the end (default: <out>.ckpt when --checkpoint-every is set)")
@@ -57,14 +66,17 @@ def run_fit(args) -> int:
 
     cfg = config_from_args(args)
     data_cfg = from_arguments(DataConfig, args, seed=cfg.seed)
-    if not args.out.endswith(".safetensors"):
-        raise VAEFTError(f"--out must end in .safetensors; got {args.out!r}")
-    if os.path.exists(args.out) and not args.overwrite:
+    if args.format == "safetensors" and not args.out.endswith(".safetensors"):
+        raise VAEFTError(f"--out must end in .safetensors; got {args.out!r} (or pass --format diffusers for a folder)")
+    if args.format == "diffusers" and args.out.endswith(".safetensors"):
+        raise VAEFTError(f"--format diffusers writes a model folder; give --out a folder path, not {args.out!r}")
+    if os.path.exists(args.out) and not args.overwrite and not (os.path.isdir(args.out) and not os.listdir(args.out)):
         raise VAEFTError(f"{args.out!r} already exists; choose another --out or pass --overwrite")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise VAEFTError(f"the folder of --out ({out_dir}) does not exist")
-    checkpoint = args.checkpoint or (args.out[: -len(".safetensors")] + ".ckpt" if cfg.checkpoint_every else None)
+    stem = args.out[: -len(".safetensors")] if args.format == "safetensors" else args.out.rstrip("/\\")
+    checkpoint = args.checkpoint or (stem + ".ckpt" if cfg.checkpoint_every else None)
 
     dist = Distributed.from_env()
     device = pick_device(args.device, dist)
@@ -123,7 +135,8 @@ def run_fit(args) -> int:
         if not dist.is_main:
             return 0
         result.export_probe = make_probe(base, data, seed=cfg.seed, device=device)
-        report = export_vae(result, args.out, dataset_summary=summary, overwrite=args.overwrite, device=device)
+        report = export_vae(result, args.out, dataset_summary=summary, overwrite=args.overwrite, device=device,
+                            format=args.format, family=args.family)
         print(report.text(), file=sys.stderr)
         path = report.path
         if args.loss_plot:

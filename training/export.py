@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -20,10 +21,10 @@ import torch
 from . import __version__
 from .config import EXPORT_DTYPES, TrainConfig
 from .errors import VAEFTError
-from .files import atomic_write
+from .files import atomic_write, atomic_write_dir
 from .options import to_metadata
 from .trainer import TRAINABLE_PREFIXES, TrainResult, check_frozen
-from .vae import LdmLayout, _is_attention_weight, model_to_ldm, tensor_sha256
+from .vae import LdmLayout, _is_attention_weight, config_from_ldm, ldm_to_diffusers, model_to_ldm, tensor_sha256
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -262,6 +263,8 @@ class ExportProbe:
     patches: torch.Tensor   # (n, 3, P, P) in [-1, 1], fp32, CPU
     held_out: bool          # True: validation images' patches; False: training patches (no validation split)
     base_report: dict       # half_precision_report of the base VAE on the base encoder's latents of ``patches``
+    train_patches: torch.Tensor | None = None  # (m, 3, P, P) training patches: the latent statistics
+    base_latents: dict | None = None           # latent_statistics of the base encoder on ``train_patches``
 
 
 def probe_patches(patches: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -362,21 +365,53 @@ def encode_latents(model: torch.nn.Module, patches: torch.Tensor, device: torch.
     return m.encode(patches.to(device, torch.float32)).latent_dist.mode().cpu()
 
 
-def make_probe(base, data, *, seed: int = 0, device: torch.device | str = "cpu", count: int = 4) -> ExportProbe:
-    """Probe for the half-precision check: ``count`` held-out patches of ``data`` (a PatchDataset;
-    training patches when it has no validation images) or ``data`` itself (BCHW in [-1, 1]), and the
-    base VAE's (``base``: a LoadedVAE) figures on them."""
+def stats_patches(patches: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The training patches the latent statistics are taken on: all of them (up to 16) on a GPU; on a
+    CPU 4, centre-cropped to 128² (a full SD encoder takes seconds per 256² patch there)."""
+    n, side = (4, 128) if torch.device(device).type == "cpu" else (16, 1 << 30)
+    x = patches[:n]
+    h, w = x.shape[-2:]
+    th, tw = min(h, side) // 8 * 8, min(w, side) // 8 * 8
+    top, left = (h - th) // 2, (w - tw) // 2
+    return x[..., top:top + th, left:left + tw].contiguous()
+
+
+@torch.no_grad()
+def latent_statistics(model: torch.nn.Module, patches: torch.Tensor, device: torch.device | str = "cpu",
+                      seed: int = 0) -> dict:
+    """Mean and standard deviation of the encoder's posterior samples of ``patches`` (m, 3, P, P) in
+    [-1, 1], over all values, as latent diffusion's scale-factor recipe takes them (scale = 1/std).
+    Returns {"mean", "std", "patches", "values"}."""
+    device = torch.device(device)
+    m = _as_dtype(model, torch.float32).to(device)
+    gen = torch.Generator(device).manual_seed(seed)
+    zs = [m.encode(chunk.to(device, torch.float32)).latent_dist.sample(gen).float().cpu() for chunk in patches.split(4)]
+    z = torch.cat(zs)
+    return {"mean": float(z.mean()), "std": float(z.std()), "patches": int(patches.shape[0]), "values": z.numel()}
+
+
+def make_probe(base, data, *, seed: int = 0, device: torch.device | str = "cpu", count: int = 4,
+               train_count: int = 16) -> ExportProbe:
+    """What the export checks against, taken right after training: ``count`` held-out patches of
+    ``data`` (a PatchDataset; training patches when it has no validation images) with the base VAE's
+    (``base``: a LoadedVAE or an AutoencoderKL) half-precision figures on them, and ``train_count``
+    training patches with the base encoder's latent statistics. ``data`` may also be a BCHW tensor
+    in [-1, 1], used for both."""
     if isinstance(data, torch.Tensor):
-        patches, held_out = data[:count], False
+        patches, held_out, train = data[:count], False, data[:train_count]
     else:
         from .data import preview_patches
 
         patches, held_out = preview_patches(data, count, seed=seed), bool(data.summary().get("val_images"))
+        train = next(iter(data.train_batches(train_count, start_batch=0)))
     patches = patches.detach().to("cpu", torch.float32)
+    train = train.detach().to("cpu", torch.float32)
     model = base.model if hasattr(base, "model") else base
     x = probe_patches(patches, device)
     return ExportProbe(patches=patches, held_out=held_out,
-                       base_report=half_precision_report(model, encode_latents(model, x, device), device))
+                       base_report=half_precision_report(model, encode_latents(model, x, device), device),
+                       train_patches=train,
+                       base_latents=latent_statistics(model, stats_patches(train, device), device, seed))
 
 
 def _peak(fig: dict) -> tuple[str, float]:
@@ -415,18 +450,21 @@ def _round_figures(fig: dict) -> dict:
     return out
 
 
-def check_half_precision(result: TrainResult, tensors: dict[str, torch.Tensor], probe: ExportProbe,
-                         device: torch.device | str = "cpu") -> tuple[dict, list[str], list[str]]:
-    """Decode the probe with the exported weights (``tensors``, ldm keys) in fp16 and bf16.
-
-    Returns (summary for the report and metadata, warnings, notes). Warns when the fine-tuned
-    decoder overflows or saturates in a half precision where the base decoder did not."""
+def exported_model(result: TrainResult, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An AutoencoderKL (fp32, CPU) holding exactly the exported weights (``tensors``, ldm keys)."""
     import copy
-
-    from .vae import ldm_to_diffusers
 
     model = copy.deepcopy(result.model).cpu()
     model.load_state_dict({k: v.float() for k, v in ldm_to_diffusers(tensors).items()}, strict=True)
+    return model.eval()
+
+
+def check_half_precision(model: torch.nn.Module, probe: ExportProbe,
+                         device: torch.device | str = "cpu") -> tuple[dict, list[str], list[str]]:
+    """Decode the probe with ``model`` (the exported weights, see exported_model) in fp16 and bf16.
+
+    Returns (summary for the report and metadata, warnings, notes). Warns when the fine-tuned
+    decoder overflows or saturates in a half precision where the base decoder did not."""
     x = probe_patches(probe.patches, device)
     fine = half_precision_report(model, encode_latents(model, x, device), device)
     base = probe.base_report
@@ -456,17 +494,95 @@ def check_half_precision(result: TrainResult, tensors: dict[str, torch.Tensor], 
     return summary, warnings, notes
 
 
+# ----- latent scaling: what a diffusion pipeline multiplies latents by -----
+
+FAMILIES = {  # the published factors (diffusers' configs; ComfyUI's latent_formats.py)
+    "sd": {"latent_channels": 4, "scaling_factor": 0.18215, "shift_factor": None, "what": "SD 1.x/2.x"},
+    "sdxl": {"latent_channels": 4, "scaling_factor": 0.13025, "shift_factor": None, "what": "SDXL"},
+    "sd3": {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609, "what": "SD3/3.5"},
+    "flux": {"latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159, "what": "Flux.1"},
+}
+FAMILY_CHOICES = ("auto",) + tuple(FAMILIES)
+FORMATS = ("safetensors", "diffusers")
+# Base file names that say their family (the 4-channel families share one architecture, so the name
+# is the better witness there; the 16-channel ones differ 4x in latent scale, the statistics decide).
+_NAME_HINTS = (("sdxl", r"(^|[^a-z])(sd[_-]?)?xl([^a-z]|$)"), ("flux", r"flux|^ae\.(safetensors|sft|ckpt)$"),
+               ("sd3", r"sd[_-]?3"), ("sd", r"vae-ft-(mse|ema)|sd[_-]?(v?1|v?2)([^0-9]|$)|v1-5|v2-1"))
+
+
+def pick_family(base_name: str, latent_channels: int, stats: dict | None = None) -> tuple[str, str]:
+    """(family, why) for a base VAE: its file name's hint when there is one for its channel count,
+    else the family whose published scaling_factor is nearest to the measured 1/std of its latents,
+    else the common one (sd for 4 channels, flux for 16)."""
+    fits = [f for f, v in FAMILIES.items() if v["latent_channels"] == latent_channels]
+    if not fits:
+        raise VAEFTError(f"no known latent family has {latent_channels} latent channels; pass the scaling "
+                         "yourself (families: " + ", ".join(f"{k} ({v['latent_channels']} ch)"
+                                                            for k, v in FAMILIES.items()) + ")")
+    name = _last_component(base_name).lower()
+    for family, pattern in _NAME_HINTS:
+        if family in fits and re.search(pattern, name):
+            return family, f"from the base file's name {name!r}"
+    if stats and stats.get("std", 0) > 0:
+        scale = 1 / stats["std"]
+        family = min(fits, key=lambda f: abs(math.log(scale / FAMILIES[f]["scaling_factor"])))
+        return family, (f"the base encoder's latents have 1/std {scale:.4g} on the training patches, nearest to "
+                        f"{family}'s {FAMILIES[family]['scaling_factor']}; pass the family to be sure")
+    family = "sd" if latent_channels == 4 else "flux"
+    return family, "a guess from the channel count alone (nothing measured); pass the family to be sure"
+
+
+def latent_scaling(result: TrainResult, model: torch.nn.Module, probe: ExportProbe | None,
+                   family: str = "auto", device: torch.device | str = "cpu") -> dict:
+    """{"family", "why", "scaling_factor", "shift_factor", "source"} for the exported VAE.
+
+    Decoder-only: the latent space is the base's, so the family's published factors. Full
+    (encoder trained): re-estimated on the probe's training patches with the exported encoder, as
+    latent diffusion's recipe does (scaling = 1/std of the latents; for 16-channel VAEs also shift =
+    their mean, and scaling = 1/std around it)."""
+    if family not in FAMILY_CHOICES:
+        raise VAEFTError(f"family must be one of {', '.join(FAMILY_CHOICES)}; got {family!r}")
+    channels = int(result.model.config.latent_channels)
+    stats = probe.base_latents if probe is not None else None
+    if family == "auto":
+        family, why = pick_family(result.layout.base_name, channels, stats)
+    else:
+        why = "as given"
+        if FAMILIES[family]["latent_channels"] != channels:
+            raise VAEFTError(f"family {family!r} has {FAMILIES[family]['latent_channels']} latent channels, this VAE "
+                             f"{channels}; choose one of " + ", ".join(f for f, v in FAMILIES.items()
+                                                                      if v["latent_channels"] == channels))
+    out = {"family": family, "why": why, "scaling_factor": FAMILIES[family]["scaling_factor"],
+           "shift_factor": FAMILIES[family]["shift_factor"],
+           "source": f"{FAMILIES[family]['what']}'s published factors (decoder-only: the latent space is the base's)"}
+    if result.config.trainable == "full":
+        if probe is None or probe.train_patches is None:
+            out["source"] = (f"{FAMILIES[family]['what']}'s published factors: NOT re-estimated (no training "
+                             "patches), though the encoder was trained")
+            return out
+        x = stats_patches(probe.train_patches, device)
+        new = latent_statistics(model, x, device, seed=result.config.seed)
+        shift = new["mean"] if channels == 16 else None
+        out.update(scaling_factor=float(f"{1 / new['std']:.5g}"),
+                   shift_factor=float(f"{shift:.5g}") if shift is not None else None,
+                   source=f"re-estimated on {new['patches']} training patches with the trained encoder "
+                          f"(1/std{' and mean' if shift is not None else ''} of {new['values']} latent values)")
+    return out
+
+
 @dataclass
 class ExportReport:
     """What an export wrote and what the user should know about it (the CLI prints :meth:`text`,
     the Save node shows it)."""
 
     path: str
+    format: str                     # 'safetensors' (one ldm-keyed file) or 'diffusers' (a model folder)
     dtype: str                      # as requested: 'base', 'fp16', 'bf16' or 'fp32'
     stored_dtypes: dict[str, int]   # dtype name -> number of tensors written in it
     frozen: str | None              # untrained tensors vs the base file: 'identical' (byte for byte),
                                     # 'widened' (values exact, wider dtype), 'rounded'; None in full mode
     metadata: dict[str, str]
+    scaling: dict = field(default_factory=dict)  # see latent_scaling
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     half_precision: dict | None = None  # see check_half_precision; None: not checked (no probe)
@@ -480,12 +596,17 @@ class ExportReport:
         return None if self.frozen is None else self.frozen == "identical"
 
     def text(self) -> str:
-        lines = [f"saved {self.path}",
+        lines = [f"saved {self.path}" + (" (diffusers model folder)" if self.format == "diffusers" else ""),
                  "dtype: " + (f"base ({_counts(self.stored_dtypes)})" if self.dtype == "base" else self.dtype)]
         if self.frozen is not None:
             lines.append("untrained tensors (encoder, quant_conv): " + {
                 "identical": "bit-identical to the base file", "widened": "values exact, stored wider",
                 "rounded": "ROUNDED (see the warning)"}[self.frozen])
+        sc = self.scaling
+        if sc:
+            shift = f", shift_factor {sc['shift_factor']}" if sc["shift_factor"] is not None else ""
+            lines.append(f"latent scaling: scaling_factor {sc['scaling_factor']}{shift}: {sc['source']}; "
+                         f"family {sc['family']} ({sc['why']})")
         hp = self.half_precision
         if hp is not None:
             lines.append(f"half precision, decoding {hp['patches']} with the exported weights:")
@@ -505,15 +626,25 @@ def _counts(counts: dict[str, int]) -> str:
 def export_vae(result: TrainResult, path: str | os.PathLike, dtype: str | None = None,
                dataset_summary: dict | None = None, overwrite: bool = False,
                extra_metadata: dict[str, str] | None = None, probe: ExportProbe | None = None,
-               device: torch.device | str = "cpu") -> ExportReport:
-    """Write ``result`` as an ldm-keyed ``.safetensors`` (``dtype`` default: the config's
-    ``export_dtype``, 'base' = the base file's dtype per tensor); returns what was written.
+               device: torch.device | str = "cpu", format: str = "safetensors", family: str = "auto"
+               ) -> ExportReport:
+    """Write ``result`` and return what was written.
 
-    ``probe`` (default ``result.export_probe``): patches decoded with the exported weights in fp16
-    and bf16 on ``device`` (the half-precision check); without one the check is skipped and said so."""
+    format 'safetensors': one ldm-keyed file at ``path`` (the base's keys; loads in ComfyUI's Load VAE,
+    Automatic1111, diffusers' from_single_file). 'diffusers': a model folder at ``path`` with
+    config.json and diffusion_pytorch_model.safetensors (``AutoencoderKL.from_pretrained(path)``).
+    dtype: default the config's ``export_dtype``; 'base' = the base file's dtype per tensor.
+    probe: default ``result.export_probe``: patches decoded with the exported weights in fp16 and
+    bf16 on ``device`` (the half-precision check), and training patches for the latent scaling;
+    without one the check is skipped, and said so.
+    family: the latent family whose scaling_factor/shift_factor go in the metadata and config.json
+    ('auto': see pick_family); with trainable = 'full' they are re-estimated instead."""
+    if format not in FORMATS:
+        raise VAEFTError(f"export format must be one of {', '.join(FORMATS)}; got {format!r}")
     dtype = dtype or result.config.export_dtype
     tensors, fp32 = _export_tensors(result, dtype)
-    report = ExportReport(path=os.fspath(path), dtype=dtype, metadata={},
+    check_finite(tensors)  # before the checks below spend time on a model that cannot be written
+    report = ExportReport(path=os.fspath(path), format=format, dtype=dtype, metadata={},
                           stored_dtypes=dict(Counter(_dtype_name(v.dtype) for v in tensors.values())),
                           frozen=None)
     frozen = frozen_keys(result)
@@ -532,12 +663,14 @@ def export_vae(result: TrainResult, path: str | os.PathLike, dtype: str | None =
         report.notes.append(f"the base stores {len(converted)} attention weights as matrices; they are written as "
                             "1x1 convolutions (same values), the form Automatic1111 and ComfyUI load")
     probe = probe if probe is not None else getattr(result, "export_probe", None)
+    model = exported_model(result, tensors)
     if probe is not None:
-        report.half_precision, warnings, notes = check_half_precision(result, tensors, probe, device)
+        report.half_precision, warnings, notes = check_half_precision(model, probe, device)
         report.warnings += warnings
         report.notes += notes
     else:
         report.notes.append("half precision not checked: no probe patches (make_probe after training)")
+    report.scaling = latent_scaling(result, model, probe, family, device)
     meta = build_metadata(result, dataset_summary, extra_metadata)
     meta["vaeft.fp16_safe"] = "unchecked" if report.fp16_safe is None else str(report.fp16_safe).lower()
     if report.half_precision is not None:
@@ -547,6 +680,52 @@ def export_vae(result: TrainResult, path: str | os.PathLike, dtype: str | None =
     meta["vaeft.stored_dtypes"] = json.dumps(report.stored_dtypes, sort_keys=True)
     if report.frozen_identical is not None:
         meta["vaeft.frozen_identical"] = str(report.frozen_identical).lower()
+    meta["vaeft.latent_family"] = report.scaling["family"]
+    meta["vaeft.scaling_factor"] = str(report.scaling["scaling_factor"])
+    if report.scaling["shift_factor"] is not None:
+        meta["vaeft.shift_factor"] = str(report.scaling["shift_factor"])
+    meta["vaeft.scaling_source"] = report.scaling["source"]
+    meta = {k: private_value(v) for k, v in meta.items()}
     report.metadata = meta
-    write_safetensors(tensors, path, meta, overwrite=overwrite)
+    if format == "diffusers":
+        write_diffusers(tensors, path, meta, report.scaling, overwrite=overwrite)
+    else:
+        write_safetensors(tensors, path, meta, overwrite=overwrite)
     return report
+
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def diffusers_config(tensors: dict[str, torch.Tensor], scaling: dict) -> dict:
+    """The ``AutoencoderKL`` config of ldm-keyed ``tensors`` with the latent factors of ``scaling``."""
+    config = config_from_ldm(tensors)
+    config.update(scaling_factor=scaling["scaling_factor"], shift_factor=scaling["shift_factor"])
+    return config
+
+
+def write_diffusers(tensors: dict[str, torch.Tensor], folder: str | os.PathLike, metadata: dict[str, str],
+                    scaling: dict, overwrite: bool = False) -> str:
+    """Atomically write a diffusers model folder: config.json (written by diffusers' own
+    ``save_config``) and diffusion_pytorch_model.safetensors (diffusers keys, Linear attention,
+    each tensor in the dtype it has in ``tensors``). Refuses NaN/inf tensors like write_safetensors."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save
+
+    check_finite(tensors)
+    config = diffusers_config(tensors, scaling)
+    with torch.device("meta"):
+        model = AutoencoderKL.from_config(config)
+    weights = {k: v.contiguous() for k, v in ldm_to_diffusers(tensors).items()}
+    missing, unexpected = set(model.state_dict()) - set(weights), set(weights) - set(model.state_dict())
+    if missing or unexpected:  # cannot happen for a layout build_vae accepted; never write a folder that fails to load
+        raise VAEFTError(f"internal check failed: diffusers keys do not match (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    meta = {"format": "pt", **metadata}  # 'format' is what diffusers/transformers' own writer puts there
+
+    def write(tmp):
+        model.save_config(tmp)
+        with open(os.path.join(tmp, DIFFUSERS_WEIGHTS), "wb") as f:
+            f.write(save(weights, metadata=meta))
+
+    return atomic_write_dir(folder, write, overwrite=overwrite, what="diffusers model folder")
