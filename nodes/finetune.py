@@ -100,8 +100,8 @@ class VAEFineTune(io.ComfyNode):
                     should_stop=lambda: mm.throw_exception_if_processing_interrupted() or False,
                 ),
             )
-            result.export_probe = make_probe(base, dataset, seed=cfg.seed, device=device)  # for Save's fp16 check
             result.model.to("cpu")
+            result.export_probe = make_probe(base, dataset, seed=cfg.seed, device=device)  # for Save's fp16 check
             out_vae = ldm_to_comfy_vae(ldm_state_dict(result, "fp32"))
         loss_map = loss_map_of(result.history)
         result.dataset_summary = dataset.summary()

@@ -1,9 +1,13 @@
-"""Write a fine-tuned VAE as an ldm-keyed safetensors file that stock loaders accept.
+"""Write a fine-tuned VAE: an ldm-keyed safetensors file that stock loaders accept, or a diffusers folder.
 
-The key set and shapes are the base file's exactly (ComfyUI's Load VAE and
-Automatic1111's strict ``load_state_dict`` both rely on them). The write is atomic
-(:mod:`training.files`): a crash, a full disk or a racing writer never leaves a
-half-written model, and an existing file is never replaced unless ``overwrite=True``.
+The ldm file has the base file's key set and shapes (ComfyUI's Load VAE and Automatic1111's
+strict ``load_state_dict`` rely on them; attention stored as matrices is written in the 1x1-conv
+form they accept), each tensor by default in the base file's dtype, so the untrained ones are
+byte-identical to the base (checked against its bytes). Every export decodes probe patches in
+fp16 and bf16 (:func:`check_half_precision`), records private metadata (:func:`build_metadata`)
+and the latent factors (:func:`latent_scaling`), and returns an :class:`ExportReport`. Writes
+are atomic (:mod:`training.files`): a crash, a full disk or a racing writer never leaves a
+half-written model, and an existing one is never replaced unless ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -216,7 +220,7 @@ def frozen_rounding(result: TrainResult, tensors: dict[str, torch.Tensor],
         return None
     stored = sorted({_dtype_name(tensors[k].dtype) for k in rounded})
     return (f"{'/'.join(stored)} export rounds {len(rounded)} of {len(frozen_keys(result))} untrained tensors "
-            f"(the base file stores them in higher precision; largest change {worst:.2g}): the encoder is no longer "
+            f"(the base file stores them in another dtype; largest change {worst:.2g}): the encoder is no longer "
             "bit-identical to the base, so latents move slightly. Export with dtype 'base' to keep it exact.")
 
 
@@ -260,10 +264,10 @@ class ExportProbe:
     ``TrainResult.export_probe``, so the Save node needs nothing but the trained result.
     """
 
-    patches: torch.Tensor   # (n, 3, P, P) in [-1, 1], fp32, CPU
+    patches: torch.Tensor   # (n, 3, h, w) in [-1, 1], fp32, CPU, as decoded (see probe_patches)
     held_out: bool          # True: validation images' patches; False: training patches (no validation split)
     base_report: dict       # half_precision_report of the base VAE on the base encoder's latents of ``patches``
-    train_patches: torch.Tensor | None = None  # (m, 3, P, P) training patches: the latent statistics
+    train_patches: torch.Tensor | None = None  # (m, 3, h, w) training patches for the latent statistics
     base_latents: dict | None = None           # latent_statistics of the base encoder on ``train_patches``
 
 
@@ -403,15 +407,14 @@ def make_probe(base, data, *, seed: int = 0, device: torch.device | str = "cpu",
         from .data import preview_patches
 
         patches, held_out = preview_patches(data, count, seed=seed), bool(data.summary().get("val_images"))
-        train = next(iter(data.train_batches(train_count, start_batch=0)))
-    patches = patches.detach().to("cpu", torch.float32)
-    train = train.detach().to("cpu", torch.float32)
+        train = next(iter(data.train_batches(train_count, start_batch=0, num_workers=0)))
+    # cropped for ``device`` once, here: the export decodes exactly these, so its figures compare with the base's
+    patches = probe_patches(patches.detach().to("cpu", torch.float32), device)
+    train = stats_patches(train.detach().to("cpu", torch.float32), device)
     model = base.model if hasattr(base, "model") else base
-    x = probe_patches(patches, device)
     return ExportProbe(patches=patches, held_out=held_out,
-                       base_report=half_precision_report(model, encode_latents(model, x, device), device),
-                       train_patches=train,
-                       base_latents=latent_statistics(model, stats_patches(train, device), device, seed))
+                       base_report=half_precision_report(model, encode_latents(model, patches, device), device),
+                       train_patches=train, base_latents=latent_statistics(model, train, device, seed))
 
 
 def _peak(fig: dict) -> tuple[str, float]:
@@ -465,7 +468,7 @@ def check_half_precision(model: torch.nn.Module, probe: ExportProbe,
 
     Returns (summary for the report and metadata, warnings, notes). Warns when the fine-tuned
     decoder overflows or saturates in a half precision where the base decoder did not."""
-    x = probe_patches(probe.patches, device)
+    x = probe.patches
     fine = half_precision_report(model, encode_latents(model, x, device), device)
     base = probe.base_report
     summary = {"patches": f"{x.shape[0]} {'held-out' if probe.held_out else 'training'} patches of "
@@ -560,8 +563,7 @@ def latent_scaling(result: TrainResult, model: torch.nn.Module, probe: ExportPro
             out["source"] = (f"{FAMILIES[family]['what']}'s published factors: NOT re-estimated (no training "
                              "patches), though the encoder was trained")
             return out
-        x = stats_patches(probe.train_patches, device)
-        new = latent_statistics(model, x, device, seed=result.config.seed)
+        new = latent_statistics(model, probe.train_patches, device, seed=result.config.seed)
         shift = new["mean"] if channels == 16 else None
         out.update(scaling_factor=float(f"{1 / new['std']:.5g}"),
                    shift_factor=float(f"{shift:.5g}") if shift is not None else None,
