@@ -12,12 +12,11 @@ from comfy_api.latest import io
 
 from ..training.config import RECIPES, TrainConfig
 from ..training.data import augmenter, preview_patches, worker_start_method
-from ..training.export import ldm_state_dict
-from ..training.plot import image_grid, to_pil
 from ..training.checkpoint import peek
 from ..training.errors import VAEFTError
 from ..training.evaluate import evaluation_patches
-from ..training.export import safe_name
+from ..training.export import ldm_state_dict, make_probe, safe_name
+from ..training.plot import image_grid, to_pil
 from ..training.runs import MARKER, RunFolder, RunStatus, read_metrics, validation_patches
 from ..training.trainer import Callbacks, fine_tune, history_curves
 from .common import Dataset, Trained, comfy_vae_to_training, config_inputs, input_values, ldm_to_comfy_vae
@@ -190,6 +189,7 @@ class VAEFineTune(io.ComfyNode):
                 mm.throw_exception_if_processing_interrupted()
                 raise mm.InterruptProcessingException()
             result.model.to("cpu")
+            result.export_probe = make_probe(base, dataset, seed=cfg.seed, device=device)  # for Save's fp16 check
             out_vae = ldm_to_comfy_vae(ldm_state_dict(result, "fp32"))
         loss_map = loss_map_of(result.history)
         result.dataset_summary = dataset.summary()

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import folder_paths
 from comfy_api.latest import io, ui
 
 from ..training.config import EXPORT_DTYPES
-from ..training.export import export_filename, export_vae
+from ..training.export import FAMILY_CHOICES, FORMATS, export_filename, export_vae
 from .common import Trained
 
+log = logging.getLogger("vaeft")
 
-def vae_output_folder() -> str:
+
+def vae_output_folder(sub: str = "vae") -> str:
     """ComfyUI's main.py registers output/vae as a "vae" model folder, so files here are listed
-    by Load VAE (its file-list cache notices the folder's new mtime, no restart needed)."""
-    folder = os.path.join(folder_paths.get_output_directory(), "vae")
+    by Load VAE (its file-list cache notices the folder's new mtime, no restart needed).
+    diffusers model folders go to output/vae_diffusers/ instead, where Load VAE does not look."""
+    folder = os.path.join(folder_paths.get_output_directory(), sub)
     os.makedirs(folder, exist_ok=True)
     return folder
 
@@ -28,22 +32,44 @@ class SaveFineTunedVAE(io.ComfyNode):
             display_name="Save Fine-tuned VAE",
             category="training/vae",
             description="Write the fine-tuned VAE as vae-ft-<name>-<steps>.safetensors (ldm keys, the base "
-                        "file's exact key set) into output/vae/, loadable by Load VAE and Automatic1111.",
+                        "file's exact key set and dtypes) into output/vae/, loadable by Load VAE and Automatic1111, "
+                        "or as a diffusers model folder. Shows whether the decoder is safe in fp16/bf16.",
             inputs=[
                 Trained.Input("trained"),
                 io.String.Input("name", default="custom", tooltip="a plain name; the file is "
                                 "vae-ft-<name>-<steps>.safetensors"),
-                io.Combo.Input("dtype", options=list(EXPORT_DTYPES), default="fp16"),
+                io.Combo.Input("dtype", options=list(EXPORT_DTYPES), default="base",
+                               tooltip="base: every tensor in the base file's dtype, so the untrained encoder "
+                                       "stays bit-identical; fp16/bf16/fp32: cast everything (the node says "
+                                       "when that rounds untrained tensors)"),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="replace an existing file of the same name (off: refuse)"),
+                io.Combo.Input("format", options=list(FORMATS), default="safetensors", optional=True,
+                               tooltip="safetensors: one file in output/vae/ for Load VAE and Automatic1111; "
+                                       "diffusers: a model folder in output/vae_diffusers/ for "
+                                       "AutoencoderKL.from_pretrained"),
+                io.Combo.Input("family", options=list(FAMILY_CHOICES), default="auto", optional=True,
+                               tooltip="latent family whose scaling_factor/shift_factor the export records "
+                                       "(auto: from the base file's name or its latents; re-estimated when the "
+                                       "encoder was trained)"),
             ],
             outputs=[io.String.Output("filename")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, trained, name, dtype, overwrite) -> io.NodeOutput:
+    def execute(cls, trained, name, dtype, overwrite, format="safetensors", family="auto") -> io.NodeOutput:
+        import comfy.model_management as mm
+
+        format, family = format or "safetensors", family or "auto"  # older workflows lack these inputs
         filename = export_filename(name, trained.steps_done)
-        path = os.path.join(vae_output_folder(), filename)
-        export_vae(trained, path, dtype=dtype, overwrite=overwrite)
-        return io.NodeOutput(filename, ui=ui.PreviewText(f"saved {path}"))
+        if format == "diffusers":
+            filename = filename[: -len(".safetensors")]
+            path = os.path.join(vae_output_folder("vae_diffusers"), filename)
+        else:
+            path = os.path.join(vae_output_folder(), filename)
+        report = export_vae(trained, path, dtype=dtype, overwrite=overwrite, device=mm.get_torch_device(),
+                            format=format, family=family)
+        for warning in report.warnings:
+            log.warning("Save Fine-tuned VAE: %s", warning)
+        return io.NodeOutput(filename, ui=ui.PreviewText(report.text()))

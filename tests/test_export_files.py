@@ -206,6 +206,25 @@ def test_export_disk_full_portable(tmp_path, monkeypatch):
     assert _listing(tmp_path) == ["v.safetensors"] and path.read_bytes() == b"precious"
 
 
+def test_refuses_non_finite_tensors_by_name(tmp_path):
+    from training.export import write_safetensors
+
+    good = {k: v.clone() for k, v in tiny_ldm_sd().items()}
+    bad = dict(good)
+    bad["decoder.conv_out.weight"] = good["decoder.conv_out.weight"].clone()
+    bad["decoder.conv_out.weight"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(VAEFTError, match=r"NaN or infinite values \(decoder\.conv_out\.weight; stored as float32"):
+        write_safetensors(bad, tmp_path / "v.safetensors")
+    # fp32 values beyond fp16's range become infinite in an fp16 file
+    big = dict(good)
+    big["decoder.conv_in.bias"] = good["decoder.conv_in.bias"] + 1e5
+    with pytest.raises(VAEFTError, match=r"decoder\.conv_in\.bias; stored as float16.*bf16 or fp32"):
+        write_safetensors({k: v.half() for k, v in big.items()}, tmp_path / "v.safetensors")
+    assert _listing(tmp_path) == []
+    write_safetensors({k: v.bfloat16() for k, v in big.items()}, tmp_path / "v.safetensors")
+    assert set(load_file(tmp_path / "v.safetensors")) == set(good)
+
+
 def test_folder_write_is_atomic_and_guarded(tmp_path):
     def two_files(d):
         open(os.path.join(d, "config.json"), "w").write("{}")

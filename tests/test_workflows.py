@@ -20,7 +20,7 @@ def test_api_example_lists_every_input():
     assert set(by_type["VAEFTFineTune"]) == _node_fields(TrainConfig) | {"vae", "dataset"}
     assert set(by_type["VAEFTPatchDataset"]) == _node_fields(DataConfig, skip=("mask_dir",)) | {"folder",
                                                                                               "mask_folder"}
-    assert set(by_type["VAEFTSave"]) == {"trained", "name", "dtype", "overwrite"}
+    assert set(by_type["VAEFTSave"]) == {"trained", "name", "dtype", "overwrite", "format", "family"}
     # defaults are the recipe's, so the example is the sd-vae-ft-mse recipe as published
     ft = by_type["VAEFTFineTune"]
     assert (ft["recipe"], ft["mse_weight"], ft["lpips_weight"], ft["trainable"], ft["ema"]) == \

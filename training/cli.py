@@ -30,7 +30,16 @@ def add_fit_command(sub) -> argparse.ArgumentParser:
                                                       "and input of that run; flags given here override it")
     p.add_argument("--vae", help="base VAE file (.safetensors/.ckpt; ldm or diffusers keys)")
     p.add_argument("--data", help="folder of training images (searched recursively)")
-    p.add_argument("--out", help="output .safetensors path (ldm keys, loadable by Load VAE)")
+    p.add_argument("--out", help="output .safetensors path (ldm keys, loadable by Load VAE); with --format "
+                                 "diffusers a model folder")
+    from .export import FAMILY_CHOICES, FORMATS
+
+    p.add_argument("--format", choices=FORMATS, default="safetensors",
+                   help="safetensors: one ldm-keyed file (ComfyUI, Automatic1111); diffusers: a folder that "
+                        "AutoencoderKL.from_pretrained loads (config.json + diffusion_pytorch_model.safetensors)")
+    p.add_argument("--family", choices=FAMILY_CHOICES, default="auto",
+                   help="latent family whose scaling_factor/shift_factor the export records (auto: from the base "
+                        "file's name or its latents; re-estimated when the encoder is trained)")
     p.add_argument("--general", metavar="DIR", help="optional folder of other images, validated beside the "
                                                      "domain's (gen_* scores): does the fine-tune harm them?")
     p.add_argument("--run-dir", metavar="DIR", help="the run's folder: config.json, metrics.jsonl, previews/, "
@@ -64,11 +73,13 @@ def config_from_args(args) -> TrainConfig:
 
 def _check_outputs(args) -> None:
     """Every output path, before anything is loaded: a bad path costs seconds, not a finished run."""
-    if not args.out.endswith(".safetensors"):
-        raise VAEFTError(f"--out must end in .safetensors; got {args.out!r}")
-    if os.path.isdir(args.out):
+    if args.format == "safetensors" and not args.out.endswith(".safetensors"):
+        raise VAEFTError(f"--out must end in .safetensors; got {args.out!r} (or pass --format diffusers for a folder)")
+    if args.format == "diffusers" and args.out.endswith(".safetensors"):
+        raise VAEFTError(f"--format diffusers writes a model folder; give --out a folder path, not {args.out!r}")
+    if args.format == "safetensors" and os.path.isdir(args.out):
         raise VAEFTError(f"--out {args.out!r} is a folder; give a file name ending in .safetensors")
-    if os.path.exists(args.out) and not args.overwrite:
+    if os.path.exists(args.out) and not args.overwrite and not (os.path.isdir(args.out) and not os.listdir(args.out)):
         raise VAEFTError(f"{args.out!r} already exists; choose another --out or pass --overwrite")
     for flag, path in (("--out", args.out), ("--loss-plot", args.loss_plot)):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
@@ -85,7 +96,7 @@ def _check_outputs(args) -> None:
 def run_fit(args) -> int:
     from .data import DataConfig, augmenter, build_dataset, preview_patches
     from .device import Distributed, pick_device
-    from .export import export_vae
+    from .export import export_vae, make_probe
     from .plot import curve_image, save_png
     from .runs import RunFolder, RunStatus, latest_in, validation_patches
     from .trainer import Callbacks, fine_tune, history_curves
@@ -112,7 +123,8 @@ def run_fit(args) -> int:
     elif args.checkpoint or args.checkpoint_every:  # only where asked: --checkpoint FILE or <out>.ckpt
         from .checkpoint import Checkpoints
 
-        checkpoints = Checkpoints(args.checkpoint or args.out[: -len(".safetensors")] + ".ckpt",
+        stem = args.out[: -len(".safetensors")] if args.format == "safetensors" else args.out.rstrip("/\\")
+        checkpoints = Checkpoints(args.checkpoint or stem + ".ckpt",
                                   every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes,
                                   overwrite=args.overwrite)
     if dist.world_size > 1:
@@ -208,7 +220,11 @@ def run_fit(args) -> int:
             return 130
         if not dist.is_main:
             return 0
-        path = export_vae(result, args.out, dataset_summary=summary, overwrite=args.overwrite)
+        result.export_probe = make_probe(base, data, seed=cfg.seed, device=device)
+        report = export_vae(result, args.out, dataset_summary=summary, overwrite=args.overwrite, device=device,
+                            format=args.format, family=args.family)
+        print(report.text(), file=sys.stderr)
+        path = report.path
         if args.loss_plot:
             save_png(curve_image(*history_curves(result.history)), args.loss_plot)
         print(json.dumps({"out": path, "steps": result.steps_done, "seconds": round(result.seconds, 1),

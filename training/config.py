@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .errors import VAEFTError
 from .options import option, validate
 
-EXPORT_DTYPES = ("fp16", "bf16", "fp32")
+EXPORT_DTYPES = ("base", "fp16", "bf16", "fp32")
 TRAINABLE = ("decoder", "full")
 
 
@@ -106,7 +106,9 @@ class TrainConfig:
                                        min=0.0, node=False)
     keep_checkpoints: int = option(3, "checkpoints kept in a run folder (the oldest are removed)", min=1, max=1000,
                                    node=False)
-    export_dtype: str = option("fp16", "dtype of the exported weights", choices=EXPORT_DTYPES, node=False)
+    export_dtype: str = option("base", "dtype of the exported weights: 'base' = each tensor in the base file's "
+                                       "dtype (the untrained ones stay bit-identical); fp16/bf16/fp32 cast all",
+                               choices=EXPORT_DTYPES, node=False)
 
     def __post_init__(self) -> None:
         validate(self)

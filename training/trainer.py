@@ -122,6 +122,7 @@ class TrainResult:
     run_id: str = ""                # the run's identity: kept across resumes, stored in its checkpoints
     precision: str = ""             # the autocast dtype used and why (precision auto picks by GPU)
     checkpoint: str | None = None   # the last checkpoint written, if any
+    export_probe: object | None = None   # export.ExportProbe: patches for the export's half-precision check
 
     def __repr__(self) -> str:  # short: ComfyUI shows node inputs in error reports
         return (f"TrainResult(steps_done={self.steps_done}, base={self.layout.base_name!r}, "

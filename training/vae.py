@@ -189,13 +189,20 @@ def diffusers_to_ldm_key(dk: str, n: int) -> str:
 
 @dataclass
 class LdmLayout:
-    """What an exported file must reproduce: ldm key -> shape, and the base's identity."""
+    """What an exported file must reproduce: ldm key -> shape, and the base's identity.
+
+    ``dtypes`` and ``tensor_sha256`` (ldm key -> the base file's stored dtype / the hash of its
+    bytes in that dtype, see :func:`tensor_sha256`) let an export keep every tensor in the base's
+    dtype and prove the untrained ones bit-identical to the file.
+    """
 
     shapes: dict[str, tuple[int, ...]]
     num_levels: int
     base_sha256: str = ""
     base_name: str = ""
     dropped_keys: list[str] = field(default_factory=list)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    tensor_sha256: dict[str, str] = field(default_factory=dict)
 
 
 def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
@@ -205,6 +212,14 @@ def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
         t = sd[k].detach().contiguous().cpu()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of one tensor's dtype and bytes (not its shape: a 1x1 conv and its matrix hash alike)."""
+    t = t.detach().contiguous().cpu()
+    h = hashlib.sha256(str(t.dtype).encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -368,6 +383,8 @@ def build_vae(sd: dict[str, torch.Tensor], source: str = "state dict", base_sha2
         base_sha256=base_sha256 or state_dict_sha256(ldm),
         base_name=os.path.basename(source),
         dropped_keys=dropped,
+        dtypes={k: v.dtype for k, v in ldm.items()},
+        tensor_sha256={k: tensor_sha256(v) for k, v in ldm.items()},
     )
     return LoadedVAE(model, layout)
 
