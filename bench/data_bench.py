@@ -23,7 +23,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training.data import DataConfig, augment, build_dataset  # noqa: E402
+from training.augment import augment  # noqa: E402
+from training.data import DataConfig, build_dataset  # noqa: E402
 
 SIZE = 2048
 
@@ -43,14 +44,13 @@ def make_folder(folder: str) -> None:
 
 def measure(data, cfg, batch_size: int, batches: int, workers: int, aug: bool) -> float:
     it = data.train_batches(batch_size, num_workers=workers)
-    gen = torch.Generator().manual_seed(0)
     for _ in range(2):  # warm-up: worker start, first prefetch
         next(it)
     t = time.perf_counter()
-    for _ in range(batches):
+    for k in range(batches):
         x = next(it)
         if aug:
-            x = augment(x, cfg, gen)
+            x = augment(x, cfg, k)  # the trainer passes a seed from (seed, rank, step)
     dt = time.perf_counter() - t
     del it
     return batch_size * batches / dt

@@ -9,7 +9,8 @@ import torch
 from comfy_api.latest import io
 
 from ..training.config import RECIPES, TrainConfig
-from ..training.data import augmenter, preview_patches, worker_start_method
+from ..training.augment import augmenter
+from ..training.data import preview_patches, worker_start_method
 from ..training.export import ldm_state_dict
 from ..training.trainer import Callbacks, fine_tune, history_curves
 from .common import Dataset, Trained, comfy_vae_to_training, config_inputs, input_values, ldm_to_comfy_vae

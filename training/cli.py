@@ -49,7 +49,8 @@ def config_from_args(args) -> TrainConfig:
 
 
 def run_fit(args) -> int:
-    from .data import DataConfig, augmenter, build_dataset, preview_patches
+    from .augment import augmenter
+    from .data import DataConfig, build_dataset, preview_patches
     from .export import export_vae
     from .plot import curve_image, save_png
     from .trainer import Callbacks, Distributed, fine_tune, history_curves, pick_device

@@ -239,7 +239,7 @@ def _out_of_memory_named(fn):
 def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
               device: torch.device | str | None = None,
               lpips_net: torch.nn.Module | None = None,
-              augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+              augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
               preview_batch: torch.Tensor | None = None,
               val_batch: torch.Tensor | None = None,
               callbacks: Callbacks | None = None,
@@ -256,7 +256,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         (``cfg.latent_cache_mb``) and reused instead of encoding the patch again.
     lpips_net: a loaded LPIPS network; loaded from disk (see losses.load_lpips) when None
         and ``cfg.lpips_weight > 0``.
-    augment: applied to each batch on the device with the step's seeded generator.
+    augment: ``(batch, seed) -> batch``, applied on the device; seed is an int from (cfg.seed, rank, step).
     preview_batch: fixed BCHW [-1, 1] patches reconstructed every ``preview_every`` steps.
     val_batch: held-out BCHW [-1, 1] patches scored every ``val_every`` steps (the weights that
         would be exported: EMA when on); ``export_best`` keeps the best of them.
@@ -520,7 +520,7 @@ def _accumulate(x_all, micro, step, cfg: TrainConfig, device, step_module, loss_
     if x_all.is_inference():  # ComfyUI hands over tensors made under inference_mode
         x_all = x_all.clone()
     if augment is not None:
-        x_all = augment(x_all, gen)
+        x_all = augment(x_all, gen.initial_seed())  # an int from (seed, rank, step): drawn on the host, no sync
     if channels_last:
         x_all = x_all.contiguous(memory_format=torch.channels_last)
     chunks = x_all.split(micro)
