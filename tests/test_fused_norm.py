@@ -18,9 +18,10 @@ from training.fused_norm import supported
 
 from conftest import ROOT, tiny_diffusers_vae
 
-needs_triton = pytest.mark.skipif(not fused_norm.triton_available(), reason="Triton is not installed")
-# The interpreter's behaviour differs between Triton releases (checked with the CI's Triton 3.9); on a
-# GPU the compiled kernels themselves are checked instead (test_bf16_kernels_on_cuda and below).
+needs_triton = pytest.mark.skipif(not fused_norm.triton_available(),
+                                  reason="Triton is not installed (pip install triton; Linux x86-64 wheels only)")
+# The interpreter's behaviour differs between Triton releases (checked with Triton 3.8 and 3.9, the
+# CI's); on a GPU the compiled kernels themselves are checked instead (test_bf16_kernels_on_cuda and below).
 interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="GPU present: the compiled kernels are tested")
 
 
