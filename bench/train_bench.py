@@ -30,7 +30,8 @@ are timed the same way over the same steps. Patches come from a small pool of pr
 batches (pinned CPU memory on CUDA), so data loading is not measured on any side.
 
 FLOPs: one training step of each side under torch.utils.flop_counter.FlopCounterMode (matmuls,
-convolutions, attention; forward and backward). Ours is counted with compile and gradient
+convolutions, attention; forward and backward), counted once per side and size and scaled to the
+other batches of the call (they are linear in the batch). Ours is counted with compile and gradient
 checkpointing off, so recomputation is not counted as useful work (model FLOPs). MFU = FLOPs per
 step x steps/s / peak. LPIPS' VGG backbone is random-init (nothing is downloaded): its cost is the
 same as the ImageNet weights'. The VAE is random-init too; speed does not depend on the weights.
@@ -45,6 +46,7 @@ Prints ONE JSON object on stdout (progress goes to stderr).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -267,10 +269,22 @@ def peer_best_side(vae, lpips_net, pool, device, a) -> dict:
     return {"seconds": seconds, "flops_fn": step}
 
 
+# FLOPs per image by (side, size, ...): a step's FLOPs are linear in its batch (convolutions, matmuls
+# and attention are per sample), so each side and size is counted once and scaled to other batches.
+_FLOPS_PER_IMAGE: dict[tuple, float] = {}
+
+
+def flops_for(key: tuple, batch: int, count) -> int:
+    """FLOPs of one step at ``batch``: ``count()`` the first time for ``key``, scaled after that."""
+    if key not in _FLOPS_PER_IMAGE:
+        _FLOPS_PER_IMAGE[key] = count() / batch
+    return round(_FLOPS_PER_IMAGE[key] * batch)
+
+
 def run_loop_side(side_fn, vae, lpips_net, size, device, a, batch) -> dict:
     with MemoryMeter(device) as mem:
         r = side_fn(vae, lpips_net, make_pool(2, batch, size, device), device, a)
-    flops = count_flops(r.pop("flops_fn"))
+    flops = flops_for((side_fn.__name__, size), batch, lambda: count_flops(r["flops_fn"]))
     return side_numbers(r["seconds"], a.steps, batch, flops, mem, a, device)
 
 
@@ -304,6 +318,16 @@ def run_peer_best(vae, lpips_net, size, device, a, batch) -> dict:
 
 
 # ---------------------------------------------------------------- ours
+
+
+def sdpa_backend(name: str | None):
+    """Restrict scaled_dot_product_attention (the VAE's mid-block attention) to one backend, for an A/B
+    of ours without changing the trainer; None = PyTorch's own choice."""
+    if not name:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, name.upper()))
 
 
 def config_fields() -> set[str]:
@@ -368,7 +392,7 @@ def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = F
         torch.backends.cudnn.benchmark = a.cudnn_benchmark
     requested = flags_snapshot()
     lp = copy.deepcopy(lpips_net)
-    with MemoryMeter(device) as mem:
+    with MemoryMeter(device) as mem, sdpa_backend(a.sdpa_backend):
         t_call = time.perf_counter()
         res = fine_tune(vae, batches_of(pool, a.latent_cache), cfg, device=device, lpips_net=lp,
                         callbacks=Callbacks(on_step=on_step))
@@ -385,14 +409,18 @@ def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = F
     del res
     free(device)
 
-    fcfg, _ = our_config(a, batch, 1, for_flops=True, settled_micro=settled)
-    fpool = make_pool(1, batch, size, device)
-    flops = count_flops(lambda: fine_tune(vae, batches_of(fpool, a.latent_cache), fcfg, device=device,
-                                          lpips_net=copy.deepcopy(lpips_net)))
-    if a.latent_cache:  # the timed steps all hit the cache: count a step that does (2 steps - 1 step)
-        fcfg2, _ = our_config(a, batch, 2, for_flops=True, settled_micro=settled)
-        flops = count_flops(lambda: fine_tune(vae, batches_of(fpool, True), fcfg2, device=device,
-                                              lpips_net=copy.deepcopy(lpips_net))) - flops
+    def count() -> int:
+        fcfg, _ = our_config(a, batch, 1, for_flops=True, settled_micro=settled)
+        fpool = make_pool(1, batch, size, device)
+        flops = count_flops(lambda: fine_tune(vae, batches_of(fpool, a.latent_cache), fcfg, device=device,
+                                              lpips_net=copy.deepcopy(lpips_net)))
+        if a.latent_cache:  # the timed steps all hit the cache: count a step that does (2 steps - 1 step)
+            fcfg2, _ = our_config(a, batch, 2, for_flops=True, settled_micro=settled)
+            flops = count_flops(lambda: fine_tune(vae, batches_of(fpool, True), fcfg2, device=device,
+                                                  lpips_net=copy.deepcopy(lpips_net))) - flops
+        return flops
+
+    flops = flops_for(("ours", size), batch, count)
     flags_restore(before)
 
     out = side_numbers(marks[total] - marks[a.warmup], a.steps, batch, flops, mem, a, device)
@@ -403,6 +431,8 @@ def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = F
         out["fused_norms"] = fused
     if a.latent_cache:
         out["latent_cache_hits"] = hits
+    if a.sdpa_backend:
+        out["sdpa_backend"] = a.sdpa_backend
     out["config"] = {k: getattr(cfg, k) for k in ("batch_size", "micro_batch", "trainable",
                                                   "precision", "ema", "lpips_weight", "mse_weight",
                                                   "fused_norm", "channels_last", "grad_checkpointing", "compile",
@@ -548,6 +578,8 @@ def main(argv=None) -> int:
     ap.add_argument("--latent-cache", action="store_true",
                     help="ours: batches carry patch ids, as a fixed grid patch set without augmentation does, "
                          "so the trainer caches latents (warmup fills the cache: timed steps all hit it)")
+    ap.add_argument("--sdpa-backend", choices=("math", "efficient_attention", "flash_attention", "cudnn_attention"),
+                    default=None, help="ours: restrict attention to this SDPA backend (A/B; default: PyTorch's pick)")
     ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
                     help="ours: set torch.backends.cudnn.benchmark around our side (restored after)")
     a = ap.parse_args(argv)
