@@ -13,6 +13,8 @@
 #   OUT=/some/dir WHEELS=.whl/wheels bash bench/gpu_run.sh
 # Rehearsal on a CPU machine (tiny sizes, same stages, same commands):
 #   REHEARSE=1 PY=/work/main/.venv/bin/python OUT=/tmp/out bash bench/gpu_run.sh
+# A rerun of some stages only: STAGES=tests,bench3,scaling (comma-separated names below), and
+# SIDES3=ours / SC_SIZES=1024 / SC_BATCH=... to narrow the headline or the scaling table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder for logs}"
@@ -27,7 +29,7 @@ if [ -n "${REHEARSE:-}" ]; then
   ST="--steps 1 --warmup 1"; DATA="--batches 2 --batch-size 2 --patch-size 64 --image-size 256"
   ATTN="--device cpu --size 64 --batch 1 --dim 64 --reps 2"
 else
-  DEV=cuda; TINY=""; S3=512; B3=8; SC_SIZES=256,512,1024; SC_BATCH=1,4,8,16
+  DEV=cuda; TINY=""; S3=512; B3=8; SC_SIZES=${SC_SIZES:-256,512,1024}; SC_BATCH=${SC_BATCH:-1,4,8,16}
   ST="--steps 5 --warmup 2"; DATA="--batches 8 --batch-size 8 --patch-size 512"
   ATTN="--size 512 --batch 8 --reps 20"
 fi
@@ -35,6 +37,9 @@ fi
 stage() {  # stage NAME SECONDS_NEEDED command...: run it within what is left of DEADLINE
   local name=$1 need=$2 left rc
   shift 2
+  if [ -n "${STAGES:-}" ] && [[ ",$STAGES," != *",$name,"* ]]; then
+    return 0
+  fi
   left=$((DEADLINE - SECONDS))
   if [ "$left" -lt "$need" ]; then
     echo "=== SKIP $name: ${left}s left, it needs ~${need}s"
@@ -69,7 +74,7 @@ EOF
 
 # 1. The headline: all three sides at 512², batch 8, one process, same data.
 stage bench3 60 $PY bench/train_bench.py --device $DEV $TINY --sizes $S3 --batch $B3 --steps 10 --warmup 3 \
-  --json-out "$OUT/bench3.json"
+  --sides "${SIDES3:-all}" --json-out "$OUT/bench3.json"
 
 # 2. CUDA tests: fused kernels (bf16 vs float64, the trainer with/without them), augmentation without
 #    host syncs (sync debug mode), the trainer's non-logging steps free of syncs.

@@ -41,6 +41,21 @@ def test_supported_shapes():
     assert not supported(100, 10)
 
 
+@needs_triton
+def test_launch_grids_fit_cuda_limits_at_large_patches():
+    """CUDA allows 65535 programs on a grid's second and third axes. At 1024² patches the decoder's last
+    up-block normalises 256 channels over 2^20 pixels: 65536 tiles of 16 rows, which once sat on the
+    second axis ("Triton Error [CUDA]: invalid argument" on an H200, 2026-11-27)."""
+    from training.fused_norm import _geometry, _tile_grid
+
+    for shape in [(1, 256, 1024, 1024), (16, 128, 1024, 1024), (1, 256, 4096, 4096), (64, 512, 64, 64)]:
+        x = torch.empty(shape, device="meta")
+        n, c, s, block, rows, nchunk = _geometry(x)
+        tiles, samples = _tile_grid(n, s, block)
+        assert tiles * block >= s and samples == n and samples <= 65535 and tiles < 2**31, shape
+        assert nchunk <= 65535 and nchunk * rows >= s, shape     # the reduction kernels' grid: (n, nchunk)
+
+
 OP_CHECK = """
     import itertools, json, torch
     from test_fused_norm import reference
@@ -162,7 +177,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @cuda
 @needs_triton
-@pytest.mark.parametrize("shape,act", [((8, 128, 64, 64), True), ((4, 512, 33, 31), True), ((2, 256, 4096), False)])
+@pytest.mark.parametrize("shape,act", [((8, 128, 64, 64), True), ((4, 512, 33, 31), True), ((2, 256, 4096), False),
+                                       ((1, 256, 1024, 1024), True)])   # 65536 tiles: past a 2nd grid axis
 def test_bf16_kernels_on_cuda(shape, act):
     torch.manual_seed(1)
     x = torch.randn(*shape, dtype=torch.float64, device="cuda") * 3 + 1

@@ -90,9 +90,9 @@ if triton is not None:
     @triton.jit
     def _tile(S, C: tl.constexpr, BLOCK_S: tl.constexpr):
         """This program's sample, channel indices, element offsets and row mask: tile
-        program_id(1) of BLOCK_S rows of sample program_id(0) in an (N, S, C) tensor."""
-        n = tl.program_id(0)
-        rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+        program_id(0) of BLOCK_S rows of sample program_id(1) in an (N, S, C) tensor (see _tile_grid)."""
+        n = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
         cols = tl.arange(0, C)
         offs = n.to(tl.int64) * S * C + rows[:, None].to(tl.int64) * C + cols[None, :]
         return n, cols, offs, rows[:, None] < S
@@ -176,6 +176,16 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
     return n, c, s, block, rows, triton.cdiv(s, rows)
 
 
+def _tile_grid(n: int, s: int, block: int) -> tuple[int, int]:
+    """Launch grid of the per-tile kernels: (tiles per sample, samples). The tile count goes on the
+    grid's first axis (up to 2^31 - 1): the second allows only 65535, which 256 channels at 1024²
+    (the decoder's last up-block input at 1024² patches: 2^20 rows of 16) already exceed."""
+    tiles = triton.cdiv(s, block)
+    if n > 65535 or tiles >= 2**31:
+        raise RuntimeError(f"fused GroupNorm: {n} samples x {tiles} tiles is past the kernel's launch grid")
+    return tiles, n
+
+
 def _per_channel(t: torch.Tensor, groups: int, c: int) -> torch.Tensor:
     """(N, G) -> (N, C): each group's value repeated over its channels."""
     return t.repeat_interleave(c // groups, dim=1).contiguous()
@@ -197,7 +207,7 @@ def _forward_impl(x, weight, bias, groups: int, eps: float, act: bool):
     rstd = torch.rsqrt(m2 / total + eps)
     a = _per_channel(rstd, groups, c) * weight.float()[None, :]
     y = torch.empty_like(x)
-    _apply_kernel[(n, triton.cdiv(s, block))](x, y, _per_channel(mean, groups, c), a, bias.float().contiguous(),
+    _apply_kernel[_tile_grid(n, s, block)](x, y, _per_channel(mean, groups, c), a, bias.float().contiguous(),
                                               s, C=c, BLOCK_S=block, ACT=act)
     return y, mean, rstd
 
@@ -222,7 +232,7 @@ def _backward_impl(dy, x, weight, bias, mean, rstd, groups: int, act: bool):
     q = _per_channel(-rstd * rstd * m2, groups, c)
     r = _per_channel(-rstd * m1, groups, c)
     dx = torch.empty_like(x)
-    _bwd_dx_kernel[(n, triton.cdiv(s, block))](x, dy, dx, mean_c, a, beta, q, r, s, C=c, BLOCK_S=block, ACT=act)
+    _bwd_dx_kernel[_tile_grid(n, s, block)](x, dy, dx, mean_c, a, beta, q, r, s, C=c, BLOCK_S=block, ACT=act)
     return dx, dweight.to(weight.dtype), dbias.to(bias.dtype)
 
 
