@@ -161,6 +161,35 @@ def test_fused_model_matches_unfused_interpreted():
     assert r["same_keys"] and r["restored"] and r["after_undo"] == 0.0, r
 
 
+def test_nearest_upsample_splits_the_batch_past_32_bit_indexing(monkeypatch):
+    """PyTorch's CUDA nearest-upsample refuses tensors of INT_MAX elements or more (1024² patches at
+    micro-batch 8 on an H200, 2026-11-27): the batch is upsampled in slices under the limit, with the
+    same values and gradients as one call."""
+    from training.fused_norm import _interpolate_nearest
+
+    x = torch.randn(5, 4, 3, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    want = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    g = torch.randn_like(want)
+    (gx_want,) = torch.autograd.grad(want, x, g)
+    per_sample = 4 * 6 * 12
+    interpolate, sizes = torch.nn.functional.interpolate, []
+
+    def spy(t, *a, **k):
+        out = interpolate(t, *a, **k)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", spy)
+    for limit, calls in ((2**31 - 1, 1), (5 * per_sample + 1, 1), (2 * per_sample + 1, 3), (per_sample + 1, 5), (10, 5)):
+        sizes.clear()
+        got = _interpolate_nearest(x, limit=limit)
+        (gx,) = torch.autograd.grad(got, x, g)
+        assert torch.equal(got, want) and torch.equal(gx, gx_want), limit
+        assert len(sizes) == calls and (max(sizes) < limit or calls == 5), (limit, sizes)
+    sized = _interpolate_nearest(x, output_size=(9, 12), limit=2 * 4 * 9 * 12 + 1)
+    assert torch.equal(sized, torch.nn.functional.interpolate(x, size=(9, 12), mode="nearest"))
+
+
 def test_unsupported_norms_are_left_alone():
     vae = tiny_diffusers_vae()
     odd = torch.nn.GroupNorm(3, 96)

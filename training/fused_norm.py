@@ -337,18 +337,37 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb=None, *args, **kwargs
     return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
 
 
+# PyTorch's CUDA nearest-upsample kernels (forward and backward, NCHW and NHWC) index with 32-bit
+# ints: a tensor of INT_MAX elements or more is refused (at 1024² patches, micro-batch 8, the last
+# up-block's output is 8 x 256 x 1024 x 1024 = 2^31).
+_INDEX_LIMIT = 2**31 - 1
+
+
+def _interpolate_nearest(x: torch.Tensor, output_size=None, limit: int = _INDEX_LIMIT) -> torch.Tensor:
+    """F.interpolate(x, mode='nearest') to ``output_size`` (None: 2x), (N, C, H, W) -> (N, C, H', W'),
+    run over slices of the batch small enough that each output stays under ``limit`` elements (one
+    call, as before, whenever the whole output does)."""
+    size = tuple(output_size) if output_size is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
+    per_sample = x.shape[1] * size[0] * size[1]
+    step = max(1, (limit - 1) // max(1, per_sample))
+
+    def up(t):
+        if output_size is None:
+            return torch.nn.functional.interpolate(t, scale_factor=2.0, mode="nearest")
+        return torch.nn.functional.interpolate(t, size=output_size, mode="nearest")
+
+    if step >= x.shape[0]:
+        return up(x)
+    return torch.cat([up(t) for t in x.split(step)])
+
+
 def _upsample_forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
     """diffusers Upsample2D.forward (nearest 2x, then conv) with the interpolation in the autocast
     dtype: autocast runs upsample_nearest2d in fp32, which costs a cast each way and twice the
     memory traffic at the largest resolution."""
     hidden_states = _in_autocast_dtype(hidden_states)
-    if hidden_states.numel() * 4 > 2**31:  # the channels-last kernel's size limit (pytorch#141831)
-        hidden_states = hidden_states.contiguous()
     with torch.autocast(hidden_states.device.type, enabled=False):
-        if output_size is None:
-            hidden_states = torch.nn.functional.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
-        else:
-            hidden_states = torch.nn.functional.interpolate(hidden_states, size=output_size, mode="nearest")
+        hidden_states = _interpolate_nearest(hidden_states, output_size)
     return self.conv(hidden_states)
 
 
