@@ -45,7 +45,11 @@ class AugmentParams:
     @property
     def codes(self) -> np.ndarray:
         """(B,) int: hflip + 2·vflip + 4·rot90, one number per distinct geometric transform (0 = none)."""
-        return self.hflip.astype(np.int64) + 2 * self.vflip.astype(np.int64) + 4 * self.rot90.astype(np.int64)
+        return _codes(self.hflip, self.vflip, self.rot90)
+
+
+def _codes(hflip: np.ndarray, vflip: np.ndarray, rot90: np.ndarray) -> np.ndarray:
+    return hflip.astype(np.int64) + 2 * vflip.astype(np.int64) + 4 * rot90.astype(np.int64)
 
 
 def sample_params(batch_size: int, height: int, width: int, cfg: DataConfig, seed: int) -> AugmentParams:
@@ -80,12 +84,13 @@ def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
 def dihedral(x: torch.Tensor, hflip: np.ndarray, vflip: np.ndarray, rot90: np.ndarray) -> torch.Tensor:
     """Per-sample flips then quarter turns of ``x`` (B, C, H, W), any dtype and device -> same shape
     (rot90 must be even where H != W). Samples sharing a transform are gathered and transformed
-    together, so each pixel is read and written once per transform group; ``x`` is not modified."""
+    together: a handful of passes over the batch whatever its size, no kernel per sample; ``x`` is
+    not modified."""
     from kornia.geometry.transform import hflip as kflip_h
     from kornia.geometry.transform import vflip as kflip_v
 
     b, _, h, w = x.shape
-    codes = hflip.astype(np.int64) + 2 * vflip.astype(np.int64) + 4 * rot90.astype(np.int64)
+    codes = _codes(hflip, vflip, rot90)
     if len(codes) != b:
         raise VAEFTError(f"dihedral: {len(codes)} transforms for a batch of {b}")
     if h != w and (rot90 % 2).any():
