@@ -1,11 +1,11 @@
-"""Patch loader throughput (patches/s) at 512² from cached ~2048² images; prints one JSON object.
+"""Patch loader throughput (patches/s) at --patch-size (512²) from cached ~2048² images; prints one JSON object.
 
 Eight skimage sample photos (the retina fundus photo, astronaut, ...) upscaled to 2048² and
 saved as PNG mimic a folder of fundus photos. Measured: the training stream with
 num_workers 0 (with torch's default and 1 intra-op thread) and 2, without and with augmentation (flips, 90° rotations, colour jitter 0.1,
 applied on CPU in the consuming process as the trainer does on its device).
 
-    python bench/data_bench.py [--batches 16] [--batch-size 16]
+    python bench/data_bench.py [--batches 16] [--batch-size 16] [--patch-size 512] [--image-size 2048]
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training.data import DataConfig, augment, build_dataset  # noqa: E402
+from training.augment import augment  # noqa: E402
+from training.data import DataConfig, build_dataset  # noqa: E402
 
 SIZE = 2048
 
 
-def make_folder(folder: str) -> None:
+def make_folder(folder: str, size: int = SIZE) -> None:
     import skimage.data as sd
 
     photos = [sd.retina, sd.astronaut, sd.coffee, sd.chelsea, sd.rocket, sd.immunohistochemistry,
@@ -37,20 +38,21 @@ def make_folder(folder: str) -> None:
         a = f()
         if a.ndim == 2:
             a = np.repeat(a[..., None], 3, -1)
-        img = Image.fromarray(a[..., :3]).resize((SIZE, SIZE), Image.BICUBIC)
+        img = Image.fromarray(a[..., :3]).resize((size, size), Image.BICUBIC)
         img.save(os.path.join(folder, f"{i:02d}_{f.__name__}.png"), compress_level=1)
 
 
 def measure(data, cfg, batch_size: int, batches: int, workers: int, aug: bool) -> float:
     it = data.train_batches(batch_size, num_workers=workers)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(2):  # warm-up: worker start, first prefetch
-        next(it)
-    t = time.perf_counter()
-    for _ in range(batches):
+    for _ in range(2):  # warm-up: worker start, first prefetch, kornia's import
         x = next(it)
         if aug:
-            x = augment(x, cfg, gen)
+            augment(x, cfg, 0)
+    t = time.perf_counter()
+    for k in range(batches):
+        x = next(it)
+        if aug:
+            x = augment(x, cfg, k)  # the trainer passes a seed from (seed, rank, step)
     dt = time.perf_counter() - t
     del it
     return batch_size * batches / dt
@@ -60,10 +62,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--patch-size", type=int, default=512)
+    ap.add_argument("--image-size", type=int, default=SIZE, help="side of the upscaled sample photos")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        make_folder(d)
-        cfg = DataConfig(patch_size=512, color_jitter=0.1, cache_mb=4096)
+        make_folder(d, a.image_size)
+        cfg = DataConfig(patch_size=a.patch_size, color_jitter=0.1, cache_mb=4096)
         t = time.perf_counter()
         data = build_dataset(d, cfg)
         scan_s = time.perf_counter() - t
@@ -80,8 +84,8 @@ def main() -> None:
                                 "patches_per_s": round(pps, 1)})
         torch.set_num_threads(default_threads)
     print(json.dumps({
-        "patch_size": 512, "batch_size": a.batch_size, "batches_timed": a.batches,
-        "images": len(s["images_used"]), "image_size": SIZE, "train_images": s["train_images"],
+        "patch_size": a.patch_size, "batch_size": a.batch_size, "batches_timed": a.batches,
+        "images": len(s["images_used"]), "image_size": a.image_size, "train_images": s["train_images"],
         "cached_images": s["cached_images"], "cache_mb_used": s["cache_mb_used"],
         "scan_s": round(scan_s, 2), "mean_foreground": s["mean_foreground"],
         "results": results,

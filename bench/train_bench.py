@@ -1,32 +1,43 @@
-"""Training speed, memory and MFU: this library's trainer vs the usual public fine-tuning loop.
+"""Training speed, memory and MFU: this library's trainer vs two public ways to fine-tune a VAE.
 
-Both sides train the same randomly initialised diffusers AutoencoderKL (the full-size SD kl-f8
+All sides train the same randomly initialised diffusers AutoencoderKL (the full-size SD kl-f8
 config unless --tiny) on the same random [-1, 1] patches, sizes and batch, in one process:
 
-reference  written the way the most-cited public script (Fine-tune-Stable-Diffusion-VAE) does it:
-           fp32 weights and activations (PyTorch defaults otherwise: cuDNN convolutions may use
-           TF32), the whole model trained (encoder too), encode -> latent_dist.sample() -> decode,
-           loss = MSE + w·LPIPS (lpips package, VGG), plain torch.optim.Adam, loss.item() each step.
+reference  the seed-style loop, written the way the most-cited public script
+           (Fine-tune-Stable-Diffusion-VAE) does it: fp32 weights and activations (PyTorch defaults
+           otherwise: cuDNN convolutions may use TF32), the whole model trained (encoder too),
+           encode -> latent_dist.sample() -> decode, loss = MSE + w·LPIPS (lpips package, VGG), plain
+           torch.optim.Adam, loss.item() each step. When it runs out of memory at --batch it is
+           retried at half the batch (down to 1): the ≥4× target compares with its largest batch that
+           fits, and its entry says which batch that was (``batch_used``, ``oom_at``).
+peer_best  the best a user gets from public code without custom kernels, as diffusers'
+           train_autoencoderkl.py --decoder_only --mixed_precision bf16 would be with its LPIPS bug
+           fixed: the encoder under torch.no_grad, decoder + post_quant_conv trained, bf16 autocast
+           over fp32 weights, torch.optim.AdamW(fused=True) on CUDA, MSE + w·LPIPS (VGG) with its
+           gradient, the loss kept on the device (no per-step host sync); PyTorch defaults otherwise
+           (no channels-last, no cudnn.benchmark, no compile).
 ours       training.trainer.fine_tune with TrainConfig's defaults (the sd-vae-ft-mse recipe:
-           MSE + 0.1·LPIPS, decoder + post_quant_conv trained, EMA, bf16 autocast and fused AdamW
-           on CUDA), plus whatever --micro-batch/--checkpointing/--compile/--channels-last ask for;
-           only TrainConfig fields that exist are passed, so it runs on old and new trainers.
+           MSE + 0.1·LPIPS, decoder + post_quant_conv trained, EMA, bf16 autocast, fused AdamW and
+           the fused GroupNorm kernels on CUDA), plus whatever --micro-batch/--checkpointing/--compile/
+           --channels-last/--set ask for.
 
 Timing: ours is timed inside fine_tune with its Callbacks.on_step hook, from the end of optimizer
 step --warmup to the end of step --warmup+--steps (device synchronised at both ends): every
 per-step cost of the loop is inside (batch transfer, forward/backward, clip, AdamW, EMA, the
 trainer's own loss logging every log_every steps); setup (model copy, frozen-weights digest,
-compile) and the end-of-run EMA copy are outside, reported separately as call_s. The reference is
-timed the same way over the same steps. Patches come from a small pool of pre-made random
-batches (pinned CPU memory on CUDA), so data loading is not measured on either side.
+compile) and the end-of-run EMA copy are outside, reported separately as call_s. The other sides
+are timed the same way over the same steps. Patches come from a small pool of pre-made random
+batches (pinned CPU memory on CUDA), so data loading is not measured on any side.
 
 FLOPs: one training step of each side under torch.utils.flop_counter.FlopCounterMode (matmuls,
-convolutions, attention; forward and backward). Ours is counted with compile and gradient
+convolutions, attention; forward and backward), counted once per side and size and scaled to the
+other batches of the call (they are linear in the batch). Ours is counted with compile and gradient
 checkpointing off, so recomputation is not counted as useful work (model FLOPs). MFU = FLOPs per
 step x steps/s / peak. LPIPS' VGG backbone is random-init (nothing is downloaded): its cost is the
 same as the ImageNet weights'. The VAE is random-init too; speed does not depend on the weights.
 
-    python bench/train_bench.py --device cuda --sizes 256,512 --batch 8
+    python bench/train_bench.py --device cuda --sizes 512 --batch 8              # all three sides
+    python bench/train_bench.py --device cuda --sizes 256,512,1024 --batch 1,4,8,16 --sides ours  # scaling
     python bench/train_bench.py --device cpu --tiny --sizes 32 --batch 2 --steps 2 --warmup 1  # CI smoke
 
 Prints ONE JSON object on stdout (progress goes to stderr).
@@ -35,6 +46,7 @@ Prints ONE JSON object on stdout (progress goes to stderr).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -56,6 +68,8 @@ from training.config import TrainConfig  # noqa: E402
 from training.losses import load_lpips  # noqa: E402
 from training.trainer import Callbacks, fine_tune  # noqa: E402
 from training.vae import build_vae, diffusers_to_ldm  # noqa: E402
+
+SIDES = ("reference", "peer_best", "ours")
 
 # H100 SXM dense peaks (datasheet, no sparsity), TFLOP/s. H200 has the same compute peaks.
 PEAK_BF16_H100 = 989.4
@@ -182,7 +196,19 @@ def count_flops(fn) -> int:
     return int(fc.get_total_flops())
 
 
-# ---------------------------------------------------------------- reference
+# ---------------------------------------------------------------- reference and peer-best
+
+
+def timed_loop(step, device, a) -> float:
+    """Seconds for --steps calls of ``step`` after --warmup untimed ones, synchronised at both ends."""
+    for _ in range(a.warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def reference_side(vae, lpips_net, pool, device, a) -> dict:
@@ -204,29 +230,104 @@ def reference_side(vae, lpips_net, pool, device, a) -> dict:
         opt.step()
         return loss.item()
 
-    for _ in range(a.warmup):
-        step()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        step()
-    sync(device)
-    dt = time.perf_counter() - t0
-    return {"seconds": dt, "flops_fn": step, "cleanup": (model, lp, opt)}
+    return {"seconds": timed_loop(step, device, a), "flops_fn": step}
 
 
-def run_reference(vae, lpips_net, pool, device, a, batch) -> dict:
+def peer_best_side(vae, lpips_net, pool, device, a) -> dict:
+    """diffusers' decoder-only bf16 recipe with LPIPS' gradient kept: frozen encoder under no_grad,
+    decoder + post_quant_conv trained under bf16 autocast (fp32 weights), fused AdamW, no host sync."""
+    model = copy.deepcopy(vae.model).to(device).train().requires_grad_(False)
+    trained = [model.decoder] + ([model.post_quant_conv] if getattr(model, "post_quant_conv", None) is not None
+                                 else [])
+    params = [p for m in trained for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    lp = copy.deepcopy(lpips_net).to(device).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    batches = itertools.cycle(pool)
+    w = a.lpips_weight
+    # bf16 autocast on CUDA (the recipe); on the CPU smoke form too, so the same code path runs
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    total = torch.zeros((), device=device)
+
+    def step() -> torch.Tensor:
+        x = next(batches).to(device, non_blocking=True)
+        with torch.no_grad(), autocast:
+            z = model.encode(x).latent_dist.sample()
+        with autocast:
+            pred = model.decode(z).sample
+            loss = F.mse_loss(pred, x) + w * lp(pred, x).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total.add_(loss.detach())       # kept on the device; read once, after the timed steps
+        return total
+
+    seconds = timed_loop(step, device, a)
+    if not torch.isfinite(total):
+        raise RuntimeError("peer-best loop: non-finite loss")
+    return {"seconds": seconds, "flops_fn": step}
+
+
+# FLOPs per image by (side, size, ...): a step's FLOPs are linear in its batch (convolutions, matmuls
+# and attention are per sample), so each side and size is counted once and scaled to other batches.
+_FLOPS_PER_IMAGE: dict[tuple, float] = {}
+
+
+def flops_for(key: tuple, batch: int, count) -> int:
+    """FLOPs of one step at ``batch``: ``count()`` the first time for ``key``, scaled after that."""
+    if key not in _FLOPS_PER_IMAGE:
+        _FLOPS_PER_IMAGE[key] = count() / batch
+    return round(_FLOPS_PER_IMAGE[key] * batch)
+
+
+def run_loop_side(side_fn, vae, lpips_net, size, device, a, batch) -> dict:
     with MemoryMeter(device) as mem:
-        r = reference_side(vae, lpips_net, pool, device, a)
-    flops = count_flops(r.pop("flops_fn"))
-    del r["cleanup"]
-    out = side_numbers(r["seconds"], a.steps, batch, flops, mem, a, device)
+        r = side_fn(vae, lpips_net, make_pool(2, batch, size, device), device, a)
+    flops = flops_for((side_fn.__name__, size), batch, lambda: count_flops(r["flops_fn"]))
+    return side_numbers(r["seconds"], a.steps, batch, flops, mem, a, device)
+
+
+def run_reference(vae, lpips_net, size, device, a, batch) -> dict:
+    """The reference at ``batch``, or at the largest batch (halving) that fits when that runs out of memory."""
+    tried, b = [], batch
+    while True:
+        try:
+            out = run_loop_side(reference_side, vae, lpips_net, size, device, a, b)
+            break
+        except torch.OutOfMemoryError:
+            if b == 1:
+                raise
+            tried.append(b)
+            log(f"reference: out of memory at batch {b}, trying {b // 2}")
+            free(device)
+            b //= 2
+    if tried:
+        out["batch_used"], out["oom_at"] = b, tried
     out.update(trained="full (encoder + decoder)", precision="fp32 (cuDNN TF32 per PyTorch default)"
                if device.type == "cuda" else "fp32", optimizer="torch.optim.Adam", loss=f"mse + {a.lpips_weight}*lpips")
     return out
 
 
+def run_peer_best(vae, lpips_net, size, device, a, batch) -> dict:
+    out = run_loop_side(peer_best_side, vae, lpips_net, size, device, a, batch)
+    out.update(trained="decoder + post_quant_conv (encoder under no_grad)",
+               precision="bf16 autocast over fp32 weights", optimizer="torch.optim.AdamW(fused=True)"
+               if device.type == "cuda" else "torch.optim.AdamW", loss=f"mse + {a.lpips_weight}*lpips (with gradient)")
+    return out
+
+
 # ---------------------------------------------------------------- ours
+
+
+def sdpa_backend(name: str | None):
+    """Restrict scaled_dot_product_attention (the VAE's mid-block attention) to one backend, for an A/B
+    of ours without changing the trainer; None = PyTorch's own choice."""
+    if not name:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, name.upper()))
 
 
 def config_fields() -> set[str]:
@@ -234,36 +335,26 @@ def config_fields() -> set[str]:
 
 
 def our_config(a, batch: int, steps: int, *, for_flops: bool = False, settled_micro: int | None = None
-               ) -> tuple[TrainConfig, int, list[str]]:
-    """(config, patches per yielded batch, requested options this TrainConfig lacks).
+               ) -> tuple[TrainConfig, list[str]]:
+    """(config, requested options this TrainConfig lacks). batch_size is the effective batch (the
+    trainer splits it into micro-batches).
 
     for_flops: compile and checkpointing off, and the micro-batch the timed run settled on
     (no out-of-memory probing inside the count)."""
     fields = config_fields()
-    kw = dict(steps=steps, preview_every=0, seed=0)
+    kw = dict(steps=steps, preview_every=0, seed=0, batch_size=batch)
     if a.log_every:
         kw["log_every"] = a.log_every
+    if a.micro_batch is not None:
+        kw["micro_batch"] = a.micro_batch
+    elif for_flops and settled_micro:
+        kw["micro_batch"] = settled_micro
     ignored = []
-    if "micro_batch" in fields:  # new API: batch_size is the effective batch, the trainer splits it
-        kw["batch_size"] = batch
-        if a.micro_batch is not None:
-            kw["micro_batch"] = a.micro_batch
-        elif for_flops and settled_micro:
-            kw["micro_batch"] = settled_micro
-        per_yield = batch
-    else:  # old API: batch_size is the micro-batch, grad_accum of them per step
-        mb = a.micro_batch or batch
-        if batch % mb:
-            raise SystemExit(f"--batch {batch} is not a multiple of --micro-batch {mb}")
-        kw["batch_size"] = mb
-        if "grad_accum" in fields:
-            kw["grad_accum"] = batch // mb
-        per_yield = mb
     for flag, field in (("checkpointing", "grad_checkpointing"), ("compile", "compile"),
                         ("channels_last", "channels_last"), ("norm_in_bf16", "norm_in_bf16")):
         val = getattr(a, flag)
         if for_flops and field in ("grad_checkpointing", "compile"):
-            val = False if field in fields else None
+            val = False
         if val is None:
             continue
         if field in fields:
@@ -282,13 +373,13 @@ def our_config(a, batch: int, steps: int, *, for_flops: bool = False, settled_mi
             val = type(default)(text) if default is not None else text
         if not (for_flops and field in ("grad_checkpointing", "compile")):
             kw[field] = val
-    return TrainConfig(**{k: v for k, v in kw.items() if k in fields}), per_yield, ignored
+    return TrainConfig(**kw), ignored
 
 
 def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = False) -> dict:
     total = a.warmup + a.steps
-    cfg, per_yield, ignored = our_config(a, batch, total)
-    pool = make_pool(2, per_yield, size, device)
+    cfg, ignored = our_config(a, batch, total)
+    pool = make_pool(2, batch, size, device)
     marks: dict[int, float] = {}
 
     def on_step(step, total_steps, losses=None, *rest):
@@ -301,7 +392,7 @@ def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = F
         torch.backends.cudnn.benchmark = a.cudnn_benchmark
     requested = flags_snapshot()
     lp = copy.deepcopy(lpips_net)
-    with MemoryMeter(device) as mem:
+    with MemoryMeter(device) as mem, sdpa_backend(a.sdpa_backend):
         t_call = time.perf_counter()
         res = fine_tune(vae, batches_of(pool, a.latent_cache), cfg, device=device, lpips_net=lp,
                         callbacks=Callbacks(on_step=on_step))
@@ -318,14 +409,18 @@ def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = F
     del res
     free(device)
 
-    fcfg, fper, _ = our_config(a, batch, 1, for_flops=True, settled_micro=settled)
-    fpool = make_pool(1, fper, size, device)
-    flops = count_flops(lambda: fine_tune(vae, batches_of(fpool, a.latent_cache), fcfg, device=device,
-                                          lpips_net=copy.deepcopy(lpips_net)))
-    if a.latent_cache:  # the timed steps all hit the cache: count a step that does (2 steps - 1 step)
-        fcfg2, _, _ = our_config(a, batch, 2, for_flops=True, settled_micro=settled)
-        flops = count_flops(lambda: fine_tune(vae, batches_of(fpool, True), fcfg2, device=device,
-                                              lpips_net=copy.deepcopy(lpips_net))) - flops
+    def count() -> int:
+        fcfg, _ = our_config(a, batch, 1, for_flops=True, settled_micro=settled)
+        fpool = make_pool(1, batch, size, device)
+        flops = count_flops(lambda: fine_tune(vae, batches_of(fpool, a.latent_cache), fcfg, device=device,
+                                              lpips_net=copy.deepcopy(lpips_net)))
+        if a.latent_cache:  # the timed steps all hit the cache: count a step that does (2 steps - 1 step)
+            fcfg2, _ = our_config(a, batch, 2, for_flops=True, settled_micro=settled)
+            flops = count_flops(lambda: fine_tune(vae, batches_of(fpool, True), fcfg2, device=device,
+                                                  lpips_net=copy.deepcopy(lpips_net))) - flops
+        return flops
+
+    flops = flops_for(("ours", size), batch, count)
     flags_restore(before)
 
     out = side_numbers(marks[total] - marks[a.warmup], a.steps, batch, flops, mem, a, device)
@@ -336,7 +431,9 @@ def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = F
         out["fused_norms"] = fused
     if a.latent_cache:
         out["latent_cache_hits"] = hits
-    out["config"] = {k: getattr(cfg, k) for k in ("batch_size", "micro_batch", "grad_accum", "trainable",
+    if a.sdpa_backend:
+        out["sdpa_backend"] = a.sdpa_backend
+    out["config"] = {k: getattr(cfg, k) for k in ("batch_size", "micro_batch", "trainable",
                                                   "precision", "ema", "lpips_weight", "mse_weight",
                                                   "fused_norm", "channels_last", "grad_checkpointing", "compile",
                                                   "log_every", "recipe") if hasattr(cfg, k)}
@@ -358,8 +455,8 @@ def profile_ours(vae, lpips_net, device, a, batch, size) -> dict:
 
     n = a.profile
     total = a.warmup + n
-    cfg, per_yield, _ = our_config(a, batch, total)
-    pool = make_pool(2, per_yield, size, device)
+    cfg, _ = our_config(a, batch, total)
+    pool = make_pool(2, batch, size, device)
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     marks = {}
 
@@ -450,7 +547,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sizes", default="256,512", help="patch sizes, comma-separated")
-    ap.add_argument("--batch", type=int, default=8, help="images per optimizer step (both sides)")
+    ap.add_argument("--batch", default="8", help="images per optimizer step, every side; comma-separated "
+                                              "for several (each size runs each batch)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (use more with --compile)")
     ap.add_argument("--micro-batch", type=int, default=None, help="ours: patches per forward (0 = auto)")
@@ -464,8 +562,9 @@ def main(argv=None) -> int:
     ap.add_argument("--latent-channels", type=int, choices=(4, 16), default=4,
                     help="16 = SD3/Flux layout (no quant convs)")
     ap.add_argument("--tiny", action="store_true", help="small 2-level VAE (CPU smoke test)")
-    ap.add_argument("--sides", choices=("both", "ours", "reference"), default="both")
-    ap.add_argument("--lpips-weight", type=float, default=0.1, help="reference loop's LPIPS weight")
+    ap.add_argument("--sides", default="all",
+                    help=f"comma-separated subset of {','.join(SIDES)}, or 'all' (default)")
+    ap.add_argument("--lpips-weight", type=float, default=0.1, help="LPIPS weight of the reference and peer-best loops")
     ap.add_argument("--log-every", type=int, default=None, help="ours: TrainConfig.log_every (default: its own)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help=f"peak for MFU (default on CUDA: H100/H200 SXM bf16 dense, {PEAK_BF16_H100})")
@@ -479,18 +578,29 @@ def main(argv=None) -> int:
     ap.add_argument("--latent-cache", action="store_true",
                     help="ours: batches carry patch ids, as a fixed grid patch set without augmentation does, "
                          "so the trainer caches latents (warmup fills the cache: timed steps all hit it)")
+    ap.add_argument("--sdpa-backend", choices=("math", "efficient_attention", "flash_attention", "cudnn_attention"),
+                    default=None, help="ours: restrict attention to this SDPA backend (A/B; default: PyTorch's pick)")
     ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
                     help="ours: set torch.backends.cudnn.benchmark around our side (restored after)")
     a = ap.parse_args(argv)
     # the first step also builds the optimizer state and (with --compile) compiles: never timed
     if a.warmup < 1 or a.steps < 1:
         ap.error(f"--warmup and --steps must be at least 1 (got --warmup {a.warmup}, --steps {a.steps})")
+    sides = SIDES if a.sides == "all" else tuple(x for x in a.sides.split(",") if x)
+    unknown = [x for x in sides if x not in SIDES]
+    if unknown or not sides:
+        ap.error(f"--sides: unknown {unknown or a.sides!r}; use 'all' or a comma-separated subset of {','.join(SIDES)}")
+    try:
+        [int(b) for b in a.batch.split(",") if b]
+    except ValueError:
+        ap.error(f"--batch takes whole numbers, comma-separated; got {a.batch!r}")
 
     device = torch.device(a.device)
     if device.type == "cuda":
         a.peak_tflops = a.peak_tflops or PEAK_BF16_H100
         a.peak_tflops_fp32 = a.peak_tflops_fp32 or PEAK_TF32_H100
     sizes = [int(s) for s in a.sizes.split(",") if s]
+    batches = [int(b) for b in a.batch.split(",") if b]
 
     vae = build_model(a.tiny, a.latent_channels)
     lpips_net = load_lpips("vgg", random_backbone=True)
@@ -506,52 +616,49 @@ def main(argv=None) -> int:
                                       if n.startswith(("decoder.", "post_quant_conv."))) / 1e6, 2),
         "random_init": "VAE and LPIPS VGG backbone are random-init (nothing downloaded); same cost as trained weights",
         "data": "random uniform [-1,1] patches from a pre-made pool (pinned CPU on CUDA); loading not timed",
-        "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
+        "batch": batches, "sides": list(sides), "steps": a.steps, "warmup": a.warmup,
         "peak_tflops": a.peak_tflops, "peak_tflops_fp32": a.peak_tflops_fp32,
         "backend_flags": flags_snapshot(),
-        "trainconfig_has": sorted(config_fields() & {"micro_batch", "grad_accum", "channels_last",
-                                                     "grad_checkpointing", "compile"}),
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
     if device.type == "cuda":
         meta["cudnn"] = torch.backends.cudnn.version()
     results = []
-    for i, size in enumerate(sizes):
-        entry = {"size": size, "batch": a.batch}
-        if a.sides in ("both", "reference"):
-            log(f"reference {size}x{size} batch {a.batch}")
+    runners = {"reference": run_reference, "peer_best": run_peer_best}
+    cells = [(size, batch) for size in sizes for batch in batches]
+    for i, (size, batch) in enumerate(cells):
+        entry = {"size": size, "batch": batch}
+        for side in sides:
+            log(f"{side} {size}x{size} batch {batch}")
             try:
-                pool = make_pool(2, a.batch, size, device)
-                entry["reference"] = run_reference(vae, lpips_net, pool, device, a, a.batch)
+                if side == "ours":
+                    entry[side] = run_ours(vae, lpips_net, device, a, batch, size,
+                                           profile=bool(a.profile) and i == len(cells) - 1)
+                else:
+                    entry[side] = runners[side](vae, lpips_net, size, device, a, batch)
             except Exception as e:  # noqa: BLE001 - record (e.g. OOM) and go on
                 traceback.print_exc()
-                entry["reference"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+                entry[side] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
             free(device)
-        if a.sides in ("both", "ours"):
-            log(f"ours {size}x{size} batch {a.batch}")
-            try:
-                entry["ours"] = run_ours(vae, lpips_net, device, a, a.batch, size,
-                                         profile=bool(a.profile) and i == len(sizes) - 1)
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                entry["ours"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
-            free(device)
-        r, o = entry.get("reference", {}), entry.get("ours", {})
-        if "images_per_s" in r and "images_per_s" in o:
-            entry["ours_over_reference"] = {
-                "images_per_s": round(o["images_per_s"] / r["images_per_s"], 3),
-                "peak_mem": round(o["peak_mem_gb"] / r["peak_mem_gb"], 3) if o.get("peak_mem_gb")
-                and r.get("peak_mem_gb") else None,
-            }
+        ratios = {}
+        for num, den in (("ours", "reference"), ("ours", "peer_best"), ("peer_best", "reference")):
+            n, d = entry.get(num, {}), entry.get(den, {})
+            if "images_per_s" in n and "images_per_s" in d:
+                ratios[f"{num}_over_{den}"] = {
+                    "images_per_s": round(n["images_per_s"] / d["images_per_s"], 3),
+                    "peak_mem": round(n["peak_mem_gb"] / d["peak_mem_gb"], 3) if n.get("peak_mem_gb")
+                    and d.get("peak_mem_gb") else None,
+                }
+        entry.update(ratios)
         results.append(entry)
         log(json.dumps(entry))
-    doc = {"bench": "train_bench", "meta": meta, "results": results}
-    text = json.dumps(doc)
-    print(text, flush=True)
-    if a.json_out:
-        with open(a.json_out, "w") as f:
-            f.write(text + "\n")
-    ok = all("error" not in e.get(s, {}) for e in results for s in ("reference", "ours"))
+        if a.json_out:  # after every cell, so a run stopped part-way still leaves what it measured
+            with open(a.json_out, "w") as f:
+                f.write(json.dumps({"bench": "train_bench", "meta": meta, "results": results,
+                                    "complete": i == len(cells) - 1}) + "\n")
+    doc = {"bench": "train_bench", "meta": meta, "results": results, "complete": True}
+    print(json.dumps(doc), flush=True)
+    ok = all("error" not in e.get(s, {}) for e in results for s in sides)
     return 0 if ok else 1
 
 

@@ -11,8 +11,9 @@ import torch
 from comfy_api.latest import io
 
 from ..training.config import RECIPES, TrainConfig
-from ..training.data import augmenter, preview_patches, worker_start_method
+from ..training.augment import augmenter
 from ..training.checkpoint import peek
+from ..training.data import preview_patches, worker_start_method
 from ..training.errors import VAEFTError
 from ..training.evaluate import evaluation_patches
 from ..training.export import ldm_state_dict, make_probe, safe_name

@@ -1,4 +1,5 @@
-"""CI smoke test of bench/train_bench.py: its CPU form runs and prints one JSON object with positive numbers."""
+"""CI smoke test of bench/train_bench.py: its CPU form runs all three sides (seed-style reference,
+public peer-best, ours) and prints one JSON object with positive numbers."""
 
 from __future__ import annotations
 
@@ -35,26 +36,73 @@ def check_side(side: dict) -> None:
     assert side["peak_mem_gb"] is None or side["peak_mem_gb"] >= 0
 
 
-def test_bench_cpu_smoke_both_sides():
+def test_bench_cpu_smoke_all_three_sides():
     doc = run_bench()
-    assert doc["meta"]["device"] == "cpu"
+    assert doc["meta"]["device"] == "cpu" and doc["complete"]
+    assert doc["meta"]["sides"] == ["reference", "peer_best", "ours"]
     assert "random" in doc["meta"]["random_init"]
     [entry] = doc["results"]
     assert entry["size"] == 32 and entry["batch"] == 2
-    check_side(entry["reference"])
-    check_side(entry["ours"])
-    ratio = entry["ours_over_reference"]["images_per_s"]
-    assert isinstance(ratio, float) and ratio > 0
-    # the reference trains the encoder too, so it does more work per image than our decoder-only default
-    assert entry["reference"]["flops_per_step"] > entry["ours"]["flops_per_step"]
+    for side in ("reference", "peer_best", "ours"):
+        check_side(entry[side])
+    for ratio in ("ours_over_reference", "ours_over_peer_best", "peer_best_over_reference"):
+        v = entry[ratio]["images_per_s"]
+        assert isinstance(v, float) and v > 0, ratio
+    assert entry["ours_over_peer_best"]["images_per_s"] == round(
+        entry["ours"]["images_per_s"] / entry["peer_best"]["images_per_s"], 3)
+    # the reference trains the encoder too, so it does more work per image than the decoder-only sides
+    assert entry["reference"]["flops_per_step"] > entry["peer_best"]["flops_per_step"]
+    # peer-best does exactly our step's model work: frozen encoder forward, decoder forward and
+    # backward, LPIPS forward and backward to its input (under no_grad its backward would be missing)
+    assert entry["peer_best"]["flops_per_step"] == entry["ours"]["flops_per_step"]
+    assert entry["peer_best"]["precision"].startswith("bf16 autocast")
+    assert "batch_used" not in entry["reference"]      # it fitted at the batch asked for
 
 
-def test_bench_cpu_smoke_16_channel_micro_batch():
-    doc = run_bench("--latent-channels", "16", "--sides", "ours", "--micro-batch", "1")
-    assert doc["meta"]["latent_channels"] == 16
-    [entry] = doc["results"]
-    assert "reference" not in entry
-    check_side(entry["ours"])
+def test_reference_falls_back_to_the_largest_batch_that_fits(monkeypatch):
+    """The ≥4× target compares with the reference at its largest batch that fits: on out-of-memory
+    it is retried at half the batch, and the entry says so."""
+    import argparse
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("train_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tried = []
+
+    def fake(side_fn, vae, lpips_net, size, device, a, batch):
+        tried.append(batch)
+        if batch > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return {"images_per_s": 1.0 * batch}
+
+    monkeypatch.setattr(bench, "run_loop_side", fake)
+    a = argparse.Namespace(lpips_weight=0.1)
+    out = bench.run_reference(None, None, 64, torch.device("cpu"), a, 8)
+    assert tried == [8, 4, 2]
+    assert out["batch_used"] == 2 and out["oom_at"] == [8, 4] and out["images_per_s"] == 2.0
+
+    def always(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(bench, "run_loop_side", always)
+    try:
+        bench.run_reference(None, None, 64, torch.device("cpu"), a, 2)
+    except torch.OutOfMemoryError:
+        pass
+    else:
+        raise AssertionError("an out-of-memory at batch 1 must surface")
+
+
+def test_bench_cpu_smoke_16_channel_micro_batch_several_batches():
+    doc = run_bench("--latent-channels", "16", "--sides", "ours", "--micro-batch", "1", "--batch", "1,2")
+    assert doc["meta"]["latent_channels"] == 16 and doc["meta"]["sides"] == ["ours"]
+    assert [(e["size"], e["batch"]) for e in doc["results"]] == [(32, 1), (32, 2)]
+    for entry in doc["results"]:
+        assert "reference" not in entry and "peer_best" not in entry
+        check_side(entry["ours"])
 
 
 def test_bench_cpu_smoke_latent_cache_counts_only_decoder_work():
@@ -70,3 +118,6 @@ def test_bench_refuses_an_untimeable_run():
     proc = subprocess.run([sys.executable, BENCH, *SMOKE, "--warmup", "0"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "--warmup and --steps must be at least 1" in proc.stderr
+    proc = subprocess.run([sys.executable, BENCH, *SMOKE, "--sides", "ours,theirs"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "--sides: unknown ['theirs']" in proc.stderr

@@ -18,9 +18,10 @@ from training.fused_norm import supported
 
 from conftest import ROOT, tiny_diffusers_vae
 
-needs_triton = pytest.mark.skipif(not fused_norm.triton_available(), reason="Triton is not installed")
-# The interpreter's behaviour differs between Triton releases (checked with the CI's Triton 3.9); on a
-# GPU the compiled kernels themselves are checked instead (test_bf16_kernels_on_cuda and below).
+needs_triton = pytest.mark.skipif(not fused_norm.triton_available(),
+                                  reason="Triton is not installed (pip install triton; Linux x86-64 wheels only)")
+# The interpreter's behaviour differs between Triton releases (checked with Triton 3.8 and 3.9, the
+# CI's); on a GPU the compiled kernels themselves are checked instead (test_bf16_kernels_on_cuda and below).
 interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="GPU present: the compiled kernels are tested")
 
 
@@ -38,6 +39,21 @@ def test_supported_shapes():
     assert not supported(96, 32)      # 3 channels per group
     assert not supported(384, 32)     # not a power of two
     assert not supported(100, 10)
+
+
+@needs_triton
+def test_launch_grids_fit_cuda_limits_at_large_patches():
+    """CUDA allows 65535 programs on a grid's second and third axes. At 1024² patches the decoder's last
+    up-block normalises 256 channels over 2^20 pixels: 65536 tiles of 16 rows, which once sat on the
+    second axis ("Triton Error [CUDA]: invalid argument" on an H200, 2026-11-27)."""
+    from training.fused_norm import _geometry, _tile_grid
+
+    for shape in [(1, 256, 1024, 1024), (16, 128, 1024, 1024), (1, 256, 4096, 4096), (64, 512, 64, 64)]:
+        x = torch.empty(shape, device="meta")
+        n, c, s, block, rows, nchunk = _geometry(x)
+        tiles, samples = _tile_grid(n, s, block)
+        assert tiles * block >= s and samples == n and samples <= 65535 and tiles < 2**31, shape
+        assert nchunk <= 65535 and nchunk * rows >= s, shape     # the reduction kernels' grid: (n, nchunk)
 
 
 OP_CHECK = """
@@ -145,6 +161,35 @@ def test_fused_model_matches_unfused_interpreted():
     assert r["same_keys"] and r["restored"] and r["after_undo"] == 0.0, r
 
 
+def test_nearest_upsample_splits_the_batch_past_32_bit_indexing(monkeypatch):
+    """PyTorch's CUDA nearest-upsample refuses tensors of INT_MAX elements or more (1024² patches at
+    micro-batch 8 on an H200, 2026-11-27): the batch is upsampled in slices under the limit, with the
+    same values and gradients as one call."""
+    from training.fused_norm import _interpolate_nearest
+
+    x = torch.randn(5, 4, 3, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    want = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    g = torch.randn_like(want)
+    (gx_want,) = torch.autograd.grad(want, x, g)
+    per_sample = 4 * 6 * 12
+    interpolate, sizes = torch.nn.functional.interpolate, []
+
+    def spy(t, *a, **k):
+        out = interpolate(t, *a, **k)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", spy)
+    for limit, calls in ((2**31 - 1, 1), (5 * per_sample + 1, 1), (2 * per_sample + 1, 3), (per_sample + 1, 5), (10, 5)):
+        sizes.clear()
+        got = _interpolate_nearest(x, limit=limit)
+        (gx,) = torch.autograd.grad(got, x, g)
+        assert torch.equal(got, want) and torch.equal(gx, gx_want), limit
+        assert len(sizes) == calls and (max(sizes) < limit or calls == 5), (limit, sizes)
+    sized = _interpolate_nearest(x, output_size=(9, 12), limit=2 * 4 * 9 * 12 + 1)
+    assert torch.equal(sized, torch.nn.functional.interpolate(x, size=(9, 12), mode="nearest"))
+
+
 def test_unsupported_norms_are_left_alone():
     vae = tiny_diffusers_vae()
     odd = torch.nn.GroupNorm(3, 96)
@@ -161,7 +206,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @cuda
 @needs_triton
-@pytest.mark.parametrize("shape,act", [((8, 128, 64, 64), True), ((4, 512, 33, 31), True), ((2, 256, 4096), False)])
+@pytest.mark.parametrize("shape,act", [((8, 128, 64, 64), True), ((4, 512, 33, 31), True), ((2, 256, 4096), False),
+                                       ((1, 256, 1024, 1024), True)])   # 65536 tiles: past a 2nd grid axis
 def test_bf16_kernels_on_cuda(shape, act):
     torch.manual_seed(1)
     x = torch.randn(*shape, dtype=torch.float64, device="cuda") * 3 + 1

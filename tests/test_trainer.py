@@ -441,18 +441,24 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("kw", [
-    dict(ema=True, micro_batch=2, grad_clip=1.0, lr_schedule="cosine", warmup_steps=2, lpips_weight=0.1),
-    dict(recipe="ldm-gan", disc_start=1, lpips_weight=0.1, ema=True),
+@pytest.mark.parametrize("kw,augmented", [
+    (dict(ema=True, micro_batch=2, grad_clip=1.0, lr_schedule="cosine", warmup_steps=2, lpips_weight=0.1), True),
+    (dict(recipe="ldm-gan", disc_start=1, lpips_weight=0.1, ema=True), False),
 ])
-def test_no_host_sync_between_logging_steps(kw, lpips_random):
-    """The spec's "no .item() per step": the host reads device values only on logging steps."""
+def test_no_host_sync_between_logging_steps(kw, augmented, lpips_random):
+    """The spec's "no .item() per step": the host reads device values only on logging steps, with
+    augmentation on too (flips, rotations and colour jitter decided without reading a tensor)."""
+    from training.augment import augmenter
+    from training.data import DataConfig
+
     vae = build_vae(tiny_ldm_sd())
     reads, per_step = _HostReads(), {}
     callbacks = Callbacks(on_step=lambda step, total, losses: per_step.setdefault(step, reads.count))
     c = cfg(steps=6, log_every=3, **kw)
+    augment = augmenter(DataConfig(patch_size=32, color_jitter=0.1)) if augmented else None
     with reads:
-        fine_tune(vae, fixed_batches(), c, device="cpu", lpips_net=lpips_random, callbacks=callbacks)
+        fine_tune(vae, fixed_batches(), c, device="cpu", lpips_net=lpips_random, callbacks=callbacks,
+                  augment=augment)
     # steps 1, 2, 4, 5 are not logging steps: nothing read between the end of step 1 and of step 2, etc.
     assert per_step[2] - per_step[1] == 0 and per_step[5] - per_step[4] == 0, per_step
     assert per_step[3] - per_step[2] > 0  # the logging step does read (the losses): the counter works

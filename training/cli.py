@@ -94,7 +94,8 @@ def _check_outputs(args) -> None:
 
 
 def run_fit(args) -> int:
-    from .data import DataConfig, augmenter, build_dataset, preview_patches
+    from .augment import augmenter
+    from .data import DataConfig, build_dataset, preview_patches
     from .device import Distributed, pick_device
     from .export import export_vae, make_probe
     from .plot import curve_image, save_png

@@ -21,7 +21,7 @@ Tensors here are BCHW float32 in [-1, 1] unless stated. The pipeline:
 
 Random mode picks an image uniformly (so one huge image does not dominate), then a
 foreground-valid position uniformly. Grid mode visits every grid patch once per epoch in a
-seeded order. Augmentation is separate (:func:`augment`), applied by the trainer on device.
+seeded order. Augmentation is separate (:mod:`training.augment`), applied by the trainer on device.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class DataConfig:
 
     @property
     def augments(self) -> bool:
-        """Whether :func:`augment` changes anything (else a grid patch set is fixed)."""
+        """Whether :func:`training.augment.augment` changes anything (else a grid patch set is fixed)."""
         return self.flip or self.rotate90 or self.color_jitter > 0
 
 
@@ -914,77 +914,6 @@ def build_dataset(source: str | os.PathLike | torch.Tensor, cfg: DataConfig) -> 
     if isinstance(source, (str, os.PathLike)):
         return from_folder(source, cfg)
     raise VAEFTError(f"data source must be a folder path or an image tensor, got {type(source).__name__}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Augmentation
-
-
-def augmenter(cfg: DataConfig):
-    """The trainer's ``augment`` hook for ``cfg``: None when nothing is augmented (which lets the
-    trainer cache latents of a fixed grid patch set)."""
-    if not cfg.augments:
-        return None
-    return lambda batch, generator: augment(batch, cfg, generator)
-
-
-def augment(batch: torch.Tensor, cfg: DataConfig, generator: torch.Generator | int | None = None) -> torch.Tensor:
-    """Random dihedral transforms and mild colour jitter, per sample, on ``batch``'s device.
-
-    batch: (B, 3, H, W) float in [-1, 1] -> same shape and range. ``cfg.flip``: horizontal and
-    vertical flips (p = 0.5 each); ``cfg.rotate90``: rotation by k×90° (k uniform; square
-    patches, else 180° only); ``cfg.color_jitter`` c: brightness (scales towards black, so a
-    black background stays black), contrast (towards the mean grey) and saturation (towards
-    grey) factors uniform in [1-c, 1+c]. Randomness comes from ``generator`` (or a seed; None =
-    torch's global RNG); a fixed count of draws per call keeps seeded runs reproducible.
-    """
-    from kornia.color import rgb_to_grayscale
-    from kornia.geometry.transform import hflip, vflip
-
-    if batch.ndim != 4 or batch.shape[1] != 3:
-        raise VAEFTError(f"augment expects (B, 3, H, W), got {tuple(batch.shape)}")
-    if isinstance(generator, int):
-        generator = torch.Generator().manual_seed(generator)
-    b, _, h, w = batch.shape
-    dev = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand((b, 6), generator=generator, device=dev).cpu()  # small: decide on the host
-    x = batch
-
-    hf = (u[:, 0] < 0.5) & cfg.flip
-    vf = (u[:, 1] < 0.5) & cfg.flip
-    k = (u[:, 2] * 4).long().clamp(max=3) if cfg.rotate90 else torch.zeros(b, dtype=torch.long)
-    if h != w:
-        k = (k // 2) * 2  # only 180° keeps a non-square shape
-    code = hf.long() + 2 * vf.long() + 4 * k
-    if code.any():
-        out = x.clone() if (code == 0).any() else torch.empty_like(x)
-        for c in code.unique().tolist():  # one gather per transform: each pixel is written once
-            if c == 0:
-                continue
-            sel = (code == c).nonzero().flatten().to(x.device)
-            t = x[sel]
-            if c & 1:
-                t = hflip(t)
-            if c & 2:
-                t = vflip(t)
-            if c >> 2:
-                t = torch.rot90(t, c >> 2, dims=(-2, -1))
-            out[sel] = t
-        x = out
-
-    c = cfg.color_jitter
-    if c > 0:
-        f = (1 + c * (2 * u[:, 3:6] - 1)).to(x.device, x.dtype)
-        fb, fc, fs = (f[:, i].view(b, 1, 1, 1) for i in range(3))
-        # brightness then contrast, both affine in y = (x + 1) / 2:
-        #   y' = fc * (fb * y - m) + m with m = fb * mean grey of y
-        m = (rgb_to_grayscale(x.mean(dim=(2, 3), keepdim=True)) + 1) / 2 * fb
-        scale = fc * fb
-        shift = 2 * (1 - fc) * m + scale - 1  # the same map written for x in [-1, 1]
-        x = torch.addcmul(shift, x, scale).clamp_(-1, 1)
-        grey = rgb_to_grayscale(x)  # saturation: blend with grey (grey is affine-invariant)
-        x = x.mul_(fs).add_(grey * (1 - fs)).clamp_(-1, 1)
-    return x
 
 
 def preview_patches(data: PatchDataset, count: int = 4, seed: int = 0) -> torch.Tensor:

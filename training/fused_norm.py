@@ -90,9 +90,9 @@ if triton is not None:
     @triton.jit
     def _tile(S, C: tl.constexpr, BLOCK_S: tl.constexpr):
         """This program's sample, channel indices, element offsets and row mask: tile
-        program_id(1) of BLOCK_S rows of sample program_id(0) in an (N, S, C) tensor."""
-        n = tl.program_id(0)
-        rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+        program_id(0) of BLOCK_S rows of sample program_id(1) in an (N, S, C) tensor (see _tile_grid)."""
+        n = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
         cols = tl.arange(0, C)
         offs = n.to(tl.int64) * S * C + rows[:, None].to(tl.int64) * C + cols[None, :]
         return n, cols, offs, rows[:, None] < S
@@ -176,6 +176,16 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
     return n, c, s, block, rows, triton.cdiv(s, rows)
 
 
+def _tile_grid(n: int, s: int, block: int) -> tuple[int, int]:
+    """Launch grid of the per-tile kernels: (tiles per sample, samples). The tile count goes on the
+    grid's first axis (up to 2^31 - 1): the second allows only 65535, which 256 channels at 1024²
+    (the decoder's last up-block input at 1024² patches: 2^20 rows of 16) already exceed."""
+    tiles = triton.cdiv(s, block)
+    if n > 65535 or tiles >= 2**31:
+        raise RuntimeError(f"fused GroupNorm: {n} samples x {tiles} tiles is past the kernel's launch grid")
+    return tiles, n
+
+
 def _per_channel(t: torch.Tensor, groups: int, c: int) -> torch.Tensor:
     """(N, G) -> (N, C): each group's value repeated over its channels."""
     return t.repeat_interleave(c // groups, dim=1).contiguous()
@@ -197,7 +207,7 @@ def _forward_impl(x, weight, bias, groups: int, eps: float, act: bool):
     rstd = torch.rsqrt(m2 / total + eps)
     a = _per_channel(rstd, groups, c) * weight.float()[None, :]
     y = torch.empty_like(x)
-    _apply_kernel[(n, triton.cdiv(s, block))](x, y, _per_channel(mean, groups, c), a, bias.float().contiguous(),
+    _apply_kernel[_tile_grid(n, s, block)](x, y, _per_channel(mean, groups, c), a, bias.float().contiguous(),
                                               s, C=c, BLOCK_S=block, ACT=act)
     return y, mean, rstd
 
@@ -222,7 +232,7 @@ def _backward_impl(dy, x, weight, bias, mean, rstd, groups: int, act: bool):
     q = _per_channel(-rstd * rstd * m2, groups, c)
     r = _per_channel(-rstd * m1, groups, c)
     dx = torch.empty_like(x)
-    _bwd_dx_kernel[(n, triton.cdiv(s, block))](x, dy, dx, mean_c, a, beta, q, r, s, C=c, BLOCK_S=block, ACT=act)
+    _bwd_dx_kernel[_tile_grid(n, s, block)](x, dy, dx, mean_c, a, beta, q, r, s, C=c, BLOCK_S=block, ACT=act)
     return dx, dweight.to(weight.dtype), dbias.to(bias.dtype)
 
 
@@ -327,18 +337,37 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb=None, *args, **kwargs
     return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
 
 
+# PyTorch's CUDA nearest-upsample kernels (forward and backward, NCHW and NHWC) index with 32-bit
+# ints: a tensor of INT_MAX elements or more is refused (at 1024² patches, micro-batch 8, the last
+# up-block's output is 8 x 256 x 1024 x 1024 = 2^31).
+_INDEX_LIMIT = 2**31 - 1
+
+
+def _interpolate_nearest(x: torch.Tensor, output_size=None, limit: int = _INDEX_LIMIT) -> torch.Tensor:
+    """F.interpolate(x, mode='nearest') to ``output_size`` (None: 2x), (N, C, H, W) -> (N, C, H', W'),
+    run over slices of the batch small enough that each output stays under ``limit`` elements (one
+    call, as before, whenever the whole output does)."""
+    size = tuple(output_size) if output_size is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
+    per_sample = x.shape[1] * size[0] * size[1]
+    step = max(1, (limit - 1) // max(1, per_sample))
+
+    def up(t):
+        if output_size is None:
+            return torch.nn.functional.interpolate(t, scale_factor=2.0, mode="nearest")
+        return torch.nn.functional.interpolate(t, size=output_size, mode="nearest")
+
+    if step >= x.shape[0]:
+        return up(x)
+    return torch.cat([up(t) for t in x.split(step)])
+
+
 def _upsample_forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
     """diffusers Upsample2D.forward (nearest 2x, then conv) with the interpolation in the autocast
     dtype: autocast runs upsample_nearest2d in fp32, which costs a cast each way and twice the
     memory traffic at the largest resolution."""
     hidden_states = _in_autocast_dtype(hidden_states)
-    if hidden_states.numel() * 4 > 2**31:  # the channels-last kernel's size limit (pytorch#141831)
-        hidden_states = hidden_states.contiguous()
     with torch.autocast(hidden_states.device.type, enabled=False):
-        if output_size is None:
-            hidden_states = torch.nn.functional.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
-        else:
-            hidden_states = torch.nn.functional.interpolate(hidden_states, size=output_size, mode="nearest")
+        hidden_states = _interpolate_nearest(hidden_states, output_size)
     return self.conv(hidden_states)
 
 
