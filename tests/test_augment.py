@@ -152,7 +152,7 @@ def test_resumed_run_with_augmentation_matches_an_uninterrupted_one(tmp_path, lp
 
     full = run(c)
     ckpt = tmp_path / "run.ckpt"
-    run(c.replace(steps=3), checkpoint_path=ckpt)
+    run(c.replace(steps=3), checkpoints=ckpt)
     resumed = run(c, resume=ckpt)
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
