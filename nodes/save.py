@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 
 from ..training.config import EXPORT_DTYPES
 from ..training.export import export_filename, export_vae
-from .common import Trained
+from .common import Trained, schema
 
 
 def vae_output_folder() -> str:
@@ -23,21 +23,23 @@ def vae_output_folder() -> str:
 class SaveFineTunedVAE(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="VAEFTSave",
             display_name="Save Fine-tuned VAE",
-            category="training/vae",
             description="Write the fine-tuned VAE as vae-ft-<name>-<steps>.safetensors (ldm keys, the base "
-                        "file's exact key set) into output/vae/, loadable by Load VAE and Automatic1111.",
+                        "file's exact key set) into output/vae/, loadable by Load VAE and Automatic1111. "
+                        "The node shows where the file went.",
+            search_aliases=["save vae", "export vae"],
             inputs=[
-                Trained.Input("trained"),
+                Trained.Input("trained", tooltip="VAE Fine-tune's trained output"),
                 io.String.Input("name", default="custom", tooltip="a plain name; the file is "
                                 "vae-ft-<name>-<steps>.safetensors"),
-                io.Combo.Input("dtype", options=list(EXPORT_DTYPES), default="fp16"),
+                io.Combo.Input("dtype", options=list(EXPORT_DTYPES), default="fp16",
+                               tooltip="dtype of the saved weights (fp16: the usual VAE file, half the size)"),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="replace an existing file of the same name (off: refuse)"),
             ],
-            outputs=[io.String.Output("filename")],
+            outputs=[io.String.Output("filename", tooltip="the saved file's name, as Load VAE lists it")],
             is_output_node=True,
         )
 
