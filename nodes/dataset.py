@@ -58,15 +58,21 @@ class VAEPatchDataset(io.ComfyNode):
         return schema(
             node_id="VAEFTPatchDataset",
             display_name="VAE Patch Dataset",
-            description="Random (or grid) patches from a folder of large images, with foreground masking, "
-                        "augmentation and a validation split by image. Augmentation, masks and loading "
-                        "settings are on VAE Patch Options.",
+            description="Random (or grid) patches from a folder of large images, with foreground masking "
+                        "(automatic, or a mask folder), augmentation and a validation split by image. "
+                        "Augmentation, overlap and loading settings are on VAE Patch Options.",
             search_aliases=["vae dataset", "image patches"],
             inputs=[
                 io.String.Input("folder", default="vae_train",
                                 tooltip="folder inside ComfyUI's input directory (searched recursively)"),
                 io.Image.Input("images", optional=True,
                                tooltip="use this IMAGE batch instead of the folder"),
+                # Here, not on VAE Patch Options: ComfyUI fingerprints a node from its own widget values
+                # only (never linked ones), and edited masks must make the dataset rebuild.
+                io.String.Input("mask_folder", default="",
+                                tooltip="optional folder of masks (same relative names as the images; white = "
+                                        "use) inside ComfyUI's input directory; replaces the automatic "
+                                        "foreground"),
                 PatchOptions.Input("options", optional=True,
                                    tooltip="every other setting, from VAE Patch Options (unconnected: "
                                            "the defaults)"),
@@ -80,14 +86,13 @@ class VAEPatchDataset(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, folder, images=None, options=None, **kwargs):
+    def fingerprint_inputs(cls, folder, images=None, mask_folder="", **kwargs):
         """Re-run when the files change, not only the inputs (ComfyUI caches by inputs otherwise, and
-        would keep training on the old listing)."""
+        would keep training on the old listing). ComfyUI passes only widget values here, never the
+        options link, so subfolders always count (at worst a needless rebuild with recursive off)."""
         if images is not None:
             return ""  # an IMAGE batch is part of the inputs already
-        options = options or {}
-        mask_folder = options.get("mask_folder", "")
-        recursive = options.get("recursive", DataConfig.recursive)
+        recursive = True
         try:
             parts = [folder_fingerprint(resolve_input_folder(folder), recursive)]
             if mask_folder and mask_folder.strip():
@@ -97,11 +102,9 @@ class VAEPatchDataset(io.ComfyNode):
         return "/".join(parts)
 
     @classmethod
-    def execute(cls, folder, images=None, options=None, **kwargs) -> io.NodeOutput:
-        values = {**(options or {}), **kwargs}
-        mask_folder = values.get("mask_folder") or ""
-        mask_dir = resolve_input_folder(mask_folder) if mask_folder.strip() else None
-        cfg = config_from_inputs(DataConfig, values, mask_dir=mask_dir)
+    def execute(cls, folder, images=None, mask_folder="", options=None, **kwargs) -> io.NodeOutput:
+        mask_dir = resolve_input_folder(mask_folder) if mask_folder and mask_folder.strip() else None
+        cfg = config_from_inputs(DataConfig, {**(options or {}), **kwargs}, mask_dir=mask_dir)
         source = image_to_training(images) if images is not None else resolve_input_folder(folder)
         data = build_dataset(source, cfg)
         summary = data.summary()

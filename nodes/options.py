@@ -49,19 +49,14 @@ class VAEPatchOptions(io.ComfyNode):
             node_id="VAEFTPatchOptions",
             display_name="VAE Patch Options",
             description="Every VAE Patch Dataset setting that is not on the node itself: grid overlap, "
-                        "foreground fraction, mask folder, augmentation, caching and loading. Connect to VAE "
+                        "foreground fraction, scale jitter, augmentation, caching and loading. Connect to VAE "
                         "Patch Dataset's options input.",
             search_aliases=["vae dataset advanced", "patch augmentation"],
-            inputs=[
-                *config_inputs(DataConfig, skip=("mask_dir",), order=PATCH_ORDER, essential=False),
-                io.String.Input("mask_folder", default="",
-                                tooltip="optional folder of masks (same relative names as the images; white = "
-                                        "use) inside ComfyUI's input directory; replaces the automatic "
-                                        "foreground"),
-            ],
+            # mask_dir is VAE Patch Dataset's mask_folder (a folder inside ComfyUI's input directory)
+            inputs=config_inputs(DataConfig, skip=("mask_dir",), order=PATCH_ORDER, essential=False),
             outputs=[PatchOptions.Output("options", tooltip="connect to VAE Patch Dataset's options input")],
         )
 
     @classmethod
-    def execute(cls, mask_folder="", **kwargs) -> io.NodeOutput:
-        return io.NodeOutput({**input_values(DataConfig, kwargs), "mask_folder": mask_folder})
+    def execute(cls, **kwargs) -> io.NodeOutput:
+        return io.NodeOutput(input_values(DataConfig, kwargs))

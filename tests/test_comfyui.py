@@ -272,6 +272,24 @@ def test_dataset_node_reruns_when_its_folder_changes(comfy):
     write_images(os.path.join(base, "input", "grows"), names=("chelsea",), size=64)
     assert "1" not in cached_nodes()       # a new image: built again
 
+    # with a mask folder, and VAE Patch Options connected: an edited mask rebuilds it too
+    from PIL import Image
+
+    masks = os.path.join(base, "input", "grows_masks")
+    os.makedirs(masks)
+    for name in os.listdir(os.path.join(base, "input", "grows")):
+        with Image.open(os.path.join(base, "input", "grows", name)) as im:
+            Image.new("L", im.size, 255).save(os.path.join(masks, name))
+    options = next(n for n in api_example("vae_finetune_advanced").values() if n["class_type"] == "VAEFTPatchOptions")
+    prompt["1"] = dict(dataset, inputs=dict(dataset["inputs"], mask_folder="grows_masks", options=["3", 0]))
+    prompt["3"] = options
+    cached_nodes()
+    assert "1" in cached_nodes()
+    with Image.open(os.path.join(masks, "coffee.png")) as im:
+        Image.new("L", im.size, 0).save(os.path.join(masks, "coffee.png"))
+        os.utime(os.path.join(masks, "coffee.png"), ns=(1, 1))  # a new mtime even within the clock's resolution
+    assert "1" not in cached_nodes()
+
 
 def test_ui_examples_match_the_live_node_definitions(comfy):
     import importlib.util

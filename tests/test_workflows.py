@@ -34,11 +34,11 @@ def test_api_examples_list_every_input():
         has_options = "VAEFTFineTuneOptions" in by_type
         links = {"options"} if has_options else set()
         assert set(by_type["VAEFTFineTune"]) == _node_fields(TrainConfig, True) | {"vae", "dataset"} | links
-        assert set(by_type["VAEFTPatchDataset"]) == _node_fields(DataConfig, True) | {"folder"} | links
+        assert set(by_type["VAEFTPatchDataset"]) == _node_fields(DataConfig, True) | {"folder", "mask_folder"} | links
         assert set(by_type["VAEFTSave"]) == {"trained", "name", "dtype", "overwrite"}
         if has_options:
             assert set(by_type["VAEFTFineTuneOptions"]) == _node_fields(TrainConfig, False)
-            assert set(by_type["VAEFTPatchOptions"]) == _node_fields(DataConfig, False, ("mask_dir",)) | {"mask_folder"}
+            assert set(by_type["VAEFTPatchOptions"]) == _node_fields(DataConfig, False, ("mask_dir",))
         # every link points at an existing node
         for node in prompt.values():
             for v in node["inputs"].values():
