@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from comfy_server import PACK, TEMPLATES, Server, api_example, comfyui_path, messages, prepare_base
+from comfy_server import TEMPLATES, Server, api_example, comfyui_path, messages, prepare_base
 from conftest import ROOT
 
 COMFYUI = comfyui_path()

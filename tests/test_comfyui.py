@@ -16,7 +16,7 @@ import torch
 
 from comfy_server import PACK, TEMPLATES, Server, api_example, comfyui_path, prepare_base
 from comfy_server import messages as _messages
-from conftest import ROOT, write_images
+from conftest import write_images
 
 COMFYUI = comfyui_path()
 if COMFYUI is None:
