@@ -1,23 +1,36 @@
-"""Build the UI-format example (vae_finetune.json) from the API-format one and a running ComfyUI's
-/object_info, so the two examples never drift apart.
+"""Build the UI-format templates (example_workflows/<name>.json) from the API-format examples
+(examples/api/<name>_api.json) and a running ComfyUI's /object_info, so the two never drift apart:
 
-    python example_workflows/build_ui_workflow.py http://127.0.0.1:8188 > example_workflows/vae_finetune.json
+    python example_workflows/build_ui_workflow.py http://127.0.0.1:8188
 
-The integration tests rebuild it against a real ComfyUI and compare with the committed file.
+Each node's size is computed from its live input/output/widget counts the way the frontend sizes a node
+(LGraphNode.computeSize in ComfyUI frontend 1.27), plus room for what it shows after a run (images, our
+result text), and nodes are laid out in columns by their depth in the graph, so none overlaps another
+before or after a run. The integration tests rebuild every template against a real ComfyUI and compare
+with the committed files; the browser test checks the sizes and the layout in a real page.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+API_DIR = os.path.join(os.path.dirname(HERE), "examples", "api")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-# Left-to-right columns for the example's nodes (id -> (x, y)).
-POSITIONS = {"1": (40, 80), "2": (40, 260), "3": (520, 80), "4": (1000, 80), "5": (1000, 300),
-             "6": (1300, 300), "7": (520, 760)}
+
+# LiteGraph's metrics (frontend 1.27): slot and widget rows, the gap after each widget, padding.
+SLOT_H, WIDGET_H, WIDGET_GAP, WIDGETS_PAD, NODE_PAD, TITLE_H = 20, 20, 4, 8, 6, 30
+NODE_W = 400
+# The read-only box web/vaeft.js adds to this pack's output nodes (a multi-line text widget).
+RESULT_BOX_H = 80
+# Room for images drawn on a node (the frontend's image-preview widget needs at least 220 px):
+# preview nodes show the picture, VAE Fine-tune its live reconstructions while it trains.
+IMAGE_H = {"PreviewImage": 320, "SaveImage": 320, "VAEFTFineTune": 240}
+GAP_X, GAP_Y, ORIGIN = 60, 40, (40, 80)
 
 
 def _is_widget(spec) -> bool:
@@ -34,7 +47,48 @@ def _has_control_widget(name: str, kind, options: dict) -> bool:
     return bool(wanted) if wanted is not None else name in ("seed", "noise_seed")
 
 
+def _shows_result_text(info: dict, pack_module: str | None) -> bool:
+    """web/vaeft.js gives every output node of this pack a result box (the same rule as there)."""
+    return bool(info.get("output_node")) and pack_module is not None and info.get("python_module") == pack_module
+
+
+def node_size(class_type: str, info: dict, widget_rows: int, socket_inputs: int, pack_module: str | None
+              ) -> list[int]:
+    """[width, height] of a node's body (the title bar sits above it), as the frontend computes it plus
+    the room its images and result text take after a run."""
+    rows = max(socket_inputs, len(info["output"]), 1)
+    h = rows * SLOT_H
+    widgets = widget_rows * (WIDGET_H + WIDGET_GAP)
+    if _shows_result_text(info, pack_module):
+        widgets += RESULT_BOX_H + WIDGET_GAP
+    if class_type in IMAGE_H:
+        widgets += IMAGE_H[class_type] + WIDGET_GAP
+    if widgets:
+        h += widgets + WIDGETS_PAD
+    return [NODE_W, h + NODE_PAD]
+
+
+def _columns(api: dict) -> dict[str, int]:
+    """Column of each node: its depth from the sources; a source sits just left of its first consumer."""
+    deps = {nid: {v[0] for v in n["inputs"].values() if isinstance(v, list)} for nid, n in api.items()}
+    depth: dict[str, int] = {}
+
+    def d(nid: str) -> int:
+        if nid not in depth:
+            depth[nid] = 1 + max((d(p) for p in deps[nid]), default=-1)
+        return depth[nid]
+
+    for nid in api:
+        d(nid)
+    for nid in api:
+        consumers = [c for c, ps in deps.items() if nid in ps]
+        if not deps[nid] and consumers:
+            depth[nid] = max(depth[nid], min(depth[c] for c in consumers) - 1)
+    return depth
+
+
 def build(api: dict, object_info: dict) -> dict:
+    pack_module = object_info.get("VAEFTFineTune", {}).get("python_module")
     nodes, links = [], []
     link_id = 0
     out_links: dict[tuple[str, int], list[int]] = {}
@@ -48,9 +102,16 @@ def build(api: dict, object_info: dict) -> dict:
                 links.append([link_id, int(src), slot, int(dst), None, src_type])
                 out_links.setdefault((src, slot), []).append(link_id)
                 incoming.setdefault(dst, {})[name] = link_id
+    columns = _columns(api)
+    col_x: dict[int, int] = {}
+    col_y: dict[int, int] = {}
+    for c in sorted(set(columns.values())):
+        col_x[c] = ORIGIN[0] + c * (NODE_W + GAP_X)
+        col_y[c] = ORIGIN[1]
     for order, (nid, node) in enumerate(api.items()):
         info = object_info[node["class_type"]]
         inputs, widgets = [], []
+        widget_rows = 0
         spec_all = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
         order_names = info.get("input_order", {})
         names = order_names.get("required", []) + order_names.get("optional", [])
@@ -59,8 +120,10 @@ def build(api: dict, object_info: dict) -> dict:
             if _is_widget(spec):
                 options = spec[1] if len(spec) > 1 else {}
                 widgets.append(node["inputs"].get(name, options.get("default")))
+                widget_rows += 1
                 if _has_control_widget(name, spec[0], options):
                     widgets.append("fixed")  # the saved value of the frontend's added control widget
+                    widget_rows += 1
             else:
                 link = incoming.get(nid, {}).get(name)
                 inputs.append({"name": name, "type": spec[0], "link": link})
@@ -68,8 +131,11 @@ def build(api: dict, object_info: dict) -> dict:
                     links[link - 1][4] = len(inputs) - 1
         outputs = [{"name": oname, "type": otype, "links": out_links.get((nid, i), []), "slot_index": i}
                    for i, (oname, otype) in enumerate(zip(info["output_name"], info["output"]))]
-        x, y = POSITIONS.get(nid, (40 + 300 * order, 900))
-        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [x, y], "size": [420, 120],
+        size = node_size(node["class_type"], info, widget_rows, len(inputs), pack_module)
+        c = columns[nid]
+        pos = [col_x[c], col_y[c]]
+        col_y[c] += size[1] + TITLE_H + GAP_Y
+        nodes.append({"id": int(nid), "type": node["class_type"], "pos": pos, "size": size,
                       "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                       "title": node.get("_meta", {}).get("title"),
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
@@ -77,13 +143,22 @@ def build(api: dict, object_info: dict) -> dict:
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
+def api_examples() -> dict[str, str]:
+    """{template name: API-format example path}: examples/api/<name>_api.json -> template <name>."""
+    return {os.path.basename(p)[: -len("_api.json")]: p for p in sorted(glob.glob(os.path.join(API_DIR, "*_api.json")))}
+
+
 def main(url: str) -> None:
-    with open(os.path.join(HERE, "vae_finetune_api.json")) as f:
-        api = json.load(f)
     with urllib.request.urlopen(url.rstrip("/") + "/object_info") as r:
         info = json.load(r)
-    json.dump(build(api, info), sys.stdout, indent=1)
-    sys.stdout.write("\n")
+    for name, path in api_examples().items():
+        with open(path) as f:
+            api = json.load(f)
+        out = os.path.join(HERE, name + ".json")
+        with open(out, "w") as f:
+            json.dump(build(api, info), f, indent=1)
+            f.write("\n")
+        print(out)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from .dataset import VAEPatchDataset
 from .evaluate import VAEEvaluate
 from .finetune import VAEFineTune
 from .graph import VAELossGraph
+from .options import VAEFineTuneOptions, VAEPatchOptions
 from .save import SaveFineTunedVAE
 
-NODES = [VAEPatchDataset, VAEFineTune, SaveFineTunedVAE, VAELossGraph, VAEEvaluate]
+NODES = [VAEPatchDataset, VAEPatchOptions, VAEFineTune, VAEFineTuneOptions, SaveFineTunedVAE, VAELossGraph,
+         VAEEvaluate]

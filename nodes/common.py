@@ -10,14 +10,28 @@ import torch
 from comfy_api.latest import io
 
 from ..training.errors import VAEFTError
-from ..training.options import base_type
+from ..training.options import base_type, is_essential
 from ..training.vae import LoadedVAE, build_vae, normalise_state_dict
 
 log = logging.getLogger("vaeft")
 
+CATEGORY = "training/vae"  # beside core's own "training" nodes (Train LoRA, Loss Graph)
+
+
+def schema(**kwargs) -> io.Schema:
+    """io.Schema with the pack's category, marked experimental as core marks its training nodes.
+    ``search_aliases`` is passed on only where this ComfyUI's Schema has the field (0.3.64 has not)."""
+    aliases = kwargs.pop("search_aliases", None)
+    if aliases and "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}:
+        kwargs["search_aliases"] = aliases
+    return io.Schema(category=CATEGORY, is_experimental=True, **kwargs)
+
 # Our own socket types: plain names, like ComfyUI's LORA_MODEL / LOSS_MAP.
 Dataset = io.Custom("VAEFT_DATASET")
 Trained = io.Custom("VAEFT_TRAINED")
+# An options node's settings (a dict of field -> value) for the node it plugs into.
+TrainOptions = io.Custom("VAEFT_TRAIN_OPTIONS")
+PatchOptions = io.Custom("VAEFT_PATCH_OPTIONS")
 
 
 def image_to_training(images: torch.Tensor) -> torch.Tensor:
@@ -94,11 +108,19 @@ def ldm_to_comfy_vae(sd: dict[str, torch.Tensor]):
     return vae
 
 
+def node_fields(cls: type, essential: bool | None = None, skip: tuple[str, ...] = ()) -> list[dataclasses.Field]:
+    """The fields of ``cls`` that are node inputs (metadata node != False): all of them, or only the
+    essential ones (main node) or only the others (options node)."""
+    return [f for f in dataclasses.fields(cls) if f.name not in skip and f.metadata.get("node") is not False
+            and (essential is None or is_essential(f) == essential)]
+
+
 def config_inputs(cls: type, defaults: dict | None = None, skip: tuple[str, ...] = (),
-                  order: tuple[str, ...] = ()) -> list:
-    """One V3 input per dataclass field (unless metadata says node=False), same defaults and bounds."""
+                  order: tuple[str, ...] = (), essential: bool | None = None) -> list:
+    """One V3 input per node field of ``cls`` (see :func:`node_fields`), same defaults and bounds; the
+    field's help is the tooltip."""
     defaults = defaults or {}
-    fields = [f for f in dataclasses.fields(cls) if f.name not in skip and f.metadata.get("node") is not False]
+    fields = node_fields(cls, essential, skip)
     fields.sort(key=lambda f: order.index(f.name) if f.name in order else len(order))
     hints = typing.get_type_hints(cls)
     inputs = []

@@ -11,7 +11,11 @@ from comfy_api.latest import io
 
 from ..training.data import DataConfig, build_dataset
 from ..training.errors import VAEFTError
-from .common import Dataset, config_from_inputs, config_inputs, image_to_training, training_to_image
+from .common import (Dataset, PatchOptions, config_from_inputs, config_inputs, image_to_training, schema,
+                     training_to_image)
+
+# Widget order on the node: its essential DataConfig fields; the rest come from VAE Patch Options.
+NODE_ORDER = ("patch_size", "sampling", "foreground_threshold", "val_fraction", "seed")
 
 
 def resolve_input_folder(folder: str) -> str:
@@ -57,34 +61,44 @@ def folder_fingerprint(path: str, recursive: bool) -> str:
 class VAEPatchDataset(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="VAEFTPatchDataset",
             display_name="VAE Patch Dataset",
-            category="training/vae",
-            description="Random (or grid) patches from a folder of large images, with foreground masking, "
-                        "augmentation and a validation split by image.",
+            description="Random (or grid) patches from a folder of large images, with foreground masking "
+                        "(automatic, or a mask folder), augmentation and a validation split by image. "
+                        "Augmentation, overlap and loading settings are on VAE Patch Options.",
+            search_aliases=["vae dataset", "image patches"],
             inputs=[
                 io.String.Input("folder", default="vae_train",
                                 tooltip="folder inside ComfyUI's input directory (searched recursively)"),
                 io.Image.Input("images", optional=True,
                                tooltip="use this IMAGE batch instead of the folder"),
-                *config_inputs(DataConfig, skip=("mask_dir",), order=("patch_size", "sampling")),
-                io.String.Input("mask_folder", default="", optional=True,
-                                tooltip="optional folder of masks (same names) inside the input directory"),
+                # Here, not on VAE Patch Options: ComfyUI fingerprints a node from its own widget values
+                # only (never linked ones), and edited masks must make the dataset rebuild.
+                io.String.Input("mask_folder", default="",
+                                tooltip="optional folder of masks (same relative names as the images; white = "
+                                        "use) inside ComfyUI's input directory; replaces the automatic "
+                                        "foreground"),
+                PatchOptions.Input("options", optional=True,
+                                   tooltip="every other setting, from VAE Patch Options (unconnected: "
+                                           "the defaults)"),
+                *config_inputs(DataConfig, order=NODE_ORDER, essential=True),
             ],
             outputs=[
-                Dataset.Output("dataset"),
-                io.Image.Output("preview"),
-                io.String.Output("summary"),
+                Dataset.Output("dataset", tooltip="the patch dataset, for VAE Fine-tune and VAE Evaluate"),
+                io.Image.Output("preview", tooltip="sampled patches, foreground outlined"),
+                io.String.Output("summary", tooltip="JSON: images used and skipped (with reasons), the split"),
             ],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, folder, images=None, mask_folder="", recursive=True, **kwargs):
+    def fingerprint_inputs(cls, folder, images=None, mask_folder="", **kwargs):
         """Re-run when the files change, not only the inputs (ComfyUI caches by inputs otherwise, and
-        would keep training on the old listing)."""
+        would keep training on the old listing). ComfyUI passes only widget values here, never the
+        options link, so subfolders always count (at worst a needless rebuild with recursive off)."""
         if images is not None:
             return ""  # an IMAGE batch is part of the inputs already
+        recursive = True
         try:
             parts = [folder_fingerprint(resolve_input_folder(folder), recursive)]
             if mask_folder and mask_folder.strip():
@@ -94,9 +108,9 @@ class VAEPatchDataset(io.ComfyNode):
         return "/".join(parts)
 
     @classmethod
-    def execute(cls, folder, images=None, mask_folder="", **kwargs) -> io.NodeOutput:
+    def execute(cls, folder, images=None, mask_folder="", options=None, **kwargs) -> io.NodeOutput:
         mask_dir = resolve_input_folder(mask_folder) if mask_folder and mask_folder.strip() else None
-        cfg = config_from_inputs(DataConfig, kwargs, mask_dir=mask_dir)
+        cfg = config_from_inputs(DataConfig, {**(options or {}), **kwargs}, mask_dir=mask_dir)
         source = image_to_training(images) if images is not None else resolve_input_folder(folder)
         data = build_dataset(source, cfg)
         summary = data.summary()

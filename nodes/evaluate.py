@@ -7,31 +7,34 @@ from comfy_api.latest import io, ui
 
 from ..training.evaluate import compare, evaluation_patches, format_table
 from ..training.metrics import try_load_lpips
-from .common import Dataset, comfy_vae_to_training, training_to_image
+from .common import Dataset, comfy_vae_to_training, schema, training_to_image
 
 
 class VAEEvaluate(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="VAEFTEvaluate",
             display_name="VAE Evaluate",
-            category="training/vae",
             description="PSNR, SSIM, LPIPS and colour fidelity (ΔE2000, channel shift) of several VAEs on the "
                         "same held-out patches, with rows of original | VAE A | VAE B | ... | error map.",
+            search_aliases=["compare vae", "vae metrics"],
             inputs=[
                 io.Vae.Input("vae_a", tooltip="usually the base VAE"),
                 io.Vae.Input("vae_b", tooltip="usually the fine-tuned VAE"),
-                io.Vae.Input("vae_c", optional=True),
-                io.Vae.Input("vae_d", optional=True),
-                Dataset.Input("dataset"),
+                io.Vae.Input("vae_c", optional=True, tooltip="a third VAE to compare (optional)"),
+                io.Vae.Input("vae_d", optional=True, tooltip="a fourth VAE to compare (optional)"),
+                Dataset.Input("dataset", tooltip="VAE Patch Dataset's output; its validation images are scored"),
                 io.Int.Input("patches", default=32, min=1, max=4096,
                              tooltip="held-out patches to score (validation images; all images if none)"),
                 io.Int.Input("rows", default=4, min=1, max=32, tooltip="rows in the comparison image"),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False),
-                io.Combo.Input("lpips_net", options=["alex", "vgg"], default="alex"),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
+                             tooltip="seed for which held-out patches are drawn"),
+                io.Combo.Input("lpips_net", options=["alex", "vgg"], default="alex",
+                               tooltip="LPIPS backbone for the metric (alex, as the LPIPS paper reports)"),
             ],
-            outputs=[io.String.Output("table"), io.Image.Output("comparison")],
+            outputs=[io.String.Output("table", tooltip="the metrics table as text"),
+                     io.Image.Output("comparison", tooltip="rows of original | A | B | ... | error map")],
             is_output_node=True,
         )
 

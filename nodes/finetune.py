@@ -10,7 +10,7 @@ import time
 import torch
 from comfy_api.latest import io
 
-from ..training.config import RECIPES, TrainConfig
+from ..training.config import MEMORY_FIELDS, RECIPES, TrainConfig
 from ..training.augment import augmenter
 from ..training.checkpoint import peek
 from ..training.data import preview_patches, worker_start_method
@@ -20,7 +20,8 @@ from ..training.export import ldm_state_dict, make_probe, safe_name
 from ..training.plot import image_grid, to_pil
 from ..training.runs import MARKER, RunFolder, RunStatus, read_metrics, validation_patches
 from ..training.trainer import Callbacks, fine_tune, history_curves
-from .common import Dataset, Trained, comfy_vae_to_training, config_inputs, input_values, ldm_to_comfy_vae
+from .common import (Dataset, Trained, TrainOptions, comfy_vae_to_training, config_inputs, input_values,
+                     ldm_to_comfy_vae, schema)
 
 log = logging.getLogger("vaeft")
 NEW_RUN = "new run"
@@ -63,23 +64,32 @@ def open_run(run_name: str, continue_run: str) -> tuple[RunFolder, str | None]:
     while os.path.lexists(path):
         path, k = os.path.join(root, f"{stem}-{k}"), k + 1
     return RunFolder.create(path), None
-NODE_ORDER = ("recipe", "steps", "lr", "batch_size", "lpips_weight", "ema", "seed")
+
+
+# Widget order on the node: its essential TrainConfig fields (option(..., essential=True)); the rest
+# come from VAE Fine-tune Options.
+NODE_ORDER = ("recipe", "steps", "lr", "batch_size", "memory", "trainable", "seed")
 
 
 class VAEFineTune(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="VAEFTFineTune",
             display_name="VAE Fine-tune",
-            category="training/vae",
             description="Fine-tune a kl-f8 VAE on a patch dataset (default: sd-vae-ft-mse recipe, "
                         "MSE + 0.1·LPIPS, decoder only, EMA). Decoder-only keeps the latent space, so "
-                        "existing diffusion models work with the result.",
+                        "existing diffusion models work with the result. Loss weights, EMA, schedule, "
+                        "validation and speed settings are on VAE Fine-tune Options.",
+            search_aliases=["train vae", "vae training", "finetune vae"],
             inputs=[
-                io.Vae.Input("vae"),
-                Dataset.Input("dataset"),
-                *config_inputs(TrainConfig, order=NODE_ORDER),
+                io.Vae.Input("vae", tooltip="the VAE to start from (Load VAE, or a checkpoint loader's VAE); "
+                                            "it is copied, never changed"),
+                Dataset.Input("dataset", tooltip="patches from VAE Patch Dataset"),
+                TrainOptions.Input("options", optional=True,
+                                   tooltip="every other setting, from VAE Fine-tune Options (unconnected: "
+                                           "the recipe's and memory preset's defaults)"),
+                *config_inputs(TrainConfig, order=NODE_ORDER, essential=True),
                 io.String.Input("run_name", default="vae-ft",
                                 tooltip=f"the run's folder, output/{RUNS_FOLDER}/<run_name>/: config, metrics.jsonl, "
                                         "previews, checkpoints (TensorBoard events when tensorboard is installed); "
@@ -95,19 +105,20 @@ class VAEFineTune(io.ComfyNode):
                                       "gen_*: does the fine-tune harm images it is not meant for?"),
             ],
             outputs=[
-                io.Vae.Output("fine_tuned_vae"),
-                io.LossMap.Output("loss"),
-                Trained.Output("trained"),
+                io.Vae.Output("fine_tuned_vae", tooltip="the fine-tuned VAE, usable downstream at once"),
+                io.LossMap.Output("loss", tooltip="loss history (and validation scores) for VAE Loss Graph"),
+                Trained.Output("trained", tooltip="the trained state, for Save Fine-tuned VAE"),
             ],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, vae, dataset, run_name="vae-ft", continue_run=NEW_RUN, general=None, **kwargs) -> io.NodeOutput:
+    def execute(cls, vae, dataset, options=None, run_name="vae-ft", continue_run=NEW_RUN, general=None,
+                **kwargs) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
-        cfg = config_from_widgets(kwargs)
+        cfg = config_from_widgets({**(options or {}), **kwargs}, dataset.cfg.patch_size)
         source = _source_file(cls.hidden.prompt, cls.hidden.unique_id)
         device = mm.get_torch_device()
         # Prompts run under inference_mode; training needs autograd, on tensors made outside it.
@@ -230,15 +241,17 @@ def loss_map_of(history: list[dict]) -> dict:
     return out
 
 
-def config_from_widgets(widgets: dict) -> TrainConfig:
-    """TrainConfig from the node's widgets. A loss/trainable widget left at its default takes the chosen
-    recipe's value (so picking 'sd-vae-ft-ema' gives L1 + 1.0·LPIPS); a changed widget overrides it."""
+def config_from_widgets(widgets: dict, patch_size: int | None = None) -> TrainConfig:
+    """TrainConfig from the node's widgets and its options node's values. A loss/trainable setting left
+    at its default takes the chosen recipe's value (so picking 'sd-vae-ft-ema' gives L1 + 1.0·LPIPS),
+    and a micro_batch / grad_checkpointing / latent_cache_mb left at its default the memory preset's
+    (sized for ``patch_size``); a changed value overrides either."""
     recipe = widgets.get("recipe", "sd-vae-ft-mse")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    controlled = set(RECIPES.get(recipe, {}))
+    controlled = set(RECIPES.get(recipe, {})) | set(MEMORY_FIELDS)
     given = {k: v for k, v in input_values(TrainConfig, widgets).items()
              if k != "recipe" and not (k in controlled and v == defaults[k])}
-    return TrainConfig.from_recipe(recipe, **given)
+    return TrainConfig.from_recipe(recipe, patch_size, **given)
 
 
 def _source_file(prompt, unique_id) -> tuple[str, str] | None:

@@ -5,21 +5,23 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..training.plot import curve_image
-from .common import training_to_image
+from .common import schema, training_to_image
 
 
 class VAELossGraph(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="VAEFTLossGraph",
             display_name="VAE Loss Graph",
-            category="training/vae",
+            description="Draw VAE Fine-tune's loss history (every training term, and validation scores when "
+                        "validation ran) as an image.",
+            search_aliases=["vae loss plot"],
             inputs=[
-                io.LossMap.Input("loss"),
-                io.Boolean.Input("log_scale", default=True),
+                io.LossMap.Input("loss", tooltip="VAE Fine-tune's loss output"),
+                io.Boolean.Input("log_scale", default=True, tooltip="logarithmic y axis (losses span decades)"),
             ],
-            outputs=[io.Image.Output("image")],
+            outputs=[io.Image.Output("image", tooltip="the curves, for Preview Image or Save Image")],
         )
 
     @classmethod

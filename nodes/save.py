@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..training.config import EXPORT_DTYPES
 from ..training.export import FAMILY_CHOICES, FORMATS, export_filename, export_vae
-from .common import Trained
+from .common import Trained, schema
 
 log = logging.getLogger("vaeft")
 
@@ -27,15 +27,16 @@ def vae_output_folder(sub: str = "vae") -> str:
 class SaveFineTunedVAE(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="VAEFTSave",
             display_name="Save Fine-tuned VAE",
-            category="training/vae",
             description="Write the fine-tuned VAE as vae-ft-<name>-<steps>.safetensors (ldm keys, the base "
                         "file's exact key set and dtypes) into output/vae/, loadable by Load VAE and Automatic1111, "
-                        "or as a diffusers model folder. Shows whether the decoder is safe in fp16/bf16.",
+                        "or as a diffusers model folder. Shows where the file went and whether the decoder is "
+                        "safe in fp16/bf16.",
+            search_aliases=["save vae", "export vae"],
             inputs=[
-                Trained.Input("trained"),
+                Trained.Input("trained", tooltip="VAE Fine-tune's trained output"),
                 io.String.Input("name", default="custom", tooltip="a plain name; the file is "
                                 "vae-ft-<name>-<steps>.safetensors"),
                 io.Combo.Input("dtype", options=list(EXPORT_DTYPES), default="base",
@@ -53,7 +54,7 @@ class SaveFineTunedVAE(io.ComfyNode):
                                        "(auto: from the base file's name or its latents; re-estimated when the "
                                        "encoder was trained)"),
             ],
-            outputs=[io.String.Output("filename")],
+            outputs=[io.String.Output("filename", tooltip="the saved file's name, as Load VAE lists it")],
             is_output_node=True,
         )
 

@@ -9,120 +9,28 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 import time
-import uuid
 
 import pytest
 import torch
 
-from conftest import ROOT, SD_VAE_CONFIG, write_images
+from comfy_server import PACK, TEMPLATES, Server, api_example, comfyui_path, prepare_base
+from comfy_server import messages as _messages
+from conftest import write_images
 
-COMFYUI = os.environ.get("COMFYUI_PATH", "")
-if not COMFYUI or not os.path.isfile(os.path.join(COMFYUI, "main.py")):
+COMFYUI = comfyui_path()
+if COMFYUI is None:
     pytest.skip("ComfyUI integration tests need a ComfyUI checkout: set COMFYUI_PATH "
-                f"(got {COMFYUI!r})", allow_module_level=True)
+                f"(got {os.environ.get('COMFYUI_PATH', '')!r})", allow_module_level=True)
 
 requests = pytest.importorskip("requests")
-
-API_WORKFLOW = os.path.join(ROOT, "example_workflows", "vae_finetune_api.json")
-PACK = "comfyui-vae-finetune"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, base: str):
-        self.base = base
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.path.join(base, "server.log"), "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1",
-                   VAEFT_LPIPS_BACKBONE=os.path.join(base, "vgg16-random.pth"))
-        self.proc = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", base, "--disable-auto-launch", "--disable-api-nodes"],
-            cwd=COMFYUI, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited early:\n{self.read_log()[-4000:]}")
-            try:
-                if requests.get(self.url + "/system_stats", timeout=2).ok:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"ComfyUI did not start:\n{self.read_log()[-4000:]}")
-
-    def read_log(self) -> str:
-        self.log.flush()
-        with open(os.path.join(self.base, "server.log")) as f:
-            return f.read()
-
-    def queue(self, prompt: dict) -> str:
-        r = requests.post(self.url + "/prompt", json={"prompt": prompt, "client_id": uuid.uuid4().hex}, timeout=30)
-        assert r.ok, r.text
-        return r.json()["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            h = requests.get(f"{self.url}/history/{prompt_id}", timeout=10).json()
-            if prompt_id in h and h[prompt_id].get("status", {}).get("completed") is not None:
-                entry = h[prompt_id]
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
-            time.sleep(0.5)
-        raise TimeoutError(f"prompt {prompt_id} did not finish:\n{self.read_log()[-4000:]}")
-
-    def healthy(self) -> bool:
-        return self.proc.poll() is None and requests.get(self.url + "/system_stats", timeout=5).ok
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
-
-
-def _messages(entry: dict) -> str:
-    return json.dumps(entry.get("status", {}).get("messages", []))
 
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
-    import torchvision
-    from diffusers import AutoencoderKL
-    from safetensors.torch import save_file
-
-    from training.vae import diffusers_to_ldm
-
     base = str(tmp_path_factory.mktemp("comfy"))
-    os.makedirs(os.path.join(base, "custom_nodes"))
-    os.symlink(ROOT, os.path.join(base, "custom_nodes", PACK))
-    # A random-init VAE in the full SD channel layout (stock Load VAE accepts only that).
-    torch.manual_seed(0)
-    sd = diffusers_to_ldm(AutoencoderKL(**SD_VAE_CONFIG).state_dict())
-    os.makedirs(os.path.join(base, "models", "vae"))
-    base_file = os.path.join(base, "models", "vae", "random_sd_vae.safetensors")
-    save_file({k: v.contiguous() for k, v in sd.items()}, base_file)
-    # LPIPS runs for real, on an explicitly random VGG backbone (no weights can be downloaded here).
-    feats = {k: v for k, v in torchvision.models.vgg16().state_dict().items() if k.startswith("features.")}
-    torch.save(feats, os.path.join(base, "vgg16-random.pth"))
-    write_images(os.path.join(base, "input", "vae_train"), size=96)
-    write_images(os.path.join(base, "input"), names=("astronaut",), size=64)
-    server = Server(base)
+    sd = prepare_base(base)
+    server = Server(base, COMFYUI)
     try:
         yield server, base, sd
     finally:
@@ -130,15 +38,21 @@ def comfy(tmp_path_factory):
 
 
 def _example(vae_name: str, folder: str, **train) -> dict:
-    with open(API_WORKFLOW) as f:
-        prompt = json.load(f)
+    """The simple API example with a short run: VAE Fine-tune's own widgets from ``train`` where it has
+    them, every other setting through a VAE Fine-tune Options node (its defaults from the advanced example)."""
+    prompt = api_example("vae_finetune")
     nodes = {n["class_type"]: n for n in prompt.values()}
     nodes["VAELoader"]["inputs"]["vae_name"] = vae_name
     ds = nodes["VAEFTPatchDataset"]["inputs"]
     ds.update(folder=folder, patch_size=32, foreground_threshold=0.0)
     ft = nodes["VAEFTFineTune"]["inputs"]
-    ft.update(steps=2, batch_size=1, preview_every=1, log_every=1)
-    ft.update(train)
+    settings = {**dict(steps=2, batch_size=1, preview_every=1, log_every=1), **train}
+    options = dict(next(n for n in api_example("vae_finetune_advanced").values()
+                        if n["class_type"] == "VAEFTFineTuneOptions")["inputs"], val_every=0)
+    for k, v in settings.items():
+        (ft if k in ft else options)[k] = v
+    prompt["50"] = {"class_type": "VAEFTFineTuneOptions", "inputs": options}
+    ft["options"] = ["50", 0]
     nodes["VAEFTSave"]["inputs"]["name"] = "retina"
     return prompt
 
@@ -146,11 +60,11 @@ def _example(vae_name: str, folder: str, **train) -> dict:
 def test_nodes_are_registered(comfy):
     server, _, _ = comfy
     info = requests.get(server.url + "/object_info", timeout=30).json()
-    for node in ("VAEFTPatchDataset", "VAEFTFineTune", "VAEFTSave", "VAEFTLossGraph", "VAEFTEvaluate"):
+    for node in OUR_NODES:
         assert node in info, f"{node} missing; server log:\n{server.read_log()[-3000:]}"
     ft = info["VAEFTFineTune"]
     assert ft["output"] == ["VAE", "LOSS_MAP", "VAEFT_TRAINED"]
-    assert ft["input"]["required"]["lpips_weight"][1]["default"] == 0.1
+    assert info["VAEFTFineTuneOptions"]["input"]["required"]["lpips_weight"][1]["default"] == 0.1
 
 
 def test_api_example_trains_saves_and_stock_load_vae_loads_it(comfy):
@@ -314,7 +228,7 @@ def test_widgets_keep_what_users_type(comfy):
     typical = {"lr": 5e-6, "ema_decay": 0.9999, "kl_weight": 1e-6, "weight_decay": 1e-4, "lpips_weight": 0.05,
                "min_foreground": 0.35, "grad_clip": 0.5}
     seen = set()
-    for node in ("VAEFTPatchDataset", "VAEFTFineTune", "VAEFTEvaluate"):
+    for node in OUR_NODES:
         for name, spec in info[node]["input"]["required"].items():
             kind, opts = spec[0], spec[1] if len(spec) > 1 else {}
             if kind == "INT":  # the frontend's rule for adding the control widget
@@ -358,22 +272,111 @@ def test_dataset_node_reruns_when_its_folder_changes(comfy):
     write_images(os.path.join(base, "input", "grows"), names=("chelsea",), size=64)
     assert "1" not in cached_nodes()       # a new image: built again
 
+    # with a mask folder, and VAE Patch Options connected: an edited mask rebuilds it too
+    from PIL import Image
 
-def test_ui_example_matches_the_live_node_definitions(comfy):
+    masks = os.path.join(base, "input", "grows_masks")
+    os.makedirs(masks)
+    for name in os.listdir(os.path.join(base, "input", "grows")):
+        with Image.open(os.path.join(base, "input", "grows", name)) as im:
+            Image.new("L", im.size, 255).save(os.path.join(masks, name))
+    options = next(n for n in api_example("vae_finetune_advanced").values() if n["class_type"] == "VAEFTPatchOptions")
+    prompt["1"] = dict(dataset, inputs=dict(dataset["inputs"], mask_folder="grows_masks", options=["3", 0]))
+    prompt["3"] = options
+    cached_nodes()
+    assert "1" in cached_nodes()
+    with Image.open(os.path.join(masks, "coffee.png")) as im:
+        Image.new("L", im.size, 0).save(os.path.join(masks, "coffee.png"))
+        os.utime(os.path.join(masks, "coffee.png"), ns=(1, 1))  # a new mtime even within the clock's resolution
+    assert "1" not in cached_nodes()
+
+
+def test_ui_examples_match_the_live_node_definitions(comfy):
     import importlib.util
 
     server, _, _ = comfy
     spec = importlib.util.spec_from_file_location(
-        "build_ui_workflow", os.path.join(ROOT, "example_workflows", "build_ui_workflow.py"))
+        "build_ui_workflow", os.path.join(TEMPLATES, "build_ui_workflow.py"))
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
     info = requests.get(server.url + "/object_info", timeout=30).json()
-    with open(API_WORKFLOW) as f:
-        api = json.load(f)
-    with open(os.path.join(ROOT, "example_workflows", "vae_finetune.json")) as f:
-        committed = json.load(f)
-    assert builder.build(api, info) == committed, (
-        "example_workflows/vae_finetune.json is stale: rebuild it with build_ui_workflow.py")
+    examples = builder.api_examples()
+    assert set(examples) == {"vae_finetune", "vae_finetune_advanced"}
+    for name, path in examples.items():
+        with open(path) as f:
+            api = json.load(f)
+        with open(os.path.join(TEMPLATES, name + ".json")) as f:
+            committed = json.load(f)
+        assert builder.build(api, info) == committed, (
+            f"example_workflows/{name}.json is stale: rebuild it with build_ui_workflow.py")
+
+
+OUR_NODES = ("VAEFTPatchDataset", "VAEFTPatchOptions", "VAEFTFineTune", "VAEFTFineTuneOptions", "VAEFTSave",
+             "VAEFTLossGraph", "VAEFTEvaluate")
+
+
+def test_nodes_describe_every_input_and_output_and_are_marked_like_core_training_nodes(comfy):
+    server, _, _ = comfy
+    info = requests.get(server.url + "/object_info", timeout=30).json()
+    core_training = info["TrainLoraNode"]
+    for node in OUR_NODES:
+        spec = info[node]
+        assert spec["description"], node
+        # core marks its training nodes experimental, under "training"
+        assert spec["experimental"] is core_training["experimental"] is True, node
+        assert spec["category"].split("/")[0] == core_training["category"] == "training", node
+        inputs = {**spec["input"]["required"], **spec["input"].get("optional", {})}
+        for name, s in inputs.items():
+            assert len(s) > 1 and s[1].get("tooltip"), f"{node}.{name} has no tooltip"
+        assert all(spec["output_tooltips"]), (node, spec["output_tooltips"])
+    # the main nodes stay short: at most ~10 widgets; the rest is on their options nodes
+    widgets = lambda n: [k for k, s in info[n]["input"]["required"].items()  # noqa: E731
+                         if isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
+    assert len(widgets("VAEFTFineTune")) <= 10 and len(widgets("VAEFTPatchDataset")) <= 10
+    assert "memory" in widgets("VAEFTFineTune")
+    assert info["VAEFTFineTune"]["input"]["optional"]["options"][0] == info["VAEFTFineTuneOptions"]["output"][0]
+    assert info["VAEFTPatchDataset"]["input"]["optional"]["options"][0] == info["VAEFTPatchOptions"]["output"][0]
+
+
+def test_templates_are_listed_and_served_with_their_thumbnails(comfy):
+    """ComfyUI's template gallery lists example_workflows/*.json and shows <name>.jpg beside each;
+    the API-format examples (examples/api/) are not templates."""
+    server, _, _ = comfy
+    listed = requests.get(server.url + "/workflow_templates", timeout=30).json()
+    names = sorted(n[:-5] for n in os.listdir(TEMPLATES) if n.endswith(".json"))
+    assert sorted(listed[PACK]) == names == ["vae_finetune", "vae_finetune_advanced"]
+    for name in names:
+        r = requests.get(f"{server.url}/api/workflow_templates/{PACK}/{name}.jpg", timeout=30)
+        assert r.ok and r.headers["Content-Type"] == "image/jpeg" and r.content[:3] == b"\xff\xd8\xff", name
+        r = requests.get(f"{server.url}/api/workflow_templates/{PACK}/{name}.json", timeout=30)
+        assert r.ok and "nodes" in r.json(), name
+
+
+def test_advanced_api_example_runs_with_both_options_nodes_and_evaluate(comfy):
+    server, base, _ = comfy
+    prompt = api_example("vae_finetune_advanced")
+    prompt["1"]["inputs"]["vae_name"] = "random_sd_vae.safetensors"
+    prompt["2"]["inputs"].update(patch_size=32, foreground_threshold=0.0)
+    prompt["8"]["inputs"].update(min_foreground=0.0, cache_mb=0)
+    prompt["3"]["inputs"].update(steps=2, batch_size=2, memory="6GB")
+    prompt["9"]["inputs"].update(val_every=1, val_patches=2, preview_every=0, log_every=1)
+    prompt["10"]["inputs"].update(patches=2, rows=1)
+    prompt["4"]["inputs"]["name"] = "advanced"
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-3000:]
+    out_file = os.path.join(base, "output", "vae", "vae-ft-advanced-2.safetensors")
+    assert any(out_file in t for t in entry["outputs"]["4"]["text"])  # the Save node says where
+    assert "PSNR" in entry["outputs"]["10"]["text"][0] and entry["outputs"]["11"]["images"]
+    from safetensors import safe_open
+
+    with safe_open(out_file, "pt") as f:
+        meta = f.metadata()
+    # the options nodes' values reached the run: validation every step, and the 6GB memory preset's
+    # micro-batch for 32² patches (the batch of 2 at once) with gradient checkpointing; the patch
+    # options' cache_mb=0 reached the dataset (no image kept in memory)
+    assert (meta["vaeft.config.memory"], meta["vaeft.config.micro_batch"], meta["vaeft.config.grad_checkpointing"],
+            meta["vaeft.config.val_every"], meta["vaeft.config.latent_cache_mb"]) == ("6GB", "2", "True", "1", "256")
+    assert json.loads(meta["vaeft.dataset"])["cached_images"] == 0
 
 
 # ---------------------------------------------------------------------------------------------

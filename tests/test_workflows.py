@@ -1,40 +1,75 @@
-"""The example workflows name every input the nodes declare, so they run as they are."""
+"""The example workflows name every input the nodes declare, so they run as they are, and each UI
+template has the thumbnail ComfyUI's template gallery shows."""
 
 import dataclasses
+import glob
 import json
 import os
+
+from PIL import Image
 
 from conftest import ROOT
 from training.config import TrainConfig
 from training.data import DataConfig
+from training.options import is_essential
+
+API = os.path.join(ROOT, "examples", "api")
+TEMPLATES = os.path.join(ROOT, "example_workflows")
 
 
-def _node_fields(cls, skip=()):
-    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("node") is not False and f.name not in skip}
+def _node_fields(cls, essential, skip=()):
+    return {f.name for f in dataclasses.fields(cls)
+            if f.metadata.get("node") is not False and f.name not in skip and is_essential(f) == essential}
 
 
-def test_api_example_lists_every_input():
-    with open(os.path.join(ROOT, "example_workflows", "vae_finetune_api.json")) as f:
-        prompt = json.load(f)
-    by_type = {n["class_type"]: n["inputs"] for n in prompt.values()}
-    assert set(by_type["VAEFTFineTune"]) == _node_fields(TrainConfig) | {"vae", "dataset"}
-    assert set(by_type["VAEFTPatchDataset"]) == _node_fields(DataConfig, skip=("mask_dir",)) | {"folder",
-                                                                                              "mask_folder"}
-    assert set(by_type["VAEFTSave"]) == {"trained", "name", "dtype", "overwrite", "format", "family"}
+def _api(name):
+    with open(os.path.join(API, f"{name}_api.json")) as f:
+        return json.load(f)
+
+
+def test_api_examples_list_every_input():
+    simple, advanced = _api("vae_finetune"), _api("vae_finetune_advanced")
+    for prompt in (simple, advanced):
+        by_type = {n["class_type"]: n["inputs"] for n in prompt.values()}
+        has_options = "VAEFTFineTuneOptions" in by_type
+        links = {"options"} if has_options else set()
+        assert set(by_type["VAEFTFineTune"]) == (_node_fields(TrainConfig, True) | {"vae", "dataset", "run_name",
+                                                                                     "continue_run"} | links)
+        assert set(by_type["VAEFTPatchDataset"]) == _node_fields(DataConfig, True) | {"folder", "mask_folder"} | links
+        assert set(by_type["VAEFTSave"]) == {"trained", "name", "dtype", "overwrite", "format", "family"}
+        if has_options:
+            assert set(by_type["VAEFTFineTuneOptions"]) == _node_fields(TrainConfig, False)
+            assert set(by_type["VAEFTPatchOptions"]) == _node_fields(DataConfig, False, ("mask_dir",))
+        # every link points at an existing node
+        for node in prompt.values():
+            for v in node["inputs"].values():
+                if isinstance(v, list):
+                    assert v[0] in prompt
     # defaults are the recipe's, so the example is the sd-vae-ft-mse recipe as published
-    ft = by_type["VAEFTFineTune"]
-    assert (ft["recipe"], ft["mse_weight"], ft["lpips_weight"], ft["trainable"], ft["ema"]) == \
+    ft = {n["class_type"]: n["inputs"] for n in advanced.values()}
+    opts, main = ft["VAEFTFineTuneOptions"], ft["VAEFTFineTune"]
+    assert (main["recipe"], opts["mse_weight"], opts["lpips_weight"], main["trainable"], opts["ema"]) == \
         ("sd-vae-ft-mse", 1.0, 0.1, "decoder", True)
-    # every link points at an existing node
-    for node in prompt.values():
-        for v in node["inputs"].values():
-            if isinstance(v, list):
-                assert v[0] in prompt
+    # the simple example is the advanced one without the options, Evaluate and its preview
+    for k, node in simple.items():
+        assert {n: v for n, v in advanced[k]["inputs"].items() if n != "options"} == node["inputs"], k
 
 
-def test_ui_example_is_valid_json_with_the_same_nodes():
-    path = os.path.join(ROOT, "example_workflows", "vae_finetune.json")
-    with open(path) as f:
-        ui = json.load(f)
-    types = {n["type"] for n in ui["nodes"]}
-    assert {"VAELoader", "VAEFTPatchDataset", "VAEFTFineTune", "VAEFTSave", "VAEFTLossGraph"} <= types
+def test_ui_templates_match_the_api_examples_and_have_jpeg_thumbnails():
+    names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(TEMPLATES, "*.json")))
+    assert names == sorted(os.path.basename(p)[:-len("_api.json")] for p in glob.glob(os.path.join(API, "*_api.json")))
+    for name in names:
+        with open(os.path.join(TEMPLATES, name + ".json")) as f:
+            ui = json.load(f)
+        api = _api(name)
+        assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in api.items()}
+        with Image.open(os.path.join(TEMPLATES, name + ".jpg")) as thumb:
+            assert thumb.format == "JPEG" and min(thumb.size) >= 200, (name, thumb.format, thumb.size)
+
+
+def test_no_api_format_file_among_the_templates():
+    """ComfyUI serves every example_workflows/*.json as a UI template; an API-format one would be a broken
+    template (a UI workflow has a "nodes" list)."""
+    for path in glob.glob(os.path.join(TEMPLATES, "*.json")):
+        with open(path) as f:
+            assert isinstance(json.load(f).get("nodes"), list), path

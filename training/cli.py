@@ -65,10 +65,10 @@ def add_fit_command(sub) -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> TrainConfig:
-    """The recipe's defaults, then every flag given on the command line."""
+    """The recipe's defaults, then the --memory preset's (sized for --patch-size), then every flag given."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None and f.name != "recipe"}
-    return TrainConfig.from_recipe(args.recipe or "sd-vae-ft-mse", **given)
+    return TrainConfig.from_recipe(args.recipe or "sd-vae-ft-mse", getattr(args, "patch_size", None), **given)
 
 
 def _check_outputs(args) -> None:

@@ -32,17 +32,63 @@ RECIPES: dict[str, dict] = {
 }
 
 
+@dataclass(frozen=True)
+class MemoryPreset:
+    """What a GPU memory size allows: at most ``patches_512`` 512² patches per forward pass (scaled
+    by area for other patch sizes; None = the largest that fits, found by retrying smaller on
+    out-of-memory), gradient checkpointing, and the latent cache's size (MiB)."""
+
+    patches_512: int | None
+    grad_checkpointing: bool
+    latent_cache_mb: int
+
+
+# Sized from bench/RESULTS.md (H100, SD kl-f8, decoder + EMA + LPIPS-VGG, bf16, fused GroupNorm, 512²):
+# micro-batch 4 peaks at 12.5 GiB allocated without checkpointing and 6.3 GiB with it, about
+# 2.9 / 1.35 GiB per patch over ~0.9 GiB of weights and optimizer state. Each preset leaves room for
+# the CUDA context and, without Triton, PyTorch's GroupNorm (~1.3x the memory).
+MEMORY_PRESETS: dict[str, MemoryPreset] = {
+    "auto": MemoryPreset(None, False, 2048),
+    "6GB": MemoryPreset(1, True, 256),
+    "8GB": MemoryPreset(2, True, 512),
+    "12GB": MemoryPreset(4, True, 1024),
+    "24GB+": MemoryPreset(4, False, 2048),
+}
+MEMORY_FIELDS = ("micro_batch", "grad_checkpointing", "latent_cache_mb")
+
+
+def memory_settings(preset: str, batch_size: int, patch_size: int) -> dict:
+    """The values of MEMORY_FIELDS that ``preset`` picks for this batch and patch side (pixels).
+
+    The micro-batch is the largest divisor of ``batch_size`` within the preset's pixel budget (at
+    least 1, so a patch too large for the budget still runs one at a time); "auto" keeps 0, the
+    trainer's largest-that-fits search.
+    """
+    if preset not in MEMORY_PRESETS:
+        raise VAEFTError(f"unknown memory preset {preset!r}; choose one of {', '.join(MEMORY_PRESETS)}")
+    p = MEMORY_PRESETS[preset]
+    micro = 0
+    if p.patches_512 is not None:
+        cap = max(1, p.patches_512 * 512 * 512 // (patch_size * patch_size))
+        micro = max(d for d in range(1, max(1, min(cap, batch_size)) + 1) if batch_size % d == 0)
+    return {"micro_batch": micro, "grad_checkpointing": p.grad_checkpointing, "latent_cache_mb": p.latent_cache_mb}
+
+
 @dataclass
 class TrainConfig:
     """Defaults are Stability's sd-vae-ft-mse recipe: MSE + 0.1·LPIPS, decoder only, EMA."""
 
-    recipe: str = option("sd-vae-ft-mse", "loss recipe; its values are the defaults of the weights below "
+    recipe: str = option("sd-vae-ft-mse", "loss recipe; its values are the defaults of the loss weights "
                                           "('custom' = exactly the values given)",
-                         choices=tuple(RECIPES) + ("custom",))
-    steps: int = option(2000, "optimizer steps", min=1, max=10_000_000)
-    lr: float = option(1e-5, "peak learning rate (AdamW)", gt=0.0, max=1.0, ui_step=1e-8)
+                         choices=tuple(RECIPES) + ("custom",), essential=True)
+    steps: int = option(2000, "optimizer steps", min=1, max=10_000_000, essential=True)
+    lr: float = option(1e-5, "peak learning rate (AdamW)", gt=0.0, max=1.0, ui_step=1e-8, essential=True)
     batch_size: int = option(4, "patches per optimizer step (the effective batch, over all GPUs)",
-                             min=1, max=65536)
+                             min=1, max=65536, essential=True)
+    memory: str = option("auto", "GPU memory preset: sets micro_batch, grad_checkpointing and latent_cache_mb for "
+                                 "a card of this size (a value given for one of those wins); 'auto' = the "
+                                 "largest micro-batch that fits, no checkpointing",
+                         choices=tuple(MEMORY_PRESETS), essential=True)
     micro_batch: int = option(0, "patches per forward pass; batch_size must be a multiple. 0 = auto: "
                                  "the largest that fits in GPU memory (found by retrying smaller on "
                                  "out-of-memory)", min=0, max=65536)
@@ -60,7 +106,7 @@ class TrainConfig:
     lpips_backbone: str | None = option(None, "path of torchvision's ImageNet backbone weights for LPIPS "
                                               "(default: torchvision's cache)", node=False)
     trainable: str = option("decoder", "what is trained: 'decoder' (+ post_quant_conv; keeps the latent space) "
-                                       "or 'full' (encoder too)", choices=TRAINABLE)
+                                       "or 'full' (encoder too)", choices=TRAINABLE, essential=True)
     ema: bool = option(True, "keep an exponential moving average of the trained weights")
     ema_decay: float = option(0.999, "EMA decay per optimizer step", min=0.0, max=1.0, ui_step=1e-6)
     export_ema: bool = option(True, "export the EMA weights (when ema is on)")
@@ -89,7 +135,8 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model (slow first steps, faster after)")
     max_bad_steps: int = option(20, "stop after this many consecutive steps with a non-finite loss or "
                                     "gradient (each is skipped); noticed at the next log step", min=1)
-    seed: int = option(0, "seed for patches, augmentation, posterior samples", min=0, max=2**63 - 1)
+    seed: int = option(0, "seed for patches, augmentation, posterior samples", min=0, max=2**63 - 1,
+                       essential=True)
     log_every: int = option(10, "steps between loss log lines / history points", min=1)
     preview_every: int = option(50, "steps between preview reconstructions (0 = off)", min=0)
     val_every: int = option(200, "steps between validation scores (MSE, PSNR, LPIPS) on held-out patches, the "
@@ -100,12 +147,11 @@ class TrainConfig:
                                       "when LPIPS is off) instead of the last ones")
     checkpoint_every: int = option(500, "steps between resumable checkpoints (0: by time only). Written where "
                                       "a run folder, --checkpoint or --resume says; always at the last step "
-                                      "and when the run is stopped", min=0, node=False)
+                                      "and when the run is stopped", min=0)
     checkpoint_minutes: float = option(10.0, "also checkpoint when this many minutes passed since the last "
                                              "checkpoint (0 = by steps only): a crash loses at most this much",
-                                       min=0.0, node=False)
-    keep_checkpoints: int = option(3, "checkpoints kept in a run folder (the oldest are removed)", min=1, max=1000,
-                                   node=False)
+                                       min=0.0)
+    keep_checkpoints: int = option(3, "checkpoints kept in a run folder (the oldest are removed)", min=1, max=1000)
     export_dtype: str = option("base", "dtype of the exported weights: 'base' = each tensor in the base file's "
                                        "dtype (the untrained ones stay bit-identical); fp16/bf16/fp32 cast all",
                                choices=EXPORT_DTYPES, node=False)
@@ -127,12 +173,22 @@ class TrainConfig:
                              "gan_weight to 0")
 
     @classmethod
-    def from_recipe(cls, recipe: str = "sd-vae-ft-mse", **overrides) -> "TrainConfig":
-        """The recipe's values for the fields it names, then ``overrides``."""
+    def from_recipe(cls, recipe: str = "sd-vae-ft-mse", patch_size: int | None = None,
+                    **overrides) -> "TrainConfig":
+        """The recipe's values for the fields it names, then the memory preset's (``overrides``'
+        ``memory``, sized for ``patch_size``, default DataConfig's) for MEMORY_FIELDS, then ``overrides``."""
         if recipe != "custom" and recipe not in RECIPES:
             raise VAEFTError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)} or 'custom'")
         values = dict(RECIPES.get(recipe, {}))
         values.update(overrides)
+        if patch_size is None:
+            from .data import DataConfig
+
+            patch_size = DataConfig.patch_size
+        memory = values.get("memory", cls.memory)
+        batch = values.get("batch_size", cls.batch_size)
+        for k, v in memory_settings(memory, batch, patch_size).items():
+            values.setdefault(k, v)
         return cls(recipe=recipe, **values)
 
     def recipe_label(self) -> str:

@@ -9,6 +9,8 @@ A field's metadata may hold:
     cli      False to keep a field off the command line
     node     False to keep a field off the ComfyUI node
     ui_step  a float node widget's step, when 1e-4 is too coarse (the frontend rounds to it)
+    essential  True: a widget on the main ComfyUI node; otherwise (the default) it sits on that
+             node's options node, connected by a typed socket. The CLI shows every field either way.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from .errors import VAEFTError
 def option(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field with a default and user-facing metadata."""
     return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def is_essential(field: dataclasses.Field) -> bool:
+    """Whether a field is a widget on the main node (else on its options node)."""
+    return bool(field.metadata.get("essential"))
 
 
 def _field_type(cls: type, field: dataclasses.Field) -> Any:

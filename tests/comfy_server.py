@@ -1,0 +1,141 @@
+"""A real, headless ComfyUI (COMFYUI_PATH) with this pack installed, for the integration and browser tests.
+
+``comfyui_path()`` is None without a checkout; the test modules skip with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import torch
+
+from conftest import ROOT, SD_VAE_CONFIG, write_images
+
+PACK = "comfyui-vae-finetune"
+API_EXAMPLES = os.path.join(ROOT, "examples", "api")
+TEMPLATES = os.path.join(ROOT, "example_workflows")
+
+
+def comfyui_path() -> str | None:
+    path = os.environ.get("COMFYUI_PATH", "")
+    return path if path and os.path.isfile(os.path.join(path, "main.py")) else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_base(base: str, settings: dict | None = None) -> dict[str, torch.Tensor]:
+    """A ComfyUI base directory: this pack linked into custom_nodes, a random-init VAE in the full SD
+    layout as models/vae/random_sd_vae.safetensors (stock Load VAE accepts only that layout), a random
+    VGG backbone for LPIPS, real photos in input/vae_train, and the default user's settings.
+    Returns the VAE's ldm state dict."""
+    import torchvision
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from training.vae import diffusers_to_ldm
+
+    os.makedirs(os.path.join(base, "custom_nodes"))
+    os.symlink(ROOT, os.path.join(base, "custom_nodes", PACK))
+    torch.manual_seed(0)
+    sd = diffusers_to_ldm(AutoencoderKL(**SD_VAE_CONFIG).state_dict())
+    os.makedirs(os.path.join(base, "models", "vae"))
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(base, "models", "vae", "random_sd_vae.safetensors"))
+    # LPIPS runs for real, on an explicitly random VGG backbone (no weights can be downloaded here).
+    feats = {k: v for k, v in torchvision.models.vgg16().state_dict().items() if k.startswith("features.")}
+    torch.save(feats, os.path.join(base, "vgg16-random.pth"))
+    write_images(os.path.join(base, "input", "vae_train"), size=96)
+    write_images(os.path.join(base, "input"), names=("astronaut",), size=64)
+    if settings:
+        os.makedirs(os.path.join(base, "user", "default"))
+        with open(os.path.join(base, "user", "default", "comfy.settings.json"), "w") as f:
+            json.dump(settings, f)
+    return sd
+
+
+class Server:
+    """``python main.py --cpu ...`` on a free port of 127.0.0.1, with ``base`` as its base directory."""
+
+    def __init__(self, base: str, comfyui: str):
+        import requests
+
+        self.requests = requests
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(base, "server.log"), "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   VAEFT_LPIPS_BACKBONE=os.path.join(base, "vgg16-random.pth"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", base, "--disable-auto-launch", "--disable-api-nodes"],
+            cwd=comfyui, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited early:\n{self.read_log()[-4000:]}")
+            try:
+                if requests.get(self.url + "/system_stats", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not start:\n{self.read_log()[-4000:]}")
+
+    def read_log(self) -> str:
+        self.log.flush()
+        with open(os.path.join(self.base, "server.log")) as f:
+            return f.read()
+
+    def get(self, path: str):
+        r = self.requests.get(self.url + path, timeout=30)
+        r.raise_for_status()
+        return r
+
+    def queue(self, prompt: dict) -> str:
+        r = self.requests.post(self.url + "/prompt", json={"prompt": prompt, "client_id": uuid.uuid4().hex},
+                               timeout=30)
+        assert r.ok, r.text
+        return r.json()["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            h = self.requests.get(f"{self.url}/history/{prompt_id}", timeout=10).json()
+            if prompt_id in h and h[prompt_id].get("status", {}).get("completed") is not None:
+                entry = h[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish:\n{self.read_log()[-4000:]}")
+
+    def healthy(self) -> bool:
+        return self.proc.poll() is None and self.requests.get(self.url + "/system_stats", timeout=5).ok
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def messages(entry: dict) -> str:
+    return json.dumps(entry.get("status", {}).get("messages", []))
+
+
+def api_example(name: str = "vae_finetune") -> dict:
+    with open(os.path.join(API_EXAMPLES, f"{name}_api.json")) as f:
+        return json.load(f)
