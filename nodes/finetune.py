@@ -128,6 +128,15 @@ class VAEFineTune(io.ComfyNode):
             mm.unload_all_models()
             mm.soft_empty_cache()
             pbar = comfy.utils.ProgressBar(cfg.steps)
+            cancelled = [False]
+
+            def progress(*args) -> None:
+                # ComfyUI's progress hook raises on Cancel; caught here so the trainer stops at the next
+                # micro-batch and checkpoints the step reached instead of losing it
+                try:
+                    pbar.update_absolute(*args)
+                except mm.InterruptProcessingException:
+                    cancelled[0] = True
 
             start = int(peek(resume)["step"]) if resume else 0
             status = RunStatus(cfg.steps, start, read_metrics(run.path) if resume else None)
@@ -141,7 +150,7 @@ class VAEFineTune(io.ComfyNode):
 
             def on_step(step, total, losses):
                 status.step = step
-                pbar.update_absolute(step, total)
+                progress(step, total)
                 show()
 
             def on_log(line):
@@ -154,7 +163,7 @@ class VAEFineTune(io.ComfyNode):
 
             def on_preview(step, images):
                 run.preview(step, images)
-                pbar.update_absolute(step, cfg.steps, ("JPEG", to_pil(image_grid(images, rows=2)), 768))
+                progress(step, cfg.steps, ("JPEG", to_pil(image_grid(images, rows=2)), 768))
 
             pin = device.type == "cuda"
             workers, method = dataset.cfg.num_workers, None
@@ -187,7 +196,7 @@ class VAEFineTune(io.ComfyNode):
                         on_step=on_step, on_log=on_log, on_preview=on_preview,
                         # Cancel / POST /interrupt: finish the micro-batch, checkpoint the step reached,
                         # then end the prompt as ComfyUI does (below); the server stays up.
-                        should_stop=mm.processing_interrupted,
+                        should_stop=lambda: cancelled[0] or mm.processing_interrupted(),
                     ),
                 )
             finally:

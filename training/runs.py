@@ -239,6 +239,7 @@ class RunStatus:
 
     def update(self, line: dict) -> None:
         """Take a history line (training terms and/or validation scores)."""
+        self.step = max(self.step, int(line["step"]))
         scores = {k: v for k, v in line.items() if k.startswith(("val_", "gen_"))}
         if scores:
             (self.base if line["step"] == 0 else self.val).update(scores)
