@@ -73,3 +73,16 @@ def write_images(folder, names=("astronaut", "coffee", "chelsea", "retina"), siz
         img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))))
         img.save(os.path.join(folder, f"{name}.png"))
     return folder
+
+
+def run_cli(*args, env=None, check=True):
+    """``python -m training ARGS`` in a subprocess, as a user runs it; AssertionError on failure when ``check``."""
+    import subprocess
+
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=ROOT, env=e,
+                       capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr[-3000:]}")
+    return p

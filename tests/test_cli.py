@@ -9,17 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, tiny_ldm_sd, write_images
+from conftest import ROOT, run_cli, tiny_ldm_sd, write_images
 
 
-def run(*args, env=None, check=True):
-    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
-    e.update(env or {})
-    p = subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=ROOT, env=e,
-                       capture_output=True, text=True, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr[-3000:]}")
-    return p
+run = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import ROOT, tiny_ldm_sd, write_images
+from conftest import run_cli, tiny_ldm_sd, write_images
 
 
-def run(*args, check=True):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
-    p = subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr[-3000:]}")
-    return p
+run = run_cli
 
 
 @pytest.fixture(scope="module")
