@@ -381,7 +381,7 @@ def test_help_text_is_printed_as_written_for_every_subcommand():
         text = "".join(parser.format_help().split())  # undo argparse's line wrapping (also at hyphens)
         assert "option_strings" not in text and "%%" not in text, name
         derived = [a for g in parser._action_groups if g.title in ("TrainConfig", "DataConfig")
-                   for a in g._group_actions]  # the flags options.add_arguments made
+                   for a in g._group_actions]  # the flags cli.add_arguments made
         for action in parser._actions:
             if action.help:
                 assert "".join(action.help.replace("%%", "%").split()) in text or "%(" in action.help, action.help

@@ -16,8 +16,46 @@ from typing import Any
 
 from .config import TrainConfig
 from .errors import VAEFTError
-from .options import add_arguments, from_arguments
+from .options import field_type, base_type, validate
 
+
+# ----------------------------------------------------------------------------- flags from the configs
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one --flag per field of the config dataclass `cls` (underscores become dashes; metadata
+    as in training/options.py)."""
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.metadata.get("cli") is False:
+            continue
+        tp, _ = base_type(field_type(cls, f))
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        # argparse %-formats help strings ("%(default)s"): a literal "%" ("~30%") must be doubled
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        if tp is bool:
+            group.add_argument(flag, dest=f.name, default=None,
+                               action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, default=None, type=tp,
+                               choices=f.metadata.get("choices"), help=help_text)
+
+
+def from_arguments(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
+    """Build `cls` from parsed flags: flags left unset keep the field's default."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(ns, f.name, None)
+        if value is not None:
+            kwargs[f.name] = value
+    kwargs.update(overrides)
+    obj = cls(**kwargs)
+    validate(obj)
+    return obj
+
+
+
+# ----------------------------------------------------------------------------- fit
 
 def add_fit_command(sub) -> argparse.ArgumentParser:
     from .data import DataConfig

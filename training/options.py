@@ -15,7 +15,6 @@ A field's metadata may hold:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import typing
 from typing import Any
@@ -33,7 +32,7 @@ def is_essential(field: dataclasses.Field) -> bool:
     return bool(field.metadata.get("essential"))
 
 
-def _field_type(cls: type, field: dataclasses.Field) -> Any:
+def field_type(cls: type, field: dataclasses.Field) -> Any:
     hints = typing.get_type_hints(cls)
     return hints[field.name]
 
@@ -52,7 +51,7 @@ def validate(obj: Any) -> None:
     cls = type(obj)
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        tp, optional = base_type(_field_type(cls, f))
+        tp, optional = base_type(field_type(cls, f))
         name = f.name
         if value is None:
             if optional:
@@ -79,38 +78,6 @@ def validate(obj: Any) -> None:
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
             raise VAEFTError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one --flag per field of dataclass `cls` (underscores become dashes)."""
-    group = parser.add_argument_group(cls.__name__)
-    for f in dataclasses.fields(cls):
-        if f.name in skip or f.metadata.get("cli") is False:
-            continue
-        tp, _ = base_type(_field_type(cls, f))
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        # argparse %-formats help strings ("%(default)s"): a literal "%" ("~30%") must be doubled
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
-        if tp is bool:
-            group.add_argument(flag, dest=f.name, default=None,
-                               action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            group.add_argument(flag, dest=f.name, default=None, type=tp,
-                               choices=f.metadata.get("choices"), help=help_text)
-
-
-def from_arguments(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
-    """Build `cls` from parsed flags: flags left unset keep the field's default."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        value = getattr(ns, f.name, None)
-        if value is not None:
-            kwargs[f.name] = value
-    kwargs.update(overrides)
-    obj = cls(**kwargs)
-    validate(obj)
-    return obj
 
 
 def to_metadata(obj: Any, prefix: str) -> dict[str, str]:
