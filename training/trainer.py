@@ -372,6 +372,129 @@ class _Step:
     base_encoder: torch.nn.Module | None = None
     cache: _LatentCache | None = None
     callbacks: Callbacks = field(default_factory=Callbacks)
+    params: list[torch.nn.Parameter] = field(default_factory=list)  # the trained ones
+    opt: torch.optim.Optimizer | None = None
+    disc_opt: torch.optim.Optimizer | None = None
+    ema: EMA | None = None
+    lpips_net: torch.nn.Module | None = None
+    amp: str = "fp32"                 # the autocast dtype: bf16, fp16 (with loss scaling) or fp32
+    amp_why: str = ""
+    fused: int = 0                    # GroupNorms swapped for the fused kernels
+    restore_modules: Callable[[], None] | None = None  # undoes the norm swaps
+
+
+def _prepare(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distributed,
+             lpips_net: torch.nn.Module | None, augment, callbacks: Callbacks) -> _Step:
+    """A private fp32 copy of the model set up for training (trainable set, precision, fused norms,
+    memory layout, DDP, compile) with its loss, optimizers and EMA."""
+    model = copy.deepcopy(vae.model).to(device)  # build_vae made it fp32: the master weights
+    params = [p for name, p in model.named_parameters()
+              if p.requires_grad_(name.startswith(TRAINABLE_PREFIXES[cfg.trainable])).requires_grad]
+    on_cuda = device.type == "cuda"
+    amp, amp_why = resolve_precision(cfg.precision, device)
+    fused, restore_modules = 0, None  # the norm swaps are made on our private copy only
+    if cfg.fused_norm and on_cuda and amp != "fp16" and triton_available():
+        fused, restore_modules = fuse_vae_blocks(model)
+    elif amp == "bf16" and cfg.norm_in_bf16:
+        _, restore_modules = autocast_group_norms(model)
+    channels_last = on_cuda and (cfg.channels_last or bool(fused))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.grad_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                              enabled=amp != "fp32")
+    if cfg.lpips_weight > 0 and lpips_net is None:
+        lpips_net = load_lpips(cfg.lpips_net, cfg.lpips_backbone)
+    if lpips_net is not None:
+        # a private copy: the caller's network keeps its device and dtype; frozen, so bf16 under bf16
+        lpips_net = copy.deepcopy(lpips_net).to(device, torch.bfloat16 if amp == "bf16" else None).eval()
+        lpips_net.requires_grad_(False)
+    module: torch.nn.Module = _Reconstruct(model, cfg.trainable == "full", cfg.posterior == "sample",
+                                           torch.channels_last if channels_last else torch.contiguous_format)
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        module = DDP(module, device_ids=[device.index] if on_cuda else None)
+    if cfg.compile:
+        module = torch.compile(module)
+    s = _Step(cfg, device, model, module, ReconstructionLoss(cfg.mse_weight, cfg.l1_weight, cfg.lpips_weight,
+                                                             lpips_net),
+              autocast, dist, channels_last, augment, callbacks=callbacks, params=params, lpips_net=lpips_net,
+              amp=amp, amp_why=amp_why, fused=fused, restore_modules=restore_modules)
+    if cfg.latent_weight:
+        s.base_encoder = _Reconstruct(copy.deepcopy(vae.model).to(device).eval(), False, False)
+    if cfg.latent_cache_mb and cfg.trainable == "decoder" and augment is None:
+        s.cache = _LatentCache(cfg.latent_cache_mb * 2**20)
+    s.opt = torch.optim.AdamW(params, lr=lr_at(0, cfg), weight_decay=cfg.weight_decay, fused=True)
+    if cfg.gan_weight > 0:
+        with torch.random.fork_rng(devices=[]):  # the same init on every rank, the caller's RNG untouched
+            torch.manual_seed(cfg.seed)
+            s.disc = PatchDiscriminator().to(device)
+        s.disc_opt = torch.optim.AdamW(s.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0,
+                                       fused=True)
+    s.ema = EMA(params, cfg.ema_decay) if cfg.ema else None
+    return s
+
+
+def _update(s: _Step, state: LoopState, step: int, found_inf: torch.Tensor) -> None:
+    """After the backward passes of ``step``: unscale (fp16), clip, the optimizer steps, EMA. A
+    non-finite gradient skips the update on the device (``found_inf``), without a host sync; the
+    count is read at logging steps."""
+    found_inf.zero_()
+    state.unscale_(s.params, found_inf)
+    norm = torch.nn.utils.clip_grad_norm_(s.params, s.cfg.grad_clip if s.cfg.grad_clip > 0 else float("inf"))
+    torch.maximum(found_inf, (~torch.isfinite(norm)).float(), out=found_inf)
+    _fused_step(s.opt, found_inf)
+    if s.ema is not None:
+        s.ema.update(step, found_inf)
+    if s.disc_opt is None or step < s.cfg.disc_start:
+        state.update_scale(found_inf)
+        return
+    if s.dist.world_size > 1:  # the discriminator is not DDP-wrapped: average its gradients here
+        for p in s.disc.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(s.dist.world_size)
+    d_inf = torch.zeros_like(found_inf)
+    state.unscale_(list(s.disc.parameters()), d_inf)
+    d_norm = torch.nn.utils.clip_grad_norm_(s.disc.parameters(), float("inf"))
+    d_inf = torch.maximum(torch.maximum((~torch.isfinite(d_norm)).float(), d_inf), found_inf)
+    _fused_step(s.disc_opt, d_inf)
+    state.update_scale(d_inf)
+
+
+def _scores(s: _Step, state: LoopState, val_batch: torch.Tensor, general_batch: torch.Tensor | None) -> dict:
+    """Validation (and general-image) scores with the weights that would be exported (the EMA when
+    on); export_best's pick is updated from step 1 on."""
+    swap = s.ema.swapped_in() if (s.ema is not None and s.cfg.export_ema) else contextlib.nullcontext()
+    with swap:
+        scores = {f"val_{k}": v for k, v in _validate(s.model, val_batch, s.device, s.autocast, s.lpips_net).items()}
+        if general_batch is not None:
+            scores.update({f"gen_{k}": v for k, v in
+                           _validate(s.model, general_batch, s.device, s.autocast, s.lpips_net).items()})
+        if s.cfg.export_best and state.step > 0:
+            state.consider_best(scores.get("val_lpips", scores["val_mse"]), s.params)
+    return scores
+
+
+def _finish(s: _Step, state: LoopState) -> bool:
+    """Put the weights to export into the model (EMA, or export_best's pick), undo the training-only
+    changes (checkpointing, norm swaps, layout), freeze it. Returns whether the EMA was used."""
+    used_ema = s.ema is not None and s.cfg.export_ema and state.step > 0
+    if used_ema:
+        s.ema.copy_to_params()
+    if s.cfg.export_best and state.best["params"] is not None:
+        with torch.no_grad():
+            for p, b in zip(s.params, state.best["params"]):
+                p.copy_(b)
+    if s.cfg.grad_checkpointing:
+        s.model.disable_gradient_checkpointing()
+    if s.restore_modules is not None:
+        s.restore_modules()
+    s.model.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
+    return used_ema
 
 
 def _batch_stream(batches, start: int, in_channels: int, local_batch: int):
@@ -448,61 +571,13 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     if resume is not None and not callable(batches):
         raise VAEFTError("resuming needs batches as a function of the start step (to replay the data order)")
 
-    # ---- model, precision, loss, optimizer
     base_digest = frozen_digest(vae.model, cfg.trainable)
-    model = copy.deepcopy(vae.model).to(device)  # build_vae made it fp32: the master weights
-    params = [p for name, p in model.named_parameters()
-              if p.requires_grad_(name.startswith(TRAINABLE_PREFIXES[cfg.trainable])).requires_grad]
-    on_cuda = device.type == "cuda"
-    amp, amp_why = resolve_precision(cfg.precision, device)
-    use_bf16 = amp == "bf16"
-    fused, restore_modules = 0, None  # the norm swaps are made on our private copy only
-    if cfg.fused_norm and on_cuda and amp != "fp16" and triton_available():
-        fused, restore_modules = fuse_vae_blocks(model)
-    elif use_bf16 and cfg.norm_in_bf16:
-        _, restore_modules = autocast_group_norms(model)
-    channels_last = on_cuda and (cfg.channels_last or bool(fused))
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if cfg.grad_checkpointing:
-        model.enable_gradient_checkpointing()
-    model.train()
-    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
-                              enabled=amp != "fp32")
-    if cfg.lpips_weight > 0 and lpips_net is None:
-        lpips_net = load_lpips(cfg.lpips_net, cfg.lpips_backbone)
-    if lpips_net is not None:
-        # a private copy: the caller's network keeps its device and dtype; frozen, so bf16 under bf16
-        lpips_net = copy.deepcopy(lpips_net).to(device, torch.bfloat16 if use_bf16 else None).eval()
-        lpips_net.requires_grad_(False)
-    module: torch.nn.Module = _Reconstruct(model, cfg.trainable == "full", cfg.posterior == "sample",
-                                           torch.channels_last if channels_last else torch.contiguous_format)
-    if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        module = DDP(module, device_ids=[device.index] if on_cuda else None)
-    if cfg.compile:
-        module = torch.compile(module)
-    s = _Step(cfg, device, model, module, ReconstructionLoss(cfg.mse_weight, cfg.l1_weight, cfg.lpips_weight,
-                                                             lpips_net),
-              autocast, dist, channels_last, augment, callbacks=callbacks)
-    if cfg.latent_weight:
-        s.base_encoder = _Reconstruct(copy.deepcopy(vae.model).to(device).eval(), False, False)
-    if cfg.latent_cache_mb and cfg.trainable == "decoder" and augment is None:
-        s.cache = _LatentCache(cfg.latent_cache_mb * 2**20)
-    opt = torch.optim.AdamW(params, lr=lr_at(0, cfg), weight_decay=cfg.weight_decay, fused=True)
-    disc_opt = None
-    if cfg.gan_weight > 0:
-        with torch.random.fork_rng(devices=[]):  # the same init on every rank, the caller's RNG untouched
-            torch.manual_seed(cfg.seed)
-            s.disc = PatchDiscriminator().to(device)
-        disc_opt = torch.optim.AdamW(s.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0,
-                                     fused=True)
-    ema = EMA(params, cfg.ema_decay) if cfg.ema else None
-    state = LoopState.new(device, loss_scaling=amp == "fp16")
+    s = _prepare(vae, cfg, device, dist, lpips_net, augment, callbacks)
+    opt, disc_opt, ema = s.opt, s.disc_opt, s.ema
+    state = LoopState.new(device, loss_scaling=s.amp == "fp16")
     if resume is not None:
         ckpt = load_checkpoint(resume, vae.layout, cfg, dist.world_size, data_signature)
-        state = restore_checkpoint(ckpt, params, opt, ema, s.disc, disc_opt, device, loss_scaling=amp == "fp16")
+        state = restore_checkpoint(ckpt, s.params, opt, ema, s.disc, disc_opt, device, loss_scaling=s.amp == "fp16")
     run_id = (ckpt.get("run_id") if resume is not None else None) or uuid.uuid4().hex
     if checkpoints is not None and not isinstance(checkpoints, Checkpoints):
         checkpoints = Checkpoints(checkpoints, every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes)
@@ -515,27 +590,16 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         if callbacks.on_log:
             callbacks.on_log(line)
 
-    def validate() -> dict:
-        swap = ema.swapped_in() if (ema is not None and cfg.export_ema) else contextlib.nullcontext()
-        with swap:  # scored with the weights that would be exported
-            scores = {f"val_{k}": v for k, v in _validate(model, val_batch, device, autocast, lpips_net).items()}
-            if general_batch is not None:
-                scores.update({f"gen_{k}": v for k, v in
-                               _validate(model, general_batch, device, autocast, lpips_net).items()})
-            if cfg.export_best and state.step > 0:
-                state.consider_best(scores.get("val_lpips", scores["val_mse"]), params)
-        return scores
-
     def save(step: int) -> None:
-        path = checkpoints.write(step, checkpoint_state(cfg, vae.layout, params, opt, ema, s.disc, disc_opt, state,
+        path = checkpoints.write(step, checkpoint_state(cfg, vae.layout, s.params, opt, ema, s.disc, disc_opt, state,
                                                         dist.world_size, data_signature))
         if callbacks.on_checkpoint:
             callbacks.on_checkpoint(step, path)
 
     if cfg.val_every and state.step == 0:  # the base VAE's scores: every curve starts from "before"
-        state.history.append({"step": 0, **validate()})
+        state.history.append({"step": 0, **_scores(s, state, val_batch, general_batch)})
         log(state.history[-1])
-    stream = _batch_stream(batches, state.step, model.config.in_channels, local_batch)
+    stream = _batch_stream(batches, state.step, s.model.config.in_channels, local_batch)
 
     # ---- the loop
     found_inf = torch.zeros((), device=device)
@@ -554,40 +618,18 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
                 opt.zero_grad(set_to_none=True)
                 if s.disc is not None:
                     s.disc.zero_grad(set_to_none=True)
-                micro = _largest_divisor_below(local_batch, micro)
-                if cfg.micro_batch or not micro:
+                smaller = _largest_divisor_below(local_batch, micro)
+                if cfg.micro_batch or not smaller:
                     raise VAEFTError(
-                        f"out of GPU memory at micro-batch {cfg.micro_batch or local_batch} with "
-                        f"{x_all.shape[-1]}² patches; turn on grad_checkpointing, lower patch_size, or set "
-                        "a smaller micro_batch") from None
-                if on_cuda:
+                        f"out of GPU memory at micro-batch {micro} with {x_all.shape[-1]}² patches; turn on "
+                        "grad_checkpointing, lower patch_size, or set a smaller micro_batch") from None
+                micro = smaller
+                if device.type == "cuda":
                     torch.cuda.empty_cache()
         if stopped:
             opt.zero_grad(set_to_none=True)
             break
-        # Non-finite gradients: the fused optimizer skips the update on the device (found_inf),
-        # so there is no host sync here; the count is read at logging steps.
-        found_inf.zero_()
-        state.unscale_(params, found_inf)
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        torch.maximum(found_inf, (~torch.isfinite(norm)).float(), out=found_inf)
-        _fused_step(opt, found_inf)
-        if ema is not None:
-            ema.update(step, found_inf)
-        if disc_opt is not None and step >= cfg.disc_start:
-            if dist.world_size > 1:  # the discriminator is not DDP-wrapped: average its gradients here
-                for p in s.disc.parameters():
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad.div_(dist.world_size)
-            d_inf = torch.zeros_like(found_inf)
-            state.unscale_(list(s.disc.parameters()), d_inf)
-            d_norm = torch.nn.utils.clip_grad_norm_(s.disc.parameters(), float("inf"))
-            d_inf = torch.maximum(torch.maximum((~torch.isfinite(d_norm)).float(), d_inf), found_inf)
-            _fused_step(disc_opt, d_inf)
-            state.update_scale(d_inf)
-        else:
-            state.update_scale(found_inf)
+        _update(s, state, step, found_inf)
         state.add(parts, found_inf)
         step = state.step
 
@@ -599,7 +641,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
                     f"{int(state.worst_run)} consecutive steps had a non-finite loss or gradient (each was "
                     "skipped); stopping. Lower lr, check the data for broken images, or use precision fp32")
         if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
-            scores = validate()
+            scores = _scores(s, state, val_batch, general_batch)
             if logged is not None:
                 logged.update(scores)
             else:
@@ -610,32 +652,21 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
             callbacks.on_step(step, cfg.steps, logged)
         if (callbacks.on_preview and preview_batch is not None and cfg.preview_every
                 and (step % cfg.preview_every == 0 or step == cfg.steps)):
-            callbacks.on_preview(step, _preview(model, preview_batch, device, autocast))
+            callbacks.on_preview(step, _preview(s.model, preview_batch, device, s.autocast))
         if checkpoints is not None and checkpoints.due(step, final=step == cfg.steps):
             save(step)
     if stopped and checkpoints is not None and checkpoints.due(state.step, final=True):
         save(state.step)  # Cancel: keep the steps done so far
 
-    # ---- the weights to export: EMA, or export_best's pick
-    if ema is not None and cfg.export_ema and state.step > 0:
-        ema.copy_to_params()
-    if cfg.export_best and state.best["params"] is not None:
-        with torch.no_grad():
-            for p, b in zip(params, state.best["params"]):
-                p.copy_(b)
-    if cfg.grad_checkpointing:
-        model.disable_gradient_checkpointing()
-    if restore_modules is not None:
-        restore_modules()
-    model.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
-    digests = _check_ranks_agree(model, cfg.trainable, dist) if dist.world_size > 1 else None
-    return TrainResult(model=model, layout=vae.layout, config=cfg, steps_done=state.step, history=state.history,
+    used_ema = _finish(s, state)
+    digests = _check_ranks_agree(s.model, cfg.trainable, dist) if dist.world_size > 1 else None
+    return TrainResult(model=s.model, layout=vae.layout, config=cfg, steps_done=state.step, history=state.history,
                        stopped_early=stopped, frozen_digest=base_digest, seconds=time.perf_counter() - t0,
-                       used_ema=ema is not None and cfg.export_ema and state.step > 0, micro_batch=micro,
+                       used_ema=used_ema, micro_batch=micro,
                        skipped_steps=int(state.skipped),
                        best_step=state.best["step"] if cfg.export_best and state.best["params"] is not None else None,
-                       fused_norms=fused, latent_cache_hits=s.cache.hits if s.cache is not None else 0,
-                       rank_digests=digests, run_id=run_id, precision=amp_why,
+                       fused_norms=s.fused, latent_cache_hits=s.cache.hits if s.cache is not None else 0,
+                       rank_digests=digests, run_id=run_id, precision=s.amp_why,
                        checkpoint=checkpoints.written[-1] if checkpoints is not None and checkpoints.written else None)
 
 
