@@ -28,8 +28,9 @@ NODE_W = 400
 # The read-only box web/vaeft.js adds to this pack's output nodes (a multi-line text widget).
 RESULT_BOX_H = 80
 # Room for images drawn on a node (the frontend's image-preview widget needs at least 220 px):
-# preview nodes show the picture, VAE Fine-tune its live reconstructions while it trains.
-IMAGE_H = {"PreviewImage": 320, "SaveImage": 320, "VAEFTFineTune": 240}
+# preview nodes show the picture, VAE Fine-tune its live reconstructions while it trains, above them
+# its status text (up to 5 lines: run, step/ETA, losses, validation vs base, peak GPU memory; ~80 px).
+IMAGE_H = {"PreviewImage": 320, "SaveImage": 320, "VAEFTFineTune": 240 + 80}
 GAP_X, GAP_Y, ORIGIN = 60, 40, (40, 80)
 
 
