@@ -537,3 +537,19 @@ def test_precision_auto_follows_the_gpu_and_fp16_scales_the_loss(monkeypatch):
     state.unscale_([p], found)
     state.update_scale(found)
     assert found.item() == 1.0 and state.loss_scale.item() == 2.0**15
+
+
+def test_general_images_are_scored_beside_the_validation_patches_from_step_0():
+    """Do-no-harm: other images are validated as gen_* at the same steps, the base's first."""
+    vae = build_vae(tiny_ldm_sd())
+    g = torch.Generator().manual_seed(3)
+    val, general = (torch.rand(2, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+    res = fine_tune(vae, fixed_batches(), cfg(steps=4, val_every=2, log_every=2), device="cpu", val_batch=val,
+                    general_batch=general)
+    scored = [h for h in res.history if "gen_mse" in h]
+    assert [h["step"] for h in scored] == [0, 2, 4] and all("val_mse" in h for h in scored)
+    assert scored[0]["gen_mse"] != scored[0]["val_mse"]  # its own patches
+    from training.trainer import history_curves
+
+    values, steps = history_curves(res.history)
+    assert steps["gen_mse"] == [0, 2, 4] and len(values["gen_mse"]) == 3

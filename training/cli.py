@@ -146,7 +146,8 @@ def run_fit(args) -> int:
     data_cfg = from_arguments(DataConfig, args, seed=cfg.seed)
     _check_outputs(args)
     resume = args.resume
-    if resume and os.path.isdir(resume):  # a run folder: its newest checkpoint
+    if resume and os.path.isdir(resume):  # a run folder: its newest checkpoint, and it goes on writing there
+        args.run_dir = args.run_dir or resume
         resume = latest_in(os.path.join(resume, "checkpoints"))
         if resume is None:
             raise VAEFTError(f"--resume {args.resume!r}: that run folder has no checkpoint yet")
