@@ -123,3 +123,31 @@ def test_folder_keeps_the_newest_and_time_triggers_a_checkpoint(vae, tmp_path, m
               checkpoints=C.Checkpoints(tmp_path / "t.ckpt", every_minutes=10),
               callbacks=Callbacks(on_checkpoint=lambda step, path: written.append(step)))
     assert written[-1] == 5 and 2 <= len(written) <= 4
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_the_previous_checkpoint_survives(vae, tmp_path):
+    """On a real 2 MiB tmpfs: the first checkpoint fits, the next does not (its folder also holds a
+    1 MiB file meanwhile); the error names the disk, the first checkpoint is whole, no temporary is left."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a real full file system needs root to mount a tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        ckpt = disk / "run.ckpt"
+        small = {"format": C.CHECKPOINT_FORMAT, "step": 1, "w": torch.zeros(64 * 1024)}  # 256 KiB
+        C.write_checkpoint(ckpt, small, overwrite=False)
+        before = ckpt.read_bytes()
+        (disk / "filler.bin").write_bytes(bytes(1024 * 1024))
+        big = {**small, "step": 2, "w": torch.ones(256 * 1024)}  # 1 MiB: no longer fits
+        with pytest.raises(VAEFTError, match=r"cannot write checkpoint .*No space left on device|ENOSPC"):
+            C.write_checkpoint(ckpt, big, overwrite=True)
+        assert ckpt.read_bytes() == before
+        assert sorted(p.name for p in disk.iterdir()) == ["filler.bin", "run.ckpt"]
+        assert C.read_checkpoint(ckpt)["step"] == 1
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

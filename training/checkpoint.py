@@ -13,6 +13,7 @@ a digest of its tensors and the identity of the run that wrote it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -53,7 +54,17 @@ def write_checkpoint(path: str | os.PathLike, state: dict, *, overwrite: bool) -
     disk leaves the previous file whole. OS errors become a VAEFTError naming the path."""
     body = {k: v for k, v in state.items() if k != "digest"}
     body["digest"] = tensors_digest(body)
-    return atomic_write(path, lambda f: torch.save(body, f), overwrite=overwrite, what="checkpoint")
+
+    def save(f) -> None:
+        try:
+            torch.save(body, f)
+        except RuntimeError as e:  # torch's zip writer reports a full disk as a RuntimeError
+            folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+            full = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize < 64 * 2**20
+            raise OSError(errno.ENOSPC if full else errno.EIO, f"writing the checkpoint failed ({str(e)[:200]})") \
+                from None
+
+    return atomic_write(path, save, overwrite=overwrite, what="checkpoint")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
