@@ -24,7 +24,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training.augment import augment  # noqa: E402
-from training.data import DataConfig, build_dataset  # noqa: E402
+from training.config import DataConfig  # noqa: E402
+from training.data import build_dataset  # noqa: E402
 
 SIZE = 2048
 

@@ -9,7 +9,8 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..training.data import DataConfig, build_dataset
+from ..training.config import DataConfig
+from ..training.data import build_dataset
 from ..training.errors import VAEFTError
 from .common import (Dataset, PatchOptions, config_from_inputs, config_inputs, image_to_training, schema,
                      training_to_image)
@@ -30,7 +31,7 @@ def resolve_input_folder(folder: str) -> str:
         raise VAEFTError(f"data folder {folder!r} is outside ComfyUI's input directory ({base}); "
                          "put (or symlink) the images under it")
     if not os.path.isdir(path):
-        from ..training.imageio import describe_path
+        from ..training.files import describe_path
 
         kind = describe_path(path)  # stat only: a FIFO named like a folder is never opened
         if kind is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..training.config import TrainConfig
-from ..training.data import DataConfig
+from ..training.config import DataConfig
 from .common import PatchOptions, TrainOptions, config_inputs, input_values, schema
 
 # Loss terms first (what a recipe sets), then optimisation, validation, speed and memory.

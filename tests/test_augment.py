@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import tiny_ldm_sd
 from training.augment import AugmentParams, augment, augmenter, color_jitter, dihedral, sample_params
 from training.config import TrainConfig
-from training.data import DataConfig
+from training.config import DataConfig
 from training.errors import VAEFTError
 
 

@@ -18,10 +18,9 @@ from PIL import Image, ImageCms
 skimage_data = pytest.importorskip("skimage.data")
 
 from training import imageio as tio  # noqa: E402
-from training.data import (  # noqa: E402
-    DataConfig, build_dataset, from_tensor, grid_positions,
-    worker_start_method,
-)
+from training.config import DataConfig  # noqa: E402
+from training.data import build_dataset, from_tensor, worker_start_method  # noqa: E402
+from training.foreground import grid_positions  # noqa: E402
 from training.cli import add_patches_command, run_patches  # noqa: E402
 from training.errors import VAEFTError  # noqa: E402
 

@@ -15,7 +15,8 @@ from safetensors import safe_open
 
 from conftest import tiny_ldm_sd, write_images
 from training.config import TrainConfig
-from training.data import DataConfig, build_dataset
+from training.config import DataConfig
+from training.data import build_dataset
 from training.export import dataset_digest, export_vae, strip_paths
 from training.trainer import fine_tune
 from training.vae import build_vae

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 from conftest import ROOT, tiny_ldm_sd, write_images
 from hostile_files import FifoWatchdog, png, snapshot
 from training import imageio as tio
-from training.data import DataConfig, build_dataset, from_tensor
+from training.config import DataConfig
+from training.data import build_dataset, from_tensor
 from training.errors import VAEFTError
 
 P = 64  # with upscale_small, 100000×1 becomes 6400000×64: over the pixel budget
@@ -159,7 +160,7 @@ def test_special_masks_are_skipped_with_a_reason(tmp_path):
 def test_degenerate_image_is_skipped_before_decoding_and_upscaling(tmp_path, monkeypatch):
     write_images(tmp_path, names=("astronaut",), size=64)
     (tmp_path / "wide.png").write_bytes(png(100000, 1))
-    import training.data as data_mod
+    import training.scan as data_mod
 
     decoded, resized = [], []
     real_load, real_resize = ImageFile.ImageFile.load, data_mod.resize_pixels
@@ -240,13 +241,13 @@ def test_batch_too_large_for_memory_is_named(tmp_path):
 
 
 def test_allocator_failure_becomes_a_named_error():
-    from training.data import _named_oom
+    from training.memory import out_of_memory_named
 
     with pytest.raises(VAEFTError, match=r"out of CPU memory doing X \(.*can't allocate memory.*\); do Y"):
-        with _named_oom("doing X", "do Y"):
+        with out_of_memory_named("doing X", "do Y"):
             torch.empty(2**60, dtype=torch.uint8)  # a real allocator failure, nothing is allocated
     with pytest.raises(ValueError):  # other errors pass through unchanged
-        with _named_oom("doing X", "do Y"):
+        with out_of_memory_named("doing X", "do Y"):
             raise ValueError("not memory")
 
 
@@ -368,7 +369,7 @@ def test_help_text_is_printed_as_written_for_every_subcommand():
     import dataclasses
 
     from training.config import TrainConfig
-    from training.data import DataConfig
+    from training.config import DataConfig
 
     choices = _subparsers()
     assert set(choices) >= {"fit", "patches", "eval", "demo"}

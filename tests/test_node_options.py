@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from training.config import MEMORY_FIELDS, MEMORY_PRESETS, TrainConfig, memory_settings
-from training.data import DataConfig
+from training.config import DataConfig
 from training.errors import VAEFTError
 from training.options import is_essential
 

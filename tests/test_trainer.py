@@ -449,7 +449,7 @@ def test_no_host_sync_between_logging_steps(kw, augmented, lpips_random):
     """The spec's "no .item() per step": the host reads device values only on logging steps, with
     augmentation on too (flips, rotations and colour jitter decided without reading a tensor)."""
     from training.augment import augmenter
-    from training.data import DataConfig
+    from training.config import DataConfig
 
     vae = build_vae(tiny_ldm_sd())
     reads, per_step = _HostReads(), {}

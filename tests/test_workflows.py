@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import ROOT
 from training.config import TrainConfig
-from training.data import DataConfig
+from training.config import DataConfig
 from training.options import is_essential
 
 API = os.path.join(ROOT, "examples", "api")

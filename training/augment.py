@@ -23,7 +23,7 @@ import torch
 from .errors import VAEFTError
 
 if TYPE_CHECKING:
-    from .data import DataConfig
+    from .config import DataConfig
 
 _STREAM = 0xA06  # keeps augmentation's random stream apart from others seeded with the same integer
 

@@ -58,7 +58,7 @@ def from_arguments(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
 # ----------------------------------------------------------------------------- fit
 
 def add_fit_command(sub) -> argparse.ArgumentParser:
-    from .data import DataConfig
+    from .config import DataConfig
 
     p = sub.add_parser("fit", help="fine-tune a VAE on patches of a folder of images and export it",
                        description="Fine-tune a VAE. Multi-GPU: torchrun --nproc-per-node N -m training fit ...")
@@ -131,7 +131,8 @@ def _check_outputs(args) -> None:
 
 def run_fit(args) -> int:
     from .augment import augmenter
-    from .data import DataConfig, build_dataset, preview_patches
+    from .config import DataConfig
+    from .data import build_dataset, preview_patches
     from .device import Distributed, pick_device
     from .export import export_vae, make_probe
     from .plot import curve_image, save_png
@@ -328,7 +329,7 @@ def _write_preview(folder: str, step: int, images) -> None:
 
 def add_patches_command(sub) -> None:
     """``patches``: inspect a dataset (summary, sample stats, preview PNG)."""
-    from .data import DataConfig
+    from .config import DataConfig
 
     p = sub.add_parser("patches", help="scan a folder, sample patches, print one JSON summary",
                        description="Scan a folder of images as training would, sample patches and "
@@ -343,7 +344,8 @@ def add_patches_command(sub) -> None:
 
 
 def run_patches(args) -> int:
-    from .data import DataConfig, build_dataset
+    from .config import DataConfig
+    from .data import build_dataset
     from .plot import save_png
 
     cfg = from_arguments(DataConfig, args)
@@ -376,7 +378,7 @@ def run_patches(args) -> int:
 
 def add_eval_command(sub) -> None:
     """``eval``: compare VAEs on the same seeded patches (see training/evaluate.py)."""
-    from .data import DataConfig
+    from .config import DataConfig
     from .evaluate import DATA_FLAGS
 
     p = sub.add_parser(
@@ -427,7 +429,7 @@ def run_eval(args) -> int:
     {"data": {...}, "general": {...}}, "data": {name: {metric: {"mean", "std"}, "patches": n, ...}},
     "general": {...} (with --general), "general_delta" / "data_delta" (with 2+ VAEs), "lpips" and
     "rfid": availability, "grid" (with --grid), "full_image": {...} (with --full-image), "notes": [...]}."""
-    from .data import DataConfig
+    from .config import DataConfig
     from .device import pick_device
     from .evaluate import compare, eval_patches, full_image_report, metric_deltas
     from .imageio import ImageReadError, read_image, to_signed

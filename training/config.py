@@ -1,6 +1,7 @@
-"""TrainConfig: every training hyperparameter, declared once.
+"""Every setting, declared once: :class:`DataConfig` (how patches are cut) and :class:`TrainConfig`
+(how they are trained on).
 
-The CLI flags (``python -m training fit --help``), the fine-tune node's inputs and
+The CLI flags (``python -m training fit --help``), the nodes' inputs, a run folder's config.json and
 the exported file's metadata are all derived from these fields.
 """
 
@@ -13,7 +14,65 @@ from .errors import VAEFTError
 from .options import option, validate
 
 EXPORT_DTYPES = ("base", "fp16", "bf16", "fp32")
+CELL = 8  # patch sides and corners are multiples of this (the VAE's downsampling factor)
 TRAINABLE = ("decoder", "full")
+
+
+@dataclass
+class DataConfig:
+    """How patches are cut from the images. Every field is a CLI flag and a node input (essential ones on
+    VAE Patch Dataset, the rest on VAE Patch Options)."""
+
+    patch_size: int = option(256, "patch side in pixels (a multiple of 8)", min=8, max=4096, essential=True)
+    sampling: str = option("random", "'random' patches (image picked uniformly, then position) or a "
+                                     "'grid' covering every image once per epoch", choices=("random", "grid"),
+                         essential=True)
+    grid_overlap: int = option(0, "overlap of neighbouring grid patches, pixels (grid sampling)", min=0)
+    scale_jitter: float = option(0.0, "random scale: crop patch×s, s in [1-j, 1+j], resized to the patch "
+                                      "(0 = off; random sampling only)", min=0.0, max=0.9)
+    foreground_threshold: float = option(0.04, "a pixel is foreground when its luminance (0..1) is above "
+                                               "this (0 = no automatic masking)", min=0.0, max=1.0,
+                                         essential=True)
+    min_foreground: float = option(0.5, "keep a patch only if at least this fraction is foreground",
+                                   min=0.0, max=1.0)
+    mask_dir: str | None = option(None, "folder of masks with the images' relative names (white = use); "
+                                        "replaces the automatic foreground")
+    upscale_small: bool = option(False, "upscale images smaller than the patch (else they are skipped)")
+    val_fraction: float = option(0.1, "fraction of images held out for validation (at least 1 when there "
+                                      "are 2 or more images; 0 = none)", min=0.0, max=0.9,
+                                 essential=True)
+    flip: bool = option(True, "augment: random horizontal and vertical flips")
+    rotate90: bool = option(True, "augment: random 90° rotations")
+    color_jitter: float = option(0.0, "augment: brightness/contrast/saturation factors in [1-c, 1+c] "
+                                      "(0 = off)", min=0.0, max=0.5)
+    cache_mb: int = option(4096, "keep decoded images in memory up to this many MiB; the rest are "
+                                 "re-read from disk when sampled", min=0)
+    num_workers: int = option(0, "data loader worker processes (0 = in the training process)", min=0, max=64)
+    seed: int = option(0, "seed for the split, patch positions and augmentation", min=0, max=2**63 - 1,
+                       essential=True)
+    recursive: bool = option(True, "search subfolders of the data folder")
+    fg_tries: int = option(16, "tries per patch to find a jittered crop with enough foreground before "
+                               "falling back to an unjittered one", min=1, max=1000)
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    @property
+    def augments(self) -> bool:
+        """Whether :func:`training.augment.augment` changes anything (else a grid patch set is fixed)."""
+        return self.flip or self.rotate90 or self.color_jitter > 0
+
+
+def check_config(cfg: DataConfig) -> None:
+    """Raise VAEFTError for an invalid setting (bounds, patch size multiple of 8, overlap < patch)."""
+    validate(cfg)
+    p = cfg.patch_size
+    if p % CELL:
+        lo, hi = max(CELL, p // CELL * CELL), (p // CELL + 1) * CELL
+        raise VAEFTError(f"patch_size must be a positive multiple of 8 (the VAE downsamples by 8); "
+                         f"got {p}: use {lo} or {hi}")
+    if cfg.grid_overlap >= p:
+        raise VAEFTError(f"grid_overlap ({cfg.grid_overlap}) must be smaller than patch_size ({p})")
 
 
 # Each recipe is a full set of defaults for the fields it names; anything passed explicitly
@@ -182,8 +241,6 @@ class TrainConfig:
         values = dict(RECIPES.get(recipe, {}))
         values.update(overrides)
         if patch_size is None:
-            from .data import DataConfig
-
             patch_size = DataConfig.patch_size
         memory = values.get("memory", cls.memory)
         batch = values.get("batch_size", cls.batch_size)

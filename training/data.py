@@ -1,39 +1,25 @@
-"""Patch dataset: square patches from a folder of (large) images or an in-memory batch.
+"""Patch sampling and streaming over scanned images (:mod:`training.scan`).
 
-Tensors here are BCHW float32 in [-1, 1] unless stated. The pipeline:
+Tensors here are BCHW float32 in [-1, 1] unless stated.
 
-1. Scan: every file is decoded in full (:mod:`training.imageio`) so a corrupt file is
-   reported now, never mid-training. Each unusable file is listed with a reason. Only regular
-   files are opened (FIFOs, sockets, devices and links to them are listed, not read), and an
-   image's size is checked from its header, before decoding or upscaling, against
-   :data:`training.imageio.MAX_PIXELS`.
-2. Foreground: a pixel is foreground when its luminance (Rec. 601, [0, 1]) exceeds
-   ``foreground_threshold``, or when the user's mask is > 0.5. Per image a low-res map
-   counts foreground pixels per 8×8 cell; patch corners lie on that 8-pixel lattice, so a
-   patch's foreground fraction is computed exactly from the map, and the set of patch
-   positions with at least ``min_foreground`` is known up front (an image with none is
-   skipped with a reason).
-3. Split: whole images go to validation (``val_fraction``, seeded), so no validation
-   pixel is ever trained on.
-4. Stream: batch ``k`` of rank ``r`` is global batch ``g = k * world_size + r``; its content
-   is a function of (seed, g) only, whatever the number of loader workers, so a run resumes
-   exactly with ``start_batch`` and DDP ranks get disjoint shards.
+- Split: whole images go to validation (``val_fraction``, seeded), so no validation pixel is
+  ever trained on.
+- Random mode picks an image uniformly (so one huge image does not dominate), then a
+  foreground-valid position uniformly (:mod:`training.foreground`). Grid mode visits every grid
+  patch once per epoch in a seeded order.
+- Stream: batch ``k`` of rank ``r`` is global batch ``g = k * world_size + r``; its content is a
+  function of (seed, g) only, whatever the number of loader workers, so a run resumes exactly
+  with ``start_batch`` and DDP ranks get disjoint shards.
 
-Random mode picks an image uniformly (so one huge image does not dominate), then a
-foreground-valid position uniformly. Grid mode visits every grid patch once per epoch in a
-seeded order. Augmentation is separate (:mod:`training.augment`), applied by the trainer on device.
+Augmentation is separate (:mod:`training.augment`), applied by the trainer on the device.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import math
 import multiprocessing
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -41,164 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .config import CELL, DataConfig
 from .errors import VAEFTError
-from .imageio import (
-    ALPHA_POLICY, IMAGE_EXTENSIONS, PIXEL_MAX, Decoded, ImageMemoryError, ImageReadError, check_regular_file,
-    check_size, describe_path, is_image_name, is_out_of_memory, read_image, signed_to_unit, to_unit, upscaled_size,
-)
-from .options import option, validate
+from .foreground import box_fraction, integral, luminance, resize_pixels
+from .imageio import ALPHA_POLICY, PIXEL_MAX, ImageMemoryError, ImageReadError, read_image, signed_to_unit, to_unit
+from .memory import check_cpu_memory, out_of_memory_named
 from .plot import image_grid
-
-CELL = 8  # foreground-map cell and patch-corner lattice, in pixels (the VAE's downsampling factor)
-LUMA = (0.299, 0.587, 0.114)  # Rec. 601 weights, as kornia.color.rgb_to_grayscale
-_MAX_LISTED = 12  # files named in an error message before "... and N more"
+from .scan import ImageRecord, read_mask, scan_folder, scan_tensor
 
 # Stream tags: independent random streams derived from one seed.
 _SPLIT, _TRAIN, _EPOCH, _VAL, _PREVIEW, _SUMMARY = 1, 2, 3, 4, 5, 6
-
-
-@dataclass
-class DataConfig:
-    """How patches are cut from the images. Every field is a CLI flag and a node input (essential ones on
-    VAE Patch Dataset, the rest on VAE Patch Options)."""
-
-    patch_size: int = option(256, "patch side in pixels (a multiple of 8)", min=8, max=4096, essential=True)
-    sampling: str = option("random", "'random' patches (image picked uniformly, then position) or a "
-                                     "'grid' covering every image once per epoch", choices=("random", "grid"),
-                         essential=True)
-    grid_overlap: int = option(0, "overlap of neighbouring grid patches, pixels (grid sampling)", min=0)
-    scale_jitter: float = option(0.0, "random scale: crop patch×s, s in [1-j, 1+j], resized to the patch "
-                                      "(0 = off; random sampling only)", min=0.0, max=0.9)
-    foreground_threshold: float = option(0.04, "a pixel is foreground when its luminance (0..1) is above "
-                                               "this (0 = no automatic masking)", min=0.0, max=1.0,
-                                         essential=True)
-    min_foreground: float = option(0.5, "keep a patch only if at least this fraction is foreground",
-                                   min=0.0, max=1.0)
-    mask_dir: str | None = option(None, "folder of masks with the images' relative names (white = use); "
-                                        "replaces the automatic foreground")
-    upscale_small: bool = option(False, "upscale images smaller than the patch (else they are skipped)")
-    val_fraction: float = option(0.1, "fraction of images held out for validation (at least 1 when there "
-                                      "are 2 or more images; 0 = none)", min=0.0, max=0.9,
-                                 essential=True)
-    flip: bool = option(True, "augment: random horizontal and vertical flips")
-    rotate90: bool = option(True, "augment: random 90° rotations")
-    color_jitter: float = option(0.0, "augment: brightness/contrast/saturation factors in [1-c, 1+c] "
-                                      "(0 = off)", min=0.0, max=0.5)
-    cache_mb: int = option(4096, "keep decoded images in memory up to this many MiB; the rest are "
-                                 "re-read from disk when sampled", min=0)
-    num_workers: int = option(0, "data loader worker processes (0 = in the training process)", min=0, max=64)
-    seed: int = option(0, "seed for the split, patch positions and augmentation", min=0, max=2**63 - 1,
-                       essential=True)
-    recursive: bool = option(True, "search subfolders of the data folder")
-    fg_tries: int = option(16, "tries per patch to find a jittered crop with enough foreground before "
-                               "falling back to an unjittered one", min=1, max=1000)
-
-    def __post_init__(self) -> None:
-        check_config(self)
-
-    @property
-    def augments(self) -> bool:
-        """Whether :func:`training.augment.augment` changes anything (else a grid patch set is fixed)."""
-        return self.flip or self.rotate90 or self.color_jitter > 0
-
-
-def check_config(cfg: DataConfig) -> None:
-    """Raise VAEFTError for an invalid setting (bounds, patch size multiple of 8, overlap < patch)."""
-    validate(cfg)
-    p = cfg.patch_size
-    if p % CELL:
-        lo, hi = max(CELL, p // CELL * CELL), (p // CELL + 1) * CELL
-        raise VAEFTError(f"patch_size must be a positive multiple of 8 (the VAE downsamples by 8); "
-                         f"got {p}: use {lo} or {hi}")
-    if cfg.grid_overlap >= p:
-        raise VAEFTError(f"grid_overlap ({cfg.grid_overlap}) must be smaller than patch_size ({p})")
-
-
-# ---------------------------------------------------------------------------------------------
-# Small pure functions
-
-
-def luminance(rgb: torch.Tensor) -> torch.Tensor:
-    """Rec. 601 luminance of (..., 3, H, W) values in [0, 1] -> (..., H, W) in [0, 1]."""
-    return LUMA[0] * rgb[..., 0, :, :] + LUMA[1] * rgb[..., 1, :, :] + LUMA[2] * rgb[..., 2, :, :]
-
-
-def foreground_mask(pixels: torch.Tensor, threshold: float, rows: int = 512) -> torch.Tensor:
-    """(3, H, W) uint8/uint16 -> (H, W) bool, luminance > threshold. Row blocks bound the float copy."""
-    out = torch.empty(pixels.shape[1:], dtype=torch.bool)
-    for y in range(0, pixels.shape[1], rows):
-        out[y:y + rows] = luminance(to_unit(pixels[:, y:y + rows])) > threshold
-    return out
-
-
-def cell_counts(mask: torch.Tensor) -> np.ndarray:
-    """(H, W) bool -> (H // 8, W // 8) uint8: foreground pixels in each 8×8 cell (0..64)."""
-    h8, w8 = mask.shape[0] // CELL, mask.shape[1] // CELL
-    m = mask[:h8 * CELL, :w8 * CELL].reshape(h8, CELL, w8, CELL)
-    return m.sum(dim=(1, 3), dtype=torch.int32).to(torch.uint8).numpy()
-
-
-def integral(counts: np.ndarray) -> np.ndarray:
-    """Summed-area table of ``counts`` with a zero first row/column: (h+1, w+1) int64."""
-    s = np.zeros((counts.shape[0] + 1, counts.shape[1] + 1), dtype=np.int64)
-    s[1:, 1:] = counts.astype(np.int64).cumsum(0).cumsum(1)
-    return s
-
-
-def box_fraction(sat: np.ndarray, top: int, left: int, size: int) -> float:
-    """Foreground fraction of the ``size``-cell square at cell (top, left), from :func:`integral`."""
-    n = sat[top + size, left + size] - sat[top, left + size] - sat[top + size, left] + sat[top, left]
-    return float(n) / float(size * size * CELL * CELL)
-
-
-def valid_positions(counts: np.ndarray, patch: int, min_foreground: float) -> np.ndarray:
-    """(h - p + 1, w - p + 1) bool: a ``patch``-pixel square at pixel (8y, 8x) is foreground enough."""
-    p = patch // CELL
-    sat = integral(counts)
-    n = sat[p:, p:] - sat[:-p, p:] - sat[p:, :-p] + sat[:-p, :-p]
-    return (n.astype(np.float64) / float(patch * patch)) >= min_foreground
-
-
-def grid_positions(length: int, patch: int, overlap: int) -> list[int]:
-    """Start offsets of ``patch``-long windows with ``overlap`` covering ``length``; the last
-    window is shifted back to end at the edge (so it may overlap more)."""
-    stride = patch - overlap
-    n = max(1, math.ceil((length - patch) / stride) + 1)
-    return sorted({min(i * stride, length - patch) for i in range(n)})
-
-
-def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of a (3, H, W) uint8/uint16 image to ``size``, same dtype."""
-    maxval = PIXEL_MAX[pixels.dtype]
-    x = F.interpolate(pixels.to(torch.float32)[None], size=size, mode="bicubic", align_corners=False,
-                      antialias=True)[0]
-    return x.clamp(0, maxval).round().to(pixels.dtype)
-
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng([int(k) for k in key])
-
-
-# ---------------------------------------------------------------------------------------------
-# Dataset
-
-
-@dataclass
-class _Image:
-    """One usable image. Pixel positions are after EXIF orientation and any upscaling."""
-
-    name: str                       # relative path (posix) or "image_0003" for tensor sources
-    path: str | None                # file to re-read when not cached; None for tensor sources
-    mask_path: str | None
-    height: int
-    width: int
-    bits: int
-    upscale: tuple[int, int] | None  # size the decoded image is resized to, if it was too small
-    pixels: torch.Tensor | None      # cached (3, H, W) uint8/uint16
-    counts: np.ndarray | None = None  # (H//8, W//8) uint8 foreground per cell; None = masking off
-    valid: np.ndarray | None = None   # random mode: bool map of foreground-valid patch corners
-    grid: np.ndarray | None = None    # grid mode: (N, 2) int64 kept (top, left) in pixels
-    grid_fg: np.ndarray | None = None  # grid mode: (N,) foreground fraction of each kept patch
 
 
 class _Spec(NamedTuple):
@@ -217,7 +55,7 @@ class PatchDataset:
     Build with :func:`build_dataset`. Picklable (loader workers get a copy).
     """
 
-    def __init__(self, cfg: DataConfig, source: str, images: list[_Image], skipped: list[dict],
+    def __init__(self, cfg: DataConfig, source: str, images: list[ImageRecord], skipped: list[dict],
                  notes: list[dict]):
         self.cfg = cfg
         self.source = source
@@ -284,7 +122,7 @@ class PatchDataset:
     def _user_mask(self, i: int) -> torch.Tensor:
         """(H, W) bool mask of image ``i`` from mask_dir (re-read; used for previews only)."""
         rec = self._images[i]
-        mask = _read_mask(rec.mask_path)
+        mask = read_mask(rec.mask_path)
         if rec.upscale is not None:
             mask = F.interpolate(mask[None, None].float(), size=rec.upscale, mode="nearest")[0, 0] > 0.5
         return mask
@@ -294,11 +132,11 @@ class PatchDataset:
         p = self.cfg.patch_size
         what = f"building a batch of {len(specs)} patches of {p}×{p}"
         hint = "use fewer patches at a time (batch_size, val_patches or --count) or a smaller patch_size"
-        _check_cpu_memory(len(specs) * 3 * p * p * 4, what, hint)
-        with _named_oom(what, hint):
+        check_cpu_memory(len(specs) * 3 * p * p * 4, what, hint)
+        with out_of_memory_named(what, hint):
             out = torch.empty((len(specs), 3, p, p), dtype=torch.float32)
         for i in sorted(set(s.img for s in specs)):
-            with _named_oom(f"reading {self._images[i].name}", "close other programs or lower cache_mb"):
+            with out_of_memory_named(f"reading {self._images[i].name}", "close other programs or lower cache_mb"):
                 pix = self._pixels(i)
             for j, s in enumerate(specs):
                 if s.img != i:
@@ -614,298 +452,18 @@ def _masking_text(cfg: DataConfig) -> str:
     return "off"
 
 
-# ---------------------------------------------------------------------------------------------
-# Building
-
-
-def _read_mask(path: str, min_side: int = 0) -> torch.Tensor:
-    """(H, W) bool: mask image > half its range (colour masks: mean of channels)."""
-    dec = read_image(path, min_side)
-    return to_unit(dec.pixels).mean(0) > 0.5
-
-
-def _available_memory() -> int | None:
-    """Bytes of CPU memory the kernel can give without swapping (Linux MemAvailable); None elsewhere."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _check_cpu_memory(nbytes: int, what: str, hint: str) -> None:
-    """VAEFTError before allocating ``nbytes`` that cannot fit: Linux overcommits, so such an
-    allocation often "succeeds" and the process is killed later while filling it."""
-    if nbytes < 256 << 20:  # small: not worth reading /proc per batch
-        return
-    avail = _available_memory()
-    if avail is not None and nbytes > avail:
-        raise VAEFTError(f"out of CPU memory {what}: it needs {nbytes / 2**30:.1f} GiB, "
-                         f"{avail / 2**30:.1f} GiB is available; {hint}")
-
-
-@contextlib.contextmanager
-def _named_oom(what: str, hint: str):
-    """Turn an allocator failure (MemoryError, torch's CPU allocator error) into a VAEFTError."""
-    try:
-        yield
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        detail = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-        raise VAEFTError(f"out of CPU memory {what} ({detail}); {hint}") from None
-
-
-def _prepare(name: str, path: str | None, dec: Decoded, mask_path: str | None, cfg: DataConfig
-             ) -> tuple[_Image | None, str | None, list[str]]:
-    """Decoded image -> (record, None, notes) or (None, skip reason, notes)."""
-    p = cfg.patch_size
-    notes = list(dec.notes)
-    pixels = dec.pixels
-    h, w = pixels.shape[1:]
-    upscale = None
-    mask = None
-    try:  # the folder path checked this before decoding; a tensor source is checked here
-        check_size(w, h, p if cfg.upscale_small else 0)
-    except ImageReadError as e:
-        return None, str(e), notes
-    if mask_path is not None:
-        try:
-            mask = _read_mask(mask_path, p if cfg.upscale_small else 0)
-        except ImageMemoryError:
-            raise
-        except ImageReadError as e:
-            return None, f"mask {os.path.basename(mask_path)}: {e}", notes
-        if tuple(mask.shape) != (h, w):
-            return None, (f"mask {os.path.basename(mask_path)} is {mask.shape[1]}×{mask.shape[0]}, the image is "
-                          f"{w}×{h}; masks must match their image's size"), notes
-    if min(h, w) < p:
-        if not cfg.upscale_small:
-            return None, (f"smaller than the patch ({w}×{h} < {p}×{p}); set upscale_small to upscale it, "
-                          "or use a smaller patch_size"), notes
-        upscale = upscaled_size(h, w, p)
-        pixels = resize_pixels(pixels, upscale)
-        if mask is not None:
-            mask = F.interpolate(mask[None, None].float(), size=upscale, mode="nearest")[0, 0] > 0.5
-        notes.append(f"upscaled from {w}×{h} to {upscale[1]}×{upscale[0]}")
-        h, w = upscale
-    rec = _Image(name, path, mask_path, h, w, dec.bits, upscale, pixels)
-
-    if mask is None and cfg.foreground_threshold > 0:
-        mask = foreground_mask(pixels, cfg.foreground_threshold)
-    what = "mask" if mask_path else f"luminance > {cfg.foreground_threshold:g}"
-    if cfg.sampling == "grid":
-        ys = grid_positions(h, p, cfg.grid_overlap)
-        xs = grid_positions(w, p, cfg.grid_overlap)
-        pos = np.array([(y, x) for y in ys for x in xs], dtype=np.int64)
-        if mask is None:
-            fg = np.ones(len(pos))
-        else:
-            fg = np.array([float(mask[y:y + p, x:x + p].sum()) / (p * p) for y, x in pos.tolist()])
-        keep = fg >= cfg.min_foreground
-        if not keep.any():
-            return None, (f"no grid patch is at least {cfg.min_foreground:.0%} foreground ({what}; best "
-                          f"{fg.max():.0%}); lower min_foreground or foreground_threshold"), notes
-        rec.grid, rec.grid_fg = pos[keep], fg[keep]
-    elif mask is not None:
-        rec.counts = cell_counts(mask)
-        rec.valid = valid_positions(rec.counts, p, cfg.min_foreground)
-        if not rec.valid.any():
-            best = float(integral(rec.counts)[-1, -1]) / (h * w)
-            return None, (f"no {p}×{p} patch is at least {cfg.min_foreground:.0%} foreground ({what}; the "
-                          f"whole image is {best:.0%}); lower min_foreground or foreground_threshold"), notes
-    return rec, None, notes
-
-
-def _list_folder(root: str, cfg: DataConfig) -> tuple[list[tuple[str, str]], list[dict]]:
-    """Sorted (relative posix path, absolute path) of image files, and skipped entries.
-
-    Image names that are not regular files (FIFOs, sockets, devices, links to them, broken
-    links) are skipped with what they are, found by ``stat`` alone: they are never opened."""
-    files: list[tuple[str, str]] = []
-    skipped: list[dict] = []
-    mask_real = os.path.realpath(cfg.mask_dir) if cfg.mask_dir else None
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
-        rel_dir = "" if rel_dir == "." else rel_dir + "/"
-        if real in seen:  # a symlink loop
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        keep = []
-        for d in sorted(dirnames):
-            full = os.path.join(dirpath, d)
-            if d.startswith("."):
-                skipped.append({"path": rel_dir + d + "/", "reason": "hidden folder, not scanned"})
-            elif mask_real and os.path.realpath(full) == mask_real:
-                skipped.append({"path": rel_dir + d + "/", "reason": "the mask folder, not scanned for images"})
-            elif not cfg.recursive:
-                skipped.append({"path": rel_dir + d + "/", "reason": "subfolder not scanned (recursive is off)"})
-            else:
-                keep.append(d)
-        dirnames[:] = keep
-        for f in sorted(filenames):
-            rel = rel_dir + f
-            if is_image_name(f):
-                full = os.path.join(dirpath, f)
-                try:
-                    check_regular_file(full)
-                except ImageReadError as e:
-                    skipped.append({"path": rel, "reason": str(e)})
-                    continue
-                files.append((rel, full))
-            else:
-                ext = os.path.splitext(f)[1].lower() or "none"
-                skipped.append({"path": rel, "reason": f"not an image file (extension {ext}; supported: "
-                                                       f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)})"})
-    files.sort()
-    return files, skipped
-
-
-def _find_masks(files: list[tuple[str, str]], mask_dir: str) -> dict[str, str]:
-    """Image relative path -> mask file with the same relative path and stem (any image extension)."""
-    if not os.path.isdir(mask_dir):
-        what = describe_path(mask_dir)
-        if what is None:
-            raise VAEFTError(f"mask folder not found: {mask_dir}")
-        raise VAEFTError(f"mask folder {mask_dir} is {what}, not a folder; give the folder that holds the masks")
-    found: dict[str, str] = {}
-    missing = []
-    for rel, _ in files:
-        stem = os.path.splitext(rel)[0]
-        folder = os.path.join(mask_dir, os.path.dirname(stem))
-        base = os.path.basename(stem)
-        try:
-            names = sorted(os.listdir(folder))
-        except OSError:
-            names = []
-        cands = [n for n in names if os.path.splitext(n)[0] == base and is_image_name(n)]
-        same_ext = [n for n in cands if os.path.splitext(n)[1].lower() == os.path.splitext(rel)[1].lower()]
-        pick = (same_ext or cands or [None])[0]
-        if pick is None:
-            missing.append(rel)
-        else:
-            found[rel] = os.path.join(folder, pick)
-    if missing:
-        raise VAEFTError(f"{len(missing)} image(s) have no mask in {mask_dir} (a mask needs the image's "
-                         f"relative path and name, any image extension): {_listing(missing)}")
-    return found
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    return shown + (f", ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in key])
 
 
 def from_folder(path: str | os.PathLike, cfg: DataConfig) -> PatchDataset:
-    """Scan ``path`` (recursively when ``cfg.recursive``); see :func:`build_dataset`."""
-    check_config(cfg)
-    root = os.fspath(path)
-    if not os.path.isdir(root):
-        what = describe_path(root)
-        if what is None:
-            raise VAEFTError(f"data folder not found: {root}")
-        raise VAEFTError(f"data folder {root} is {what}, not a folder; give the folder that holds the images")
-    files, skipped = _list_folder(root, cfg)
-    if not files and not skipped:
-        raise VAEFTError(f"data folder {root} is empty; put PNG, JPEG, WebP or TIFF images in it")
-    masks = _find_masks(files, cfg.mask_dir) if cfg.mask_dir else {}
-    min_side = cfg.patch_size if cfg.upscale_small else 0
-
-    def load(item: tuple[str, str]):
-        rel, full = item
-        try:
-            dec = read_image(full, min_side)
-        except ImageMemoryError as e:  # the machine's state, not the file's: stop, do not skip
-            raise VAEFTError(f"{rel}: {e}") from None
-        except ImageReadError as e:
-            return rel, full, None, str(e), []
-        h, w = dec.pixels.shape[1:]
-        try:
-            with _named_oom(f"preparing {rel} ({w}×{h} pixels)", "close other programs, lower cache_mb, "
-                                                                   "or downscale the image"):
-                return (rel, full) + _prepare(rel, full, dec, masks.get(rel), cfg)
-        except ImageMemoryError as e:  # reading its mask
-            raise VAEFTError(f"{rel}: {e}") from None
-
-    images: list[_Image] = []
-    notes: list[dict] = []
-    budget = cfg.cache_mb * 2**20
-    used = 0
-    workers = max(1, min(4, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:  # decoding releases the GIL
-        for start in range(0, len(files), 2 * workers):  # chunks bound decoded images in flight
-            for rel, full, rec, reason, rec_notes in pool.map(load, files[start:start + 2 * workers]):
-                notes += [{"path": rel, "note": n} for n in rec_notes]
-                if rec is None:
-                    skipped.append({"path": rel, "reason": reason})
-                    continue
-                size = rec.pixels.numel() * rec.pixels.element_size()
-                if used + size <= budget:
-                    used += size
-                else:
-                    rec.pixels = None  # re-read on demand (validated above, so it decodes)
-                images.append(rec)
-    skipped.sort(key=lambda s: s["path"])
-    if not images:
-        why = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:_MAX_LISTED])
-        more = f"; ... and {len(skipped) - _MAX_LISTED} more" if len(skipped) > _MAX_LISTED else ""
-        raise VAEFTError(f"no usable image in {root} ({len(skipped)} file(s) checked): {why}{more}")
-    return PatchDataset(cfg, root, images, skipped, notes)
+    """A dataset of the images in folder ``path`` (see :func:`training.scan.scan_folder`)."""
+    return PatchDataset(cfg, *scan_folder(path, cfg))
 
 
 def from_tensor(images: torch.Tensor, cfg: DataConfig | None = None) -> PatchDataset:
-    """An in-memory batch, (B, C, H, W) float in [0, 1] with C = 1, 3 or 4 (RGBA composited over
-    black), as the dataset's images ``image_0000``, ... (stored as uint16, all kept in memory)."""
-    cfg = cfg or DataConfig()
-    check_config(cfg)
-    if cfg.mask_dir:
-        raise VAEFTError("mask_dir works with a folder of images only, not with an image batch")
-    if not isinstance(images, torch.Tensor) or images.ndim not in (3, 4) or not images.is_floating_point():
-        raise VAEFTError("images must be a float tensor (B, C, H, W) in [0, 1]")
-    if images.ndim == 3:
-        images = images[None]
-    if images.shape[1] not in (1, 3, 4):
-        hint = " (it looks like B, H, W, C: permute it to B, C, H, W)" if images.shape[-1] in (1, 3, 4) else ""
-        raise VAEFTError(f"images must be (B, C, H, W) with 1, 3 or 4 channels, got {tuple(images.shape)}{hint}")
-    if images.shape[0] == 0:
-        raise VAEFTError("the image batch is empty")
-    what, hint = f"reading the image batch {tuple(images.shape)}", "use fewer or smaller images"
-    _check_cpu_memory(images.numel() * 4, what, hint)
-    with _named_oom(what, hint):
-        x = images.detach().to("cpu", torch.float32)
-    if not torch.isfinite(x).all():
-        raise VAEFTError("the image batch contains NaN or infinite values")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1e-3 or hi > 1 + 1e-3:
-        raise VAEFTError(f"images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
-    x = x.clamp(0, 1)
-    recs, skipped, notes = [], [], []
-    for b in range(x.shape[0]):
-        img, note = x[b], []
-        if img.shape[0] == 4:
-            img = img[:3] * img[3:]
-            note.append("alpha " + ALPHA_POLICY)
-        elif img.shape[0] == 1:
-            img = img.expand(3, -1, -1)
-        name = f"image_{b:04d}"
-        with _named_oom(f"preparing {name} of the image batch", hint):
-            dec = Decoded((img * 65535).round().to(torch.uint16).contiguous(), 16, note)
-            rec, reason, rec_notes = _prepare(name, None, dec, None, cfg)
-        notes += [{"path": name, "note": n} for n in rec_notes]
-        if rec is None:
-            skipped.append({"path": name, "reason": reason})
-        else:
-            recs.append(rec)
-    if not recs:
-        raise VAEFTError("no usable image in the batch: " + "; ".join(f"{s['path']}: {s['reason']}"
-                                                                         for s in skipped[:_MAX_LISTED]))
-    return PatchDataset(cfg, f"tensor ({x.shape[0]} images)", recs, skipped, notes)
+    """A dataset of an in-memory batch (see :func:`training.scan.scan_tensor`)."""
+    return PatchDataset(cfg or DataConfig(), *scan_tensor(images, cfg or DataConfig()))
 
 
 def build_dataset(source: str | os.PathLike | torch.Tensor, cfg: DataConfig) -> PatchDataset:

@@ -1,4 +1,5 @@
-"""Write files and folders so that nothing a user has is lost: no half-written file, no clobbered one.
+"""Paths and files: say what is at a path, and write files and folders so that nothing a user has is
+lost: no half-written file, no clobbered one.
 
 :func:`atomic_write` writes into a temporary file in the target's own folder (so the final
 rename never crosses file systems), flushes it to disk, then puts it in place in one step:
@@ -16,14 +17,71 @@ user's tools write (``tempfile.mkstemp`` would make them 0600).
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import secrets
 import shutil
+import stat
 from typing import BinaryIO, Callable
 
 from .errors import VAEFTError
 
-__all__ = ["atomic_write", "atomic_write_dir", "describe_os_error"]
+__all__ = ["atomic_write", "atomic_write_dir", "check_folder", "describe_os_error", "describe_path", "json_safe",
+           "write_json"]
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def describe_path(path: str | os.PathLike) -> str | None:
+    """What is at ``path``, for messages: None when nothing is; else "a file", "a folder", "a named
+    pipe (FIFO)", "a socket", "a character device", "a block device", "a broken link (to T)", or
+    "a link to <kind> (T)". Only stats, never opens."""
+    try:
+        lst = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISLNK(lst.st_mode):
+        return _kind(lst.st_mode)
+    target = os.path.realpath(path)
+    try:
+        return f"a link to {_kind(os.stat(path).st_mode)} ({target})"
+    except OSError:
+        return f"a broken link (to {target})"
+
+
+def check_folder(path: str | os.PathLike, label: str, advice: str) -> None:
+    """The one refusal of a path meant as a folder where something else is (a file, a FIFO, a broken
+    link): ``<label> is a file, not a folder; <advice>``. Nothing there, or a folder: no error."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise VAEFTError(f"{label} is {describe_path(path) or 'not a folder'}, not a folder; {advice}")
+
+
+def json_safe(obj):
+    """``obj`` made fit for strict JSON, recursively (dicts, lists, tuples): NaN and ±infinity become
+    null, the one rule everywhere this tool writes JSON (JSON has no such numbers; null says "no
+    number here"). Where infinity has a meaning of its own (an activation that overflowed) the
+    writer says so in words before it gets here."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj, *, what: str, indent: int | None = 2) -> str:
+    """Atomically write ``obj`` (see :func:`json_safe`) as a JSON file, replacing ``path``."""
+    text = json.dumps(json_safe(obj), indent=indent, default=str) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode()), overwrite=True, what=what)
 
 # errno -> what to do about it (the cause itself comes from strerror)
 _ADVICE = {

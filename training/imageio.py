@@ -25,6 +25,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps
 
+from .files import describe_path
+from .memory import is_out_of_memory
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".webp", ".tif", ".tiff", ".bmp")
 ALPHA_POLICY = "composited over black (RGB × alpha), then dropped"
 
@@ -48,39 +51,6 @@ class ImageReadError(Exception):
 class ImageMemoryError(ImageReadError):
     """Out of CPU memory while decoding: the machine's state, not the file's fault (callers
     should stop rather than skip the file, or the dataset would depend on memory luck)."""
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """True for Python's MemoryError and torch's allocator failures (CPU and CUDA)."""
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "DefaultCPUAllocator" in str(e))
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"),
-                       (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "a special file"
-
-
-def describe_path(path: str | os.PathLike) -> str | None:
-    """What is at ``path``, for messages: None when nothing is; else "a file", "a folder", "a named
-    pipe (FIFO)", "a socket", "a character device", "a block device", "a broken link (to T)", or
-    "a link to <kind> (T)". Only stats, never opens."""
-    try:
-        lst = os.lstat(path)
-    except OSError:
-        return None
-    if not stat.S_ISLNK(lst.st_mode):
-        return _kind(lst.st_mode)
-    target = os.path.realpath(path)
-    try:
-        return f"a link to {_kind(os.stat(path).st_mode)} ({target})"
-    except OSError:
-        return f"a broken link (to {target})"
 
 
 def check_regular_file(path: str | os.PathLike) -> os.stat_result:

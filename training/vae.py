@@ -393,7 +393,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors / .ckpt / .pt / .bin file, with a clear error otherwise."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        from .imageio import describe_path
+        from .files import describe_path
 
         what = describe_path(path)  # stat only: a FIFO or device is never opened
         if what is None:
