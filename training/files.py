@@ -64,17 +64,21 @@ def check_folder(path: str | os.PathLike, label: str, advice: str) -> None:
         raise VAEFTError(f"{label} is {describe_path(path) or 'not a folder'}, not a folder; {advice}")
 
 
-def json_safe(obj):
-    """``obj`` made fit for strict JSON, recursively (dicts, lists, tuples): NaN and ±infinity become
-    null, the one rule everywhere this tool writes JSON (JSON has no such numbers; null says "no
-    number here"). Where infinity has a meaning of its own (an activation that overflowed) the
-    writer says so in words before it gets here."""
+def json_safe(obj, infinity: str | None = None):
+    """``obj`` made fit for strict JSON, recursively (dicts, lists, tuples). The one rule everywhere
+    this tool writes JSON: NaN becomes null (JSON has no such number; null says "no number here").
+    Infinity becomes null too, or the word ``infinity`` names (``"overflow"`` for activations that
+    overflowed), negated with a leading "-"."""
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        if math.isfinite(obj):
+            return obj
+        if obj != obj or infinity is None:
+            return None
+        return infinity if obj > 0 else "-" + infinity
     if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v, infinity) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
+        return [json_safe(v, infinity) for v in obj]
     return obj
 
 

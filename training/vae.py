@@ -10,7 +10,6 @@ with quant convs) and SD3/Flux (16 channels, no quant convs) need no preset.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import VAEFTError
+from .tensors import nonfinite, sha256
 
 # ldm attention sub-layer -> diffusers attention sub-layer.
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -86,7 +86,7 @@ def ldm_to_diffusers_key(key: str, num_levels: int) -> str:
     return ".".join([head] + out)
 
 
-def _is_attention_weight(ldm_key: str) -> bool:
+def is_attention_weight(ldm_key: str) -> bool:
     return bool(re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", ldm_key))
 
 
@@ -96,7 +96,7 @@ def ldm_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
         dk = ldm_to_diffusers_key(k, n)
-        if _is_attention_weight(k) and v.ndim == 4:
+        if is_attention_weight(k) and v.ndim == 4:
             v = v[:, :, 0, 0]
         out[dk] = v
     return out
@@ -130,7 +130,7 @@ def diffusers_to_ldm(sd: dict[str, torch.Tensor], shapes: dict[str, tuple[int, .
         v = sd[dk]
         if shapes is not None:
             v = v.reshape(shapes[lk])
-        elif _is_attention_weight(lk) and v.ndim == 2:
+        elif is_attention_weight(lk) and v.ndim == 2:
             v = v[:, :, None, None]
         out[lk] = v
     return out
@@ -192,7 +192,7 @@ class LdmLayout:
     """What an exported file must reproduce: ldm key -> shape, and the base's identity.
 
     ``dtypes`` and ``tensor_sha256`` (ldm key -> the base file's stored dtype / the hash of its
-    bytes in that dtype, see :func:`tensor_sha256`) let an export keep every tensor in the base's
+    bytes in that dtype, ``training.tensors.sha256(t, shapes=False)``) let an export keep every tensor in the base's
     dtype and prove the untrained ones bit-identical to the file.
     """
 
@@ -205,30 +205,28 @@ class LdmLayout:
     tensor_sha256: dict[str, str] = field(default_factory=dict)
 
 
-def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
-    """Content hash of a state dict (names, dtypes, shapes, bytes), independent of file layout."""
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        t = sd[k].detach().contiguous().cpu()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+# Parameter name prefixes trained in each mode (diffusers names; ldm names share the first component).
+TRAINABLE_PREFIXES = {
+    "decoder": ("decoder.", "post_quant_conv."),
+    "full": ("encoder.", "quant_conv.", "decoder.", "post_quant_conv."),
+}
 
 
-def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 of one tensor's dtype and bytes (not its shape: a 1x1 conv and its matrix hash alike)."""
-    t = t.detach().contiguous().cpu()
-    h = hashlib.sha256(str(t.dtype).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def trained_prefixes(trainable: str) -> tuple[str, ...]:
+    """The name prefixes of the tensors a run in mode ``trainable`` ('decoder' or 'full') trains."""
+    return TRAINABLE_PREFIXES[trainable]
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def frozen_sha256(model: torch.nn.Module, trainable: str) -> str:
+    """Digest of every parameter and buffer of ``model`` that mode ``trainable`` does not train."""
+    prefixes = trained_prefixes(trainable)
+    return sha256({k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)})
+
+
+def trained_sha256(model: torch.nn.Module, trainable: str) -> str:
+    """Digest of the tensors of ``model`` that mode ``trainable`` trains."""
+    prefixes = trained_prefixes(trainable)
+    return sha256({k: v for k, v in model.state_dict().items() if k.startswith(prefixes)})
 
 
 def normalise_state_dict(sd: dict[str, torch.Tensor], source: str = "state dict"
@@ -301,7 +299,7 @@ def _names(keys: list[str], shown: int = 4) -> str:
 def check_finite(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """VAEFTError naming the tensors that hold NaN or infinite values (a damaged file, or one saved
     from a run that diverged): training from it gives NaN losses and a non-finite export."""
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = nonfinite(sd)
     if bad:
         raise VAEFTError(f"{source} holds NaN or infinite weights in {len(bad)} of {len(sd)} tensors "
                          f"({_names(bad)}); the file is damaged or was saved from a run that diverged: "
@@ -380,11 +378,11 @@ def build_vae(sd: dict[str, torch.Tensor], source: str = "state dict", base_sha2
     layout = LdmLayout(
         shapes={k: tuple(v.shape) for k, v in ldm.items()},
         num_levels=levels,
-        base_sha256=base_sha256 or state_dict_sha256(ldm),
+        base_sha256=base_sha256 or sha256(ldm),
         base_name=os.path.basename(source),
         dropped_keys=dropped,
         dtypes={k: v.dtype for k, v in ldm.items()},
-        tensor_sha256={k: tensor_sha256(v) for k, v in ldm.items()},
+        tensor_sha256={k: sha256(v, shapes=False) for k, v in ldm.items()},
     )
     return LoadedVAE(model, layout)
 
