@@ -11,15 +11,11 @@ import torch
 from comfy_api.latest import io
 
 from ..training.config import MEMORY_FIELDS, RECIPES, TrainConfig
-from ..training.augment import augmenter
-from ..training.checkpoint import peek
-from ..training.data import preview_patches, worker_start_method
 from ..training.errors import VAEFTError
-from ..training.evaluate import evaluation_patches
-from ..training.export import ldm_state_dict, make_probe, safe_name
-from ..training.plot import image_grid, to_pil
-from ..training.runs import MARKER, RunFolder, RunStatus, read_metrics, validation_patches
-from ..training.trainer import Callbacks, fine_tune, history_curves
+from ..training.export import ldm_state_dict, safe_name
+from ..training.plot import history_curves, image_grid, to_pil
+from ..training.runs import MARKER
+from ..training.session import Hooks, run_session
 from .common import (Dataset, Trained, TrainOptions, comfy_vae_to_training, config_inputs, input_values,
                      ldm_to_comfy_vae, schema)
 
@@ -44,26 +40,21 @@ def run_choices() -> list[str]:
     return [NEW_RUN] + names
 
 
-def open_run(run_name: str, continue_run: str) -> tuple[RunFolder, str | None]:
-    """(the run folder, the checkpoint to resume from or None). A new run gets a fresh folder named
-    after ``run_name`` (-2, -3, ... when taken); continuing needs a run folder with a checkpoint."""
+def run_folder(run_name: str, continue_run: str) -> tuple[str, bool]:
+    """(the run folder's path, whether it continues a run). A new run gets a fresh folder named after
+    ``run_name`` (-2, -3, ... when taken); continuing names a run folder under output/vae_ft_runs/."""
     root = runs_root()
     if continue_run and continue_run != NEW_RUN:
         path = os.path.join(root, safe_name(continue_run))
         if not os.path.isfile(os.path.join(path, MARKER)):
             raise VAEFTError(f"continue_run {continue_run!r}: there is no such run in output/{RUNS_FOLDER}/")
-        run = RunFolder.create(path, resume=True)
-        resume = run.latest_checkpoint()
-        if resume is None:
-            raise VAEFTError(f"run {continue_run!r} has no checkpoint yet: it stopped before its first one; "
-                             "start it again as a new run")
-        return run, resume
+        return path, True
     stem = safe_name(run_name or "vae-ft")
     os.makedirs(root, exist_ok=True)
     path, k = os.path.join(root, stem), 2
     while os.path.lexists(path):
         path, k = os.path.join(root, f"{stem}-{k}"), k + 1
-    return RunFolder.create(path), None
+    return path, False
 
 
 # Widget order on the node: its essential TrainConfig fields (option(..., essential=True)); the rest
@@ -116,7 +107,6 @@ class VAEFineTune(io.ComfyNode):
     def execute(cls, vae, dataset, options=None, run_name="vae-ft", continue_run=NEW_RUN, general=None,
                 **kwargs) -> io.NodeOutput:
         import comfy.model_management as mm
-        import comfy.utils
 
         cfg = config_from_widgets({**(options or {}), **kwargs}, dataset.cfg.patch_size)
         source = _source_file(cls.hidden.prompt, cls.hidden.unique_id)
@@ -124,97 +114,75 @@ class VAEFineTune(io.ComfyNode):
         # Prompts run under inference_mode; training needs autograd, on tensors made outside it.
         with torch.inference_mode(False):
             base = comfy_vae_to_training(vae, source)
-            run, resume = open_run(run_name, continue_run)
+            path, resume = run_folder(run_name, continue_run)
             mm.unload_all_models()
             mm.soft_empty_cache()
-            pbar = comfy.utils.ProgressBar(cfg.steps)
-            cancelled = [False]
-
-            def progress(*args) -> None:
-                # ComfyUI's progress hook raises on Cancel; caught here so the trainer stops at the next
-                # micro-batch and checkpoints the step reached instead of losing it
-                try:
-                    pbar.update_absolute(*args)
-                except mm.InterruptProcessingException:
-                    cancelled[0] = True
-
-            start = int(peek(resume)["step"]) if resume else 0
-            status = RunStatus(cfg.steps, start, read_metrics(run.path) if resume else None)
-            shown = [0.0]
-
-            def show(force: bool = False) -> None:
-                """Status text on the node (ComfyUI's progress-text channel), at most every 2 s."""
-                if force or time.monotonic() - shown[0] >= 2.0:
-                    shown[0] = time.monotonic()
-                    _send_text(f"run {os.path.basename(run.path)}\n{status.text()}", cls.hidden.unique_id)
-
-            def on_step(step, total, losses):
-                status.step = step
-                progress(step, total)
-                show()
-
-            def on_log(line):
-                status.update(line)
-                run.log(line)
-                if "total" in line:
-                    log.info("VAE fine-tune step %d/%d: %s", line["step"], cfg.steps,
-                             ", ".join(f"{k}={v:.5f}" for k, v in line.items() if k != "step"))
-                show(force=True)
-
-            def on_preview(step, images):
-                run.preview(step, images)
-                progress(step, cfg.steps, ("JPEG", to_pil(image_grid(images, rows=2)), 768))
-
-            pin = device.type == "cuda"
-            workers, method = dataset.cfg.num_workers, None
-            if workers:
-                method = worker_start_method(importable=False)
-                if method is None:
-                    log.warning("VAE fine-tune: num_workers=%d needs the 'fork' start method, which this "
-                                "platform lacks for custom nodes; loading patches in the main process", workers)
-                    workers = 0
-            batches = lambda start: dataset.train_batches(cfg.batch_size, start_batch=start, pin_memory=pin,  # noqa: E731
-                                                          with_keys=True, num_workers=workers,
-                                                          start_method=method)
-            preview = preview_patches(dataset, 4, seed=cfg.seed) if cfg.preview_every else None
-            val, cfg, note = validation_patches(dataset, cfg)
-            if note:
-                log.warning("VAE fine-tune: %s", note)
-            gen = evaluation_patches(general, cfg.val_patches, cfg.seed, use_validation=False)[0] \
-                if general is not None and cfg.val_every else None
-            run.write_config({"vae": source[1] if source else "the connected VAE", "dataset": _input_name(dataset.source),
-                              "general": _input_name(general.source) if general is not None else None},
-                             {**dataclasses.asdict(dataset.cfg), **dataclasses.asdict(cfg)}, paths="comfyui")
-            if resume:
-                run.rewind(start)
-            try:
-                result = fine_tune(
-                    base, batches, cfg, device=device, augment=augmenter(dataset.cfg), preview_batch=preview,
-                    val_batch=val, general_batch=gen, resume=resume, checkpoints=run.checkpoints(cfg),
-                    data_signature=dataset.order_signature(),
-                    callbacks=Callbacks(
-                        on_step=on_step, on_log=on_log, on_preview=on_preview,
-                        # Cancel / POST /interrupt: finish the micro-batch, checkpoint the step reached,
-                        # then end the prompt as ComfyUI does (below); the server stays up.
-                        should_stop=lambda: cancelled[0] or mm.processing_interrupted(),
-                    ),
-                )
-            finally:
-                run.close()
-            if result.stopped_early:
-                status.step = result.steps_done
-                _send_text(f"run {os.path.basename(run.path)} stopped at step {result.steps_done}/{cfg.steps}"
-                           + (f"; checkpoint written. Continue it: continue_run = {os.path.basename(run.path)}"
-                              if result.checkpoint else "; no checkpoint (stopped before the first step)"),
+            hooks = _NodeHooks(cfg.steps, os.path.basename(path), cls.hidden.unique_id)
+            session = run_session(
+                base, dataset, cfg, general=general, run_dir=path, resume=path if resume else None,
+                inputs={"vae": source[1] if source else "the connected VAE", "dataset": _input_name(dataset.source),
+                        "general": _input_name(general.source) if general is not None else None},
+                input_paths="comfyui", device=device, importable=False, hooks=hooks.hooks())
+            loop = session.loop
+            if loop.stopped_early:
+                _send_text(f"run {hooks.run} stopped at step {loop.steps_done}/{loop.config.steps}"
+                           + (f"; checkpoint written. Continue it: continue_run = {hooks.run}"
+                              if loop.checkpoint else "; no checkpoint (stopped before the first step)"),
                            cls.hidden.unique_id)
                 mm.throw_exception_if_processing_interrupted()
                 raise mm.InterruptProcessingException()
-            result.model.to("cpu")
-            result.export_probe = make_probe(base, dataset, seed=cfg.seed, device=device)  # for Save's fp16 check
-            out_vae = ldm_to_comfy_vae(ldm_state_dict(result, "fp32"))
-        loss_map = loss_map_of(result.history)
-        result.dataset_summary = dataset.summary()
-        return io.NodeOutput(out_vae, loss_map, result)
+            out_vae = ldm_to_comfy_vae(ldm_state_dict(session.trained, "fp32"))
+        return io.NodeOutput(out_vae, loss_map_of(loop.history), session.trained)
+
+
+class _NodeHooks:
+    """The session's hooks in ComfyUI: its progress bar (and preview image), the status text under
+    the node (at most every 2 s, and at each history line), the log, and Cancel."""
+
+    def __init__(self, steps: int, run: str, node_id):
+        import comfy.utils
+
+        self.run, self.node_id, self.shown, self.cancelled = run, node_id, 0.0, False
+        self.pbar = comfy.utils.ProgressBar(steps)
+
+    def hooks(self) -> Hooks:
+        import comfy.model_management as mm
+
+        # Cancel / POST /interrupt: finish the micro-batch, checkpoint the step reached, then end the
+        # prompt as ComfyUI does (execute); the server stays up.
+        return Hooks(note=lambda text: log.info("VAE fine-tune: %s", text),
+                     warn=lambda text: log.warning("VAE fine-tune: %s", text),
+                     step=self.step, log=self.log, preview=self.preview,
+                     should_stop=lambda: self.cancelled or mm.processing_interrupted())
+
+    def progress(self, *args) -> None:
+        import comfy.model_management as mm
+
+        # ComfyUI's progress hook raises on Cancel; caught here so the trainer stops at the next
+        # micro-batch and checkpoints the step reached instead of losing it
+        try:
+            self.pbar.update_absolute(*args)
+        except mm.InterruptProcessingException:
+            self.cancelled = True
+
+    def show(self, status, force: bool = False) -> None:
+        """Status text on the node (ComfyUI's progress-text channel), at most every 2 s."""
+        if force or time.monotonic() - self.shown >= 2.0:
+            self.shown = time.monotonic()
+            _send_text(f"run {self.run}\n{status.text()}", self.node_id)
+
+    def step(self, status) -> None:
+        self.progress(status.step, status.total)
+        self.show(status)
+
+    def log(self, line, status) -> None:
+        if "total" in line:
+            log.info("VAE fine-tune step %d/%d: %s", line["step"], status.total,
+                     ", ".join(f"{k}={v:.5f}" for k, v in line.items() if k != "step"))
+        self.show(status, force=True)
+
+    def preview(self, step, images) -> None:
+        self.progress(step, self.pbar.total, ("JPEG", to_pil(image_grid(images, rows=2)), 768))
 
 
 def _send_text(text: str, node_id) -> None:

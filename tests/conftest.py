@@ -86,3 +86,12 @@ def run_cli(*args, env=None, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr[-3000:]}")
     return p
+
+
+def train(vae, batches, cfg, *, probe=None, dataset=None, **kwargs):
+    """``fine_tune`` and then the :class:`training.trained.Trained` result an export takes, as the
+    session makes it (``probe``: for the half-precision check; ``dataset``: a PatchDataset summary)."""
+    from training.session import trained_result
+    from training.trainer import fine_tune
+
+    return trained_result(vae, fine_tune(vae, batches, cfg, **kwargs), probe=probe, dataset=dataset)

@@ -88,13 +88,13 @@ def test_api_example_trains_saves_and_stock_load_vae_loads_it(comfy):
     assert not torch.equal(exported["decoder.conv_out.weight"], base_sd["decoder.conv_out.weight"])
     from safetensors import safe_open
 
-    from training.vae import state_dict_sha256
+    from training.tensors import sha256
 
     with safe_open(out_file, "pt") as f:
         meta = f.metadata()
     # the node started from the file's own weights (not ComfyUI's working-dtype copy) and says so
     assert meta["vaeft.base_name"] == "random_sd_vae.safetensors"
-    assert meta["vaeft.base_sha256"] == state_dict_sha256(base_sd)
+    assert meta["vaeft.base_sha256"] == sha256(base_sd)
     assert meta["vaeft.recipe"] == "sd-vae-ft-mse" and meta["vaeft.weights"] == "ema"
 
     # Without a restart: Load VAE lists the new file, and a second prompt uses it.

@@ -1,3 +1,4 @@
+import copy
 import itertools
 import json
 import os
@@ -8,13 +9,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import tiny_ldm_sd
+from conftest import tiny_ldm_sd, train
 from training import export as export_mod
 from training.config import TrainConfig
 from training.errors import VAEFTError
 from training.export import export_filename, export_vae, safe_name
-from training.trainer import fine_tune
-from training.vae import build_vae, state_dict_sha256
+from training.tensors import sha256
+from training.vae import build_vae
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def trained():
     vae = build_vae(dict(base_sd), source="/models/base.safetensors")
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     cfg = TrainConfig(steps=2, lr=1e-3, batch_size=2, lpips_weight=0.0, log_every=1, preview_every=0)
-    return base_sd, fine_tune(vae, itertools.repeat(x), cfg, device="cpu")
+    return base_sd, train(vae, itertools.repeat(x), cfg, device="cpu")
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -33,8 +34,9 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_export_has_base_keys_shapes_and_untouched_encoder(tmp_path, trained):
     base_sd, result = trained
-    report = export_vae(result, tmp_path / "vae-ft-x-2.safetensors", dataset_summary={"images_used": ["a", "b"],
-                                                                                        "train_images": 2})
+    result = copy.copy(result)
+    result.dataset = {"images_used": ["a", "b"], "train_images": 2}
+    report = export_vae(result, tmp_path / "vae-ft-x-2.safetensors")
     out = load_file(report.path)
     assert set(out) == set(base_sd)
     for k, v in base_sd.items():  # default dtype = the base's (fp32 here): the frozen part is byte for byte the base
@@ -48,7 +50,7 @@ def test_export_has_base_keys_shapes_and_untouched_encoder(tmp_path, trained):
         meta = f.metadata()
     assert meta["vaeft.recipe"] == "custom (from sd-vae-ft-mse: lpips_weight)"
     assert meta["vaeft.steps"] == "2" and meta["vaeft.weights"] == "ema"
-    assert meta["vaeft.base_sha256"] == state_dict_sha256(base_sd)
+    assert meta["vaeft.base_sha256"] == sha256(base_sd)
     assert meta["vaeft.base_name"] == "base.safetensors"
     assert meta["vaeft.config.lr"] == "0.001" and meta["vaeft.dtype"] == "base"
     assert json.loads(meta["vaeft.stored_dtypes"]) == {"fp32": len(base_sd)}
@@ -68,7 +70,7 @@ def test_default_dtype_is_the_base_files_per_tensor(tmp_path):
     vae = build_vae(dict(base_sd))
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     cfg = TrainConfig(steps=2, lr=1e-2, batch_size=2, lpips_weight=0.0, preview_every=0, ema=False)
-    result = fine_tune(vae, itertools.repeat(x), cfg, device="cpu")
+    result = train(vae, itertools.repeat(x), cfg, device="cpu")
     report = export_vae(result, tmp_path / "v.safetensors")
     out = load_file(report.path)
     assert {k: v.dtype for k, v in out.items()} == {k: v.dtype for k, v in base_sd.items()}
@@ -109,7 +111,7 @@ def test_the_frozen_check_compares_with_the_base_file_in_its_dtype(tmp_path):
         vae.model.encoder.conv_in.weight[0, 0, 0, 0] += 0.25
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     cfg = TrainConfig(steps=1, lr=1e-3, batch_size=2, lpips_weight=0.0, preview_every=0)
-    result = fine_tune(vae, itertools.repeat(x), cfg, device="cpu")
+    result = train(vae, itertools.repeat(x), cfg, device="cpu")
     with pytest.raises(VAEFTError, match=r"untrained tensors differ from the base file \(encoder\.conv_in\.weight\)"):
         export_vae(result, tmp_path / "v.safetensors")
     assert os.listdir(tmp_path) == []
@@ -186,7 +188,7 @@ def test_matrix_form_attention_is_exported_as_1x1_convs(tmp_path):
     vae = build_vae(dict(matrix))
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     cfg = TrainConfig(steps=1, lr=1e-3, batch_size=2, lpips_weight=0.0, preview_every=0)
-    result = fine_tune(vae, itertools.repeat(x), cfg, device="cpu")
+    result = train(vae, itertools.repeat(x), cfg, device="cpu")
     report = export_vae(result, tmp_path / "v.safetensors")
     out = load_file(report.path)
     assert {k: tuple(v.shape) for k, v in out.items()} == {k: tuple(v.shape) for k, v in conv.items()}

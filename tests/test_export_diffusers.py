@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import tiny_ldm_sd
+from conftest import tiny_ldm_sd, train
 from training.config import TrainConfig
 from training.errors import VAEFTError
-from training.export import FAMILIES, export_vae, make_probe, pick_family
-from training.trainer import fine_tune
+from training.export import export_vae
+from training.probe import FAMILIES, make_probe, pick_family
 from training.vae import build_vae, ldm_to_diffusers
 
 
@@ -25,8 +25,7 @@ def _train(sd, name, trainable="decoder", seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
     cfg = TrainConfig(steps=2, lr=1e-3, batch_size=2, lpips_weight=0.0, preview_every=0, trainable=trainable)
-    result = fine_tune(base, itertools.repeat(x[:2]), cfg, device="cpu")
-    result.export_probe = make_probe(base, x, seed=cfg.seed)
+    result = train(base, itertools.repeat(x[:2]), cfg, device="cpu", probe=make_probe(base, x, seed=cfg.seed))
     return base, result
 
 
@@ -113,7 +112,7 @@ def test_full_mode_re_estimates_the_latent_factors(tmp_path, channels):
     _, result = _train(sd, "sdxl_vae.safetensors" if channels == 4 else "ae.safetensors", trainable="full")
     report = export_vae(result, tmp_path / "d", format="diffusers")
     model = _from_pretrained(tmp_path / "d")  # the exported encoder, loaded by diffusers itself
-    scale, mean = _latent_stats_by_hand(model, result.export_probe.train_patches[:4], result.config.seed)
+    scale, mean = _latent_stats_by_hand(model, result.probe.train_patches[:4], result.config.seed)
     assert model.config.scaling_factor == pytest.approx(scale, rel=1e-4)
     assert model.config.scaling_factor != FAMILIES[report.scaling["family"]]["scaling_factor"]
     if channels == 16:

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import tiny_ldm_sd
+from conftest import tiny_ldm_sd, train
 from training.config import TrainConfig
-from training.export import export_vae, half_precision_report, make_probe
-from training.trainer import fine_tune
+from training.export import export_vae
+from training.probe import half_precision_report, make_probe
 from training.vae import build_vae
 
 
@@ -39,14 +39,14 @@ def setup():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
     cfg = TrainConfig(steps=2, lr=1e-3, batch_size=2, lpips_weight=0.0, preview_every=0)
-    result = fine_tune(base, itertools.repeat(x[:2]), cfg, device="cpu")
+    result = train(base, itertools.repeat(x[:2]), cfg, device="cpu")
     return base, result, x
 
 
 def test_a_normal_fine_tune_is_fp16_safe(tmp_path, setup):
     base, result, x = setup
     result = copy.copy(result)
-    result.export_probe = make_probe(base, x)
+    result.probe = make_probe(base, x)
     report = export_vae(result, tmp_path / "v.safetensors")
     hp = report.half_precision
     assert report.fp16_safe is True and report.warnings == []
@@ -72,7 +72,7 @@ def test_a_decoder_that_overflows_fp16_is_reported_and_warned_about(tmp_path, se
     base, result, x = setup
     bad = copy.copy(result)
     bad.model = _overflowing(result.model)
-    bad.export_probe = make_probe(base, x)  # the base decoder is fine in fp16
+    bad.probe = make_probe(base, x)  # the base decoder is fine in fp16
     report = export_vae(bad, tmp_path / "v.safetensors")
     fp16, bf16 = report.half_precision["fine_tuned"]["fp16"], report.half_precision["fine_tuned"]["bf16"]
     assert report.fp16_safe is False
@@ -96,8 +96,8 @@ def test_no_warning_when_the_base_overflows_too(tmp_path, setup):
     base, result, x = setup
     bad = copy.copy(result)
     bad.model = _overflowing(result.model)
-    bad.export_probe = make_probe(_overflowing(base.model), x)
-    assert bad.export_probe.base_report["fp16"]["safe"] is False
+    bad.probe = make_probe(_overflowing(base.model), x)
+    assert bad.probe.base_report["fp16"]["safe"] is False
     report = export_vae(bad, tmp_path / "v.safetensors")
     assert report.fp16_safe is False and report.warnings == []
     assert any("base decoder breaks in fp16 too" in n for n in report.notes)

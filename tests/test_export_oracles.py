@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, SD_VAE_CONFIG, tiny_ldm_sd
+from conftest import ROOT, SD_VAE_CONFIG, tiny_ldm_sd, train
 from training.config import TrainConfig
-from training.export import export_vae, make_probe
-from training.trainer import TrainResult, fine_tune, frozen_digest
-from training.vae import build_vae, diffusers_to_ldm, load_vae
+from training.export import export_vae
+from training.probe import make_probe
+from training.trained import Trained
+from training.vae import build_vae, diffusers_to_ldm, frozen_sha256, load_vae
 
 ATTN = ("q", "k", "v", "proj_out")
 
@@ -34,9 +35,7 @@ def _trained(sd, name, seed=0):
     base = build_vae(dict(sd), source=name)
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     cfg = TrainConfig(steps=2, lr=1e-3, batch_size=2, lpips_weight=0.0, preview_every=0)
-    result = fine_tune(base, itertools.repeat(x[:2]), cfg, device="cpu")
-    result.export_probe = make_probe(base, x)
-    return result
+    return train(base, itertools.repeat(x[:2]), cfg, device="cpu", probe=make_probe(base, x))
 
 
 CASES = {  # name -> (base state dict, base file name)
@@ -139,7 +138,7 @@ print("RESULT " + json.dumps(out))
 
 
 def _full_size(channels, dtype, matrix, seed):
-    """A TrainResult in the full SD layout (ComfyUI builds only that): a random base stored in ``dtype``
+    """A Trained result in the full SD layout (ComfyUI builds only that): a random base stored in ``dtype``
     and a decoder moved away from it, as training would, without spending minutes training on a CPU."""
     from diffusers import AutoencoderKL
 
@@ -155,8 +154,8 @@ def _full_size(channels, dtype, matrix, seed):
         for name, p in trained.named_parameters():
             if name.startswith("decoder."):
                 p.add_(torch.randn_like(p) * 1e-3)
-    result = TrainResult(model=trained, layout=base.layout, config=TrainConfig(steps=1), steps_done=1,
-                         frozen_digest=frozen_digest(base.model, "decoder"))
+    result = Trained(model=trained, layout=base.layout, config=TrainConfig(steps=1), history=[], steps_done=1,
+                     frozen_sha256=frozen_sha256(base.model, "decoder"))
     return sd, result
 
 
@@ -216,16 +215,16 @@ sys.modules["vaeft_pack"] = mod
 spec.loader.exec_module(mod)
 from vaeft_pack.nodes.save import SaveFineTunedVAE
 from vaeft_pack.training.config import TrainConfig
-from vaeft_pack.training.export import make_probe
+from vaeft_pack.training.probe import make_probe
+from vaeft_pack.training.session import trained_result
 from vaeft_pack.training.trainer import fine_tune
 from vaeft_pack.training.vae import build_vae, diffusers_to_ldm
 sys.path.insert(0, os.path.join(pack, "tests"))
 from conftest import tiny_diffusers_vae
 base = build_vae(diffusers_to_ldm(tiny_diffusers_vae(seed=14).state_dict()), source="sdxl_vae.safetensors")
 x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-result = fine_tune(base, itertools.repeat(x[:2]), TrainConfig(steps=1, batch_size=2, lpips_weight=0.0,
-                                                             preview_every=0), device="cpu")
-result.export_probe = make_probe(base, x)
+result = trained_result(base, fine_tune(base, itertools.repeat(x[:2]), TrainConfig(
+    steps=1, batch_size=2, lpips_weight=0.0, preview_every=0), device="cpu"), probe=make_probe(base, x))
 texts = {}
 for fmt in ("safetensors", "diffusers"):
     res = SaveFineTunedVAE.execute(result, "oracle", "base", False, format=fmt)

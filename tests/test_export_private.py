@@ -13,15 +13,14 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import tiny_ldm_sd, write_images
-from training.config import TrainConfig
-from training.config import DataConfig
+from conftest import tiny_ldm_sd, train, write_images
+from training.config import DataConfig, TrainConfig
 from training.data import build_dataset
-from training.export import dataset_digest, export_vae, strip_paths
-from training.trainer import fine_tune
+from training.export import export_vae
+from training.metadata import dataset_digest, strip_paths
 from training.vae import build_vae
 
-# Written independently of training.export's pattern: anything that starts like an absolute path.
+# Written independently of training.metadata's pattern: anything that starts like an absolute path.
 LOOKS_ABSOLUTE = re.compile(r"""(^|[\s'"(\[=:,])(/|~[\\/]|[A-Za-z]:[\\/]|\\\\)[^\s/\\]""")
 PRIVATE_NAMES = ("alice", "secret-project", "clinic 2024", "patient-john-doe", "astronaut", "coffee", "chelsea",
                  "notes.txt", "weights")
@@ -45,11 +44,11 @@ def deep_export(tmp_path_factory):
     backbone = deep / "weights" / "vgg16.pth"
     cfg = TrainConfig(steps=1, batch_size=2, lpips_weight=0.0, preview_every=0, lpips_backbone=str(backbone))
     base_file = deep / "models" / "base.safetensors"
-    result = fine_tune(build_vae(tiny_ldm_sd(), source=str(base_file)),
-                       itertools.repeat(next(iter(data.train_batches(2)))), cfg, device="cpu")
+    result = train(build_vae(tiny_ldm_sd(), source=str(base_file)),
+                   itertools.repeat(next(iter(data.train_batches(2)))), cfg, device="cpu", dataset=data.summary())
     out = root / "out"
     out.mkdir()
-    report = export_vae(result, out / "vae-ft-x-1.safetensors", dataset_summary=data.summary())
+    report = export_vae(result, out / "vae-ft-x-1.safetensors")
     with safe_open(report.path, "pt") as f:
         meta = f.metadata()
     return root, data.summary(), meta

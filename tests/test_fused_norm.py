@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from training import fused_norm
+from training import fused_blocks, fused_norm
 from training.fused_norm import supported
 
 from conftest import ROOT, tiny_diffusers_vae
@@ -115,7 +115,8 @@ def test_kernels_match_float64_reference_interpreted():
 MODEL_CHECK = """
     import json, torch
     from conftest import tiny_diffusers_vae
-    from training.fused_norm import fuse_vae_blocks, FusedGroupNorm
+    from training.fused_blocks import fuse_vae_blocks
+    from training.fused_norm import FusedGroupNorm
     vae = tiny_diffusers_vae().float()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
 
@@ -165,7 +166,7 @@ def test_nearest_upsample_splits_the_batch_past_32_bit_indexing(monkeypatch):
     """PyTorch's CUDA nearest-upsample refuses tensors of INT_MAX elements or more (1024² patches at
     micro-batch 8 on an H200, 2026-11-27): the batch is upsampled in slices under the limit, with the
     same values and gradients as one call."""
-    from training.fused_norm import _interpolate_nearest
+    from training.fused_blocks import _interpolate_nearest
 
     x = torch.randn(5, 4, 3, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
     want = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -194,7 +195,7 @@ def test_unsupported_norms_are_left_alone():
     vae = tiny_diffusers_vae()
     odd = torch.nn.GroupNorm(3, 96)
     vae.decoder.conv_norm_out = odd
-    count, undo = fused_norm.fuse_vae_blocks(vae)
+    count, undo = fused_blocks.fuse_vae_blocks(vae)
     assert type(vae.decoder.conv_norm_out) is torch.nn.GroupNorm
     assert isinstance(vae.decoder.conv_act, torch.nn.SiLU)   # its SiLU stays too
     undo()

@@ -22,9 +22,9 @@ def test_the_version_is_declared_once_in_pyproject():
     assert fallback["project"]["urls"] == meta["project"]["urls"]
     with open(os.path.join(ROOT, "training", "__init__.py")) as f:
         assert '__version__ = "' not in f.read()  # no second, literal copy
-    from training import export
+    from training import metadata
 
-    assert export.__version__ == __version__  # what every exported file's vaeft.version says
+    assert metadata.__version__ == __version__  # what every exported file's vaeft.version says
 
 
 def _load_pack(comfyui_version: str | None, v3: bool) -> subprocess.CompletedProcess:

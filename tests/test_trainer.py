@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_ldm_sd
+from conftest import tiny_ldm_sd, train
 from training.config import TrainConfig
 from training.errors import VAEFTError
-from training.trainer import Callbacks, check_frozen, fine_tune, lr_at
+from training.export import check_frozen
+from training.trainer import Callbacks, fine_tune, lr_at
 from training.vae import build_vae
 
 
@@ -28,7 +29,7 @@ def cfg(**kw):
 def test_decoder_only_trains_decoder_and_leaves_input_untouched():
     vae = build_vae(tiny_ldm_sd())
     before = {k: v.clone() for k, v in vae.model.state_dict().items()}
-    result = fine_tune(vae, fixed_batches(), cfg(), device="cpu")
+    result = train(vae, fixed_batches(), cfg(), device="cpu")
     after = result.model.state_dict()
     for k, v in before.items():
         assert torch.equal(vae.model.state_dict()[k], v), f"input model changed at {k}"
@@ -83,15 +84,16 @@ def test_micro_batches_accumulate_to_the_full_batch(monkeypatch):
 
 def test_out_of_memory_retries_with_smaller_micro_batches(monkeypatch):
     from training import trainer
+    from training.vae import Reconstruct
 
-    real = trainer._Reconstruct.forward
+    real = Reconstruct.forward
 
     def limited(self, x, noise, cached=None):
         if x.shape[0] > 1:
             raise torch.OutOfMemoryError("simulated")
         return real(self, x, noise, cached)
 
-    monkeypatch.setattr(trainer._Reconstruct, "forward", limited)
+    monkeypatch.setattr(Reconstruct, "forward", limited)
     vae = build_vae(tiny_ldm_sd())
     result = fine_tune(vae, fixed_batches(4), cfg(steps=2), device="cpu")
     assert result.micro_batch == 1 and result.steps_done == 2
@@ -102,7 +104,7 @@ def test_out_of_memory_retries_with_smaller_micro_batches(monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     # outside the step (here: validation) there is nothing to retry: a clear error, not a traceback
-    monkeypatch.setattr(trainer, "_validate", no_room)
+    monkeypatch.setattr(trainer, "validation_scores", no_room)
     with pytest.raises(VAEFTError, match=r"outside the training step.*Tried to allocate 2.00 GiB.*lower val_patches"):
         fine_tune(vae, fixed_batches(1), cfg(steps=1, batch_size=1, val_every=1), device="cpu",
                   val_batch=torch.zeros(1, 3, 32, 32))
@@ -157,7 +159,7 @@ def test_progress_and_preview_callbacks():
 
 def test_frozen_check_catches_tampering():
     vae = build_vae(tiny_ldm_sd())
-    result = fine_tune(vae, fixed_batches(), cfg(steps=1), device="cpu")
+    result = train(vae, fixed_batches(), cfg(steps=1), device="cpu")
     with torch.no_grad():
         result.model.encoder.conv_in.weight.add_(1e-3)
     with pytest.raises(VAEFTError, match="frozen weights changed"):
@@ -284,7 +286,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
 
 def test_resume_carries_log_sums_and_best_pick_and_refuses_other_data(tmp_path):
     """Resumed mid log window and after export_best's pick: same history, same pick, same weights."""
-    from training.trainer import load_checkpoint
+    from training.checkpoint import load_checkpoint
+    from training.vae import trainable_shapes
 
     vae = build_vae(tiny_ldm_sd())
     val = torch.full((4, 3, 32, 32), 0.8)
@@ -317,7 +320,7 @@ def test_resume_carries_log_sums_and_best_pick_and_refuses_other_data(tmp_path):
     with pytest.raises(VAEFTError, match=r"other data or data settings \(patch_size: 32 -> 64\)"):
         fine_tune(vae, batches, c, device="cpu", val_batch=val, resume=ckpt, data_signature={**sig, "patch_size": 64})
     with pytest.raises(VAEFTError, match="run of 1 process.*this one has 2"):
-        load_checkpoint(ckpt, vae.layout, c, world_size=2)
+        load_checkpoint(ckpt, vae.layout, c, trainable_shapes(vae.model, c.trainable), world_size=2)
     assert ckpt.read_bytes() == before
 
 
@@ -338,7 +341,7 @@ def test_validation_and_best_checkpoint(lpips_random):
     vae = build_vae(tiny_ldm_sd())
     val = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(9)) * 2 - 1
     c = cfg(steps=4, val_every=2, export_best=True, ema=False, lpips_weight=0.1, lr=5e-3)
-    result = fine_tune(vae, fixed_batches(), c, device="cpu", lpips_net=lpips_random, val_batch=val)
+    result = train(vae, fixed_batches(), c, device="cpu", lpips_net=lpips_random, val_batch=val)
     vals = [h for h in result.history if "val_lpips" in h]
     assert [h["step"] for h in vals] == [0, 2, 4]  # 0: the base VAE, before the first step
     base, vals = vals[0], vals[1:]
@@ -347,12 +350,12 @@ def test_validation_and_best_checkpoint(lpips_random):
     best = min(vals, key=lambda h: h["val_lpips"])
     assert result.best_step == best["step"]
     # the model holds the best step's weights: re-scoring it gives that step's number
-    from training.trainer import _validate
+    from training.metrics import validation_scores
 
-    again = _validate(result.model, val, torch.device("cpu"), torch.autocast("cpu", enabled=False), lpips_random)
+    again = validation_scores(result.model, val, torch.device("cpu"), torch.autocast("cpu", enabled=False), lpips_random)
     assert again["lpips"] == pytest.approx(best["val_lpips"], rel=1e-5)
     # and the export says whose weights they are
-    from training.export import build_metadata
+    from training.metadata import build_metadata
 
     meta = build_metadata(result)
     assert meta["vaeft.weights"] == "best-final" and meta["vaeft.best_step"] == str(best["step"])
@@ -497,7 +500,7 @@ def test_fused_adamw_still_honours_the_found_inf_flag():
     """The skipped-step path leans on fused AdamW reading ``found_inf`` off the optimizer (the
     GradScaler protocol): if a PyTorch release stops doing so, this fails instead of training
     silently on non-finite gradients."""
-    from training.trainer import _fused_step
+    from training.amp import fused_step as _fused_step
 
     w = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.AdamW([w], lr=0.1, fused=True)
@@ -528,14 +531,15 @@ def test_precision_auto_follows_the_gpu_and_fp16_scales_the_loss(monkeypatch):
     fp32 = fine_tune(vae, itertools.repeat(x), cfg(steps=4, precision="fp32"), device="cpu")
     assert res.precision.startswith("precision = fp16") and res.skipped_steps == 0
     assert res.history[-1]["mse"] == pytest.approx(fp32.history[-1]["mse"], rel=0.05)
-    from training.trainer import LoopState
+    from training import amp
+    from training.loop_state import LoopState
 
     state = LoopState.new(torch.device("cpu"), loss_scaling=True)
     p = torch.nn.Parameter(torch.ones(2))
     p.grad = torch.tensor([float("inf"), 1.0])
     found = torch.zeros(())
-    state.unscale_([p], found)
-    state.update_scale(found)
+    amp.unscale_([p], found, state.loss_scale)
+    amp.update_scale(state.loss_scale, state.scale_growth, found)
     assert found.item() == 1.0 and state.loss_scale.item() == 2.0**15
 
 
@@ -549,7 +553,7 @@ def test_general_images_are_scored_beside_the_validation_patches_from_step_0():
     scored = [h for h in res.history if "gen_mse" in h]
     assert [h["step"] for h in scored] == [0, 2, 4] and all("val_mse" in h for h in scored)
     assert scored[0]["gen_mse"] != scored[0]["val_mse"]  # its own patches
-    from training.trainer import history_curves
+    from training.plot import history_curves
 
     values, steps = history_curves(res.history)
     assert steps["gen_mse"] == [0, 2, 4] and len(values["gen_mse"]) == 3

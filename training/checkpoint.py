@@ -1,5 +1,12 @@
-"""Checkpoint files: one dict each (see ``trainer.checkpoint_state``), written atomically, carrying
-a digest of its tensors and the identity of the run that wrote it.
+"""Checkpoints, in one place: what one holds (:func:`checkpoint_state`), how it is checked against a
+run and restored into it (:func:`load_checkpoint`, :func:`restore_checkpoint`), where a run resumes
+(:func:`resume_point`), and the files themselves, written atomically with a digest of their tensors
+and the identity of the run that wrote them.
+
+- Every tensor is kept by name: the trained parameters, their EMA and export_best's pick by
+  parameter name, the optimizer's state by parameter name (not by torch's positional index), the
+  discriminator by its state-dict names. A resume checks the key set and the shapes and refuses a
+  mismatch, naming the first differing key; nothing is restored by position.
 
 - A damaged file (truncated, bits flipped, a block zeroed) is refused on reading: the digest of
   its tensors no longer matches the one written with them.
@@ -13,47 +20,36 @@ a digest of its tensors and the identity of the run that wrote it.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import hashlib
 import os
 import re
 import time
+from typing import NamedTuple
 
 import torch
 
+from .config import TrainConfig
 from .errors import VAEFTError
-from .files import atomic_write
+from .files import atomic_write, check_folder
+from .tensors import sha256
+from .vae import LdmLayout
 
-CHECKPOINT_FORMAT = "vaeft-checkpoint-2"
+CHECKPOINT_FORMAT = "vaeft-checkpoint-3"
+# Earlier formats, refused by name with what to do: 2 (version 0.1.0) kept tensors in positional lists.
+_OLD_FORMATS = {"vaeft-checkpoint-2": "0.1.0"}
 _STEP_FILE = re.compile(r"^step-(\d{7,})\.ckpt$")
-
-
-def tensors_digest(obj) -> str:
-    """sha256 over every tensor in a nested dict/list/tuple (dtype, shape and bytes, in a fixed
-    order: dict keys sorted by their text). Other values are not part of it."""
-    h = hashlib.sha256()
-
-    def walk(o, where: str) -> None:
-        if isinstance(o, torch.Tensor):
-            t = o.detach().cpu().contiguous()
-            h.update(f"{where}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(o, dict):
-            for k in sorted(o, key=str):
-                walk(o[k], f"{where}/{k}")
-        elif isinstance(o, (list, tuple)):
-            for i, v in enumerate(o):
-                walk(v, f"{where}[{i}]")
-
-    walk(obj, "")
-    return h.hexdigest()
+# Fields a resumed run must share with the run that wrote the checkpoint (steps may grow).
+RESUME_MUST_MATCH = ("recipe", "lr", "batch_size", "mse_weight", "l1_weight", "lpips_weight", "kl_weight",
+                     "gan_weight", "disc_start", "latent_weight", "lpips_net", "trainable", "ema", "ema_decay",
+                     "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "posterior", "seed")
 
 
 def write_checkpoint(path: str | os.PathLike, state: dict, *, overwrite: bool) -> str:
     """Write ``state`` (with its tensors' digest added) to ``path`` atomically: a crash or a full
     disk leaves the previous file whole. OS errors become a VAEFTError naming the path."""
     body = {k: v for k, v in state.items() if k != "digest"}
-    body["digest"] = tensors_digest(body)
+    body["digest"] = sha256(body)
 
     def save(f) -> None:
         try:
@@ -80,9 +76,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign file: same answer
         raise VAEFTError(f"resume checkpoint {path!r} is unreadable or corrupt: {str(e)[:300]}") from None
+    old = _OLD_FORMATS.get(state.get("format")) if isinstance(state, dict) else None
+    if old:
+        raise VAEFTError(f"resume checkpoint {path!r} was written by version {old} of this tool, which kept weights "
+                         "by position; this version keeps them by name and cannot continue it safely. Finish that "
+                         f"run with version {old}, or start it again as a new run (the file was not changed)")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise VAEFTError(f"{path!r} is not a checkpoint written by this tool ({CHECKPOINT_FORMAT})")
-    if state.get("digest") != tensors_digest({k: v for k, v in state.items() if k != "digest"}):
+    if state.get("digest") != sha256({k: v for k, v in state.items() if k != "digest"}):
         raise VAEFTError(f"resume checkpoint {path!r} is damaged: its tensors do not match the digest written with "
                          "them (a disk or copy error). Resume from an earlier checkpoint; this file was not changed")
     return state
@@ -129,8 +130,7 @@ class Checkpoints:
         what to do when a file there belongs to another run (or is not a checkpoint at all)."""
         self.run_id = run_id
         if self.folder:
-            if os.path.lexists(self.target) and not os.path.isdir(self.target):
-                raise VAEFTError(f"checkpoint folder {self.target!r} is a file; choose another run folder")
+            check_folder(self.target, f"checkpoint folder {self.target!r}", "choose another run folder")
             files = self._step_files()
             owner = peek(files[-1]) if files else None
             if files and not self.overwrite and (owner is None or owner["run_id"] != run_id):
@@ -211,5 +211,159 @@ def latest_in(folder: str | os.PathLike) -> str | None:
     return Checkpoints(folder, folder=True).latest()
 
 
-__all__ = ["CHECKPOINT_FORMAT", "Checkpoints", "latest_in", "peek", "read_checkpoint", "tensors_digest",
-           "write_checkpoint"]
+# ----- where a run resumes
+
+class ResumePoint(NamedTuple):
+    file: str   # the checkpoint to continue from
+    step: int   # its step (0 when the file is not a checkpoint of this tool; reading it will say why)
+
+
+def resume_point(path: str | os.PathLike) -> ResumePoint:
+    """A checkpoint file, or a run folder (its newest ``checkpoints/step-*.ckpt``), as the file to
+    continue from and its step. Refuses a run folder without a checkpoint, naming it."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) and \
+            not os.path.isdir(os.path.join(path, "checkpoints")):
+        raise VAEFTError(f"resume checkpoint {path!r} is not a file (a folder or a device); give a .ckpt file "
+                         "or a run folder")
+    if os.path.isdir(path):
+        file = latest_in(os.path.join(path, "checkpoints"))
+        if file is None:
+            raise VAEFTError(f"{path!r}: that run folder has no checkpoint yet (it stopped before its first one); "
+                             "start it again as a new run")
+        path = file
+    info = peek(path)
+    return ResumePoint(path, int(info["step"]) if info and info.get("step") is not None else 0)
+
+
+# ----- what a checkpoint holds, checked and restored by name
+
+def named_shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def checkpoint_state(*, cfg: TrainConfig, layout: LdmLayout, step: int, params: dict[str, torch.Tensor],
+                     opt: torch.optim.Optimizer, ema=None, disc: torch.nn.Module | None = None,
+                     disc_opt: torch.optim.Optimizer | None = None, loop: dict, world_size: int,
+                     data_signature: dict | None) -> dict:
+    """The checkpoint of a run at ``step``: the trained ``params`` ({name: parameter}), the optimizers'
+    and EMA's state and the discriminator, all keyed by name; ``loop``: the loop's own state (a dict
+    of tensors and plain values); what the run's data order depends on. :func:`restore_checkpoint`
+    is its inverse."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "config": dataclasses.asdict(cfg),
+        "base_sha256": layout.base_sha256,
+        "params": {k: p.detach().cpu().clone() for k, p in params.items()},
+        "optimizer": optimizer_state(opt, params),
+        "ema": ema.state_dict() if ema is not None else None,
+        "disc": disc.state_dict() if disc is not None else None,
+        "disc_optimizer": optimizer_state(disc_opt, dict(disc.named_parameters())) if disc_opt is not None else None,
+        "loop": loop,
+        "world_size": world_size,
+        "data_signature": data_signature,
+    }
+
+
+def optimizer_state(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict:
+    """``opt.state_dict()`` with torch's positional parameter indices replaced by ``params``' names."""
+    name_of = {id(p): k for k, p in params.items()}
+    sd = opt.state_dict()
+    index = {i: name_of[id(p)] for group, saved in zip(opt.param_groups, sd["param_groups"])
+             for p, i in zip(group["params"], saved["params"])}
+    return {"state": {index[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [index[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict, params: dict[str, torch.Tensor], where: str) -> None:
+    """Load :func:`optimizer_state`'s dict into ``opt``, matching parameters by name (torch's own
+    load matches by position); refuses other parameter groups, naming the first differing name."""
+    name_of = {id(p): k for k, p in params.items()}
+    current = [[name_of[id(p)] for p in g["params"]] for g in opt.param_groups]
+    saved = [g["params"] for g in state["param_groups"]]
+    if len(saved) != len(current):
+        raise VAEFTError(f"{where}: the optimizer has {len(saved)} parameter group(s) in the checkpoint, "
+                         f"{len(current)} here; resume with the same settings")
+    for names_then, names_now in zip(saved, current):
+        _same_names(set(names_then), set(names_now), f"{where}: the optimizer's parameters")
+    index = {n: i for i, n in enumerate(n for names in current for n in names)}
+    opt.load_state_dict({
+        "state": {index[n]: v for n, v in state["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in names]} for g, names in zip(state["param_groups"], current)],
+    })
+
+
+def _same_names(saved: set[str], current: set[str], what: str) -> None:
+    """Refuse two name sets that differ, naming the first differing name (in sorted order)."""
+    if saved == current:
+        return
+    first = sorted(saved ^ current)[0]
+    where = "is missing from the checkpoint" if first in current else "is in the checkpoint but not in this run"
+    raise VAEFTError(f"{what} do not match: {first!r} {where} ({len(current - saved)} missing, "
+                     f"{len(saved - current)} extra). Resume with the same base VAE and trainable setting, or "
+                     "start a new run")
+
+
+def check_tensors(saved: dict[str, torch.Tensor], current: dict[str, tuple[int, ...]], what: str) -> None:
+    """Refuse ``saved`` tensors whose names or shapes differ from ``current`` ({name: shape}), naming
+    the first differing key."""
+    _same_names(set(saved), set(current), what)
+    for k in sorted(current):
+        if tuple(saved[k].shape) != tuple(current[k]):
+            raise VAEFTError(f"{what} do not match: {k!r} has shape {tuple(saved[k].shape)} in the checkpoint, "
+                             f"{tuple(current[k])} in this run. Resume with the same base VAE, or start a new run")
+
+
+def load_checkpoint(path: str | os.PathLike, layout: LdmLayout, cfg: TrainConfig,
+                    params: dict[str, tuple[int, ...]], world_size: int = 1,
+                    data_signature: dict | None = None) -> dict:
+    """Read a checkpoint and check it against this run before anything is changed: the same base VAE,
+    the same training settings (RESUME_MUST_MATCH; steps may grow), the same trained tensors by name
+    and shape (``params``: {name: shape}), the same number of processes and data (``data_signature``,
+    when both have one). Refused with the reason; the file is only read."""
+    path = os.fspath(path)
+    state = read_checkpoint(path)
+    if state["base_sha256"] != layout.base_sha256:
+        raise VAEFTError(f"resume checkpoint {path!r} was trained from a different base VAE "
+                         f"(base sha256 {state['base_sha256'][:12]}…, this run's {layout.base_sha256[:12]}…)")
+    old = state["config"]
+    diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH if old.get(k) != getattr(cfg, k)]
+    if diff:
+        raise VAEFTError(f"resume checkpoint {path!r} was written with other settings ({'; '.join(diff)}); "
+                         "resume with the same training settings (steps may grow; speed and memory settings may differ)")
+    what = f"resume checkpoint {path!r}: the trained tensors"
+    check_tensors(state["params"], params, what)
+    if state.get("ema") is not None:
+        check_tensors(state["ema"], params, f"resume checkpoint {path!r}: the EMA's tensors")
+    if state.get("world_size", 1) != world_size:
+        raise VAEFTError(f"resume checkpoint {path!r} was written by a run of {state.get('world_size', 1)} "
+                         f"process(es), this one has {world_size}: the data order would differ; resume with "
+                         "the same number of processes")
+    old_data = state.get("data_signature")
+    if old_data is not None and data_signature is not None and old_data != data_signature:
+        diff = [f"{k}: {old_data.get(k)!r} -> {data_signature.get(k)!r}"
+                for k in sorted(set(old_data) | set(data_signature)) if old_data.get(k) != data_signature.get(k)]
+        raise VAEFTError(f"resume checkpoint {path!r} was trained on other data or data settings "
+                         f"({'; '.join(d[:200] for d in diff)}); resume with the same images and data settings")
+    if state["step"] > cfg.steps:
+        raise VAEFTError(f"resume checkpoint {path!r} is at step {state['step']}, past steps={cfg.steps}")
+    state["path"] = path
+    return state
+
+
+@torch.no_grad()
+def restore_checkpoint(ckpt: dict, *, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, ema=None,
+                       disc: torch.nn.Module | None = None, disc_opt: torch.optim.Optimizer | None = None) -> dict:
+    """Put a checked checkpoint (from :func:`load_checkpoint`) into the run's objects, by name;
+    returns its loop state (the dict :func:`checkpoint_state` was given)."""
+    where = f"resume checkpoint {ckpt.get('path', '')!r}"
+    for k, p in params.items():
+        p.copy_(ckpt["params"][k])
+    load_optimizer_state(opt, ckpt["optimizer"], params, where)
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
+    if disc is not None:
+        disc.load_state_dict(ckpt["disc"])
+        load_optimizer_state(disc_opt, ckpt["disc_optimizer"], dict(disc.named_parameters()), where)
+    return ckpt["loop"]

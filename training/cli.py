@@ -16,7 +16,8 @@ from typing import Any
 
 from .config import TrainConfig
 from .errors import VAEFTError
-from .options import field_type, base_type, validate
+from .files import check_folder
+from .options import base_type, field_type, validate
 
 
 # ----------------------------------------------------------------------------- flags from the configs
@@ -68,7 +69,8 @@ def add_fit_command(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder of training images (searched recursively)")
     p.add_argument("--out", help="output .safetensors path (ldm keys, loadable by Load VAE); with --format "
                                  "diffusers a model folder")
-    from .export import FAMILY_CHOICES, FORMATS
+    from .export import FORMATS
+    from .probe import FAMILY_CHOICES
 
     p.add_argument("--format", choices=FORMATS, default="safetensors",
                    help="safetensors: one ldm-keyed file (ComfyUI, Automatic1111); diffusers: a folder that "
@@ -125,19 +127,19 @@ def _check_outputs(args) -> None:
             raise VAEFTError(f"cannot write {flag} {path!r}: its folder is not writable")
     if args.loss_plot and os.path.isdir(args.loss_plot):
         raise VAEFTError(f"--loss-plot {args.loss_plot!r} is a folder; give a .png file name")
-    if args.preview_dir and os.path.lexists(args.preview_dir) and not os.path.isdir(args.preview_dir):
-        raise VAEFTError(f"--preview-dir {args.preview_dir!r} is a file, not a folder; choose another path")
+    if args.preview_dir:
+        check_folder(args.preview_dir, f"--preview-dir {args.preview_dir!r}", "choose another path")
 
 
 def run_fit(args) -> int:
-    from .augment import augmenter
+    """Load the base VAE and the data as the flags say, run the one training session
+    (:func:`training.session.run_session`) with a progress bar and Ctrl-C, then export."""
     from .config import DataConfig
-    from .data import build_dataset, preview_patches
-    from .device import Distributed, pick_device
-    from .export import export_vae, make_probe
-    from .plot import curve_image, save_png
-    from .runs import RunFolder, RunStatus, latest_in, validation_patches
-    from .trainer import Callbacks, fine_tune, history_curves
+    from .data import build_dataset
+    from .device import Distributed, distributed, pick_device
+    from .export import export_vae
+    from .plot import curve_image, history_curves, save_png
+    from .session import run_session
     from .vae import load_vae
 
     missing = [f"--{k}" for k in ("vae", "data", "out") if not getattr(args, k)]
@@ -146,146 +148,86 @@ def run_fit(args) -> int:
     cfg = config_from_args(args)
     data_cfg = from_arguments(DataConfig, args, seed=cfg.seed)
     _check_outputs(args)
-    resume = args.resume
-    if resume and os.path.isdir(resume):  # a run folder: its newest checkpoint, and it goes on writing there
-        args.run_dir = args.run_dir or resume
-        resume = latest_in(os.path.join(resume, "checkpoints"))
-        if resume is None:
-            raise VAEFTError(f"--resume {args.resume!r}: that run folder has no checkpoint yet")
+    checkpoint = None
+    if not (args.run_dir or (args.resume and os.path.isdir(args.resume))) and (args.checkpoint or args.checkpoint_every):
+        stem = args.out[: -len(".safetensors")] if args.format == "safetensors" else args.out.rstrip("/\\")
+        checkpoint = args.checkpoint or stem + ".ckpt"  # only where asked: --checkpoint FILE or <out>.ckpt
 
     dist = Distributed.from_env()
     device = pick_device(args.device, dist)
-    run = checkpoints = None
-    if dist.is_main and args.run_dir:
-        run = RunFolder.create(args.run_dir, resume=bool(resume), overwrite=args.overwrite)
-        checkpoints = run.checkpoints(cfg, overwrite=args.overwrite)
-    elif args.checkpoint or args.checkpoint_every:  # only where asked: --checkpoint FILE or <out>.ckpt
-        from .checkpoint import Checkpoints
-
-        stem = args.out[: -len(".safetensors")] if args.format == "safetensors" else args.out.rstrip("/\\")
-        checkpoints = Checkpoints(args.checkpoint or stem + ".ckpt",
-                                  every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes,
-                                  overwrite=args.overwrite)
-    if dist.world_size > 1:
-        import torch.distributed
-
-        if device.type == "cuda":
-            import torch
-
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
+    with distributed(dist, device):
         base = load_vae(args.vae)
         data = build_dataset(args.data, data_cfg)
-        summary = data.summary()
-        log = (lambda *a: print(*a, file=sys.stderr)) if dist.is_main else (lambda *a: None)
-        log(f"data: {len(summary.get('images_used', []))} images used, {len(summary.get('images_skipped', []))} "
-            f"skipped; train {summary.get('train_images')}, validation {summary.get('val_images')}")
-        for item in summary.get("images_skipped", []):
-            log(f"  skipped {item['path']}: {item['reason']}")
-        val, cfg, note = validation_patches(data, cfg)
-        if note:
-            log(note)
-        general = None
-        if args.general and cfg.val_every:
-            from .evaluate import eval_patches
-
-            general, _ = eval_patches(args.general, dataclasses.replace(data_cfg, mask_dir=None), cfg.val_patches,
-                                      use_validation=False)
-        if run is not None:
-            run.write_config({"vae": args.vae, "data": args.data, "out": args.out, "general": args.general},
-                             {**dataclasses.asdict(data_cfg), **dataclasses.asdict(cfg)})
-            if resume:
-                run.rewind(_checkpoint_step(resume))
-
-        status = RunStatus(cfg.steps)
+        # the general images are all scored: none held out, and --mask-dir's masks belong to --data's images
+        general = build_dataset(args.general, dataclasses.replace(data_cfg, mask_dir=None, val_fraction=0.0)) \
+            if args.general else None
         bar = None
         if dist.is_main and not args.no_progress:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, desc="fine-tune", unit="step", file=sys.stderr)
-
-        def on_step(step, total, losses):
-            status.step = step
-            if bar is not None:
-                bar.update(step - bar.n)
-                if losses:
-                    bar.set_postfix(status.fields())
-
-        def on_log(line):
-            status.update(line)
-            if run is not None:
-                run.log(line)
-            if bar is None and dist.is_main:
-                print(json.dumps(line), file=sys.stderr)
-
-        def on_preview(step, images):
-            if args.preview_dir:
-                _write_preview(args.preview_dir, step, images)
-            if run is not None:
-                run.preview(step, images)
-
-        def on_checkpoint(step, path):
-            if bar is None and dist.is_main:
-                print(json.dumps({"checkpoint": path, "step": step}), file=sys.stderr)
-
-        local = cfg.batch_size // dist.world_size if cfg.batch_size % dist.world_size == 0 else cfg.batch_size
-        pin = device.type == "cuda"
-        preview = None
-        if (args.preview_dir or run is not None) and dist.is_main and cfg.preview_every:
-            if args.preview_dir:
-                os.makedirs(args.preview_dir, exist_ok=True)
-            preview = preview_patches(data, 4, seed=cfg.seed)
-
+        hooks = _fit_hooks(args, dist, bar)
         stop = _StopOnSigint()
+        hooks.should_stop = stop.requested
         with stop:
-            result = fine_tune(
-                base,
-                lambda start: data.train_batches(local, start_batch=start, rank=dist.rank,
-                                                 world_size=dist.world_size, pin_memory=pin, with_keys=True),
-                cfg, device=device, augment=augmenter(data_cfg), val_batch=val, general_batch=general,
-                preview_batch=preview,
-                callbacks=Callbacks(on_step=on_step, on_log=on_log, on_preview=on_preview,
-                                    on_checkpoint=on_checkpoint, should_stop=stop.requested),
-                resume=resume, checkpoints=checkpoints, dist=dist, data_signature=data.order_signature())
+            session = run_session(base, data, cfg, general=general, run_dir=args.run_dir, resume=args.resume,
+                                  checkpoint=checkpoint, overwrite=args.overwrite,
+                                  inputs={"vae": args.vae, "data": args.data, "out": args.out,
+                                          "general": args.general},
+                                  device=device, dist=dist, hooks=hooks)
         if bar is not None:
             bar.close()
-        if run is not None:
-            run.close()
-        if result.stopped_early:
-            where = f"; continue with --resume {args.run_dir or result.checkpoint}" if result.checkpoint else \
+        loop = session.loop
+        if loop.stopped_early:
+            where = f"; continue with --resume {session.run_dir or loop.checkpoint}" if loop.checkpoint else \
                 "; nothing was written (no checkpoint was asked for)"
-            print(f"interrupted at step {result.steps_done} of {cfg.steps}{where}", file=sys.stderr)
+            print(f"interrupted at step {loop.steps_done} of {loop.config.steps}{where}", file=sys.stderr)
             return 130
-        if not dist.is_main:
+        if session.trained is None:  # not the main process
             return 0
-        result.export_probe = make_probe(base, data, seed=cfg.seed, device=device)
-        report = export_vae(result, args.out, dataset_summary=summary, overwrite=args.overwrite, device=device,
-                            format=args.format, family=args.family)
+        report = export_vae(session.trained, args.out, overwrite=args.overwrite, device=device, format=args.format,
+                            family=args.family)
         print(report.text(), file=sys.stderr)
-        path = report.path
         if args.loss_plot:
-            save_png(curve_image(*history_curves(result.history)), args.loss_plot)
-        print(json.dumps({"out": path, "steps": result.steps_done, "seconds": round(result.seconds, 1),
-                          "micro_batch": result.micro_batch, "skipped_steps": result.skipped_steps,
-                          "latent_cache_hits": result.latent_cache_hits, "checkpoint": result.checkpoint,
-                          "run_dir": args.run_dir, "best_step": result.best_step,
-                          "rank_digests": result.rank_digests,
-                          "final": result.history[-1] if result.history else None}))
+            save_png(curve_image(*history_curves(loop.history)), args.loss_plot)
+        print(json.dumps({"out": report.path, "steps": loop.steps_done, "seconds": round(loop.seconds, 1),
+                          "micro_batch": loop.micro_batch, "skipped_steps": loop.skipped_steps,
+                          "latent_cache_hits": loop.latent_cache_hits, "checkpoint": loop.checkpoint,
+                          "run_dir": session.run_dir, "best_step": loop.best_step,
+                          "rank_digests": loop.rank_digests,
+                          "final": loop.history[-1] if loop.history else None}))
         return 0
-    finally:
-        if dist.world_size > 1:
-            import torch.distributed
-
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
 
 
-def _checkpoint_step(checkpoint: str) -> int:
-    from .checkpoint import peek
+def _fit_hooks(args, dist, bar):
+    """The session's hooks for ``fit``: the progress bar (or one JSON line per history line without
+    one), notes on stderr, previews into --preview-dir; only the main process speaks."""
+    from .runs import write_preview
+    from .session import Hooks
 
-    info = peek(checkpoint)
-    return int(info["step"]) if info else 0
+    if not dist.is_main:
+        return Hooks()
+
+    def step(status):
+        if bar is not None:
+            bar.update(status.step - bar.n)
+
+    def log(line, status):
+        if bar is not None:
+            bar.set_postfix(status.fields())
+        else:
+            print(json.dumps(line), file=sys.stderr)
+
+    def checkpoint(step, path):
+        if bar is None:
+            print(json.dumps({"checkpoint": path, "step": step}), file=sys.stderr)
+
+    preview = None
+    if args.preview_dir:
+        os.makedirs(args.preview_dir, exist_ok=True)
+        preview = lambda step, images: write_preview(args.preview_dir, step, images)  # noqa: E731
+    say = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    return Hooks(note=say, warn=say, step=step, log=log, preview=preview, checkpoint=checkpoint)
 
 
 class _StopOnSigint:
@@ -317,12 +259,6 @@ class _StopOnSigint:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
         return False
-
-
-def _write_preview(folder: str, step: int, images) -> None:
-    from .plot import image_grid, save_png
-
-    save_png(image_grid(images, rows=2), os.path.join(folder, f"preview-{step:07d}.png"))
 
 
 # ----------------------------------------------------------------------------- patches
@@ -435,7 +371,7 @@ def run_eval(args) -> int:
     from .imageio import ImageReadError, read_image, to_signed
     from .metrics import latent_channels, load_inception, try_load_lpips
     from .plot import save_png
-    from .runs import json_safe
+    from .files import json_safe
     from .vae import load_vae
 
     cfg = from_arguments(DataConfig, args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -26,6 +27,25 @@ class Distributed:
     def from_env(cls) -> "Distributed":
         return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                    int(os.environ.get("LOCAL_RANK", 0)))
+
+
+@contextlib.contextmanager
+def distributed(dist: Distributed, device: torch.device):
+    """Within the block, torchrun's process group is up (NCCL on CUDA, Gloo on the CPU) when there
+    are several processes; nothing happens for one."""
+    if dist.world_size <= 1:
+        yield
+        return
+    import torch.distributed
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def pick_device(name: str | None = None, dist: Distributed | None = None) -> torch.device:

@@ -396,3 +396,30 @@ def evaluate_vaes(vaes: dict[str, torch.nn.Module], patches: torch.Tensor, *,
         res["latent_channels"] = latent_channels(model)
         results[name] = res
     return results
+
+
+@torch.no_grad()
+def validation_scores(model, batch: torch.Tensor, device, autocast, lpips_net) -> dict[str, float]:
+    """Mean MSE / PSNR / LPIPS of the posterior-mode reconstruction of held-out patches, scored
+    with the weights the model holds now."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = {"mse": 0.0, "psnr": 0.0}
+        if lpips_net is not None:
+            out["lpips"] = 0.0
+        n = 0
+        for x in batch.split(8):
+            x = x.to(device).float()
+            with autocast:
+                recon = reconstruct(model, x)
+            recon = recon.float().clamp(-1, 1)
+            out["mse"] += float(torch.nn.functional.mse_loss(recon, x, reduction="sum")) / x[0].numel()
+            out["psnr"] += float(psnr(recon, x).sum())
+            if lpips_net is not None:
+                with autocast:
+                    out["lpips"] += float(lpips_net(recon, x).float().sum())
+            n += x.shape[0]
+        return {k: v / n for k, v in out.items()}
+    finally:
+        model.train(was_training)

@@ -9,6 +9,24 @@ import torch
 from PIL import Image, ImageDraw
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+# History keys worth drawing as curves, in legend order.
+HISTORY_CURVES = ("total", "mse", "l1", "lpips", "kl", "latent", "g_loss", "d_loss", "val_mse", "val_lpips",
+                  "gen_mse", "gen_lpips")
+
+
+def history_curves(history: list[dict]) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """(values, steps) per HISTORY_CURVES key present in a training history (its lines: {"step", ...}):
+    training terms over the logged steps, validation scores over the steps they were scored at
+    (validation may run on steps that log no training loss, so the two sets of rows differ)."""
+    train = [h for h in history if "total" in h]
+    val = [h for h in history if any(k.startswith(("val_", "gen_")) for k in h)]
+    values, steps = {}, {}
+    for key in HISTORY_CURVES:
+        rows = val if key.startswith(("val_", "gen_")) else train
+        if any(key in h for h in rows):
+            values[key] = [h.get(key, float("nan")) for h in rows]
+            steps[key] = [h["step"] for h in rows]
+    return values, steps
 
 
 def curve_image(series: dict[str, list[float]], steps: list[int] | dict[str, list[int] | None] | None = None,

@@ -39,8 +39,8 @@ _SATURATION_GAP = 0.1  # [-1, 1] units (~13 8-bit levels): rounding noise stays 
 class ExportProbe:
     """Patches the export decodes to check half precision, with the base VAE's figures on them.
 
-    Made by :func:`make_probe` after training (the CLI and the fine-tune node do it) and kept on
-    ``TrainResult.export_probe``, so the Save node needs nothing but the trained result.
+    Made by :func:`make_probe` after training (the session does it) and kept on ``Trained.probe``,
+    so the Save node needs nothing but the trained result.
     """
 
     patches: torch.Tensor   # (n, 3, h, w) in [-1, 1], fp32, CPU, as decoded (see probe_patches)

@@ -25,7 +25,7 @@ import torch
 from .checkpoint import Checkpoints, latest_in
 from .config import TrainConfig
 from .errors import VAEFTError
-from .files import atomic_write, describe_os_error
+from .files import atomic_write, check_folder, describe_os_error, json_safe, write_json
 
 CONFIG_FORMAT = "vaeft-run-config-1"
 MARKER = "config.json"
@@ -80,8 +80,7 @@ class RunFolder:
         folder of ours being continued (``resume``), is empty, or ``overwrite`` is set. Refused
         otherwise, with what to do, before the first step."""
         path = os.fspath(path)
-        if os.path.lexists(path) and not os.path.isdir(path):
-            raise VAEFTError(f"run folder {path!r} is a file; choose another run folder")
+        check_folder(path, f"run folder {path!r}", "choose another run folder")
         if os.path.isdir(path) and os.listdir(path):
             ours = os.path.isfile(os.path.join(path, MARKER))
             if not ours and not overwrite:
@@ -126,9 +125,7 @@ class RunFolder:
         if paths == "relative":
             inputs = {k: portable_path(v, self.path) for k, v in inputs.items()}
         body = {"format": CONFIG_FORMAT, "paths": paths, "inputs": inputs, "settings": settings}
-        text = json.dumps(body, indent=2, default=str) + "\n"
-        return atomic_write(os.path.join(self.path, MARKER), lambda f: f.write(text.encode()), overwrite=True,
-                            what="run config")
+        return write_json(os.path.join(self.path, MARKER), body, what="run config")
 
     def log(self, line: dict, step_time: float | None = None) -> dict:
         """Append a history line to metrics.jsonl (and TensorBoard), with the seconds since the run
@@ -156,16 +153,9 @@ class RunFolder:
         return record
 
     def preview(self, step: int, images: torch.Tensor) -> str:
-        """Write (2N, 3, H, W) [0, 1] images (inputs, then reconstructions) as previews/preview-NNNNNNN.png."""
-        from .plot import image_grid, to_pil
-
-        grid = image_grid(images, rows=2)
-        path = os.path.join(self.preview_dir, f"preview-{step:07d}.png")
-
-        def write(f):
-            to_pil(grid).save(f, format="PNG")
-
-        atomic_write(path, write, overwrite=True, what="preview")
+        """Write (2N, 3, H, W) [0, 1] images (inputs, then reconstructions) as previews/preview-NNNNNNN.png
+        (see :func:`write_preview`), and to TensorBoard."""
+        path, grid = write_preview(self.preview_dir, step, images)
         tb = self._tensorboard()
         if tb is not None:
             tb.add_image("preview", grid, step)
@@ -200,27 +190,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def json_safe(obj):
-    """For JSON: NaN/inf floats become None (JSON has no such numbers), recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
+def write_preview(folder: str, step: int, images: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """Write (2N, 3, H, W) [0, 1] images (inputs, then reconstructions) as ``folder``/preview-NNNNNNN.png,
+    two rows, atomically. Returns (path, the grid drawn)."""
+    from .plot import image_grid, to_pil
 
-
-def validation_patches(data, cfg: TrainConfig) -> tuple[torch.Tensor | None, TrainConfig, str | None]:
-    """Held-out patches for ``cfg.val_every`` from a PatchDataset, the config to train with, and a
-    note for the user. Without held-out images validation is switched off with a note (unless
-    export_best asks for it, which stays an error naming the fix)."""
-    if not cfg.val_every:
-        return None, cfg, None
-    if not data.summary().get("val_images") and not cfg.export_best:
-        return None, cfg.replace(val_every=0), ("validation is off: the dataset has no held-out images ("
-                                                f"{data.summary().get('validation')}); add images or raise val_fraction")
-    return data.val_patches(cfg.val_patches, seed=cfg.seed), cfg, None
+    grid = image_grid(images, rows=2)
+    path = os.path.join(folder, f"preview-{step:07d}.png")
+    atomic_write(path, lambda f: to_pil(grid).save(f, format="PNG"), overwrite=True, what="preview")
+    return path, grid
 
 
 class RunStatus:

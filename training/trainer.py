@@ -1,81 +1,42 @@
-"""The fine-tuning loop, readable top to bottom.
+"""The fine-tuning loop. :func:`fine_tune` comes first and reads top to bottom; what it calls follows.
 
-One optimizer step: take the step's batch of [-1, 1] patches (batch k depends only on
-the seed and k, so a resumed run sees the same data), split it into micro-batches,
-and for each: augment, encode (no grad when the encoder is frozen), decode with
-gradient, loss, backward. Then clip, AdamW (skipped on the device, without a host
-sync, when the gradient is not finite), EMA, and optionally a discriminator step.
+One optimizer step: take the step's batch of [-1, 1] patches (batch k depends only on the seed and
+k, so a resumed run sees the same data), split it into micro-batches, and for each: augment, encode
+(no grad when the encoder is frozen), decode with gradient, loss, backward. Then clip, AdamW (skipped
+on the device, without a host sync, when the gradient is not finite), EMA, and optionally a
+discriminator step. Checkpoints hold every tensor by name (:mod:`training.checkpoint`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import functools
 import math
 import os
-import uuid
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
-from .checkpoint import CHECKPOINT_FORMAT, Checkpoints, read_checkpoint
+from . import amp
+from .checkpoint import Checkpoints, checkpoint_state, load_checkpoint, restore_checkpoint
 from .config import TrainConfig
 from .device import Distributed, pick_device, resolve_precision
+from .ema import EMA
 from .errors import VAEFTError
-from .fused_norm import autocast_group_norms, fuse_vae_blocks, triton_available
+from .fused_blocks import autocast_group_norms, fuse_vae_blocks
+from .fused_norm import triton_available
+from .imageio import signed_to_unit
 from .losses import (PatchDiscriminator, ReconstructionLoss, adaptive_gan_weight, hinge_d_loss, kl_divergence,
                      load_lpips)
-from .imageio import signed_to_unit
-from .vae import LdmLayout, LoadedVAE, reconstruct, state_dict_sha256
-
-# Parameter name prefixes (diffusers AutoencoderKL) trained in each mode.
-TRAINABLE_PREFIXES = {
-    "decoder": ("decoder.", "post_quant_conv."),
-    "full": ("encoder.", "quant_conv.", "decoder.", "post_quant_conv."),
-}
-# History keys worth drawing as curves, in legend order.
-HISTORY_CURVES = ("total", "mse", "l1", "lpips", "kl", "latent", "g_loss", "d_loss", "val_mse", "val_lpips",
-                  "gen_mse", "gen_lpips")
-# Fields a resumed run must share with the run that wrote the checkpoint (steps may grow).
-RESUME_MUST_MATCH = ("recipe", "lr", "batch_size", "mse_weight", "l1_weight", "lpips_weight", "kl_weight",
-                     "gan_weight", "disc_start", "latent_weight", "lpips_net", "trainable", "ema", "ema_decay",
-                     "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "posterior", "seed")
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant or cosine."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "cosine":
-        span = max(1, cfg.steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.lr
-
-
-def history_curves(history: list[dict]) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
-    """(values, steps) per HISTORY_CURVES key present in a TrainResult.history: training terms over
-    the logged steps, validation scores over the steps they were scored at (validation may run on
-    steps that log no training loss, so the two sets of rows differ)."""
-    train = [h for h in history if "total" in h]
-    val = [h for h in history if any(k.startswith(("val_", "gen_")) for k in h)]
-    values, steps = {}, {}
-    for key in HISTORY_CURVES:
-        rows = val if key.startswith(("val_", "gen_")) else train
-        if any(key in h for h in rows):
-            values[key] = [h.get(key, float("nan")) for h in rows]
-            steps[key] = [h["step"] for h in rows]
-    return values, steps
-
-
-def frozen_digest(model: torch.nn.Module, trainable: str) -> str:
-    """sha256 over every parameter and buffer that the given mode does not train."""
-    prefixes = TRAINABLE_PREFIXES[trainable]
-    return state_dict_sha256({k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)})
+from .memory import is_out_of_memory, memory_kind, out_of_memory_named
+from .loop_state import LoopState
+from .metrics import validation_scores
+from .vae import (LoadedVAE, Reconstruct, frozen_sha256, reconstruct, trainable_shapes, trained_prefixes,
+                  trained_sha256)
 
 
 @dataclass
@@ -102,418 +63,34 @@ class Callbacks:
 
 
 @dataclass(repr=False)
-class TrainResult:
-    model: torch.nn.Module          # AutoencoderKL holding the weights to export (EMA if chosen)
-    layout: LdmLayout
-    config: TrainConfig
+class LoopResult:
+    """What :func:`fine_tune` did. The session turns it into a :class:`training.trained.Trained` for export."""
+
+    model: torch.nn.Module          # AutoencoderKL holding the weights to export (EMA if chosen), frozen, eval
+    config: TrainConfig             # the config trained with (validation off when there was nothing to score)
     steps_done: int
+    frozen_sha256: str              # of the base model's untrained tensors (vae.frozen_sha256), re-checked at export
     history: list[dict] = field(default_factory=list)  # {"step", "lr", "total", "mse", "lpips", ...}
     stopped_early: bool = False
-    frozen_digest: str = ""         # of the base model's untrained part, re-checked at export
     seconds: float = 0.0
     used_ema: bool = False
+    best_step: int | None = None    # with export_best: the step whose weights the model holds
+    precision: str = ""             # the autocast dtype used and why (precision auto picks by GPU)
     micro_batch: int = 0            # what the run settled on
     skipped_steps: int = 0          # non-finite steps that were skipped
-    best_step: int | None = None    # with export_best: the step whose weights the model holds
     fused_norms: int = 0            # GroupNorms that ran as fused Triton kernels (0 = PyTorch's)
-    rank_digests: list[str] | None = None  # under torchrun: each rank's trained weights' sha256 (all equal)
     latent_cache_hits: int = 0      # patches whose encoder output came from the latent cache
-    dataset_summary: dict | None = None  # recorded in the export's metadata
+    rank_digests: list[str] | None = None  # under torchrun: each rank's trained weights' sha256 (all equal)
     run_id: str = ""                # the run's identity: kept across resumes, stored in its checkpoints
-    precision: str = ""             # the autocast dtype used and why (precision auto picks by GPU)
     checkpoint: str | None = None   # the last checkpoint written, if any
-    export_probe: object | None = None   # export.ExportProbe: patches for the export's half-precision check
 
-    def __repr__(self) -> str:  # short: ComfyUI shows node inputs in error reports
-        return (f"TrainResult(steps_done={self.steps_done}, base={self.layout.base_name!r}, "
-                f"latent_channels={self.model.config.latent_channels}, ema={self.used_ema})")
+    def __repr__(self) -> str:
+        return f"LoopResult(steps_done={self.steps_done}, stopped_early={self.stopped_early})"
 
 
-class _Reconstruct(torch.nn.Module):
-    """encode -> latent -> decode as one forward(), so DistributedDataParallel can wrap it."""
-
-    def __init__(self, vae: torch.nn.Module, encoder_trains: bool, sample: bool,
-                 memory_format: torch.memory_format = torch.contiguous_format):
-        super().__init__()
-        self.vae, self.encoder_trains, self.sample = vae, encoder_trains, sample
-        self.memory_format = memory_format
-
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None, cached: torch.Tensor | None = None):
-        # noise is drawn by the caller: a seeded generator inside would break torch.compile's graph.
-        # cached: the frozen encoder's (mean, logvar) for x, concatenated on channels (latent cache)
-        if cached is not None:
-            mean, logvar = cached.chunk(2, dim=1)
-        else:
-            with torch.set_grad_enabled(self.encoder_trains and torch.is_grad_enabled()):
-                moments = self.vae.encode(x).latent_dist
-                mean, logvar = moments.mean, moments.logvar
-        # One layout whichever way the latents came (fresh ones are strided views of the encoder's
-        # output, cached ones are stacked copies): the decoder's kernels, and so its gradients to
-        # the last bit, must not depend on whether the cache was warm (a resumed run starts cold).
-        mean, logvar = (t.contiguous(memory_format=self.memory_format) for t in (mean, logvar))
-        z = mean + noise * torch.exp(0.5 * logvar) if (self.sample and noise is not None) else mean
-        return self.vae.decode(z).sample, mean, logvar
-
-
-class _LatentCache:
-    """The frozen encoder's (mean, logvar) per patch id, on the training device, up to a byte
-    budget (patches past it are simply encoded each time). Only used when the same patch (same
-    id) always has the same pixels: grid sampling without augmentation, encoder frozen."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes, self.hits = max_bytes, 0, 0
-        self.store: dict[int, torch.Tensor] = {}
-
-    def get(self, keys: list[int]) -> torch.Tensor | None:
-        if not keys or any(k not in self.store for k in keys):
-            return None
-        self.hits += len(keys)
-        return torch.stack([self.store[k] for k in keys])
-
-    def put(self, keys: list[int], mean: torch.Tensor, logvar: torch.Tensor) -> None:
-        moments = torch.cat([mean.detach(), logvar.detach()], dim=1)
-        for k, m in zip(keys, moments):
-            size = m.numel() * m.element_size()
-            if k not in self.store and self.bytes + size <= self.max_bytes:
-                self.store[k] = m.clone()
-                self.bytes += size
-
-
-def _step_seed(seed: int, step: int) -> int:
-    """The seed of optimizer step ``step``: augmentation and posterior noise of step k are the
-    same in an uninterrupted and a resumed run, with no RNG state to carry."""
-    return (seed * 1_000_003 + step) % (2**63 - 1)
-
-
-def _largest_divisor_below(n: int, below: int) -> int:
-    for m in range(min(below, n) - 1, 0, -1):
-        if n % m == 0:
-            return m
-    return 0
-
-
-def _out_of_memory_named(fn):
-    """Out-of-memory errors that escape the step's own retry (moving the model, the optimizer's
-    first state allocation, EMA, validation, preview) become a VAEFTError saying what to change."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except torch.OutOfMemoryError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
-            raise VAEFTError(
-                f"out of GPU memory outside the training step's forward/backward ({first[:300]}). Free GPU "
-                "memory (unload other models), lower val_patches, patch_size or batch_size, or turn on "
-                "grad_checkpointing") from None
-    return wrapper
-
-
-class EMA:
-    """Exponential moving average of the trained parameters, on their device, in fp32.
-
-    The decay warms up as in LDM's LitEma, ``min(decay, (1 + step) / (10 + step))``, so early
-    averages are not dominated by the base weights."""
-
-    def __init__(self, params: list[torch.Tensor], decay: float):
-        self.params, self.decay = params, decay
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self, step: int, skip: torch.Tensor) -> None:
-        """Average in the weights after optimizer step ``step``; ``skip`` (0-dim, 0. or 1., on the
-        device) leaves the average unchanged for a skipped step without a host sync."""
-        decay = min(self.decay, (1 + step) / (10 + step))
-        # shadow += w * (p - shadow) with w kept on the device: _foreach_lerp_ takes only a Python
-        # number as weight, and turning ``skip`` into one would wait for the GPU every step.
-        w = (1.0 - decay) * (1.0 - skip)
-        delta = torch._foreach_sub([p.detach() for p in self.params], self.shadow)
-        torch._foreach_mul_(delta, w)
-        torch._foreach_add_(self.shadow, delta)
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        """Within the block the parameters hold the averaged weights; the live ones come back after."""
-        self._swap()
-        try:
-            yield
-        finally:
-            self._swap()
-
-    def _swap(self) -> None:
-        for p, e in zip(self.params, self.shadow):
-            p.data, e.data = e.data, p.data
-
-    @torch.no_grad()
-    def copy_to_params(self) -> None:
-        for p, e in zip(self.params, self.shadow):
-            p.copy_(e)
-
-    def state_dict(self) -> list[torch.Tensor]:
-        return [e.detach().cpu().clone() for e in self.shadow]
-
-    @torch.no_grad()
-    def load_state_dict(self, tensors: list[torch.Tensor]) -> None:
-        for e, t in zip(self.shadow, tensors):
-            e.copy_(t)
-
-
-@dataclass
-class LoopState:
-    """Everything the loop carries from step to step besides the weights and optimizers. The whole
-    of it goes into a checkpoint and comes back on resume: a new field is saved and restored
-    without another change. Device tensors are counted on the device (no host sync per step)."""
-
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
-    running: dict[str, torch.Tensor] = field(default_factory=dict)  # loss sums since the last log line
-    counts: dict[str, int] = field(default_factory=dict)  # steps each sum ran over (GAN terms: from disc_start)
-    skipped: torch.Tensor | None = None    # non-finite steps skipped so far
-    bad_run: torch.Tensor | None = None    # current streak of skipped steps
-    worst_run: torch.Tensor | None = None  # the longest streak since the last log line
-    best: dict = field(default_factory=lambda: {"score": float("inf"), "params": None, "step": 0})
-
-    loss_scale: torch.Tensor | None = None   # fp16: dynamic loss scale (GradScaler's rule, on the device)
-    scale_growth: torch.Tensor | None = None  # fp16: good steps since the scale last changed
-
-    @classmethod
-    def new(cls, device: torch.device, loss_scaling: bool = False) -> "LoopState":
-        zero = lambda: torch.zeros((), device=device)  # noqa: E731
-        out = cls(skipped=zero(), bad_run=zero(), worst_run=zero())
-        if loss_scaling:
-            out.loss_scale = torch.full((), 2.0**16, device=device)
-            out.scale_growth = torch.zeros((), dtype=torch.int32, device=device)
-        return out
-
-    def unscale_(self, params, found_inf: torch.Tensor) -> None:
-        """fp16: divide the gradients by the loss scale (sets ``found_inf`` on inf/NaN), no host sync."""
-        if self.loss_scale is not None:
-            grads = [p.grad for p in params if p.grad is not None]
-            if grads:
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, self.loss_scale.reciprocal())
-
-    def update_scale(self, found_inf: torch.Tensor) -> None:
-        """fp16: halve the scale after an overflow, double it after 2000 good steps (GradScaler's defaults)."""
-        if self.loss_scale is not None:
-            torch._amp_update_scale_(self.loss_scale, self.scale_growth, found_inf, 2.0, 0.5, 2000)
-
-    def add(self, parts: dict[str, torch.Tensor], skip: torch.Tensor) -> None:
-        """Count one finished optimizer step: its loss terms and whether it was skipped."""
-        self.bad_run.mul_(skip).add_(skip)
-        torch.maximum(self.worst_run, self.bad_run, out=self.worst_run)
-        self.skipped.add_(skip)
-        for k, v in parts.items():
-            self.running[k] = self.running.get(k, 0.0) + v
-            self.counts[k] = self.counts.get(k, 0) + 1
-        self.step += 1
-
-    def log_line(self, lr: float) -> dict:
-        """Average each term over the steps it ran since the last line; append to the history."""
-        line = {k: float(v) / self.counts[k] for k, v in self.running.items()}
-        line.update(step=self.step, lr=lr)
-        if int(self.skipped):
-            line["skipped_steps"] = int(self.skipped)
-        self.history.append(line)
-        self.running, self.counts = {}, {}
-        return line
-
-    def consider_best(self, score: float, weights: list[torch.Tensor]) -> None:
-        """export_best: keep a CPU copy of ``weights`` when ``score`` (lower is better) is the best yet."""
-        if score < self.best["score"]:
-            self.best = {"score": score, "params": [t.detach().cpu().clone() for t in weights], "step": self.step}
-
-    def state_dict(self) -> dict:
-        return {f.name: _to_cpu(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_state_dict(cls, state: dict, device: torch.device, loss_scaling: bool = False) -> "LoopState":
-        names = {f.name for f in dataclasses.fields(cls)}
-        out = cls.new(device, loss_scaling)
-        for k, v in state.items():
-            if k in names and v is not None:
-                setattr(out, k, _to_device(v, device))
-        return out
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    return obj
-
-
-def _to_device(obj, device: torch.device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_device(v, device) for v in obj]
-    return obj
-
-
-@dataclass
-class _Step:
-    """What every optimizer step uses and no step changes (built once by :func:`fine_tune`)."""
-
-    cfg: TrainConfig
-    device: torch.device
-    model: torch.nn.Module            # the AutoencoderKL being trained
-    module: torch.nn.Module           # _Reconstruct around it (DDP-wrapped / compiled as asked)
-    loss_fn: ReconstructionLoss
-    autocast: torch.autocast
-    dist: Distributed
-    channels_last: bool
-    augment: Callable | None = None
-    disc: torch.nn.Module | None = None
-    base_encoder: torch.nn.Module | None = None
-    cache: _LatentCache | None = None
-    callbacks: Callbacks = field(default_factory=Callbacks)
-    params: list[torch.nn.Parameter] = field(default_factory=list)  # the trained ones
-    opt: torch.optim.Optimizer | None = None
-    disc_opt: torch.optim.Optimizer | None = None
-    ema: EMA | None = None
-    lpips_net: torch.nn.Module | None = None
-    amp: str = "fp32"                 # the autocast dtype: bf16, fp16 (with loss scaling) or fp32
-    amp_why: str = ""
-    fused: int = 0                    # GroupNorms swapped for the fused kernels
-    restore_modules: Callable[[], None] | None = None  # undoes the norm swaps
-
-
-def _prepare(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distributed,
-             lpips_net: torch.nn.Module | None, augment, callbacks: Callbacks) -> _Step:
-    """A private fp32 copy of the model set up for training (trainable set, precision, fused norms,
-    memory layout, DDP, compile) with its loss, optimizers and EMA."""
-    model = copy.deepcopy(vae.model).to(device)  # build_vae made it fp32: the master weights
-    params = [p for name, p in model.named_parameters()
-              if p.requires_grad_(name.startswith(TRAINABLE_PREFIXES[cfg.trainable])).requires_grad]
-    on_cuda = device.type == "cuda"
-    amp, amp_why = resolve_precision(cfg.precision, device)
-    fused, restore_modules = 0, None  # the norm swaps are made on our private copy only
-    if cfg.fused_norm and on_cuda and amp != "fp16" and triton_available():
-        fused, restore_modules = fuse_vae_blocks(model)
-    elif amp == "bf16" and cfg.norm_in_bf16:
-        _, restore_modules = autocast_group_norms(model)
-    channels_last = on_cuda and (cfg.channels_last or bool(fused))
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if cfg.grad_checkpointing:
-        model.enable_gradient_checkpointing()
-    model.train()
-    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
-                              enabled=amp != "fp32")
-    if cfg.lpips_weight > 0 and lpips_net is None:
-        lpips_net = load_lpips(cfg.lpips_net, cfg.lpips_backbone)
-    if lpips_net is not None:
-        # a private copy: the caller's network keeps its device and dtype; frozen, so bf16 under bf16
-        lpips_net = copy.deepcopy(lpips_net).to(device, torch.bfloat16 if amp == "bf16" else None).eval()
-        lpips_net.requires_grad_(False)
-    module: torch.nn.Module = _Reconstruct(model, cfg.trainable == "full", cfg.posterior == "sample",
-                                           torch.channels_last if channels_last else torch.contiguous_format)
-    if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        module = DDP(module, device_ids=[device.index] if on_cuda else None)
-    if cfg.compile:
-        module = torch.compile(module)
-    s = _Step(cfg, device, model, module, ReconstructionLoss(cfg.mse_weight, cfg.l1_weight, cfg.lpips_weight,
-                                                             lpips_net),
-              autocast, dist, channels_last, augment, callbacks=callbacks, params=params, lpips_net=lpips_net,
-              amp=amp, amp_why=amp_why, fused=fused, restore_modules=restore_modules)
-    if cfg.latent_weight:
-        s.base_encoder = _Reconstruct(copy.deepcopy(vae.model).to(device).eval(), False, False)
-    if cfg.latent_cache_mb and cfg.trainable == "decoder" and augment is None:
-        s.cache = _LatentCache(cfg.latent_cache_mb * 2**20)
-    s.opt = torch.optim.AdamW(params, lr=lr_at(0, cfg), weight_decay=cfg.weight_decay, fused=True)
-    if cfg.gan_weight > 0:
-        with torch.random.fork_rng(devices=[]):  # the same init on every rank, the caller's RNG untouched
-            torch.manual_seed(cfg.seed)
-            s.disc = PatchDiscriminator().to(device)
-        s.disc_opt = torch.optim.AdamW(s.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0,
-                                       fused=True)
-    s.ema = EMA(params, cfg.ema_decay) if cfg.ema else None
-    return s
-
-
-def _update(s: _Step, state: LoopState, step: int, found_inf: torch.Tensor) -> None:
-    """After the backward passes of ``step``: unscale (fp16), clip, the optimizer steps, EMA. A
-    non-finite gradient skips the update on the device (``found_inf``), without a host sync; the
-    count is read at logging steps."""
-    found_inf.zero_()
-    state.unscale_(s.params, found_inf)
-    norm = torch.nn.utils.clip_grad_norm_(s.params, s.cfg.grad_clip if s.cfg.grad_clip > 0 else float("inf"))
-    torch.maximum(found_inf, (~torch.isfinite(norm)).float(), out=found_inf)
-    _fused_step(s.opt, found_inf)
-    if s.ema is not None:
-        s.ema.update(step, found_inf)
-    if s.disc_opt is None or step < s.cfg.disc_start:
-        state.update_scale(found_inf)
-        return
-    if s.dist.world_size > 1:  # the discriminator is not DDP-wrapped: average its gradients here
-        for p in s.disc.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad.div_(s.dist.world_size)
-    d_inf = torch.zeros_like(found_inf)
-    state.unscale_(list(s.disc.parameters()), d_inf)
-    d_norm = torch.nn.utils.clip_grad_norm_(s.disc.parameters(), float("inf"))
-    d_inf = torch.maximum(torch.maximum((~torch.isfinite(d_norm)).float(), d_inf), found_inf)
-    _fused_step(s.disc_opt, d_inf)
-    state.update_scale(d_inf)
-
-
-def _scores(s: _Step, state: LoopState, val_batch: torch.Tensor, general_batch: torch.Tensor | None) -> dict:
-    """Validation (and general-image) scores with the weights that would be exported (the EMA when
-    on); export_best's pick is updated from step 1 on."""
-    swap = s.ema.swapped_in() if (s.ema is not None and s.cfg.export_ema) else contextlib.nullcontext()
-    with swap:
-        scores = {f"val_{k}": v for k, v in _validate(s.model, val_batch, s.device, s.autocast, s.lpips_net).items()}
-        if general_batch is not None:
-            scores.update({f"gen_{k}": v for k, v in
-                           _validate(s.model, general_batch, s.device, s.autocast, s.lpips_net).items()})
-        if s.cfg.export_best and state.step > 0:
-            state.consider_best(scores.get("val_lpips", scores["val_mse"]), s.params)
-    return scores
-
-
-def _finish(s: _Step, state: LoopState) -> bool:
-    """Put the weights to export into the model (EMA, or export_best's pick), undo the training-only
-    changes (checkpointing, norm swaps, layout), freeze it. Returns whether the EMA was used."""
-    used_ema = s.ema is not None and s.cfg.export_ema and state.step > 0
-    if used_ema:
-        s.ema.copy_to_params()
-    if s.cfg.export_best and state.best["params"] is not None:
-        with torch.no_grad():
-            for p, b in zip(s.params, state.best["params"]):
-                p.copy_(b)
-    if s.cfg.grad_checkpointing:
-        s.model.disable_gradient_checkpointing()
-    if s.restore_modules is not None:
-        s.restore_modules()
-    s.model.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
-    return used_ema
-
-
-def _batch_stream(batches, start: int, in_channels: int, local_batch: int):
-    """The caller's batches from optimizer step ``start`` on as one stream of (patches, keys or
-    None), each checked: (local_batch, in_channels, P, P), keys one per patch."""
-    items = batches(start) if callable(batches) else batches
-    for item in items:
-        x, keys = item if isinstance(item, (tuple, list)) else (item, None)
-        if keys is not None and len(keys) != x.shape[0]:
-            raise VAEFTError(f"a training batch has {x.shape[0]} patches but {len(keys)} keys")
-        if x.ndim != 4 or x.shape[1] != in_channels:
-            raise VAEFTError(f"training batches have shape {tuple(x.shape)} but this VAE takes "
-                             f"{in_channels}-channel images (B, C, H, W)")
-        if x.shape[0] != local_batch:
-            raise VAEFTError(f"a training batch has {x.shape[0]} patches; expected {local_batch}")
-        yield x, keys
-
-
-@_out_of_memory_named
+@out_of_memory_named("outside the training step's forward/backward",
+                     "free memory (unload other models), lower val_patches, patch_size or batch_size, or turn on "
+                     "grad_checkpointing")
 def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
               device: torch.device | str | None = None,
               lpips_net: torch.nn.Module | None = None,
@@ -522,10 +99,10 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
               val_batch: torch.Tensor | None = None,
               general_batch: torch.Tensor | None = None,
               callbacks: Callbacks | None = None,
-              resume: str | os.PathLike | None = None,
+              resume: str | os.PathLike | dict | None = None,
               checkpoints: Checkpoints | str | os.PathLike | None = None,
               dist: Distributed | None = None,
-              data_signature: dict | None = None) -> TrainResult:
+              data_signature: dict | None = None) -> LoopResult:
     """Fine-tune a copy of ``vae.model``; the input model is never modified.
 
     batches: ``start_step -> iterator`` (needed to resume) or an iterator; each item is this
@@ -543,7 +120,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         history step 0); ``export_best`` keeps the best of the trained ones.
     general_batch: optional BCHW [-1, 1] patches of other ("general") images, scored with the
         validation patches as ``gen_*``: does the fine-tune harm images outside the domain?
-    resume: a checkpoint written by this function to continue from (its run identity is kept).
+    resume: a checkpoint written by this function to continue from (its run identity is kept): its
+        path, or the dict :func:`training.checkpoint.load_checkpoint` read and checked already.
     checkpoints: where and when to write checkpoints (main process only): a
         :class:`~training.checkpoint.Checkpoints`, or a file path (written every
         ``cfg.checkpoint_every`` steps or ``cfg.checkpoint_minutes``, at the end, and when stopped).
@@ -571,14 +149,16 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     if resume is not None and not callable(batches):
         raise VAEFTError("resuming needs batches as a function of the start step (to replay the data order)")
 
-    base_digest = frozen_digest(vae.model, cfg.trainable)
-    s = _prepare(vae, cfg, device, dist, lpips_net, augment, callbacks)
-    opt, disc_opt, ema = s.opt, s.disc_opt, s.ema
+    base_digest = frozen_sha256(vae.model, cfg.trainable)
+    if resume is not None and not isinstance(resume, dict):
+        resume = load_checkpoint(resume, vae.layout, cfg, trainable_shapes(vae.model, cfg.trainable), dist.world_size,
+                                 data_signature)
+    s = _set_up(vae, cfg, device, dist, lpips_net, augment, callbacks)
     state = LoopState.new(device, loss_scaling=s.amp == "fp16")
     if resume is not None:
-        ckpt = load_checkpoint(resume, vae.layout, cfg, dist.world_size, data_signature)
-        state = restore_checkpoint(ckpt, s.params, opt, ema, s.disc, disc_opt, device, loss_scaling=s.amp == "fp16")
-    run_id = (ckpt.get("run_id") if resume is not None else None) or uuid.uuid4().hex
+        loop = restore_checkpoint(resume, params=s.params, opt=s.opt, ema=s.ema, disc=s.disc, disc_opt=s.disc_opt)
+        state = LoopState.from_state_dict(loop, device, loss_scaling=s.amp == "fp16")
+    run_id = (resume.get("run_id") if resume is not None else None) or uuid.uuid4().hex
     if checkpoints is not None and not isinstance(checkpoints, Checkpoints):
         checkpoints = Checkpoints(checkpoints, every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes)
     if checkpoints is not None and dist.is_main:
@@ -591,8 +171,9 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
             callbacks.on_log(line)
 
     def save(step: int) -> None:
-        path = checkpoints.write(step, checkpoint_state(cfg, vae.layout, s.params, opt, ema, s.disc, disc_opt, state,
-                                                        dist.world_size, data_signature))
+        path = checkpoints.write(step, checkpoint_state(
+            cfg=cfg, layout=vae.layout, step=step, params=s.params, opt=s.opt, ema=s.ema, disc=s.disc,
+            disc_opt=s.disc_opt, loop=state.state_dict(), world_size=dist.world_size, data_signature=data_signature))
         if callbacks.on_checkpoint:
             callbacks.on_checkpoint(step, path)
 
@@ -606,7 +187,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     micro, stopped, t0 = cfg.micro_batch or local_batch, False, time.perf_counter()
     while state.step < cfg.steps:
         step = state.step
-        for o in (opt, disc_opt):
+        for o in (s.opt, s.disc_opt):
             for g in (o.param_groups if o is not None else ()):
                 g["lr"] = lr_at(step, cfg)
         x_all, keys = next(stream)
@@ -614,20 +195,22 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
             try:
                 parts, stopped = _accumulate(s, x_all, keys, step=step, micro=micro, loss_scale=state.loss_scale)
                 break
-            except torch.OutOfMemoryError:
-                opt.zero_grad(set_to_none=True)
+            except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+                if not is_out_of_memory(e):
+                    raise
+                s.opt.zero_grad(set_to_none=True)
                 if s.disc is not None:
                     s.disc.zero_grad(set_to_none=True)
                 smaller = _largest_divisor_below(local_batch, micro)
                 if cfg.micro_batch or not smaller:
                     raise VAEFTError(
-                        f"out of GPU memory at micro-batch {micro} with {x_all.shape[-1]}² patches; turn on "
-                        "grad_checkpointing, lower patch_size, or set a smaller micro_batch") from None
+                        f"out of {memory_kind(e)} memory at micro-batch {micro} with {x_all.shape[-1]}² patches; turn "
+                        "on grad_checkpointing, lower patch_size or batch_size, or set a smaller micro_batch") from None
                 micro = smaller
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         if stopped:
-            opt.zero_grad(set_to_none=True)
+            s.opt.zero_grad(set_to_none=True)
             break
         _update(s, state, step, found_inf)
         state.add(parts, found_inf)
@@ -635,7 +218,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
 
         logged = None
         if step % cfg.log_every == 0 or step == cfg.steps:
-            logged = state.log_line(opt.param_groups[0]["lr"])
+            logged = state.log_line(s.opt.param_groups[0]["lr"])
             if int(state.worst_run) >= cfg.max_bad_steps:
                 raise VAEFTError(
                     f"{int(state.worst_run)} consecutive steps had a non-finite loss or gradient (each was "
@@ -659,51 +242,170 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         save(state.step)  # Cancel: keep the steps done so far
 
     used_ema = _finish(s, state)
-    digests = _check_ranks_agree(s.model, cfg.trainable, dist) if dist.world_size > 1 else None
-    return TrainResult(model=s.model, layout=vae.layout, config=cfg, steps_done=state.step, history=state.history,
-                       stopped_early=stopped, frozen_digest=base_digest, seconds=time.perf_counter() - t0,
-                       used_ema=used_ema, micro_batch=micro,
-                       skipped_steps=int(state.skipped),
-                       best_step=state.best["step"] if cfg.export_best and state.best["params"] is not None else None,
-                       fused_norms=s.fused, latent_cache_hits=s.cache.hits if s.cache is not None else 0,
-                       rank_digests=digests, run_id=run_id, precision=s.amp_why,
-                       checkpoint=checkpoints.written[-1] if checkpoints is not None and checkpoints.written else None)
+    return LoopResult(
+        model=s.model, config=cfg, steps_done=state.step, frozen_sha256=base_digest, history=state.history,
+        stopped_early=stopped, seconds=time.perf_counter() - t0, used_ema=used_ema,
+        best_step=state.best["step"] if cfg.export_best and state.best["params"] is not None else None,
+        precision=s.amp_why, micro_batch=micro, skipped_steps=int(state.skipped), fused_norms=s.fused,
+        latent_cache_hits=s.cache.hits if s.cache is not None else 0,
+        rank_digests=_check_ranks_agree(s.model, cfg.trainable, dist) if dist.world_size > 1 else None,
+        run_id=run_id, checkpoint=checkpoints.written[-1] if checkpoints is not None and checkpoints.written else None)
 
 
-def _check_ranks_agree(model: torch.nn.Module, trainable: str, dist: Distributed) -> list[str]:
-    """Under torchrun every rank must end with the same weights (DDP all-reduces the gradients);
-    a difference means the processes fell out of step, and the export would be one rank's view."""
-    prefixes = TRAINABLE_PREFIXES[trainable]
-    mine = state_dict_sha256({k: v for k, v in model.state_dict().items() if k.startswith(prefixes)})
-    digests: list = [None] * dist.world_size
-    torch.distributed.all_gather_object(digests, mine)
-    if len(set(digests)) > 1:
-        raise VAEFTError(f"the {dist.world_size} processes ended with different weights ({digests}); "
-                         "the run fell out of step between ranks: rerun, and report this if it repeats")
-    return digests
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant or cosine."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr
 
 
-def _fused_step(opt: torch.optim.Optimizer, skip: torch.Tensor) -> None:
-    """One step of a fused AdamW, skipped on the device when ``skip`` (0-dim, 0./1.) is set.
-
-    PyTorch's fused Adam/AdamW kernels take ``found_inf``/``grad_scale`` from attributes of the
-    optimizer (the protocol ``torch.amp.GradScaler`` uses, ``_step_supports_amp_scaling``); a
-    test checks that a set flag still leaves the weights alone."""
-    opt.found_inf, opt.grad_scale = skip, None
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of optimizer step ``step`` on process ``rank``: augmentation and posterior noise of a
+    step are the same in an uninterrupted and a resumed run, with no RNG state to carry. Drawn from
+    ``numpy.random.SeedSequence([seed, rank, step])``, so distinct triples never share a seed by
+    arithmetic (as ``seed * K + step`` would); an int in [0, 2**63)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return getattr(module, "module", module)
+# ----- set-up: what the steps share
 
 
-def _accumulate(s: _Step, x_all: torch.Tensor, keys: torch.Tensor | None, *, step: int, micro: int,
+@dataclass
+class _Run:
+    """A run's set-up: what every optimizer step uses and no step changes (built once by :func:`_set_up`)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    model: torch.nn.Module            # the AutoencoderKL being trained
+    module: torch.nn.Module           # _Reconstruct around it (DDP-wrapped / compiled as asked)
+    loss_fn: ReconstructionLoss
+    autocast: torch.autocast
+    dist: Distributed
+    channels_last: bool
+    augment: Callable | None = None
+    disc: torch.nn.Module | None = None
+    base_encoder: torch.nn.Module | None = None
+    cache: _LatentCache | None = None
+    callbacks: Callbacks = field(default_factory=Callbacks)
+    params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # the trained ones, by name
+    opt: torch.optim.Optimizer | None = None
+    disc_opt: torch.optim.Optimizer | None = None
+    ema: EMA | None = None
+    lpips_net: torch.nn.Module | None = None
+    amp: str = "fp32"                 # the autocast dtype: bf16, fp16 (with loss scaling) or fp32
+    amp_why: str = ""
+    fused: int = 0                    # GroupNorms swapped for the fused kernels
+    restore_modules: Callable[[], None] | None = None  # undoes the norm swaps
+
+
+def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distributed,
+             lpips_net: torch.nn.Module | None, augment, callbacks: Callbacks) -> _Run:
+    """A private fp32 copy of the model set up for training (trainable set, precision, fused norms,
+    memory layout, DDP, compile) with its loss, optimizers and EMA."""
+    model = copy.deepcopy(vae.model).to(device)  # build_vae made it fp32: the master weights
+    prefixes = trained_prefixes(cfg.trainable)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad_(name.startswith(prefixes)).requires_grad}
+    on_cuda = device.type == "cuda"
+    amp, amp_why = resolve_precision(cfg.precision, device)
+    fused, restore_modules = 0, None  # the norm swaps are made on our private copy only
+    if cfg.fused_norm and on_cuda and amp != "fp16" and triton_available():
+        fused, restore_modules = fuse_vae_blocks(model)
+    elif amp == "bf16" and cfg.norm_in_bf16:
+        _, restore_modules = autocast_group_norms(model)
+    channels_last = on_cuda and (cfg.channels_last or bool(fused))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.grad_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                              enabled=amp != "fp32")
+    if cfg.lpips_weight > 0 and lpips_net is None:
+        lpips_net = load_lpips(cfg.lpips_net, cfg.lpips_backbone)
+    if lpips_net is not None:
+        # a private copy: the caller's network keeps its device and dtype; frozen, so bf16 under bf16
+        lpips_net = copy.deepcopy(lpips_net).to(device, torch.bfloat16 if amp == "bf16" else None).eval()
+        lpips_net.requires_grad_(False)
+    module: torch.nn.Module = Reconstruct(model, cfg.trainable == "full", cfg.posterior == "sample",
+                                           torch.channels_last if channels_last else torch.contiguous_format)
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        module = DDP(module, device_ids=[device.index] if on_cuda else None)
+    if cfg.compile:
+        module = torch.compile(module)
+    s = _Run(cfg, device, model, module, ReconstructionLoss(cfg.mse_weight, cfg.l1_weight, cfg.lpips_weight,
+                                                             lpips_net),
+              autocast, dist, channels_last, augment, callbacks=callbacks, params=params, lpips_net=lpips_net,
+              amp=amp, amp_why=amp_why, fused=fused, restore_modules=restore_modules)
+    if cfg.latent_weight:
+        s.base_encoder = Reconstruct(copy.deepcopy(vae.model).to(device).eval(), False, False)
+    if cfg.latent_cache_mb and cfg.trainable == "decoder" and augment is None:
+        s.cache = _LatentCache(cfg.latent_cache_mb * 2**20)
+    s.opt = torch.optim.AdamW(params.values(), lr=lr_at(0, cfg), weight_decay=cfg.weight_decay, fused=True)
+    if cfg.gan_weight > 0:
+        with torch.random.fork_rng(devices=[]):  # the same init on every rank, the caller's RNG untouched
+            torch.manual_seed(cfg.seed)
+            s.disc = PatchDiscriminator().to(device)
+        s.disc_opt = torch.optim.AdamW(s.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0,
+                                       fused=True)
+    s.ema = EMA(params, cfg.ema_decay) if cfg.ema else None
+    return s
+
+
+class _LatentCache:
+    """The frozen encoder's (mean, logvar) per patch id, on the training device, up to a byte
+    budget (patches past it are simply encoded each time). Only used when the same patch (same
+    id) always has the same pixels: grid sampling without augmentation, encoder frozen."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes, self.hits = max_bytes, 0, 0
+        self.store: dict[int, torch.Tensor] = {}
+
+    def get(self, keys: list[int]) -> torch.Tensor | None:
+        if not keys or any(k not in self.store for k in keys):
+            return None
+        self.hits += len(keys)
+        return torch.stack([self.store[k] for k in keys])
+
+    def put(self, keys: list[int], mean: torch.Tensor, logvar: torch.Tensor) -> None:
+        moments = torch.cat([mean.detach(), logvar.detach()], dim=1)
+        for k, m in zip(keys, moments):
+            size = m.numel() * m.element_size()
+            if k not in self.store and self.bytes + size <= self.max_bytes:
+                self.store[k] = m.clone()
+                self.bytes += size
+
+
+# ----- the step and what follows it
+
+
+def _batch_stream(batches, start: int, in_channels: int, local_batch: int):
+    """The caller's batches from optimizer step ``start`` on as one stream of (patches, keys or
+    None), each checked: (local_batch, in_channels, P, P), keys one per patch."""
+    items = batches(start) if callable(batches) else batches
+    for item in items:
+        x, keys = item if isinstance(item, (tuple, list)) else (item, None)
+        if keys is not None and len(keys) != x.shape[0]:
+            raise VAEFTError(f"a training batch has {x.shape[0]} patches but {len(keys)} keys")
+        if x.ndim != 4 or x.shape[1] != in_channels:
+            raise VAEFTError(f"training batches have shape {tuple(x.shape)} but this VAE takes "
+                             f"{in_channels}-channel images (B, C, H, W)")
+        if x.shape[0] != local_batch:
+            raise VAEFTError(f"a training batch has {x.shape[0]} patches; expected {local_batch}")
+        yield x, keys
+
+
+def _accumulate(s: _Run, x_all: torch.Tensor, keys: torch.Tensor | None, *, step: int, micro: int,
                 loss_scale: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], bool]:
     """Forward/backward over the micro-batches of optimizer step ``step`` (gradients multiplied by
     ``loss_scale`` under fp16). Returns (loss parts averaged over the batch, on the device; stopped)."""
     cfg, device = s.cfg, s.device
-    seed = _step_seed(cfg.seed * max(1, s.dist.world_size) + s.dist.rank, step)
+    seed = step_seed(cfg.seed, s.dist.rank, step)
     x_all = x_all.to(device, non_blocking=True).float()
     if x_all.is_inference():  # ComfyUI hands over tensors made under inference_mode
         x_all = x_all.clone()
@@ -765,33 +467,52 @@ def _accumulate(s: _Step, x_all: torch.Tensor, keys: torch.Tensor | None, *, ste
     return parts_sum, False
 
 
-@torch.no_grad()
-def _validate(model, batch: torch.Tensor, device, autocast, lpips_net) -> dict[str, float]:
-    """Mean MSE / PSNR / LPIPS of the posterior-mode reconstruction of held-out patches, scored
-    with the weights the model holds now."""
-    from .metrics import psnr
+def _largest_divisor_below(n: int, below: int) -> int:
+    for m in range(min(below, n) - 1, 0, -1):
+        if n % m == 0:
+            return m
+    return 0
 
-    was_training = model.training
-    model.eval()
-    try:
-        out = {"mse": 0.0, "psnr": 0.0}
-        if lpips_net is not None:
-            out["lpips"] = 0.0
-        n = 0
-        for x in batch.split(8):
-            x = x.to(device).float()
-            with autocast:
-                recon = reconstruct(model, x)
-            recon = recon.float().clamp(-1, 1)
-            out["mse"] += float(torch.nn.functional.mse_loss(recon, x, reduction="sum")) / x[0].numel()
-            out["psnr"] += float(psnr(recon, x).sum())
-            if lpips_net is not None:
-                with autocast:
-                    out["lpips"] += float(lpips_net(recon, x).float().sum())
-            n += x.shape[0]
-        return {k: v / n for k, v in out.items()}
-    finally:
-        model.train(was_training)
+
+def _update(s: _Run, state: LoopState, step: int, found_inf: torch.Tensor) -> None:
+    """After the backward passes of ``step``: unscale (fp16), clip, the optimizer steps, EMA. A
+    non-finite gradient skips the update on the device (``found_inf``), without a host sync; the
+    count is read at logging steps."""
+    found_inf.zero_()
+    amp.unscale_(s.params.values(), found_inf, state.loss_scale)
+    norm = torch.nn.utils.clip_grad_norm_(s.params.values(), s.cfg.grad_clip if s.cfg.grad_clip > 0 else float("inf"))
+    torch.maximum(found_inf, (~torch.isfinite(norm)).float(), out=found_inf)
+    amp.fused_step(s.opt, found_inf)
+    if s.ema is not None:
+        s.ema.update(step, found_inf)
+    if s.disc_opt is None or step < s.cfg.disc_start:
+        amp.update_scale(state.loss_scale, state.scale_growth, found_inf)
+        return
+    if s.dist.world_size > 1:  # the discriminator is not DDP-wrapped: average its gradients here
+        for p in s.disc.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(s.dist.world_size)
+    d_inf = torch.zeros_like(found_inf)
+    amp.unscale_(s.disc.parameters(), d_inf, state.loss_scale)
+    d_norm = torch.nn.utils.clip_grad_norm_(s.disc.parameters(), float("inf"))
+    d_inf = torch.maximum(torch.maximum((~torch.isfinite(d_norm)).float(), d_inf), found_inf)
+    amp.fused_step(s.disc_opt, d_inf)
+    amp.update_scale(state.loss_scale, state.scale_growth, d_inf)
+
+
+def _scores(s: _Run, state: LoopState, val_batch: torch.Tensor, general_batch: torch.Tensor | None) -> dict:
+    """Validation (and general-image) scores with the weights that would be exported (the EMA when
+    on); export_best's pick is updated from step 1 on."""
+    swap = s.ema.swapped_in() if (s.ema is not None and s.cfg.export_ema) else contextlib.nullcontext()
+    with swap:
+        scores = {f"val_{k}": v for k, v in validation_scores(s.model, val_batch, s.device, s.autocast, s.lpips_net).items()}
+        if general_batch is not None:
+            scores.update({f"gen_{k}": v for k, v in
+                           validation_scores(s.model, general_batch, s.device, s.autocast, s.lpips_net).items()})
+        if s.cfg.export_best and state.step > 0:
+            state.consider_best(scores.get("val_lpips", scores["val_mse"]), s.params)
+    return scores
 
 
 @torch.no_grad()
@@ -805,74 +526,31 @@ def _preview(model, batch: torch.Tensor, device, autocast) -> torch.Tensor:
     return signed_to_unit(torch.cat([x, recon])).cpu()
 
 
-def check_frozen(result: TrainResult) -> None:
-    """Raise if the part of the model that was not trained differs from the base."""
-    if frozen_digest(result.model, result.config.trainable) != result.frozen_digest:
-        raise VAEFTError("internal check failed: frozen weights changed during training; refusing to export")
+def _finish(s: _Run, state: LoopState) -> bool:
+    """Put the weights to export into the model (EMA, or export_best's pick), undo the training-only
+    changes (checkpointing, norm swaps, layout), freeze it. Returns whether the EMA was used."""
+    used_ema = s.ema is not None and s.cfg.export_ema and state.step > 0
+    if used_ema:
+        s.ema.copy_to_params()
+    if s.cfg.export_best and state.best["params"] is not None:
+        with torch.no_grad():
+            for k, p in s.params.items():
+                p.copy_(state.best["params"][k])
+    if s.cfg.grad_checkpointing:
+        s.model.disable_gradient_checkpointing()
+    if s.restore_modules is not None:
+        s.restore_modules()
+    s.model.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
+    return used_ema
 
 
-# ----- checkpoints: one dict (weights, optimizers, EMA, loop state, what fixes the data order) -----
-
-def checkpoint_state(cfg: TrainConfig, layout: LdmLayout, params, opt, ema: EMA | None, disc, disc_opt,
-                     state: LoopState, world_size: int, data_signature: dict | None) -> dict:
-    """The checkpoint of a run at ``state.step``; :func:`restore_checkpoint` is its inverse."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "step": state.step,
-        "config": dataclasses.asdict(cfg),
-        "base_sha256": layout.base_sha256,
-        "param_shapes": [tuple(p.shape) for p in params],
-        "params": [p.detach().cpu().clone() for p in params],
-        "optimizer": opt.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        "disc": _unwrap(disc).state_dict() if disc is not None else None,
-        "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else None,
-        "loop": state.state_dict(),
-        "world_size": world_size,
-        "data_signature": data_signature,
-    }
-
-
-@torch.no_grad()
-def restore_checkpoint(ckpt: dict, params, opt, ema: EMA | None, disc, disc_opt, device: torch.device,
-                       loss_scaling: bool = False) -> LoopState:
-    """Load a checkpoint (from :func:`load_checkpoint`) into the run's objects; returns its loop state."""
-    for p, t in zip(params, ckpt["params"]):
-        p.copy_(t)
-    opt.load_state_dict(ckpt["optimizer"])
-    if ema is not None:
-        ema.load_state_dict(ckpt["ema"])
-    if disc is not None:
-        _unwrap(disc).load_state_dict(ckpt["disc"])
-        disc_opt.load_state_dict(ckpt["disc_optimizer"])
-    return LoopState.from_state_dict(ckpt["loop"], device, loss_scaling)
-
-
-def load_checkpoint(path: str | os.PathLike, layout: LdmLayout, cfg: TrainConfig, world_size: int = 1,
-                    data_signature: dict | None = None) -> dict:
-    """Read and check a checkpoint against this run; refuse with the reason (the file is only read).
-    The data order depends on the number of processes and on the data (``data_signature``, when
-    both the checkpoint and this run have one), so those must match too."""
-    path = os.fspath(path)
-    state = read_checkpoint(path)
-    if state["base_sha256"] != layout.base_sha256:
-        raise VAEFTError(f"resume checkpoint {path!r} was trained from a different base VAE "
-                         f"(base sha256 {state['base_sha256'][:12]}…, this run's {layout.base_sha256[:12]}…)")
-    old = state["config"]
-    diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH if old.get(k) != getattr(cfg, k)]
-    if diff:
-        raise VAEFTError(f"resume checkpoint {path!r} was written with other settings ({'; '.join(diff)}); "
-                         "resume with the same training settings (steps may grow; speed and memory settings may differ)")
-    if state.get("world_size", 1) != world_size:
-        raise VAEFTError(f"resume checkpoint {path!r} was written by a run of {state.get('world_size', 1)} "
-                         f"process(es), this one has {world_size}: the data order would differ; resume with "
-                         "the same number of processes")
-    old_data = state.get("data_signature")
-    if old_data is not None and data_signature is not None and old_data != data_signature:
-        diff = [f"{k}: {old_data.get(k)!r} -> {data_signature.get(k)!r}"
-                for k in sorted(set(old_data) | set(data_signature)) if old_data.get(k) != data_signature.get(k)]
-        raise VAEFTError(f"resume checkpoint {path!r} was trained on other data or data settings "
-                         f"({'; '.join(d[:200] for d in diff)}); resume with the same images and data settings")
-    if state["step"] > cfg.steps:
-        raise VAEFTError(f"resume checkpoint {path!r} is at step {state['step']}, past steps={cfg.steps}")
-    return state
+def _check_ranks_agree(model: torch.nn.Module, trainable: str, dist: Distributed) -> list[str]:
+    """Under torchrun every rank must end with the same weights (DDP all-reduces the gradients);
+    a difference means the processes fell out of step, and the export would be one rank's view."""
+    mine = trained_sha256(model, trainable)
+    digests: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(digests, mine)
+    if len(set(digests)) > 1:
+        raise VAEFTError(f"the {dist.world_size} processes ended with different weights ({digests}); "
+                         "the run fell out of step between ranks: rerun, and report this if it repeats")
+    return digests

@@ -223,6 +223,12 @@ def frozen_sha256(model: torch.nn.Module, trainable: str) -> str:
     return sha256({k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)})
 
 
+def trainable_shapes(model: torch.nn.Module, trainable: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the parameters mode ``trainable`` trains (what a checkpoint must hold)."""
+    prefixes = trained_prefixes(trainable)
+    return {k: tuple(p.shape) for k, p in model.named_parameters() if k.startswith(prefixes)}
+
+
 def trained_sha256(model: torch.nn.Module, trainable: str) -> str:
     """Digest of the tensors of ``model`` that mode ``trainable`` trains."""
     prefixes = trained_prefixes(trainable)
@@ -436,3 +442,30 @@ def reconstruct(model: "torch.nn.Module", x: torch.Tensor, sample: bool = False,
     dist = model.encode(x).latent_dist
     z = dist.sample(generator) if sample else dist.mode()
     return model.decode(z).sample
+
+
+class Reconstruct(torch.nn.Module):
+    """encode -> latent -> decode as one forward() for training, so DistributedDataParallel can wrap
+    it: returns (reconstruction, posterior mean, posterior log-variance)."""
+
+    def __init__(self, vae: torch.nn.Module, encoder_trains: bool, sample: bool,
+                 memory_format: torch.memory_format = torch.contiguous_format):
+        super().__init__()
+        self.vae, self.encoder_trains, self.sample = vae, encoder_trains, sample
+        self.memory_format = memory_format
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None, cached: torch.Tensor | None = None):
+        # noise is drawn by the caller: a seeded generator inside would break torch.compile's graph.
+        # cached: the frozen encoder's (mean, logvar) for x, concatenated on channels (latent cache)
+        if cached is not None:
+            mean, logvar = cached.chunk(2, dim=1)
+        else:
+            with torch.set_grad_enabled(self.encoder_trains and torch.is_grad_enabled()):
+                moments = self.vae.encode(x).latent_dist
+                mean, logvar = moments.mean, moments.logvar
+        # One layout whichever way the latents came (fresh ones are strided views of the encoder's
+        # output, cached ones are stacked copies): the decoder's kernels, and so its gradients to
+        # the last bit, must not depend on whether the cache was warm (a resumed run starts cold).
+        mean, logvar = (t.contiguous(memory_format=self.memory_format) for t in (mean, logvar))
+        z = mean + noise * torch.exp(0.5 * logvar) if (self.sample and noise is not None) else mean
+        return self.vae.decode(z).sample, mean, logvar

@@ -1,0 +1,230 @@
+"""One training session, the same for every front end.
+
+The CLI (flags, a progress bar, Ctrl-C) and the ComfyUI node (widgets, ComfyUI's progress, Cancel, the
+status text) each load the base VAE and build the dataset in their own way, then call
+:func:`run_session`, which does everything else, in this order:
+
+1. check what can be checked before anything is written: the resumed checkpoint against this
+   run (base VAE, settings, trained tensors by name, data), the run folder;
+2. held-out patches for validation (off, with a note, when the dataset has none), patches of the
+   optional general images, fixed preview patches;
+3. the run folder: config.json, metrics.jsonl cut back to the checkpoint's step on resume;
+4. :func:`training.trainer.fine_tune`, with its history, previews and checkpoints written to the
+   run folder and the front end's hooks told of each step;
+5. after a finished run, the export probe (:func:`training.probe.make_probe`) and the
+   :class:`~training.trained.Trained` result that :func:`training.export.export_vae` writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .augment import augmenter
+from .checkpoint import Checkpoints, load_checkpoint, resume_point
+from .config import TrainConfig
+from .data import PatchDataset, preview_patches, worker_start_method
+from .device import Distributed, pick_device
+from .evaluate import evaluation_patches
+from .probe import make_probe
+from .runs import RunFolder, RunStatus, read_metrics
+from .trained import Trained
+from .trainer import Callbacks, LoopResult, fine_tune
+from .vae import LoadedVAE, trainable_shapes
+
+
+@dataclass
+class Hooks:
+    """What a front end is told during a session, and how it stops one; every hook is optional.
+
+    note(text): information for the user (what the data holds, which files were skipped).
+    warn(text): something the user asked for that the session changed (validation switched off
+        without held-out images, loader workers that cannot start here).
+    step(status): after every optimizer step; ``status`` (a :class:`training.runs.RunStatus`) has
+        the step, rates, latest losses and validation scores.
+    log(line, status): after every history line (training terms at logging steps, validation
+        scores, the base VAE's scores at step 0), once it is in metrics.jsonl.
+    preview(step, images): (2N, 3, H, W) in [0, 1], inputs then reconstructions (also written to
+        the run folder's previews/).
+    checkpoint(step, path): after a checkpoint was written.
+    should_stop(): polled before every micro-batch; True stops the run at the step reached, which is
+        checkpointed (Cancel, Ctrl-C).
+    """
+
+    note: Callable[[str], None] | None = None
+    warn: Callable[[str], None] | None = None
+    step: Callable[[RunStatus], None] | None = None
+    log: Callable[[dict, RunStatus], None] | None = None
+    preview: Callable[[int, torch.Tensor], None] | None = None
+    checkpoint: Callable[[int, str], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+@dataclass
+class SessionResult:
+    trained: Trained | None  # None when the run was stopped early, and on processes other than the main one
+    loop: LoopResult         # what the loop did: steps, history, micro-batch, checkpoint, ...
+    run_dir: str | None      # the run folder written, if any
+
+
+def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
+                general: PatchDataset | None = None,
+                run_dir: str | os.PathLike | None = None,
+                resume: str | os.PathLike | None = None,
+                checkpoint: str | os.PathLike | None = None,
+                overwrite: bool = False,
+                inputs: dict | None = None,
+                input_paths: str = "relative",
+                device: torch.device | str | None = None,
+                dist: Distributed | None = None,
+                importable: bool = True,
+                hooks: Hooks | None = None) -> SessionResult:
+    """Fine-tune a copy of ``vae`` on ``data`` with ``cfg`` (see the module's docstring).
+
+    general: other images, scored beside the validation patches as ``gen_*`` (does the fine-tune harm them?).
+    run_dir: the run's folder (config.json, metrics.jsonl, previews/, checkpoints/); made when
+        missing. An existing one is used only to continue it (``resume``), or with ``overwrite``.
+    resume: a checkpoint file, or a run folder (its newest checkpoint; it becomes ``run_dir`` when
+        none is given). Refused before anything is written when it does not fit this run.
+    checkpoint: without a run folder, a checkpoint file written every ``cfg.checkpoint_every`` steps /
+        ``cfg.checkpoint_minutes``, at the end and when stopped (None: no checkpoints).
+    overwrite: the user allows replacing a run folder or checkpoint file that holds something else.
+    inputs / input_paths: what config.json records as the run's inputs ({"vae": ..., "data": ...}):
+        file paths written relative to the run folder ("relative"), or ComfyUI names ("comfyui").
+    dist: torchrun's view of this process (its process group already initialised).
+    importable: whether a fresh interpreter can import this package by its module name; loader
+        workers then start the platform's default way (ComfyUI loads custom nodes under a file-path
+        name: only "fork" works there, and without fork patches load in the main process).
+    """
+    hooks = hooks or Hooks()
+    dist = dist or Distributed()
+    device = torch.device(device) if device is not None else pick_device(None, dist)
+    note = hooks.note or (lambda text: None)
+    warn = hooks.warn or note
+
+    # 1. checks before any file changes
+    start, ckpt = 0, None
+    if resume is not None:
+        point = resume_point(resume)
+        if run_dir is None and os.path.isdir(resume):
+            run_dir = resume  # a run folder continues writing into itself
+        ckpt = load_checkpoint(point.file, vae.layout, cfg, trainable_shapes(vae.model, cfg.trainable),
+                               dist.world_size, data.order_signature())
+        start = int(ckpt["step"])
+    run = checkpoints = None
+    if run_dir is not None and dist.is_main:
+        run = RunFolder.create(run_dir, resume=resume is not None, overwrite=overwrite)
+        checkpoints = run.checkpoints(cfg, overwrite=overwrite)
+    elif checkpoint is not None:
+        checkpoints = Checkpoints(checkpoint, every_steps=cfg.checkpoint_every,
+                                  every_minutes=cfg.checkpoint_minutes, overwrite=overwrite)
+
+    # 2. the patches the run watches
+    summary = data.summary()
+    note(f"data: {len(summary.get('images_used', []))} images used, {len(summary.get('images_skipped', []))} "
+         f"skipped; train {summary.get('train_images')}, validation {summary.get('val_images')}")
+    for item in summary.get("images_skipped", []):
+        note(f"  skipped {item['path']}: {item['reason']}")
+    val, cfg, why = validation_patches(data, cfg)
+    if why:
+        warn(why)
+    general_batch = None
+    if general is not None and cfg.val_every:
+        general_batch = evaluation_patches(general, cfg.val_patches, cfg.seed, use_validation=False)[0]
+    preview = None
+    if dist.is_main and cfg.preview_every and (run is not None or hooks.preview is not None):
+        preview = preview_patches(data, 4, seed=cfg.seed)
+
+    # 3. the run folder
+    status = RunStatus(cfg.steps, start)
+    if run is not None:
+        run.write_config(inputs or {}, {**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)},
+                         paths=input_paths)
+        if ckpt is not None:
+            run.rewind(start)
+            status = RunStatus(cfg.steps, start, read_metrics(run.path))
+
+    # 4. training
+    try:
+        loop = fine_tune(vae, _batches(data, cfg, device, dist, importable, warn), cfg, device=device,
+                         augment=augmenter(data.cfg), val_batch=val, general_batch=general_batch,
+                         preview_batch=preview, callbacks=_callbacks(hooks, run, status), resume=ckpt,
+                         checkpoints=checkpoints, dist=dist, data_signature=data.order_signature())
+    finally:
+        if run is not None:
+            run.close()
+    run_path = run.path if run is not None else None
+    if loop.stopped_early or not dist.is_main:
+        return SessionResult(None, loop, run_path)
+
+    # 5. what the export needs
+    loop.model.to("cpu")  # the probe runs the base VAE on the device: make room for it first
+    probe = make_probe(vae, data, seed=cfg.seed, device=device)
+    return SessionResult(trained_result(vae, loop, probe=probe, dataset=data.summary()), loop, run_path)
+
+
+def trained_result(vae: LoadedVAE, loop: LoopResult, *, probe=None, dataset: dict | None = None) -> Trained:
+    """The :class:`Trained` result of a finished loop over ``vae`` (with the export's ``probe`` and the
+    training data's ``dataset`` summary when there are any)."""
+    return Trained(model=loop.model, layout=vae.layout, config=loop.config, history=loop.history,
+                   steps_done=loop.steps_done, frozen_sha256=loop.frozen_sha256, stopped_early=loop.stopped_early,
+                   used_ema=loop.used_ema, best_step=loop.best_step, precision=loop.precision,
+                   seconds=loop.seconds, probe=probe, dataset=dataset)
+
+
+def validation_patches(data: PatchDataset, cfg: TrainConfig) -> tuple[torch.Tensor | None, TrainConfig, str | None]:
+    """Held-out patches for ``cfg.val_every``, the config to train with, and a note for the user.
+    Without held-out images validation is switched off with a note (unless export_best asks for it,
+    which stays an error naming the fix)."""
+    if not cfg.val_every:
+        return None, cfg, None
+    if not data.summary().get("val_images") and not cfg.export_best:
+        return None, cfg.replace(val_every=0), ("validation is off: the dataset has no held-out images ("
+                                                f"{data.summary().get('validation')}); add images or raise val_fraction")
+    return data.val_patches(cfg.val_patches, seed=cfg.seed), cfg, None
+
+
+def _batches(data: PatchDataset, cfg: TrainConfig, device: torch.device, dist: Distributed, importable: bool,
+             warn: Callable[[str], None]):
+    """The loop's batches: ``start_step -> iterator`` of this process's share of each step, with
+    patch ids (the latent cache's keys)."""
+    local = cfg.batch_size // dist.world_size if cfg.batch_size % dist.world_size == 0 else cfg.batch_size
+    workers, method = data.cfg.num_workers, None
+    if workers and not importable:
+        method = worker_start_method(importable=False)
+        if method is None:
+            warn(f"num_workers={workers} needs the 'fork' start method, which this platform lacks here; "
+                 "loading patches in the main process")
+            workers = 0
+    return lambda start: data.train_batches(local, start_batch=start, rank=dist.rank, world_size=dist.world_size,
+                                            pin_memory=device.type == "cuda", with_keys=True, num_workers=workers,
+                                            start_method=method)
+
+
+def _callbacks(hooks: Hooks, run: RunFolder | None, status: RunStatus) -> Callbacks:
+    """The loop's callbacks: history lines to the run folder and the status, then to the hooks."""
+
+    def on_step(step, total, losses):
+        status.step = step
+        if hooks.step:
+            hooks.step(status)
+
+    def on_log(line):
+        status.update(line)
+        if run is not None:
+            run.log(line)
+        if hooks.log:
+            hooks.log(line, status)
+
+    def on_preview(step, images):
+        if run is not None:
+            run.preview(step, images)
+        if hooks.preview:
+            hooks.preview(step, images)
+
+    return Callbacks(on_step=on_step, on_log=on_log, on_preview=on_preview, on_checkpoint=hooks.checkpoint,
+                     should_stop=hooks.should_stop)
