@@ -9,7 +9,8 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..training.config import EXPORT_DTYPES
-from ..training.export import FAMILY_CHOICES, FORMATS, export_filename, export_vae
+from ..training.export import FORMATS, export_filename, export_vae
+from ..training.probe import FAMILY_CHOICES
 from .common import Trained, schema
 
 log = logging.getLogger("vaeft")
