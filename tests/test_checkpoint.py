@@ -151,3 +151,54 @@ def test_a_full_disk_while_checkpointing_is_named_and_the_previous_checkpoint_su
         assert C.read_checkpoint(ckpt)["step"] == 1
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_tensors_are_kept_by_name_and_a_mismatch_is_refused_naming_the_key(vae, tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    fine_tune(vae, batches, cfg(steps=2), device="cpu", checkpoints=ckpt)
+    state = C.read_checkpoint(ckpt)
+    trained = [k for k, _ in vae.model.named_parameters() if k.startswith(("decoder.", "post_quant_conv."))]
+    assert sorted(state["params"]) == sorted(trained) and sorted(state["ema"]) == sorted(trained)
+    assert sorted(state["optimizer"]["state"]) == sorted(trained)
+    assert sorted(state["optimizer"]["param_groups"][0]["params"]) == sorted(trained)
+    assert "param_shapes" not in state
+
+    def altered(name, change):
+        body = {k: v for k, v in state.items() if k != "digest"}
+        body["params"] = dict(body["params"])
+        change(body["params"])
+        path = tmp_path / name
+        C.write_checkpoint(path, body, overwrite=False)  # a whole file, digest and all: only the names differ
+        return path
+
+    renamed = altered("renamed.ckpt", lambda p: p.update({"decoder.conv_in.bias_old": p.pop("decoder.conv_in.bias")}))
+    before = renamed.read_bytes()
+    with pytest.raises(VAEFTError, match=r"the trained tensors do not match: 'decoder\.conv_in\.bias' is missing from "
+                                         r"the checkpoint \(1 missing, 1 extra\)"):
+        fine_tune(vae, batches, cfg(steps=4), device="cpu", resume=renamed)
+    assert renamed.read_bytes() == before
+    reshaped = altered("reshaped.ckpt", lambda p: p.update({"decoder.conv_in.bias": p["decoder.conv_in.bias"][:-1]}))
+    with pytest.raises(VAEFTError, match=r"'decoder\.conv_in\.bias' has shape \(63,\) in the checkpoint, \(64,\) in this run"):
+        fine_tune(vae, batches, cfg(steps=4), device="cpu", resume=reshaped)
+    # version 0.1.0's checkpoints kept tensors by position: refused by name, with what to do, never guessed
+    old = tmp_path / "old.ckpt"
+    torch.save({**state, "format": "vaeft-checkpoint-2"}, old)
+    with pytest.raises(VAEFTError, match=r"written by version 0\.1\.0 of this tool, which kept weights by position.*"
+                                         r"Finish that run with version 0\.1\.0, or start it again"):
+        fine_tune(vae, batches, cfg(steps=4), device="cpu", resume=old)
+
+
+def test_optimizer_state_is_restored_by_name_whatever_the_parameter_order():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))
+    opt = torch.optim.AdamW([a, b], lr=0.1)
+    a.grad, b.grad = torch.full((3,), 0.5), torch.full((2, 2), -1.0)
+    opt.step()
+    saved = C.optimizer_state(opt, {"a": a, "b": b})
+    assert set(saved["state"]) == {"a", "b"} and saved["param_groups"][0]["params"] == ["a", "b"]
+    a2, b2 = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))
+    reordered = torch.optim.AdamW([b2, a2], lr=0.1)  # the same parameters in another order
+    C.load_optimizer_state(reordered, saved, {"a": a2, "b": b2}, "test")
+    assert torch.equal(reordered.state[a2]["exp_avg"], opt.state[a]["exp_avg"])
+    assert torch.equal(reordered.state[b2]["exp_avg_sq"], opt.state[b]["exp_avg_sq"])
+    with pytest.raises(VAEFTError, match=r"'b' is in the checkpoint but not in this run"):
+        C.load_optimizer_state(torch.optim.AdamW([a2], lr=0.1), saved, {"a": a2}, "test")

@@ -110,6 +110,35 @@ def test_out_of_memory_retries_with_smaller_micro_batches(monkeypatch):
                   val_batch=torch.zeros(1, 3, 32, 32))
 
 
+def test_cpu_out_of_memory_in_the_training_forward_is_named_and_retried(monkeypatch, tmp_path):
+    """A CPU allocation failure (``fit --batch-size 4096`` on the CPU) inside the forward: retried at a
+    smaller micro-batch like the GPU's, named when it cannot be; the real allocator's error, not a fake."""
+    from training import trainer
+    from training.vae import Reconstruct
+
+    real = Reconstruct.forward
+
+    def limited(self, x, noise, cached=None):
+        if x.shape[0] > 1:
+            torch.empty(2**60, dtype=torch.uint8)  # DefaultCPUAllocator: can't allocate memory (nothing allocated)
+        return real(self, x, noise, cached)
+
+    monkeypatch.setattr(Reconstruct, "forward", limited)
+    vae = build_vae(tiny_ldm_sd())
+    result = fine_tune(vae, fixed_batches(4), cfg(steps=2), device="cpu")
+    assert result.micro_batch == 1 and result.steps_done == 2
+    with pytest.raises(VAEFTError, match="out of CPU memory at micro-batch 2 with 32² patches; turn on grad_checkpointing"):
+        fine_tune(vae, fixed_batches(4), cfg(steps=1, micro_batch=2), device="cpu")
+
+    def no_room(*args, **kwargs):
+        torch.empty(2**60, dtype=torch.uint8)
+
+    monkeypatch.setattr(trainer, "validation_scores", no_room)
+    with pytest.raises(VAEFTError, match=r"out of CPU memory outside the training step.*can't allocate memory"):
+        fine_tune(vae, fixed_batches(1), cfg(steps=1, batch_size=1, val_every=1), device="cpu",
+                  val_batch=torch.zeros(1, 3, 32, 32))
+
+
 def test_ema_is_what_gets_exported():
     vae = build_vae(tiny_ldm_sd())
     raw = fine_tune(vae, fixed_batches(), cfg(steps=5, ema=True, export_ema=False), device="cpu")
@@ -557,3 +586,13 @@ def test_general_images_are_scored_beside_the_validation_patches_from_step_0():
 
     values, steps = history_curves(res.history)
     assert steps["gen_mse"] == [0, 2, 4] and len(values["gen_mse"]) == 3
+
+
+def test_step_seeds_do_not_collide_by_arithmetic():
+    """seed * 1_000_003 + step made seed s at step 1,000,003 the same as seed s + 1 at step 0."""
+    from training.trainer import step_seed
+
+    assert step_seed(0, 0, 1_000_003) != step_seed(1, 0, 0)
+    seeds = {step_seed(s, r, k) for s in range(4) for r in range(3) for k in (0, 1, 2, 1_000_003, 2_000_006)}
+    assert len(seeds) == 4 * 3 * 5 and all(0 <= x < 2**63 for x in seeds)
+    assert step_seed(7, 1, 5) == step_seed(7, 1, 5)  # a resumed run draws the same

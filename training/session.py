@@ -107,46 +107,32 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     warn = hooks.warn or note
 
     # 1. checks before any file changes
-    start, ckpt = 0, None
+    ckpt = None
     if resume is not None:
-        point = resume_point(resume)
         if run_dir is None and os.path.isdir(resume):
             run_dir = resume  # a run folder continues writing into itself
-        ckpt = load_checkpoint(point.file, vae.layout, cfg, trainable_shapes(vae.model, cfg.trainable),
+        ckpt = load_checkpoint(resume_point(resume).file, vae.layout, cfg, trainable_shapes(vae.model, cfg.trainable),
                                dist.world_size, data.order_signature())
-        start = int(ckpt["step"])
-    run = checkpoints = None
-    if run_dir is not None and dist.is_main:
-        run = RunFolder.create(run_dir, resume=resume is not None, overwrite=overwrite)
-        checkpoints = run.checkpoints(cfg, overwrite=overwrite)
-    elif checkpoint is not None:
-        checkpoints = Checkpoints(checkpoint, every_steps=cfg.checkpoint_every,
-                                  every_minutes=cfg.checkpoint_minutes, overwrite=overwrite)
+    start = int(ckpt["step"]) if ckpt is not None else 0
+    run, checkpoints = _outputs(run_dir, checkpoint, cfg, resume=resume is not None, overwrite=overwrite, dist=dist)
 
     # 2. the patches the run watches
-    summary = data.summary()
-    note(f"data: {len(summary.get('images_used', []))} images used, {len(summary.get('images_skipped', []))} "
-         f"skipped; train {summary.get('train_images')}, validation {summary.get('val_images')}")
-    for item in summary.get("images_skipped", []):
-        note(f"  skipped {item['path']}: {item['reason']}")
+    _describe(data, note)
     val, cfg, why = validation_patches(data, cfg)
     if why:
         warn(why)
-    general_batch = None
-    if general is not None and cfg.val_every:
-        general_batch = evaluation_patches(general, cfg.val_patches, cfg.seed, use_validation=False)[0]
-    preview = None
-    if dist.is_main and cfg.preview_every and (run is not None or hooks.preview is not None):
-        preview = preview_patches(data, 4, seed=cfg.seed)
+    general_batch = evaluation_patches(general, cfg.val_patches, cfg.seed, use_validation=False)[0] \
+        if general is not None and cfg.val_every else None
+    watched = dist.is_main and cfg.preview_every and (run is not None or hooks.preview is not None)
+    preview = preview_patches(data, 4, seed=cfg.seed) if watched else None
 
     # 3. the run folder
-    status = RunStatus(cfg.steps, start)
     if run is not None:
         run.write_config(inputs or {}, {**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)},
                          paths=input_paths)
         if ckpt is not None:
             run.rewind(start)
-            status = RunStatus(cfg.steps, start, read_metrics(run.path))
+    status = RunStatus(cfg.steps, start, read_metrics(run.path) if run is not None and ckpt is not None else None)
 
     # 4. training
     try:
@@ -174,6 +160,27 @@ def trained_result(vae: LoadedVAE, loop: LoopResult, *, probe=None, dataset: dic
                    steps_done=loop.steps_done, frozen_sha256=loop.frozen_sha256, stopped_early=loop.stopped_early,
                    used_ema=loop.used_ema, best_step=loop.best_step, precision=loop.precision,
                    seconds=loop.seconds, probe=probe, dataset=dataset)
+
+
+def _outputs(run_dir, checkpoint, cfg: TrainConfig, *, resume: bool, overwrite: bool, dist: Distributed
+             ) -> tuple[RunFolder | None, Checkpoints | None]:
+    """The run folder (main process only; checked, then made) and where checkpoints go: its
+    checkpoints/ folder, or without one the ``checkpoint`` file, or nowhere."""
+    if run_dir is not None and dist.is_main:
+        run = RunFolder.create(run_dir, resume=resume, overwrite=overwrite)
+        return run, run.checkpoints(cfg, overwrite=overwrite)
+    if checkpoint is not None:
+        return None, Checkpoints(checkpoint, every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes,
+                                 overwrite=overwrite)
+    return None, None
+
+
+def _describe(data: PatchDataset, note: Callable[[str], None]) -> None:
+    summary = data.summary()
+    note(f"data: {len(summary.get('images_used', []))} images used, {len(summary.get('images_skipped', []))} "
+         f"skipped; train {summary.get('train_images')}, validation {summary.get('val_images')}")
+    for item in summary.get("images_skipped", []):
+        note(f"  skipped {item['path']}: {item['reason']}")
 
 
 def validation_patches(data: PatchDataset, cfg: TrainConfig) -> tuple[torch.Tensor | None, TrainConfig, str | None]:
