@@ -152,7 +152,7 @@ class _NodeHooks:
         # prompt as ComfyUI does (execute); the server stays up.
         return Hooks(note=lambda text: log.info("VAE fine-tune: %s", text),
                      warn=lambda text: log.warning("VAE fine-tune: %s", text),
-                     step=self.step, log=self.log, preview=self.preview,
+                     step=self.step, log=self.history_line, preview=self.preview,
                      should_stop=lambda: self.cancelled or mm.processing_interrupted())
 
     def progress(self, *args) -> None:
@@ -175,7 +175,7 @@ class _NodeHooks:
         self.progress(status.step, status.total)
         self.show(status)
 
-    def log(self, line, status) -> None:
+    def history_line(self, line, status) -> None:
         if "total" in line:
             log.info("VAE fine-tune step %d/%d: %s", line["step"], status.total,
                      ", ".join(f"{k}={v:.5f}" for k, v in line.items() if k != "step"))

@@ -75,6 +75,43 @@ def write_images(folder, names=("astronaut", "coffee", "chelsea", "retina"), siz
     return folder
 
 
+def cli_main(*args, env=None, check=True):
+    """``python -m training ARGS`` run in this process by ``training.cli.main``, as the subprocess
+    would run it but without paying torch's and diffusers' import again: (exit code, stdout, stderr)
+    in a ``subprocess.CompletedProcess``; AssertionError on failure when ``check``. ``env``: variables
+    set (an empty value unsets) while it runs."""
+    import contextlib
+    import io
+    import subprocess
+
+    from training.cli import main
+
+    argv = [str(a) for a in args]
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        for k, v in (env or {}).items():
+            if v:
+                os.environ[k] = v
+            else:
+                os.environ.pop(k, None)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse: --help, or a bad flag
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    p = subprocess.CompletedProcess(["python", "-m", "training", *argv], code, out.getvalue(), err.getvalue())
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr[-3000:]}")
+    return p
+
+
 def run_cli(*args, env=None, check=True):
     """``python -m training ARGS`` in a subprocess, as a user runs it; AssertionError on failure when ``check``."""
     import subprocess

@@ -1,5 +1,6 @@
 """CI smoke test of bench/train_bench.py: its CPU form runs all three sides (seed-style reference,
-public peer-best, ours) and prints one JSON object with positive numbers."""
+public peer-best, ours) and prints one JSON object with positive numbers. The script's ``main`` runs in
+this process (its imports paid once); one run checks the script from the command line."""
 
 from __future__ import annotations
 
@@ -16,12 +17,25 @@ POSITIVE = ("images_per_s", "step_ms", "flops_per_step", "gflops_per_image", "ac
             "mfu_vs_fp32_peak")
 
 
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def run_bench(*extra: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, BENCH, *SMOKE, *extra], capture_output=True, text=True,
-                          timeout=180, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    """The bench's main with the smoke flags, in this process: its one JSON line on stdout, parsed."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = _bench_module().main([*SMOKE, *extra])
+    assert code == 0, err.getvalue()[-4000:]
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
     assert len(lines) == 1, f"expected one JSON line on stdout, got {len(lines)}"
     return json.loads(lines[0])
 
@@ -63,13 +77,10 @@ def test_reference_falls_back_to_the_largest_batch_that_fits(monkeypatch):
     """The ≥4× target compares with the reference at its largest batch that fits: on out-of-memory
     it is retried at half the batch, and the entry says so."""
     import argparse
-    import importlib.util
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("train_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module()
     tried = []
 
     def fake(side_fn, vae, lpips_net, size, device, a, batch):
@@ -114,10 +125,17 @@ def test_bench_cpu_smoke_latent_cache_counts_only_decoder_work():
 
 
 def test_bench_refuses_an_untimeable_run():
-    """The first step builds optimizer state: with no warm-up step there is nothing fair to time."""
+    """The first step builds optimizer state: with no warm-up step there is nothing fair to time. (From
+    the command line, as the README runs it.)"""
     proc = subprocess.run([sys.executable, BENCH, *SMOKE, "--warmup", "0"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "--warmup and --steps must be at least 1" in proc.stderr
-    proc = subprocess.run([sys.executable, BENCH, *SMOKE, "--sides", "ours,theirs"], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 2 and "--sides: unknown ['theirs']" in proc.stderr
+    import contextlib
+    import io
+
+    import pytest
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        _bench_module().main([*SMOKE, "--sides", "ours,theirs"])
+    assert e.value.code == 2 and "--sides: unknown ['theirs']" in err.getvalue()

@@ -24,6 +24,7 @@ import pytest
 from comfy_server import TEMPLATES, Server, api_example, comfyui_path, messages, prepare_base
 from conftest import ROOT
 
+pytestmark = pytest.mark.integration  # a real ComfyUI and a browser: -m "not integration" skips it
 COMFYUI = comfyui_path()
 if COMFYUI is None:
     pytest.skip("the browser test needs a ComfyUI checkout: set COMFYUI_PATH "

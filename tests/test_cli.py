@@ -1,4 +1,6 @@
-"""`python -m training ...` end to end, in subprocesses, as a user runs it."""
+"""`python -m training ...` end to end, as a user runs it: in this process (``cli.main``, the same code
+without paying the imports again) where that changes nothing, in a subprocess where the process
+matters (Ctrl-C, torchrun, the README's demo)."""
 
 import json
 import os
@@ -9,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, run_cli, tiny_ldm_sd, write_images
+from conftest import ROOT, cli_main, run_cli, tiny_ldm_sd, write_images
 
 
-run = run_cli
+run = cli_main
 
 
 @pytest.fixture(scope="module")
@@ -61,23 +63,6 @@ def test_fit_fixed_grid_patch_set_uses_the_latent_cache(setup, tmp_path):
     assert n < 24 and hits == 24 - n            # every patch after its first appearance
     p = run(*fit_args(setup, tmp_path / "b.safetensors", *common), "--steps", 12)   # flips on
     assert json.loads(p.stdout.strip().splitlines()[-1])["latent_cache_hits"] == 0
-
-
-def test_fit_resume_matches_uninterrupted(setup, tmp_path):
-    common = ("--lpips-weight", 0, "--export-dtype", "fp32", "--lr", 1e-3)
-    straight = tmp_path / "straight.safetensors"
-    run(*fit_args(setup, straight, *common, "--steps", 4))
-    half = tmp_path / "half.safetensors"
-    run(*fit_args(setup, half, *common, "--steps", 2, "--checkpoint-every", 2))
-    ckpt = tmp_path / "half.ckpt"
-    assert ckpt.exists()
-    resumed = tmp_path / "resumed.safetensors"
-    run(*fit_args(setup, resumed, *common, "--steps", 4, "--resume", ckpt))
-    a, b = load_file(straight), load_file(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    p = run(*fit_args(setup, tmp_path / "x.safetensors", "--lpips-weight", 0, "--export-dtype", "fp32",
-                      "--lr", 2e-3, "--steps", 4, "--resume", ckpt), check=False)
-    assert p.returncode == 2 and "other settings" in p.stderr and "lr" in p.stderr
 
 
 @pytest.mark.parametrize("case,expected", [
@@ -143,8 +128,8 @@ def test_torchrun_two_processes_sync_gradients(setup, tmp_path):
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
-def test_demo_then_fit_as_in_the_readme(tmp_path):
-    p = run("demo", "--out", tmp_path / "demo", "--images", 2, "--size", 64)
+def test_demo_as_in_the_readme(tmp_path):
+    p = run_cli("demo", "--out", tmp_path / "demo", "--images", 2, "--size", 64)
     info = json.loads(p.stdout)
     assert os.path.getsize(info["vae"]) > 300e6  # the full SD layout
     sd = load_file(info["vae"])
@@ -231,6 +216,13 @@ def test_run_folder_config_rerun_and_ctrl_c_continue(setup, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(n + 1))  # one run's log: nothing written past the checkpoint is repeated
+    # continuing with other training settings is refused, and the run's checkpoint is left as it was
+    ckpt = tmp_path / "long" / "checkpoints" / sorted(os.listdir(tmp_path / "long" / "checkpoints"))[-1]
+    before = ckpt.read_bytes()
+    p = run(*fit_args(setup, tmp_path / "y.safetensors", "--lpips-weight", 0, "--export-dtype", "fp32",
+                      "--lr", 2e-3, "--steps", n + 2, "--resume", tmp_path / "long"), check=False)
+    assert p.returncode == 2 and "other settings" in p.stderr and "lr: 0.001 -> 0.002" in p.stderr
+    assert ckpt.read_bytes() == before
 
 
 def test_outputs_are_checked_before_training(setup, tmp_path, tiny_vae_file):
@@ -250,9 +242,10 @@ def test_outputs_are_checked_before_training(setup, tmp_path, tiny_vae_file):
         assert "Traceback" not in p.stderr and "fine-tune" not in p.stderr  # no step was run
         assert not out.exists()
     assert tiny_vae_file.read_bytes() == before
-    # a fresh run next to an unfinished run's checkpoint says how to continue it
-    ckpt = tmp_path / "run.ckpt"
-    run(*fit_args(setup, tmp_path / "a.safetensors", "--lpips-weight", 0, "--checkpoint", ckpt, "--steps", 2))
+    # --checkpoint-every alone writes <out>.ckpt; a fresh run next to that run's checkpoint says how to continue it
+    ckpt = tmp_path / "a.ckpt"
+    run(*fit_args(setup, tmp_path / "a.safetensors", "--lpips-weight", 0, "--checkpoint-every", 2, "--steps", 2))
+    assert ckpt.exists()
     p = run(*fit_args(setup, tmp_path / "b.safetensors", "--lpips-weight", 0, "--checkpoint", ckpt, "--steps", 4),
             check=False)
     assert p.returncode == 2 and "checkpoint of a finished run (step 2 of 2)" in p.stderr

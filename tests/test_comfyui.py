@@ -19,6 +19,7 @@ from comfy_server import PACK, TEMPLATES, Server, api_example, comfyui_path, pre
 from comfy_server import messages as _messages
 from conftest import write_images
 
+pytestmark = pytest.mark.integration  # a real ComfyUI: -m "not integration" skips it
 COMFYUI = comfyui_path()
 if COMFYUI is None:
     pytest.skip("ComfyUI integration tests need a ComfyUI checkout: set COMFYUI_PATH "

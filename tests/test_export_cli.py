@@ -1,4 +1,5 @@
-"""`python -m training fit` exports as users run it: the report on stderr, the files it promises."""
+"""`python -m training fit` exports as users run it (in this process: `cli.main`): the report on stderr, the
+files it promises."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import run_cli, tiny_ldm_sd, write_images
+from conftest import cli_main, tiny_ldm_sd, write_images
 
 
-run = run_cli
+run = cli_main
 
 
 @pytest.fixture(scope="module")

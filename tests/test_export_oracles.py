@@ -104,8 +104,13 @@ def test_from_single_file_and_from_pretrained_load_strictly_and_decode_alike(exp
 # ----- ComfyUI's own loader -----
 
 COMFY = os.environ.get("COMFYUI_PATH", "")
-needs_comfy = pytest.mark.skipif(not COMFY or not os.path.isfile(os.path.join(COMFY, "main.py")),
-                                 reason="set COMFYUI_PATH to a ComfyUI checkout to load exports with its loader")
+_no_comfy = pytest.mark.skipif(not COMFY or not os.path.isfile(os.path.join(COMFY, "main.py")),
+                               reason="set COMFYUI_PATH to a ComfyUI checkout to load exports with its loader")
+
+
+def needs_comfy(test):
+    """A test that runs ComfyUI's own code: marked integration, skipped without a checkout."""
+    return pytest.mark.integration(_no_comfy(test))
 
 COMFY_SCRIPT = r'''
 import json, logging, os, sys
@@ -155,7 +160,7 @@ def _full_size(channels, dtype, matrix, seed):
             if name.startswith("decoder."):
                 p.add_(torch.randn_like(p) * 1e-3)
     result = Trained(model=trained, layout=base.layout, config=TrainConfig(steps=1), history=[], steps_done=1,
-                     frozen_sha256=frozen_sha256(base.model, "decoder"))
+                     base_frozen_sha256=frozen_sha256(base.model, "decoder"))
     return sd, result
 
 

@@ -278,27 +278,35 @@ def test_non_finite_steps_are_skipped_then_stop(monkeypatch):
         fine_tune(vae, stream, cfg(steps=8, max_bad_steps=3, log_every=8), device="cpu")
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path):
+def test_a_stopped_run_continues_to_the_uninterrupted_result(tmp_path):
+    """The library's resume path (the CLI's Ctrl-C and ComfyUI's Cancel and SIGKILL have their own
+    tests): stopped mid-run, the step reached is checkpointed, and continuing from it ends with the
+    weights and history of an uninterrupted run, augmentation, EMA and a cosine schedule included."""
+    import itertools
+
+    from training import checkpoint as C
+    from training.augment import augmenter
+    from training.config import DataConfig
+
     vae = build_vae(tiny_ldm_sd())
     data = [torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(6)]
+    aug = augmenter(DataConfig(patch_size=32, color_jitter=0.2))
 
     def batches(start):
         return iter(data[start:])
 
-    c = cfg(steps=6, ema=True, warmup_steps=2, lr_schedule="cosine", log_every=1, checkpoint_every=3)
-    full = fine_tune(vae, batches, c, device="cpu")
+    c = cfg(steps=6, ema=True, warmup_steps=2, lr_schedule="cosine", log_every=1, checkpoint_every=0)
+    full = fine_tune(vae, batches, c, device="cpu", augment=aug)
     ckpt = tmp_path / "run.ckpt"
-    first = fine_tune(vae, batches, c.replace(steps=3), device="cpu", checkpoints=ckpt)
-    assert first.steps_done == 3 and ckpt.exists()
-    resumed = fine_tune(vae, batches, c, device="cpu", resume=ckpt)
+    calls = itertools.count()
+    stopped = fine_tune(vae, batches, c, device="cpu", augment=aug, checkpoints=ckpt,
+                        callbacks=Callbacks(should_stop=lambda: next(calls) >= 3))  # Cancel during step 4
+    assert stopped.stopped_early and stopped.steps_done == 3 and C.peek(ckpt)["step"] == 3
+    resumed = fine_tune(vae, batches, c, device="cpu", augment=aug, resume=ckpt, checkpoints=ckpt)
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [h["step"] for h in resumed.history] == list(range(1, 7))
-
-    # a checkpoint path without checkpoint_every still gets the final state (the CLI's --checkpoint alone)
-    last = tmp_path / "last.ckpt"
-    fine_tune(vae, batches, c.replace(steps=2, checkpoint_every=0), device="cpu", checkpoints=last)
-    assert torch.load(last, weights_only=True)["step"] == 2
+    assert resumed.history == full.history and [h["step"] for h in resumed.history] == list(range(1, 7))
+    assert C.peek(ckpt)["step"] == 6  # checkpoint_every=0: the stop and the final step are still written
 
     before = ckpt.read_bytes()
     with pytest.raises(VAEFTError, match="other settings.*lr"):

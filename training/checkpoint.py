@@ -238,10 +238,6 @@ def resume_point(path: str | os.PathLike) -> ResumePoint:
 
 # ----- what a checkpoint holds, checked and restored by name
 
-def named_shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in tensors.items()}
-
-
 def checkpoint_state(*, cfg: TrainConfig, layout: LdmLayout, step: int, params: dict[str, torch.Tensor],
                      opt: torch.optim.Optimizer, ema=None, disc: torch.nn.Module | None = None,
                      disc_opt: torch.optim.Optimizer | None = None, loop: dict, world_size: int,

@@ -84,7 +84,7 @@ def frozen_keys(trained: Trained) -> list[str]:
 def check_frozen(trained: Trained) -> None:
     """Raise if the part of the model that was not trained differs from the base (fp32 against the
     fp32 copy training started from)."""
-    if frozen_sha256(trained.model, trained.config.trainable) != trained.frozen_sha256:
+    if frozen_sha256(trained.model, trained.config.trainable) != trained.base_frozen_sha256:
         raise VAEFTError("internal check failed: frozen weights changed during training; refusing to export")
 
 

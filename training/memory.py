@@ -40,12 +40,6 @@ def _detail(e: BaseException, kind: str) -> str:
     return (lines[-1][:200] if kind == "CPU" else lines[0][:300])
 
 
-def named(e: BaseException, what: str, hint: str) -> VAEFTError:
-    """The VAEFTError for allocator failure ``e`` (see :func:`memory_kind`) while doing ``what``."""
-    kind = memory_kind(e) or "CPU"
-    return VAEFTError(f"out of {kind} memory {what} ({_detail(e, kind)}); {hint}")
-
-
 @contextlib.contextmanager
 def out_of_memory_named(what: str, hint: str):
     """Within the block, an allocator failure (GPU or CPU) becomes a VAEFTError:
@@ -53,9 +47,10 @@ def out_of_memory_named(what: str, hint: str):
     try:
         yield
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        if not is_out_of_memory(e):
+        kind = memory_kind(e)
+        if kind is None:
             raise
-        raise named(e, what, hint) from None
+        raise VAEFTError(f"out of {kind} memory {what} ({_detail(e, kind)}); {hint}") from None
 
 
 def available_memory() -> int | None:

@@ -110,9 +110,6 @@ class RunFolder:
         if kept:
             self._t0 = time.monotonic() - float(kept[-1].get("seconds") or 0.0)
 
-    def latest_checkpoint(self) -> str | None:
-        return latest_in(self.checkpoint_dir)
-
     def checkpoints(self, cfg: TrainConfig, overwrite: bool = False) -> Checkpoints:
         return Checkpoints(self.checkpoint_dir, every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes,
                            keep=cfg.keep_checkpoints, folder=True, overwrite=overwrite)

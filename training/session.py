@@ -157,7 +157,7 @@ def trained_result(vae: LoadedVAE, loop: LoopResult, *, probe=None, dataset: dic
     """The :class:`Trained` result of a finished loop over ``vae`` (with the export's ``probe`` and the
     training data's ``dataset`` summary when there are any)."""
     return Trained(model=loop.model, layout=vae.layout, config=loop.config, history=loop.history,
-                   steps_done=loop.steps_done, frozen_sha256=loop.frozen_sha256, stopped_early=loop.stopped_early,
+                   steps_done=loop.steps_done, base_frozen_sha256=loop.base_frozen_sha256, stopped_early=loop.stopped_early,
                    used_ema=loop.used_ema, best_step=loop.best_step, precision=loop.precision,
                    seconds=loop.seconds, probe=probe, dataset=dataset)
 

@@ -21,7 +21,7 @@ class Trained:
     layout: the base file's keys, shapes, dtypes and per-tensor hashes (the export reproduces them).
     config: the settings it was trained with.
     history: the history lines ({"step", "lr", "total", "mse", ..., "val_mse", ...}).
-    frozen_sha256: digest of the base's untrained tensors (``vae.frozen_sha256``), re-checked at export.
+    base_frozen_sha256: digest of the base's untrained tensors (``vae.frozen_sha256``), re-checked at export.
     probe: patches and the base's figures for the export's half-precision check and latent scaling
         (:func:`training.probe.make_probe`); None: those checks are skipped, and the export says so.
     dataset: the training data's ``PatchDataset.summary()`` (the metadata keeps a private digest of it).
@@ -32,7 +32,7 @@ class Trained:
     config: TrainConfig
     history: list[dict]
     steps_done: int
-    frozen_sha256: str
+    base_frozen_sha256: str
     stopped_early: bool = False
     used_ema: bool = False
     best_step: int | None = None

@@ -32,8 +32,8 @@ from .fused_norm import triton_available
 from .imageio import signed_to_unit
 from .losses import (PatchDiscriminator, ReconstructionLoss, adaptive_gan_weight, hinge_d_loss, kl_divergence,
                      load_lpips)
-from .memory import is_out_of_memory, memory_kind, out_of_memory_named
 from .loop_state import LoopState
+from .memory import is_out_of_memory, memory_kind, out_of_memory_named
 from .metrics import validation_scores
 from .vae import (LoadedVAE, Reconstruct, frozen_sha256, reconstruct, trainable_shapes, trained_prefixes,
                   trained_sha256)
@@ -69,7 +69,7 @@ class LoopResult:
     model: torch.nn.Module          # AutoencoderKL holding the weights to export (EMA if chosen), frozen, eval
     config: TrainConfig             # the config trained with (validation off when there was nothing to score)
     steps_done: int
-    frozen_sha256: str              # of the base model's untrained tensors (vae.frozen_sha256), re-checked at export
+    base_frozen_sha256: str         # of the base model's untrained tensors (vae.frozen_sha256), re-checked at export
     history: list[dict] = field(default_factory=list)  # {"step", "lr", "total", "mse", "lpips", ...}
     stopped_early: bool = False
     seconds: float = 0.0
@@ -191,7 +191,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
             for g in (o.param_groups if o is not None else ()):
                 g["lr"] = lr_at(step, cfg)
         x_all, keys = next(stream)
-        while True:  # retry the step at a smaller micro-batch when it runs out of GPU memory
+        while True:  # retry the step at a smaller micro-batch when it runs out of memory (GPU or CPU)
             try:
                 parts, stopped = _accumulate(s, x_all, keys, step=step, micro=micro, loss_scale=state.loss_scale)
                 break
@@ -243,7 +243,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
 
     used_ema = _finish(s, state)
     return LoopResult(
-        model=s.model, config=cfg, steps_done=state.step, frozen_sha256=base_digest, history=state.history,
+        model=s.model, config=cfg, steps_done=state.step, base_frozen_sha256=base_digest, history=state.history,
         stopped_early=stopped, seconds=time.perf_counter() - t0, used_ema=used_ema,
         best_step=state.best["step"] if cfg.export_best and state.best["params"] is not None else None,
         precision=s.amp_why, micro_batch=micro, skipped_steps=int(state.skipped), fused_norms=s.fused,

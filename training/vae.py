@@ -302,7 +302,7 @@ def _names(keys: list[str], shown: int = 4) -> str:
     return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
-def check_finite(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
+def check_finite_weights(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """VAEFTError naming the tensors that hold NaN or infinite values (a damaged file, or one saved
     from a run that diverged): training from it gives NaN losses and a non-finite export."""
     bad = nonfinite(sd)
@@ -360,7 +360,7 @@ def build_vae(sd: dict[str, torch.Tensor], source: str = "state dict", base_sha2
     from diffusers import AutoencoderKL
 
     ldm, dropped = normalise_state_dict(sd, source)
-    check_finite(ldm, source)
+    check_finite_weights(ldm, source)
     check_latent_channels(ldm, source)
     config = config_from_ldm(ldm)
     with torch.device("meta"):
