@@ -31,12 +31,10 @@ def resolve_input_folder(folder: str) -> str:
         raise VAEFTError(f"data folder {folder!r} is outside ComfyUI's input directory ({base}); "
                          "put (or symlink) the images under it")
     if not os.path.isdir(path):
-        from ..training.files import describe_path
+        from ..training.files import check_folder
 
-        kind = describe_path(path)  # stat only: a FIFO named like a folder is never opened
-        if kind is not None:
-            raise VAEFTError(f"{folder!r} in ComfyUI's input directory ({base}) is {kind}, not a folder; "
-                             "name a folder inside it")
+        # stat only: a FIFO named like a folder is never opened
+        check_folder(path, f"{folder!r} in ComfyUI's input directory ({base})", "name a folder inside it")
         raise VAEFTError(f"data folder {folder!r} does not exist in ComfyUI's input directory ({base})")
     return path
 

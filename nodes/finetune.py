@@ -124,7 +124,7 @@ class VAEFineTune(io.ComfyNode):
                         "general": _input_name(general.source) if general is not None else None},
                 input_paths="comfyui", device=device, importable=False, hooks=hooks.hooks())
             loop = session.loop
-            if loop.stopped_early:
+            if session.stopped:
                 _send_text(f"run {hooks.run} stopped at step {loop.steps_done}/{loop.config.steps}"
                            + (f"; checkpoint written. Continue it: continue_run = {hooks.run}"
                               if loop.checkpoint else "; no checkpoint (stopped before the first step)"),

@@ -132,3 +132,27 @@ def train(vae, batches, cfg, *, probe=None, dataset=None, **kwargs):
     from training.trainer import fine_tune
 
     return trained_result(vae, fine_tune(vae, batches, cfg, **kwargs), probe=probe, dataset=dataset)
+
+
+@pytest.fixture(scope="session")
+def comfyui_server(tmp_path_factory):
+    """One headless ComfyUI (COMFYUI_PATH) for the integration modules that need no settings of their
+    own (tests/test_comfyui.py, tests/test_comfyui_runs.py): started and given its base folder once.
+    Yields (server, base folder, the random base VAE's ldm state dict); a module that restarts the
+    server updates this object in place."""
+    from comfy_server import Server, comfyui_path, prepare_base
+
+    base = str(tmp_path_factory.mktemp("comfy"))
+    sd = prepare_base(base)
+    server = Server(base, comfyui_path())
+    try:
+        yield server, base, sd
+    finally:
+        server.stop()
+
+
+def remove_run_folders(base: str) -> None:
+    """Every node fine-tune leaves a run folder with a full-size checkpoint (~0.8 GB): free the disk."""
+    import shutil
+
+    shutil.rmtree(os.path.join(base, "output", "vae_ft_runs"), ignore_errors=True)

@@ -144,8 +144,7 @@ def test_the_trainer_applies_augmentation_and_it_follows_the_seed(lpips_random):
     def batches(start):
         return iter(data[start:])
 
-    c = TrainConfig(steps=6, lr=1e-3, batch_size=4, lpips_weight=0.1, ema=True, log_every=1, preview_every=0,
-                    checkpoint_every=3)
+    c = TrainConfig(steps=6, lr=1e-3, batch_size=4, lpips_weight=0.1, ema=True, log_every=1, preview_every=0)
 
     def run(cfg, **kw):
         return fine_tune(vae, batches, cfg, device="cpu", lpips_net=lpips_random, augment=aug, **kw)

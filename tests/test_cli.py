@@ -65,6 +65,19 @@ def test_fit_fixed_grid_patch_set_uses_the_latent_cache(setup, tmp_path):
     assert json.loads(p.stdout.strip().splitlines()[-1])["latent_cache_hits"] == 0
 
 
+def test_fit_resume_from_a_checkpoint_file_to_more_steps(setup, tmp_path):
+    """--checkpoint-every writes <out>.ckpt; --resume FILE with a larger --steps goes on from it to the
+    weights of a run planned that long (constant lr)."""
+    common = ("--lpips-weight", 0, "--export-dtype", "fp32", "--lr", 1e-3)
+    straight = tmp_path / "straight.safetensors"
+    run(*fit_args(setup, straight, *common, "--steps", 4))
+    run(*fit_args(setup, tmp_path / "half.safetensors", *common, "--steps", 2, "--checkpoint-every", 2))
+    resumed = tmp_path / "resumed.safetensors"
+    run(*fit_args(setup, resumed, *common, "--steps", 4, "--resume", tmp_path / "half.ckpt"))
+    a, b = load_file(straight), load_file(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("case,expected", [
     ("missing_data", "data folder not found"),
     ("not_a_vae", "not a kl-f8 VAE"),
@@ -216,13 +229,21 @@ def test_run_folder_config_rerun_and_ctrl_c_continue(setup, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(n + 1))  # one run's log: nothing written past the checkpoint is repeated
-    # continuing with other training settings is refused, and the run's checkpoint is left as it was
+    # continuing with other training settings is refused, and the run folder is left as it was
     ckpt = tmp_path / "long" / "checkpoints" / sorted(os.listdir(tmp_path / "long" / "checkpoints"))[-1]
-    before = ckpt.read_bytes()
+    kept = (ckpt, tmp_path / "long" / "config.json", tmp_path / "long" / "metrics.jsonl")
+    before = [p.read_bytes() for p in kept]
     p = run(*fit_args(setup, tmp_path / "y.safetensors", "--lpips-weight", 0, "--export-dtype", "fp32",
                       "--lr", 2e-3, "--steps", n + 2, "--resume", tmp_path / "long"), check=False)
     assert p.returncode == 2 and "other settings" in p.stderr and "lr: 0.001 -> 0.002" in p.stderr
-    assert ckpt.read_bytes() == before
+    assert [p.read_bytes() for p in kept] == before
+    # one run's checkpoint continued into another run's folder: refused before that folder changes
+    kept = (folder / "config.json", folder / "metrics.jsonl", folder / "checkpoints" / "step-0000004.ckpt")
+    before = [p.read_bytes() for p in kept]
+    p = run(*fit_args(setup, tmp_path / "z.safetensors", *common, "--steps", n, "--resume", ckpt, "--run-dir", folder),
+            check=False)
+    assert p.returncode == 2 and "holds the checkpoint of a finished run (step 4 of 4)" in p.stderr, p.stderr
+    assert [p.read_bytes() for p in kept] == before
 
 
 def test_outputs_are_checked_before_training(setup, tmp_path, tiny_vae_file):

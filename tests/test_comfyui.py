@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 
 import pytest
 import torch
 
-from comfy_server import PACK, TEMPLATES, Server, api_example, comfyui_path, prepare_base
+from comfy_server import PACK, TEMPLATES, api_example, comfyui_path
 from comfy_server import messages as _messages
-from conftest import write_images
+from conftest import remove_run_folders, write_images
 
 pytestmark = pytest.mark.integration  # a real ComfyUI: -m "not integration" skips it
 COMFYUI = comfyui_path()
@@ -29,16 +28,9 @@ requests = pytest.importorskip("requests")
 
 
 @pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    base = str(tmp_path_factory.mktemp("comfy"))
-    sd = prepare_base(base)
-    server = Server(base, COMFYUI)
-    try:
-        yield server, base, sd
-    finally:
-        server.stop()
-        # every fine-tune leaves a run folder with a full-size checkpoint (~0.8 GB): free the disk
-        shutil.rmtree(os.path.join(base, "output", "vae_ft_runs"), ignore_errors=True)
+def comfy(comfyui_server):
+    yield comfyui_server
+    remove_run_folders(comfyui_server[1])
 
 
 def _example(vae_name: str, folder: str, **train) -> dict:
@@ -98,6 +90,19 @@ def test_api_example_trains_saves_and_stock_load_vae_loads_it(comfy):
     assert meta["vaeft.base_sha256"] == sha256(base_sd)
     assert meta["vaeft.recipe"] == "sd-vae-ft-mse" and meta["vaeft.weights"] == "ema"
 
+    # The fine-tuned VAE output feeds a downstream VAEDecode in the same graph, too (the same fine-tune:
+    # ComfyUI's cache reuses it, only the new nodes and Save run).
+    prompt = _example("random_sd_vae.safetensors", "vae_train")
+    prompt["90"] = {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}}
+    vae_out = [next(k for k, n in prompt.items() if n["class_type"] == "VAEFTFineTune"), 0]
+    prompt["91"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["90", 0], "vae": vae_out}}
+    prompt["92"] = {"class_type": "VAEDecode", "inputs": {"samples": ["91", 0], "vae": vae_out}}
+    prompt["93"] = {"class_type": "PreviewImage", "inputs": {"images": ["92", 0]}}
+    next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "retina-b"
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", _messages(entry)
+    assert entry["outputs"]["93"]["images"]
+
     # Without a restart: Load VAE lists the new file, and a second prompt uses it.
     info = requests.get(server.url + "/object_info/VAELoader", timeout=30).json()
     assert "vae-ft-retina-2.safetensors" in info["VAELoader"]["input"]["required"]["vae_name"][0]
@@ -113,17 +118,6 @@ def test_api_example_trains_saves_and_stock_load_vae_loads_it(comfy):
     saved = entry["outputs"]["5"]["images"][0]
     assert os.path.isfile(os.path.join(base, "output", saved["subfolder"], saved["filename"]))
 
-    # The fine-tuned VAE output feeds a downstream VAEDecode in the same graph, too.
-    prompt = _example("random_sd_vae.safetensors", "vae_train", seed=1)
-    prompt["90"] = {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}}
-    vae_out = [next(k for k, n in prompt.items() if n["class_type"] == "VAEFTFineTune"), 0]
-    prompt["91"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["90", 0], "vae": vae_out}}
-    prompt["92"] = {"class_type": "VAEDecode", "inputs": {"samples": ["91", 0], "vae": vae_out}}
-    prompt["93"] = {"class_type": "PreviewImage", "inputs": {"images": ["92", 0]}}
-    next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "retina-b"
-    entry = server.wait(server.queue(prompt))
-    assert entry["status"]["status_str"] == "success", _messages(entry)
-    assert entry["outputs"]["93"]["images"]
 
 
 def test_evaluate_node_compares_base_and_fine_tuned(comfy):
@@ -166,21 +160,6 @@ def test_dataset_from_an_image_batch(comfy):
     assert entry["outputs"]["3"]["images"]
 
 
-def test_existing_file_is_not_overwritten(comfy):
-    server, base, _ = comfy
-    target = os.path.join(base, "output", "vae", "vae-ft-keep-2.safetensors")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    with open(target, "wb") as f:
-        f.write(b"precious")
-    prompt = _example("random_sd_vae.safetensors", "vae_train")
-    next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "keep"
-    entry = server.wait(server.queue(prompt))
-    assert entry["status"]["status_str"] == "error"
-    assert "already exists" in _messages(entry)
-    with open(target, "rb") as f:
-        assert f.read() == b"precious"
-
-
 @pytest.mark.parametrize("folder,expected", [("../", "outside ComfyUI's input directory"),
                                              ("no_such_folder", "does not exist")])
 def test_bad_folder_is_a_clear_error(comfy, folder, expected):
@@ -191,10 +170,24 @@ def test_bad_folder_is_a_clear_error(comfy, folder, expected):
     assert server.healthy()
 
 
-def test_bad_save_name_is_a_clear_error(comfy):
+def test_save_refuses_an_existing_file_and_a_bad_name(comfy):
+    """Save Fine-tuned VAE never overwrites a file and never writes outside output/vae (the second
+    prompt differs only in Save's name: ComfyUI reuses the fine-tune and runs Save alone)."""
     server, base, _ = comfy
-    prompt = _example("random_sd_vae.safetensors", "vae_train")
-    next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "../../evil"
+    target = os.path.join(base, "output", "vae", "vae-ft-keep-2.safetensors")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "wb") as f:
+        f.write(b"precious")
+    prompt = _example("random_sd_vae.safetensors", "vae_train", seed=3)
+    save = next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]
+    save["name"] = "keep"
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "error"
+    assert "already exists" in _messages(entry)
+    with open(target, "rb") as f:
+        assert f.read() == b"precious"
+
+    save["name"] = "../../evil"
     entry = server.wait(server.queue(prompt))
     assert entry["status"]["status_str"] == "error"
     assert "plain file name" in _messages(entry)

@@ -307,6 +307,13 @@ def test_a_stopped_run_continues_to_the_uninterrupted_result(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.history == full.history and [h["step"] for h in resumed.history] == list(range(1, 7))
     assert C.peek(ckpt)["step"] == 6  # checkpoint_every=0: the stop and the final step are still written
+    # a finished run continues to a larger steps (constant lr here: the same curve as a run planned that long)
+    flat = c.replace(lr_schedule="constant", warmup_steps=0)
+    short = tmp_path / "short.ckpt"
+    fine_tune(vae, batches, flat.replace(steps=3), device="cpu", augment=aug, checkpoints=short)
+    longer = fine_tune(vae, batches, flat, device="cpu", augment=aug, resume=short)
+    planned = fine_tune(vae, batches, flat, device="cpu", augment=aug).model.state_dict()
+    assert all(torch.equal(planned[k], v) for k, v in longer.model.state_dict().items())
 
     before = ckpt.read_bytes()
     with pytest.raises(VAEFTError, match="other settings.*lr"):

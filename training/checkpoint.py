@@ -25,7 +25,6 @@ import errno
 import os
 import re
 import time
-from typing import NamedTuple
 
 import torch
 
@@ -125,17 +124,28 @@ class Checkpoints:
 
     # ----- before the first step
 
-    def claim(self, run_id: str, steps: int) -> None:
+    def claim(self, run_id: str, resumed_from: str | None = None) -> None:
         """Check that this run may write at ``target`` before any training happens: refuse with
-        what to do when a file there belongs to another run (or is not a checkpoint at all)."""
+        what to do when a file there belongs to another run (or is not a checkpoint at all).
+        ``resumed_from``: the checkpoint this run continues, already read and checked (it is this
+        run's own, and is not read again). Claiming twice is a no-op."""
+        if self.run_id == run_id:
+            return
         self.run_id = run_id
+        own = os.path.abspath(resumed_from) if resumed_from else None
+
+        def owner(path: str) -> dict | None:
+            return {"run_id": run_id} if own == os.path.abspath(path) else peek(path)
+
         if self.folder:
             check_folder(self.target, f"checkpoint folder {self.target!r}", "choose another run folder")
             files = self._step_files()
-            owner = peek(files[-1]) if files else None
-            if files and not self.overwrite and (owner is None or owner["run_id"] != run_id):
-                raise VAEFTError(self._foreign(files[-1], owner, "run folder"))
+            found = owner(files[-1]) if files else None
+            if files and not self.overwrite and (found is None or found["run_id"] != run_id):
+                self.run_id = None
+                raise VAEFTError(self._foreign(files[-1], found, "run folder"))
             return
+        self.run_id = None  # set again below once every check has passed
         if os.path.isdir(self.target):
             raise VAEFTError(f"checkpoint path {self.target!r} is a folder; give a file name such as "
                              f"{os.path.join(self.target, 'run.ckpt')!r}")
@@ -147,9 +157,10 @@ class Checkpoints:
             raise VAEFTError(f"cannot write checkpoint {self.target!r}: its folder {folder!r} is not writable; "
                              "choose a folder you can write to")
         if os.path.lexists(self.target) and not self.overwrite:
-            owner = peek(self.target)
-            if owner is None or owner["run_id"] != run_id:
-                raise VAEFTError(self._foreign(self.target, owner, "checkpoint path"))
+            found = owner(self.target)
+            if found is None or found["run_id"] != run_id:
+                raise VAEFTError(self._foreign(self.target, found, "checkpoint path"))
+        self.run_id = run_id
 
     def _foreign(self, path: str, owner: dict | None, where: str) -> str:
         if owner is None:
@@ -213,27 +224,20 @@ def latest_in(folder: str | os.PathLike) -> str | None:
 
 # ----- where a run resumes
 
-class ResumePoint(NamedTuple):
-    file: str   # the checkpoint to continue from
-    step: int   # its step (0 when the file is not a checkpoint of this tool; reading it will say why)
-
-
-def resume_point(path: str | os.PathLike) -> ResumePoint:
-    """A checkpoint file, or a run folder (its newest ``checkpoints/step-*.ckpt``), as the file to
-    continue from and its step. Refuses a run folder without a checkpoint, naming it."""
+def resume_point(path: str | os.PathLike) -> str:
+    """The checkpoint to continue from: ``path`` itself, or for a run folder its newest
+    ``checkpoints/step-*.ckpt``. Refuses a run folder without a checkpoint, naming it."""
     path = os.fspath(path)
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) and \
-            not os.path.isdir(os.path.join(path, "checkpoints")):
+    if not os.path.isdir(path):
+        return path
+    if not os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
         raise VAEFTError(f"resume checkpoint {path!r} is not a file (a folder or a device); give a .ckpt file "
                          "or a run folder")
-    if os.path.isdir(path):
-        file = latest_in(os.path.join(path, "checkpoints"))
-        if file is None:
-            raise VAEFTError(f"{path!r}: that run folder has no checkpoint yet (it stopped before its first one); "
-                             "start it again as a new run")
-        path = file
-    info = peek(path)
-    return ResumePoint(path, int(info["step"]) if info and info.get("step") is not None else 0)
+    file = latest_in(os.path.join(path, "checkpoints"))
+    if file is None:
+        raise VAEFTError(f"run folder {path!r} has no checkpoint yet: it stopped before its first one; start it "
+                         "again as a new run")
+    return file
 
 
 # ----- what a checkpoint holds, checked and restored by name
@@ -328,10 +332,15 @@ def load_checkpoint(path: str | os.PathLike, layout: LdmLayout, cfg: TrainConfig
     if diff:
         raise VAEFTError(f"resume checkpoint {path!r} was written with other settings ({'; '.join(diff)}); "
                          "resume with the same training settings (steps may grow; speed and memory settings may differ)")
-    what = f"resume checkpoint {path!r}: the trained tensors"
-    check_tensors(state["params"], params, what)
+    where = f"resume checkpoint {path!r}"
+    check_tensors(state["params"], params, f"{where}: the trained tensors")
     if state.get("ema") is not None:
-        check_tensors(state["ema"], params, f"resume checkpoint {path!r}: the EMA's tensors")
+        check_tensors(state["ema"], params, f"{where}: the EMA's tensors")
+    best = (state.get("loop") or {}).get("best") or {}
+    if best.get("params") is not None:
+        check_tensors(best["params"], params, f"{where}: export_best's weights")
+    _same_names(set(state["optimizer"]["state"]) | {n for g in state["optimizer"]["param_groups"] for n in g["params"]},
+                set(params), f"{where}: the optimizer's parameters")
     if state.get("world_size", 1) != world_size:
         raise VAEFTError(f"resume checkpoint {path!r} was written by a run of {state.get('world_size', 1)} "
                          f"process(es), this one has {world_size}: the data order would differ; resume with "

@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import TrainConfig
 from .errors import VAEFTError
-from .files import check_folder
+from .files import check_folder, json_safe
 from .options import base_type, field_type, validate
 
 
@@ -129,6 +129,14 @@ def _check_outputs(args) -> None:
         raise VAEFTError(f"--loss-plot {args.loss_plot!r} is a folder; give a .png file name")
     if args.preview_dir:
         check_folder(args.preview_dir, f"--preview-dir {args.preview_dir!r}", "choose another path")
+    from .checkpoint import resume_point
+    from .runs import RunFolder
+
+    if args.resume:
+        resume_point(args.resume)  # a run folder without a checkpoint yet: said now
+    run_dir = args.run_dir or (args.resume if args.resume and os.path.isdir(args.resume) else None)
+    if run_dir:
+        RunFolder.check(run_dir, resume=bool(args.resume), overwrite=args.overwrite)
 
 
 def run_fit(args) -> int:
@@ -160,7 +168,7 @@ def run_fit(args) -> int:
         data = build_dataset(args.data, data_cfg)
         # the general images are all scored: none held out, and --mask-dir's masks belong to --data's images
         general = build_dataset(args.general, dataclasses.replace(data_cfg, mask_dir=None, val_fraction=0.0)) \
-            if args.general else None
+            if args.general and cfg.val_every else None
         bar = None
         if dist.is_main and not args.no_progress:
             from tqdm import tqdm
@@ -178,7 +186,7 @@ def run_fit(args) -> int:
         if bar is not None:
             bar.close()
         loop = session.loop
-        if loop.stopped_early:
+        if session.stopped:
             where = f"; continue with --resume {session.run_dir or loop.checkpoint}" if loop.checkpoint else \
                 "; nothing was written (no checkpoint was asked for)"
             print(f"interrupted at step {loop.steps_done} of {loop.config.steps}{where}", file=sys.stderr)
@@ -190,12 +198,12 @@ def run_fit(args) -> int:
         print(report.text(), file=sys.stderr)
         if args.loss_plot:
             save_png(curve_image(*history_curves(loop.history)), args.loss_plot)
-        print(json.dumps({"out": report.path, "steps": loop.steps_done, "seconds": round(loop.seconds, 1),
-                          "micro_batch": loop.micro_batch, "skipped_steps": loop.skipped_steps,
-                          "latent_cache_hits": loop.latent_cache_hits, "checkpoint": loop.checkpoint,
-                          "run_dir": session.run_dir, "best_step": loop.best_step,
-                          "rank_digests": loop.rank_digests,
-                          "final": loop.history[-1] if loop.history else None}))
+        summary = {"out": report.path, "steps": loop.steps_done, "seconds": round(loop.seconds, 1),
+                   "micro_batch": loop.micro_batch, "skipped_steps": loop.skipped_steps,
+                   "latent_cache_hits": loop.latent_cache_hits, "checkpoint": loop.checkpoint,
+                   "run_dir": session.run_dir, "best_step": loop.best_step, "rank_digests": loop.rank_digests,
+                   "final": loop.history[-1] if loop.history else None}
+        print(json.dumps(json_safe(summary)))
         return 0
 
 
@@ -216,16 +224,17 @@ def _fit_hooks(args, dist, bar):
         if bar is not None:
             bar.set_postfix(status.fields())
         else:
-            print(json.dumps(line), file=sys.stderr)
+            print(json.dumps(json_safe(line)), file=sys.stderr)
 
     def checkpoint(step, path):
         if bar is None:
             print(json.dumps({"checkpoint": path, "step": step}), file=sys.stderr)
 
     preview = None
-    if args.preview_dir:
-        os.makedirs(args.preview_dir, exist_ok=True)
-        preview = lambda step, images: write_preview(args.preview_dir, step, images)  # noqa: E731
+    if args.preview_dir and args.preview_every != 0:
+        def preview(step, images):
+            os.makedirs(args.preview_dir, exist_ok=True)
+            write_preview(args.preview_dir, step, images)
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731
     return Hooks(note=say, warn=say, step=step, log=log, preview=preview, checkpoint=checkpoint)
 
@@ -371,7 +380,6 @@ def run_eval(args) -> int:
     from .imageio import ImageReadError, read_image, to_signed
     from .metrics import latent_channels, load_inception, try_load_lpips
     from .plot import save_png
-    from .files import json_safe
     from .vae import load_vae
 
     cfg = from_arguments(DataConfig, args)

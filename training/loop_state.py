@@ -68,7 +68,10 @@ class LoopState:
 
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device, loss_scaling: bool = False) -> "LoopState":
-        names = {f.name for f in dataclasses.fields(cls)}
+        """The loop state of a checkpoint, on ``device``. The fp16 loss scale comes back only when this
+        run scales its loss (a run continued in bf16 or fp32 starts without one; one continued in fp16
+        after another precision starts from the initial scale)."""
+        names = {f.name for f in dataclasses.fields(cls)} - ({"loss_scale", "scale_growth"} if not loss_scaling else set())
         out = cls.new(device, loss_scaling)
         for k, v in state.items():
             if k in names and v is not None:

@@ -38,13 +38,13 @@ def build_metadata(trained: Trained, extra: dict[str, str] | None = None) -> dic
     }
     if trained.history:
         last = trained.history[-1]
-        meta["vaeft.final_losses"] = json.dumps({k: round(v, 6) for k, v in last.items() if k not in ("step",)})
+        meta["vaeft.final_losses"] = json.dumps(json_safe({k: round(v, 6) for k, v in last.items() if k != "step"}))
     if trained.best_step is not None:  # export_best: the weights are this step's, not the last one's
         meta["vaeft.best_step"] = str(trained.best_step)
         scores = [h for h in trained.history if h["step"] == trained.best_step and any(k.startswith("val_") for k in h)]
         if scores:
-            meta["vaeft.best_validation"] = json.dumps({k: round(v, 6) for k, v in scores[-1].items()
-                                                        if k.startswith("val_")})
+            meta["vaeft.best_validation"] = json.dumps(json_safe({k: round(v, 6) for k, v in scores[-1].items()
+                                                                  if k.startswith("val_")}))
     if trained.dataset is not None:
         meta["vaeft.dataset"] = json.dumps(dataset_digest(trained.dataset))
     if extra:

@@ -291,7 +291,7 @@ def pick_family(base_name: str, latent_channels: int, stats: dict | None = None)
     return family, "a guess from the channel count alone (nothing measured); pass the family to be sure"
 
 
-def latent_scaling(result: Trained, model: torch.nn.Module, probe: ExportProbe | None,
+def latent_scaling(trained: Trained, model: torch.nn.Module, probe: ExportProbe | None,
                    family: str = "auto", device: torch.device | str = "cpu") -> dict:
     """{"family", "why", "scaling_factor", "shift_factor", "source"} for the exported VAE.
 
@@ -301,10 +301,10 @@ def latent_scaling(result: Trained, model: torch.nn.Module, probe: ExportProbe |
     their mean, and scaling = 1/std around it)."""
     if family not in FAMILY_CHOICES:
         raise VAEFTError(f"family must be one of {', '.join(FAMILY_CHOICES)}; got {family!r}")
-    channels = int(result.model.config.latent_channels)
+    channels = int(trained.model.config.latent_channels)
     stats = probe.base_latents if probe is not None else None
     if family == "auto":
-        family, why = pick_family(result.layout.base_name, channels, stats)
+        family, why = pick_family(trained.layout.base_name, channels, stats)
     else:
         why = "as given"
         if FAMILIES[family]["latent_channels"] != channels:
@@ -314,12 +314,12 @@ def latent_scaling(result: Trained, model: torch.nn.Module, probe: ExportProbe |
     out = {"family": family, "why": why, "scaling_factor": FAMILIES[family]["scaling_factor"],
            "shift_factor": FAMILIES[family]["shift_factor"],
            "source": f"{FAMILIES[family]['what']}'s published factors (decoder-only: the latent space is the base's)"}
-    if result.config.trainable == "full":
+    if trained.config.trainable == "full":
         if probe is None or probe.train_patches is None:
             out["source"] = (f"{FAMILIES[family]['what']}'s published factors: NOT re-estimated (no training "
                              "patches), though the encoder was trained")
             return out
-        new = latent_statistics(model, probe.train_patches, device, seed=result.config.seed)
+        new = latent_statistics(model, probe.train_patches, device, seed=trained.config.seed)
         shift = new["mean"] if channels == 16 else None
         out.update(scaling_factor=float(f"{1 / new['std']:.5g}"),
                    shift_factor=float(f"{shift:.5g}") if shift is not None else None,

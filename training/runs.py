@@ -74,11 +74,11 @@ class RunFolder:
 
     # ----- opening
 
-    @classmethod
-    def create(cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> "RunFolder":
-        """Open ``path`` for a run: made if missing; an existing folder is used only if it is a run
-        folder of ours being continued (``resume``), is empty, or ``overwrite`` is set. Refused
-        otherwise, with what to do, before the first step."""
+    @staticmethod
+    def check(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> None:
+        """Whether ``path`` may hold this run, without writing anything: missing, empty, a run folder
+        of ours being continued (``resume``), or anything with ``overwrite``. Refused otherwise, with
+        what to do."""
         path = os.fspath(path)
         check_folder(path, f"run folder {path!r}", "choose another run folder")
         if os.path.isdir(path) and os.listdir(path):
@@ -91,6 +91,12 @@ class RunFolder:
                 hint = f"continue it (resume from {latest!r})" if latest else "continue it"
                 raise VAEFTError(f"run folder {path!r} already holds a run; {hint}, choose another run name, or "
                                  "allow overwriting")
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> "RunFolder":
+        """Open ``path`` for a run (see :meth:`check`), made if missing."""
+        path = os.fspath(path)
+        cls.check(path, resume=resume, overwrite=overwrite)
         try:
             os.makedirs(os.path.join(path, "previews"), exist_ok=True)
             probe = os.path.join(path, ".write-test")
@@ -110,9 +116,13 @@ class RunFolder:
         if kept:
             self._t0 = time.monotonic() - float(kept[-1].get("seconds") or 0.0)
 
-    def checkpoints(self, cfg: TrainConfig, overwrite: bool = False) -> Checkpoints:
-        return Checkpoints(self.checkpoint_dir, every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes,
-                           keep=cfg.keep_checkpoints, folder=True, overwrite=overwrite)
+    @staticmethod
+    def checkpoints(path: str | os.PathLike, cfg: TrainConfig, overwrite: bool = False) -> Checkpoints:
+        """Where and when the run in folder ``path`` writes checkpoints: ``checkpoints/``, the newest
+        ``keep_checkpoints`` kept (nothing is made or read until it is used)."""
+        return Checkpoints(os.path.join(os.fspath(path), "checkpoints"), every_steps=cfg.checkpoint_every,
+                           every_minutes=cfg.checkpoint_minutes, keep=cfg.keep_checkpoints, folder=True,
+                           overwrite=overwrite)
 
     # ----- writing
 

@@ -4,11 +4,12 @@ The CLI (flags, a progress bar, Ctrl-C) and the ComfyUI node (widgets, ComfyUI's
 status text) each load the base VAE and build the dataset in their own way, then call
 :func:`run_session`, which does everything else, in this order:
 
-1. check what can be checked before anything is written: the resumed checkpoint against this
-   run (base VAE, settings, trained tensors by name, data), the run folder;
+1. check, reading but never writing: the resumed checkpoint against this run (base VAE, settings,
+   every tensor by name, data), the run folder, the checkpoints' place (claimed for this run), the
+   LPIPS weights, the settings against the number of processes;
 2. held-out patches for validation (off, with a note, when the dataset has none), patches of the
    optional general images, fixed preview patches;
-3. the run folder: config.json, metrics.jsonl cut back to the checkpoint's step on resume;
+3. only then the run folder: config.json, metrics.jsonl cut back to the checkpoint's step on resume;
 4. :func:`training.trainer.fine_tune`, with its history, previews and checkpoints written to the
    run folder and the front end's hooks told of each step;
 5. after a finished run, the export probe (:func:`training.probe.make_probe`) and the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,10 +32,11 @@ from .config import TrainConfig
 from .data import PatchDataset, preview_patches, worker_start_method
 from .device import Distributed, pick_device
 from .evaluate import evaluation_patches
+from .losses import load_lpips
 from .probe import make_probe
 from .runs import RunFolder, RunStatus, read_metrics
 from .trained import Trained
-from .trainer import Callbacks, LoopResult, fine_tune
+from .trainer import Callbacks, LoopResult, check_run, fine_tune
 from .vae import LoadedVAE, trainable_shapes
 
 
@@ -66,9 +69,10 @@ class Hooks:
 
 @dataclass
 class SessionResult:
-    trained: Trained | None  # None when the run was stopped early, and on processes other than the main one
+    trained: Trained | None  # None when the run was stopped, and on processes other than the main one
     loop: LoopResult         # what the loop did: steps, history, micro-batch, checkpoint, ...
     run_dir: str | None      # the run folder written, if any
+    stopped: bool = False    # stopped by should_stop (during training, or once it had ended: nothing exported)
 
 
 def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
@@ -96,9 +100,8 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     inputs / input_paths: what config.json records as the run's inputs ({"vae": ..., "data": ...}):
         file paths written relative to the run folder ("relative"), or ComfyUI names ("comfyui").
     dist: torchrun's view of this process (its process group already initialised).
-    importable: whether a fresh interpreter can import this package by its module name; loader
-        workers then start the platform's default way (ComfyUI loads custom nodes under a file-path
-        name: only "fork" works there, and without fork patches load in the main process).
+    importable: whether a fresh interpreter can import this package by its module name (False in
+        ComfyUI: loader workers then start by fork, or patches load in the main process).
     """
     hooks = hooks or Hooks()
     dist = dist or Distributed()
@@ -106,27 +109,27 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     note = hooks.note or (lambda text: None)
     warn = hooks.warn or note
 
-    # 1. checks before any file changes
-    ckpt = None
-    if resume is not None:
-        if run_dir is None and os.path.isdir(resume):
-            run_dir = resume  # a run folder continues writing into itself
-        ckpt = load_checkpoint(resume_point(resume).file, vae.layout, cfg, trainable_shapes(vae.model, cfg.trainable),
-                               dist.world_size, data.order_signature())
-    start = int(ckpt["step"]) if ckpt is not None else 0
-    run, checkpoints = _outputs(run_dir, checkpoint, cfg, resume=resume is not None, overwrite=overwrite, dist=dist)
+    # 1. every check before any file changes
+    ckpt, run_dir, checkpoints = _checked_start(vae, data, cfg, resume=resume, run_dir=run_dir,
+                                                checkpoint=checkpoint, overwrite=overwrite, dist=dist)
+    run_id = checkpoints.run_id if checkpoints is not None else None  # claimed: the resumed run's, or a new one
+    folder = run_dir is not None and dist.is_main
+    lpips_net = load_lpips(cfg.lpips_net, cfg.lpips_backbone) if cfg.lpips_weight > 0 else None
 
     # 2. the patches the run watches
     _describe(data, note)
     val, cfg, why = validation_patches(data, cfg)
     if why:
         warn(why)
+    cfg = check_run(cfg, dist, val)
     general_batch = evaluation_patches(general, cfg.val_patches, cfg.seed, use_validation=False)[0] \
         if general is not None and cfg.val_every else None
-    watched = dist.is_main and cfg.preview_every and (run is not None or hooks.preview is not None)
+    watched = dist.is_main and cfg.preview_every and (folder or hooks.preview is not None)
     preview = preview_patches(data, 4, seed=cfg.seed) if watched else None
 
     # 3. the run folder
+    start = int(ckpt["step"]) if ckpt is not None else 0
+    run = RunFolder.create(run_dir, resume=ckpt is not None, overwrite=overwrite) if folder else None
     if run is not None:
         run.write_config(inputs or {}, {**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)},
                          paths=input_paths)
@@ -137,20 +140,21 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     # 4. training
     try:
         loop = fine_tune(vae, _batches(data, cfg, device, dist, importable, warn), cfg, device=device,
-                         augment=augmenter(data.cfg), val_batch=val, general_batch=general_batch,
+                         lpips_net=lpips_net, augment=augmenter(data.cfg), val_batch=val, general_batch=general_batch,
                          preview_batch=preview, callbacks=_callbacks(hooks, run, status), resume=ckpt,
-                         checkpoints=checkpoints, dist=dist, data_signature=data.order_signature())
+                         checkpoints=checkpoints, dist=dist, data_signature=data.order_signature(), run_id=run_id)
     finally:
         if run is not None:
             run.close()
     run_path = run.path if run is not None else None
-    if loop.stopped_early or not dist.is_main:
-        return SessionResult(None, loop, run_path)
+    stopped = loop.stopped_early or bool(hooks.should_stop and hooks.should_stop())  # also: asked once it ended
+    if stopped or not dist.is_main:
+        return SessionResult(None, loop, run_path, stopped)
 
     # 5. what the export needs
     loop.model.to("cpu")  # the probe runs the base VAE on the device: make room for it first
     probe = make_probe(vae, data, seed=cfg.seed, device=device)
-    return SessionResult(trained_result(vae, loop, probe=probe, dataset=data.summary()), loop, run_path)
+    return SessionResult(trained_result(vae, loop, probe=probe, dataset=data.summary()), loop, run_path, False)
 
 
 def trained_result(vae: LoadedVAE, loop: LoopResult, *, probe=None, dataset: dict | None = None) -> Trained:
@@ -162,17 +166,34 @@ def trained_result(vae: LoadedVAE, loop: LoopResult, *, probe=None, dataset: dic
                    seconds=loop.seconds, probe=probe, dataset=dataset)
 
 
-def _outputs(run_dir, checkpoint, cfg: TrainConfig, *, resume: bool, overwrite: bool, dist: Distributed
-             ) -> tuple[RunFolder | None, Checkpoints | None]:
-    """The run folder (main process only; checked, then made) and where checkpoints go: its
-    checkpoints/ folder, or without one the ``checkpoint`` file, or nowhere."""
+def _checked_start(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *, resume, run_dir, checkpoint,
+                   overwrite: bool, dist: Distributed) -> tuple[dict | None, str | None, Checkpoints | None]:
+    """Step 1 of :func:`run_session`, reading but never writing: the resumed checkpoint checked against
+    this run (a run folder as ``resume`` becomes ``run_dir``), the run folder, and the checkpoints'
+    place claimed for this run. Returns (the checkpoint, the run folder, where checkpoints go)."""
+    ckpt = None
+    if resume is not None:
+        if run_dir is None and os.path.isdir(resume):
+            run_dir = resume  # a run folder continues writing into itself
+        ckpt = load_checkpoint(resume_point(resume), vae.layout, cfg, trainable_shapes(vae.model, cfg.trainable),
+                               dist.world_size, data.order_signature())
     if run_dir is not None and dist.is_main:
-        run = RunFolder.create(run_dir, resume=resume, overwrite=overwrite)
-        return run, run.checkpoints(cfg, overwrite=overwrite)
+        RunFolder.check(run_dir, resume=ckpt is not None, overwrite=overwrite)
+    checkpoints = _checkpoints(run_dir, checkpoint, cfg, overwrite)
+    if checkpoints is not None and dist.is_main:
+        run_id = (ckpt.get("run_id") if ckpt is not None else None) or uuid.uuid4().hex
+        checkpoints.claim(run_id, resumed_from=ckpt["path"] if ckpt is not None else None)
+    return ckpt, run_dir, checkpoints
+
+
+def _checkpoints(run_dir, checkpoint, cfg: TrainConfig, overwrite: bool) -> Checkpoints | None:
+    """Where checkpoints go: the run folder's checkpoints/, or without one the ``checkpoint`` file, or nowhere."""
+    if run_dir is not None:
+        return RunFolder.checkpoints(run_dir, cfg, overwrite=overwrite)
     if checkpoint is not None:
-        return None, Checkpoints(checkpoint, every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes,
-                                 overwrite=overwrite)
-    return None, None
+        return Checkpoints(checkpoint, every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes,
+                           overwrite=overwrite)
+    return None
 
 
 def _describe(data: PatchDataset, note: Callable[[str], None]) -> None:

@@ -12,12 +12,6 @@ import hashlib
 import torch
 
 
-def _update(h, t: torch.Tensor, label: str) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{label}|{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
 def sha256(obj, *, shapes: bool = True) -> str:
     """Hex sha256 of every tensor in ``obj`` (a tensor, or nested dicts / lists / tuples of them;
     other values are not part of it), in a fixed order: dict keys sorted by their text.
@@ -28,12 +22,9 @@ def sha256(obj, *, shapes: bool = True) -> str:
 
     def walk(o, where: str) -> None:
         if isinstance(o, torch.Tensor):
-            if shapes:
-                _update(h, o, where)
-            else:
-                t = o.detach().cpu().contiguous()
-                h.update(f"{where}|{t.dtype}|".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            t = o.detach().cpu().contiguous()
+            h.update((f"{where}|{t.dtype}|{tuple(t.shape)}|" if shapes else f"{where}|{t.dtype}|").encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(o, dict):
             for k in sorted(o, key=str):
                 walk(o[k], f"{where}/{k}" if where else str(k))

@@ -102,7 +102,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
               resume: str | os.PathLike | dict | None = None,
               checkpoints: Checkpoints | str | os.PathLike | None = None,
               dist: Distributed | None = None,
-              data_signature: dict | None = None) -> LoopResult:
+              data_signature: dict | None = None,
+              run_id: str | None = None) -> LoopResult:
     """Fine-tune a copy of ``vae.model``; the input model is never modified.
 
     batches: ``start_step -> iterator`` (needed to resume) or an iterator; each item is this
@@ -129,23 +130,14 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     dist: set when running under torchrun; the process group must already be initialised.
     data_signature: what determines ``batches``' order (data settings, image list), JSON-like;
         stored in checkpoints, and a resume with a different one is refused.
+    run_id: the run's identity for its checkpoints (default: the resumed checkpoint's, else a new one).
     The global RNG of the calling process is left as it was.
     """
     callbacks = callbacks or Callbacks()
     dist = dist or Distributed()
     device = torch.device(device) if device is not None else pick_device(None, dist)
-    if cfg.batch_size % dist.world_size:
-        raise VAEFTError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes "
-                         f"({dist.world_size})")
+    cfg = check_run(cfg, dist, val_batch)
     local_batch = cfg.batch_size // dist.world_size
-    if cfg.micro_batch and local_batch % cfg.micro_batch:
-        raise VAEFTError(f"each process's batch ({local_batch}) must be a multiple of micro_batch "
-                         f"({cfg.micro_batch})")
-    if cfg.val_every and val_batch is None:
-        if cfg.export_best:
-            raise VAEFTError("export_best needs held-out patches: the dataset has no validation images "
-                             "(raise val_fraction, add images, or turn export_best off)")
-        cfg = cfg.replace(val_every=0)  # nothing to score: validation is off
     if resume is not None and not callable(batches):
         raise VAEFTError("resuming needs batches as a function of the start step (to replay the data order)")
 
@@ -158,11 +150,11 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     if resume is not None:
         loop = restore_checkpoint(resume, params=s.params, opt=s.opt, ema=s.ema, disc=s.disc, disc_opt=s.disc_opt)
         state = LoopState.from_state_dict(loop, device, loss_scaling=s.amp == "fp16")
-    run_id = (resume.get("run_id") if resume is not None else None) or uuid.uuid4().hex
+    run_id = (resume.get("run_id") if resume is not None else None) or run_id or uuid.uuid4().hex
     if checkpoints is not None and not isinstance(checkpoints, Checkpoints):
         checkpoints = Checkpoints(checkpoints, every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes)
     if checkpoints is not None and dist.is_main:
-        checkpoints.claim(run_id, cfg.steps)
+        checkpoints.claim(run_id, resumed_from=resume.get("path") if resume is not None else None)
     else:
         checkpoints = None
 
@@ -252,6 +244,24 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         run_id=run_id, checkpoint=checkpoints.written[-1] if checkpoints is not None and checkpoints.written else None)
 
 
+def check_run(cfg: TrainConfig, dist: Distributed, val_batch: torch.Tensor | None) -> TrainConfig:
+    """Refuse settings that cannot run with this many processes and these held-out patches (before
+    anything is written); returns the config to train with (validation off without patches to score)."""
+    if cfg.batch_size % dist.world_size:
+        raise VAEFTError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes "
+                         f"({dist.world_size})")
+    local_batch = cfg.batch_size // dist.world_size
+    if cfg.micro_batch and local_batch % cfg.micro_batch:
+        raise VAEFTError(f"each process's batch ({local_batch}) must be a multiple of micro_batch "
+                         f"({cfg.micro_batch})")
+    if cfg.val_every and val_batch is None:
+        if cfg.export_best:
+            raise VAEFTError("export_best needs held-out patches: the dataset has no validation images "
+                             "(raise val_fraction, add images, or turn export_best off)")
+        cfg = cfg.replace(val_every=0)  # nothing to score: validation is off
+    return cfg
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant or cosine."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -281,7 +291,7 @@ class _Run:
     cfg: TrainConfig
     device: torch.device
     model: torch.nn.Module            # the AutoencoderKL being trained
-    module: torch.nn.Module           # _Reconstruct around it (DDP-wrapped / compiled as asked)
+    module: torch.nn.Module           # Reconstruct around it (DDP-wrapped / compiled as asked)
     loss_fn: ReconstructionLoss
     autocast: torch.autocast
     dist: Distributed
