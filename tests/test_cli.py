@@ -142,7 +142,7 @@ def test_torchrun_two_processes_sync_gradients(setup, tmp_path):
 
 
 def test_demo_as_in_the_readme(tmp_path):
-    p = run_cli("demo", "--out", tmp_path / "demo", "--images", 2, "--size", 64)
+    p = run("demo", "--out", tmp_path / "demo", "--images", 2, "--size", 64)
     info = json.loads(p.stdout)
     assert os.path.getsize(info["vae"]) > 300e6  # the full SD layout
     sd = load_file(info["vae"])

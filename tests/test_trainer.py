@@ -82,59 +82,37 @@ def test_micro_batches_accumulate_to_the_full_batch(monkeypatch):
     assert moved > 1e-4  # the step did something
 
 
-def test_out_of_memory_retries_with_smaller_micro_batches(monkeypatch):
+@pytest.mark.parametrize("kind", ["GPU", "CPU"])
+def test_out_of_memory_is_retried_at_smaller_micro_batches_and_named(monkeypatch, kind):
+    """GPU: torch's OutOfMemoryError (simulated, there is no GPU here); CPU: the real allocator's failure,
+    as ``fit --batch-size 4096`` meets it on the CPU inside the forward. Both are retried at a smaller
+    micro-batch, and named (never a traceback) where nothing can be retried."""
     from training import trainer
     from training.vae import Reconstruct
+
+    def no_room(*args, **kwargs):
+        if kind == "GPU":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        torch.empty(2**60, dtype=torch.uint8)  # DefaultCPUAllocator: can't allocate memory (nothing allocated)
 
     real = Reconstruct.forward
 
     def limited(self, x, noise, cached=None):
         if x.shape[0] > 1:
-            raise torch.OutOfMemoryError("simulated")
+            no_room()
         return real(self, x, noise, cached)
 
     monkeypatch.setattr(Reconstruct, "forward", limited)
     vae = build_vae(tiny_ldm_sd())
     result = fine_tune(vae, fixed_batches(4), cfg(steps=2), device="cpu")
     assert result.micro_batch == 1 and result.steps_done == 2
-    with pytest.raises(VAEFTError, match="out of GPU memory at micro-batch 2"):
+    with pytest.raises(VAEFTError, match=f"out of {kind} memory at micro-batch 2 with 32² patches; turn on "
+                                         "grad_checkpointing"):
         fine_tune(vae, fixed_batches(4), cfg(steps=1, micro_batch=2), device="cpu")
-
-    def no_room(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
     # outside the step (here: validation) there is nothing to retry: a clear error, not a traceback
+    said = "Tried to allocate 2.00 GiB" if kind == "GPU" else "can't allocate memory"
     monkeypatch.setattr(trainer, "validation_scores", no_room)
-    with pytest.raises(VAEFTError, match=r"outside the training step.*Tried to allocate 2.00 GiB.*lower val_patches"):
-        fine_tune(vae, fixed_batches(1), cfg(steps=1, batch_size=1, val_every=1), device="cpu",
-                  val_batch=torch.zeros(1, 3, 32, 32))
-
-
-def test_cpu_out_of_memory_in_the_training_forward_is_named_and_retried(monkeypatch, tmp_path):
-    """A CPU allocation failure (``fit --batch-size 4096`` on the CPU) inside the forward: retried at a
-    smaller micro-batch like the GPU's, named when it cannot be; the real allocator's error, not a fake."""
-    from training import trainer
-    from training.vae import Reconstruct
-
-    real = Reconstruct.forward
-
-    def limited(self, x, noise, cached=None):
-        if x.shape[0] > 1:
-            torch.empty(2**60, dtype=torch.uint8)  # DefaultCPUAllocator: can't allocate memory (nothing allocated)
-        return real(self, x, noise, cached)
-
-    monkeypatch.setattr(Reconstruct, "forward", limited)
-    vae = build_vae(tiny_ldm_sd())
-    result = fine_tune(vae, fixed_batches(4), cfg(steps=2), device="cpu")
-    assert result.micro_batch == 1 and result.steps_done == 2
-    with pytest.raises(VAEFTError, match="out of CPU memory at micro-batch 2 with 32² patches; turn on grad_checkpointing"):
-        fine_tune(vae, fixed_batches(4), cfg(steps=1, micro_batch=2), device="cpu")
-
-    def no_room(*args, **kwargs):
-        torch.empty(2**60, dtype=torch.uint8)
-
-    monkeypatch.setattr(trainer, "validation_scores", no_room)
-    with pytest.raises(VAEFTError, match=r"out of CPU memory outside the training step.*can't allocate memory"):
+    with pytest.raises(VAEFTError, match=f"out of {kind} memory outside the training step.*{said}.*lower val_patches"):
         fine_tune(vae, fixed_batches(1), cfg(steps=1, batch_size=1, val_every=1), device="cpu",
                   val_batch=torch.zeros(1, 3, 32, 32))
 
