@@ -11,7 +11,8 @@ from comfy_api.latest import io
 
 from ..training.errors import VAEFTError
 from ..training.options import base_type, is_essential
-from ..training.vae import LoadedVAE, build_vae, normalise_state_dict
+from ..training.families import recognise
+from ..training.vae import LoadedVAE, build_vae
 
 log = logging.getLogger("vaeft")
 
@@ -94,13 +95,13 @@ def _read_source_vae(folder: str, name: str) -> dict[str, torch.Tensor] | None:
             sd = comfy.utils.load_torch_file(path)
         else:
             return None
-        return normalise_state_dict(sd, name)[0]
+        return recognise(sd, name)[1]
     except (VAEFTError, OSError, RuntimeError, ValueError) as e:
         log.warning("could not read %s for its exact VAE weights (%s); using ComfyUI's copy", name, e)
         return None
 
 
-def ldm_to_comfy_vae(sd: dict[str, torch.Tensor]):
+def file_to_comfy_vae(sd: dict[str, torch.Tensor]):
     import comfy.sd
 
     vae = comfy.sd.VAE(sd=sd)

@@ -12,12 +12,12 @@ from comfy_api.latest import io
 
 from ..training.config import MEMORY_FIELDS, RECIPES, TrainConfig
 from ..training.errors import VAEFTError
-from ..training.export import ldm_state_dict, safe_name
+from ..training.export import file_state_dict, safe_name
 from ..training.plot import history_curves, image_grid, to_pil
 from ..training.runs import MARKER
 from ..training.session import Hooks, run_session
 from .common import (Dataset, Trained, TrainOptions, comfy_vae_to_training, config_inputs, input_values,
-                     ldm_to_comfy_vae, schema)
+                     file_to_comfy_vae, schema)
 
 log = logging.getLogger("vaeft")
 NEW_RUN = "new run"
@@ -131,7 +131,7 @@ class VAEFineTune(io.ComfyNode):
                            cls.hidden.unique_id)
                 mm.throw_exception_if_processing_interrupted()
                 raise mm.InterruptProcessingException()
-            out_vae = ldm_to_comfy_vae(ldm_state_dict(session.trained, "fp32"))
+            out_vae = file_to_comfy_vae(file_state_dict(session.trained, "fp32"))
         return io.NodeOutput(out_vae, loss_map_of(loop.history), session.trained)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, cli_main, run_cli, tiny_ldm_sd, write_images
+from conftest import ROOT, cli_main, tiny_ldm_sd, write_images
 
 
 run = cli_main

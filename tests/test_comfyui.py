@@ -455,3 +455,44 @@ def test_dataset_node_folder_that_is_a_file(comfy, setting):
     with open(afile, "rb") as f:
         assert f.read() == b"precious"
     assert server.healthy()
+
+
+def test_a_qwen_image_vae_from_load_vae_trains_saves_and_round_trips(comfy):
+    """The Wan 2.1 family through stock Load VAE: a full-size Qwen-Image VAE (random, bf16, the released
+    layout) goes through VAE Fine-tune as it is; the saved file is listed by Load VAE, keeps the base's
+    encoder (and so its latents) bit for bit, and round-trips VAE Encode -> VAE Decode."""
+    from diffusers import AutoencoderKLQwenImage
+    from safetensors.torch import load_file, save_file
+
+    from training.families import wan
+
+    server, base, _ = comfy
+    torch.manual_seed(3)
+    sd = {wan.to_original_key(k): v.to(torch.bfloat16).contiguous()
+          for k, v in AutoencoderKLQwenImage().state_dict().items()}
+    save_file(sd, os.path.join(base, "models", "vae", "qwen_image_vae.safetensors"))
+    prompt = _example("qwen_image_vae.safetensors", "vae_train", steps=1, batch_size=1, preview_every=0)
+    next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "qwen"
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-4000:]
+    out_file = os.path.join(base, "output", "vae", "vae-ft-qwen-1.safetensors")
+    exported = load_file(out_file)
+    assert set(exported) == set(sd)
+    for k in sd:
+        assert exported[k].dtype == torch.bfloat16 and exported[k].shape == sd[k].shape, k
+        if k.startswith(("encoder.", "conv1.")) or ".time_conv." in k:
+            assert torch.equal(exported[k], sd[k]), k
+    assert not torch.equal(exported["decoder.head.2.weight"], sd["decoder.head.2.weight"])
+    info = requests.get(server.url + "/object_info/VAELoader", timeout=30).json()
+    assert "vae-ft-qwen-1.safetensors" in info["VAELoader"]["input"]["required"]["vae_name"][0]
+    roundtrip = {
+        "1": {"class_type": "VAELoader", "inputs": {"vae_name": "vae-ft-qwen-1.safetensors"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 0]}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "qwen-roundtrip"}},
+    }
+    entry = server.wait(server.queue(roundtrip))
+    assert entry["status"]["status_str"] == "success", _messages(entry)
+    assert "Missing VAE keys" not in server.read_log() and "Leftover VAE keys" not in server.read_log()
+    os.unlink(os.path.join(base, "models", "vae", "qwen_image_vae.safetensors"))

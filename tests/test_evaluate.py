@@ -16,7 +16,8 @@ from training import cli
 from training import evaluate as E
 from training import metrics as M
 from training.errors import VAEFTError
-from training.vae import diffusers_to_ldm, load_vae
+from training.families.klf8 import diffusers_to_ldm
+from training.vae import load_vae
 
 from conftest import tiny_diffusers_vae, write_images
 

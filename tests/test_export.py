@@ -175,7 +175,7 @@ def test_export_filename():
 
 def test_dtype_is_checked(trained):
     with pytest.raises(VAEFTError, match="dtype"):
-        export_mod.ldm_state_dict(trained[1], "int8")
+        export_mod.file_state_dict(trained[1], "int8")
 
 
 def test_matrix_form_attention_is_exported_as_1x1_convs(tmp_path):

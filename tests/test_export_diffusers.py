@@ -16,8 +16,10 @@ from conftest import tiny_ldm_sd, train
 from training.config import TrainConfig
 from training.errors import VAEFTError
 from training.export import export_vae
-from training.probe import FAMILIES, make_probe, pick_family
-from training.vae import build_vae, ldm_to_diffusers
+from training.families.klf8 import LATENT_FAMILIES as FAMILIES, pick_latent_family as pick_family
+from training.probe import make_probe
+from training.families.klf8 import ldm_to_diffusers
+from training.vae import build_vae
 
 
 def _train(sd, name, trainable="decoder", seed=0):

@@ -20,7 +20,8 @@ from training.config import TrainConfig
 from training.export import export_vae
 from training.probe import make_probe
 from training.trained import Trained
-from training.vae import build_vae, diffusers_to_ldm, frozen_sha256, load_vae
+from training.families.klf8 import diffusers_to_ldm
+from training.vae import build_vae, frozen_sha256, load_vae
 
 ATTN = ("q", "k", "v", "proj_out")
 
@@ -223,7 +224,8 @@ from vaeft_pack.training.config import TrainConfig
 from vaeft_pack.training.probe import make_probe
 from vaeft_pack.training.session import trained_result
 from vaeft_pack.training.trainer import fine_tune
-from vaeft_pack.training.vae import build_vae, diffusers_to_ldm
+from vaeft_pack.training.families.klf8 import diffusers_to_ldm
+from vaeft_pack.training.vae import build_vae
 sys.path.insert(0, os.path.join(pack, "tests"))
 from conftest import tiny_diffusers_vae
 base = build_vae(diffusers_to_ldm(tiny_diffusers_vae(seed=14).state_dict()), source="sdxl_vae.safetensors")

@@ -4,8 +4,8 @@ from safetensors.torch import save_file
 
 from conftest import SD_VAE_CONFIG, tiny_diffusers_vae, tiny_ldm_sd
 from training.errors import VAEFTError
-from training.vae import (build_vae, config_from_ldm, diffusers_to_ldm, ldm_to_diffusers, load_vae,
-                          model_to_ldm)
+from training.families.klf8 import config_from_ldm, diffusers_to_ldm, ldm_to_diffusers
+from training.vae import build_vae, load_vae, model_to_file
 
 
 @pytest.mark.parametrize("latent,quant", [(4, True), (16, False)])
@@ -58,8 +58,8 @@ def test_diffusers_keyed_input_and_old_attention_names():
     old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value")
            .replace("to_out.0", "proj_attn"): v for k, v in dsd.items()}
     loaded_old = build_vae(old)
-    for k, v in model_to_ldm(loaded_old.model, loaded_old.layout).items():
-        assert torch.equal(v, model_to_ldm(loaded.model, loaded.layout)[k])
+    for k, v in model_to_file(loaded_old.model, loaded_old.layout).items():
+        assert torch.equal(v, model_to_file(loaded.model, loaded.layout)[k])
 
 
 def test_export_keeps_matrix_attention_layout_and_drops_loss_keys():
@@ -70,7 +70,7 @@ def test_export_keeps_matrix_attention_layout_and_drops_loss_keys():
     ldm["loss.discriminator.main.0.weight"] = torch.zeros(2)
     loaded = build_vae(ldm)
     assert loaded.layout.dropped_keys == ["loss.discriminator.main.0.weight"]
-    out = model_to_ldm(loaded.model, loaded.layout)
+    out = model_to_file(loaded.model, loaded.layout)
     del ldm["loss.discriminator.main.0.weight"]
     assert set(out) == set(ldm)
     assert all(out[k].shape == ldm[k].shape and torch.equal(out[k], ldm[k]) for k in ldm)

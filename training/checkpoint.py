@@ -32,7 +32,7 @@ from .config import TrainConfig
 from .errors import VAEFTError
 from .files import atomic_write, check_folder
 from .tensors import sha256
-from .vae import LdmLayout
+from .vae import FileLayout
 
 CHECKPOINT_FORMAT = "vaeft-checkpoint-3"
 # Earlier formats, refused by name with what to do: 2 (version 0.1.0) kept tensors in positional lists.
@@ -242,7 +242,7 @@ def resume_point(path: str | os.PathLike) -> str:
 
 # ----- what a checkpoint holds, checked and restored by name
 
-def checkpoint_state(*, cfg: TrainConfig, layout: LdmLayout, step: int, params: dict[str, torch.Tensor],
+def checkpoint_state(*, cfg: TrainConfig, layout: FileLayout, step: int, params: dict[str, torch.Tensor],
                      opt: torch.optim.Optimizer, ema=None, disc: torch.nn.Module | None = None,
                      disc_opt: torch.optim.Optimizer | None = None, loop: dict, world_size: int,
                      data_signature: dict | None) -> dict:
@@ -315,7 +315,7 @@ def check_tensors(saved: dict[str, torch.Tensor], current: dict[str, tuple[int, 
                              f"{tuple(current[k])} in this run. Resume with the same base VAE, or start a new run")
 
 
-def load_checkpoint(path: str | os.PathLike, layout: LdmLayout, cfg: TrainConfig,
+def load_checkpoint(path: str | os.PathLike, layout: FileLayout, cfg: TrainConfig,
                     params: dict[str, tuple[int, ...]], world_size: int = 1,
                     data_signature: dict | None = None) -> dict:
     """Read a checkpoint and check it against this run before anything is changed: the same base VAE,

@@ -378,9 +378,9 @@ def run_eval(args) -> int:
     from .device import pick_device
     from .evaluate import compare, eval_patches, full_image_report, metric_deltas
     from .imageio import ImageReadError, read_image, to_signed
-    from .metrics import latent_channels, load_inception, try_load_lpips
+    from .metrics import load_inception, try_load_lpips
     from .plot import save_png
-    from .vae import load_vae
+    from .vae import latent_channels, load_vae
 
     cfg = from_arguments(DataConfig, args)
     if args.count < 1:

@@ -183,6 +183,9 @@ class TrainConfig:
                                         "keep each patch's encoder output, up to this many MiB on the "
                                         "training device, and skip the encoder when the patch comes round "
                                         "again (0 = off)", min=0)
+    wan_2d: bool = option(True, "Wan 2.1 / Qwen-Image VAEs: at one frame run each causal 3D convolution as a 2D "
+                                "convolution with its last temporal tap (exact, several times faster, allows "
+                                "grad_checkpointing); off: diffusers' own 3D forward")
     fused_norm: bool = option(True, "on CUDA with Triton: GroupNorm and the SiLU after it as one fused "
                                     "channels-last kernel, and the whole model channels-last (fastest)")
     channels_last: bool = option(False, "without fused_norm: channels-last layout on CUDA anyway (slower: "

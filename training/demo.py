@@ -24,7 +24,7 @@ def random_vae_state_dict(latent_channels: int = 4, seed: int = 0) -> dict[str, 
     or 16 without (SD3/Flux layout)."""
     from diffusers import AutoencoderKL
 
-    from .vae import diffusers_to_ldm
+    from .families.klf8 import diffusers_to_ldm
 
     quant = latent_channels == 4
     torch.manual_seed(seed)

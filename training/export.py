@@ -27,8 +27,8 @@ from .metadata import export_metadata
 from .probe import HALF, check_half_precision, figures_line, latent_scaling
 from .tensors import dtype_names, listing, nonfinite, sha256
 from .trained import Trained
-from .vae import (LdmLayout, config_from_ldm, frozen_sha256, is_attention_weight, ldm_to_diffusers, model_to_ldm,
-                  trained_prefixes)
+from .families import family_named, trained as is_trained
+from .vae import FileLayout, frozen_sha256, model_to_file
 
 FORMATS = ("safetensors", "diffusers")
 
@@ -65,8 +65,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
         dtype, str(dtype).replace("torch.", ""))
 
 
-def export_dtypes(layout: LdmLayout, dtype: str = "base") -> dict[str, torch.dtype]:
-    """ldm key -> the dtype it is written in: the base file's own per tensor ('base'), or one for all."""
+def export_dtypes(layout: FileLayout, dtype: str = "base") -> dict[str, torch.dtype]:
+    """File key -> the dtype it is written in: the base file's own per tensor ('base'), or one for all."""
     if dtype not in EXPORT_DTYPES:
         raise VAEFTError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}; got {dtype!r}")
     if dtype != "base":
@@ -76,9 +76,11 @@ def export_dtypes(layout: LdmLayout, dtype: str = "base") -> dict[str, torch.dty
 
 
 def frozen_keys(trained: Trained) -> list[str]:
-    """ldm keys the run did not train (encoder and quant_conv in decoder mode; none in full mode).
-    ldm and diffusers names share their first component, so the trainable prefixes apply."""
-    return [k for k in trained.layout.shapes if not k.startswith(trained_prefixes(trained.config.trainable))]
+    """File keys the run did not train: the encoder and quant conv in decoder mode, and what still
+    images cannot train (the Wan family's temporal resampling) in either mode."""
+    family = family_named(trained.layout.family)
+    return [fk for fk, mk in trained.layout.module_keys.items()
+            if not is_trained(mk, trained.config.trainable, family)]
 
 
 def check_frozen(trained: Trained) -> None:
@@ -105,25 +107,25 @@ def check_frozen_against_base(trained: Trained, fp32: dict[str, torch.Tensor]) -
                          f"({', '.join(changed[:5])}); refusing to export")
 
 
-def ldm_state_dict(trained: Trained, dtype: str = "base") -> dict[str, torch.Tensor]:
-    """Trained weights under the base's exact ldm keys and shapes, each tensor in the base file's
+def file_state_dict(trained: Trained, dtype: str = "base") -> dict[str, torch.Tensor]:
+    """Trained weights under the base file's exact keys and shapes, each tensor in the base file's
     dtype (``dtype='base'``) or cast to ``dtype`` ('fp16', 'bf16', 'fp32'), contiguous on the CPU."""
     return _export_tensors(trained, dtype)[0]
 
 
-def matrix_attention_keys(layout: LdmLayout) -> list[str]:
-    """Attention q/k/v/proj_out weights the base stores as (C, C) matrices rather than ldm's
-    (C, C, 1, 1) convolutions (some converters write that; Automatic1111 and ComfyUI reject it)."""
-    return [k for k, shape in layout.shapes.items() if is_attention_weight(k) and len(shape) == 2]
+def conv_form_keys(layout: FileLayout) -> list[str]:
+    """File keys the base stores in another form than stock loaders take (kl-f8: attention q/k/v/proj_out
+    as (C, C) matrices, which some converters write and Automatic1111 and ComfyUI reject)."""
+    return family_named(layout.family).conv_form(layout.shapes)
 
 
 def _export_tensors(trained: Trained, dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(exported tensors, the same in fp32) after checking the untrained ones against the base.
     Attention weights are always written as 1x1 convolutions, the form every stock loader takes."""
     dtypes = export_dtypes(trained.layout, dtype)
-    fp32 = {k: v.detach().to("cpu", torch.float32) for k, v in model_to_ldm(trained.model, trained.layout).items()}
+    fp32 = {k: v.detach().to("cpu", torch.float32) for k, v in model_to_file(trained.model, trained.layout).items()}
     check_frozen_against_base(trained, fp32)  # the hashes ignore shape: a matrix and its 1x1 conv hash alike
-    for k in matrix_attention_keys(trained.layout):
+    for k in conv_form_keys(trained.layout):
         fp32[k] = fp32[k][:, :, None, None]
     return {k: v.to(dtypes[k]).contiguous() for k, v in fp32.items()}, fp32
 
@@ -171,9 +173,11 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def exported_model(trained: Trained, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """An AutoencoderKL (fp32, CPU) holding exactly the exported weights (``tensors``, ldm keys)."""
+    """The family's module (fp32, CPU) holding exactly the exported weights (``tensors``, file keys)."""
     model = copy.deepcopy(trained.model).cpu()
-    model.load_state_dict({k: v.float() for k, v in ldm_to_diffusers(tensors).items()}, strict=True)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict({mk: tensors[fk].float().reshape(shapes[mk]) for fk, mk in trained.layout.module_keys.items()},
+                          strict=True)
     return model.eval()
 
 
@@ -194,6 +198,7 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
     half_precision: dict | None = None  # see check_half_precision; None: not checked (no probe)
     converted_attention: int = 0        # attention weights the base stores as matrices, written as 1x1 convs
+    frozen_what: str = "encoder, quant_conv"  # what the untrained tensors are, in the family's words
 
     @property
     def fp16_safe(self) -> bool | None:
@@ -207,14 +212,17 @@ class ExportReport:
         lines = [f"saved {self.path}" + (" (diffusers model folder)" if self.format == "diffusers" else ""),
                  "dtype: " + (f"base ({_counts(self.stored_dtypes)})" if self.dtype == "base" else self.dtype)]
         if self.frozen is not None:
-            lines.append("untrained tensors (encoder, quant_conv): " + {
+            lines.append(f"untrained tensors ({self.frozen_what}): " + {
                 "identical": "bit-identical to the base file", "widened": "values exact, stored wider",
                 "rounded": "ROUNDED (see the warning)"}[self.frozen])
         sc = self.scaling
-        if sc:
+        if sc and "scaling_factor" in sc:
             shift = f", shift_factor {sc['shift_factor']}" if sc["shift_factor"] is not None else ""
             lines.append(f"latent scaling: scaling_factor {sc['scaling_factor']}{shift}: {sc['source']}; "
                          f"family {sc['family']} ({sc['why']})")
+        elif sc:
+            lines.append(f"latent statistics: per-channel mean and std of {len(sc['latents_mean'])} channels: "
+                         f"{sc['source']}")
         hp = self.half_precision
         if hp is not None:
             lines.append(f"half precision, decoding {hp['patches']} with the exported weights:")
@@ -251,7 +259,8 @@ def export_vae(trained: Trained, path: str | os.PathLike, dtype: str | None = No
     check_finite(tensors)  # before the checks below spend time on a model that cannot be written
     report = ExportReport(path=os.fspath(path), format=format, dtype=dtype, metadata={},
                           stored_dtypes=dict(Counter(_dtype_name(v.dtype) for v in tensors.values())),
-                          frozen=None, converted_attention=len(matrix_attention_keys(trained.layout)))
+                          frozen=None, converted_attention=len(conv_form_keys(trained.layout)),
+                          frozen_what=_frozen_what(trained))
     frozen = frozen_keys(trained)
     if frozen:
         rounding = frozen_rounding(trained, tensors, fp32)
@@ -276,7 +285,7 @@ def export_vae(trained: Trained, path: str | os.PathLike, dtype: str | None = No
     report.scaling = latent_scaling(trained, model, trained.probe, family, device)
     report.metadata = export_metadata(trained, report)
     if format == "diffusers":
-        write_diffusers(tensors, path, report.metadata, report.scaling, overwrite=overwrite)
+        write_diffusers(tensors, path, report.metadata, report.scaling, trained.layout, overwrite=overwrite)
     else:
         write_safetensors(tensors, path, report.metadata, overwrite=overwrite)
     return report
@@ -285,30 +294,20 @@ def export_vae(trained: Trained, path: str | os.PathLike, dtype: str | None = No
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def diffusers_config(tensors: dict[str, torch.Tensor], scaling: dict) -> dict:
-    """The ``AutoencoderKL`` config of ldm-keyed ``tensors`` with the latent factors of ``scaling``."""
-    config = config_from_ldm(tensors)
-    config.update(scaling_factor=scaling["scaling_factor"], shift_factor=scaling["shift_factor"])
-    return config
-
-
 def write_diffusers(tensors: dict[str, torch.Tensor], folder: str | os.PathLike, metadata: dict[str, str],
-                    scaling: dict, overwrite: bool = False) -> str:
+                    scaling: dict, layout: FileLayout, overwrite: bool = False) -> str:
     """Atomically write a diffusers model folder: config.json (written by diffusers' own
-    ``save_config``) and diffusion_pytorch_model.safetensors (diffusers keys, Linear attention,
-    each tensor in the dtype it has in ``tensors``). Refuses NaN/inf tensors like write_safetensors."""
-    from diffusers import AutoencoderKL
+    ``save_config``, with the latents' scaling) and diffusion_pytorch_model.safetensors (diffusers keys
+    and shapes, each tensor in the dtype it has in ``tensors``). Refuses NaN/inf tensors like
+    write_safetensors."""
     from safetensors.torch import save
 
     check_finite(tensors)
-    config = diffusers_config(tensors, scaling)
-    with torch.device("meta"):
-        model = AutoencoderKL.from_config(config)
-    weights = {k: v.contiguous() for k, v in ldm_to_diffusers(tensors).items()}
-    missing, unexpected = set(model.state_dict()) - set(weights), set(weights) - set(model.state_dict())
-    if missing or unexpected:  # cannot happen for a layout build_vae accepted; never write a folder that fails to load
-        raise VAEFTError(f"internal check failed: diffusers keys do not match (missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]})")
+    model = family_named(layout.family).diffusers_model(tensors, scaling, layout.base_name)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    weights = {mk: tensors[fk].reshape(shapes[mk]).contiguous() for fk, mk in layout.module_keys.items() if mk in shapes}
+    if set(weights) != set(shapes) or len(weights) != len(tensors):  # never write a folder that fails to load
+        raise VAEFTError(f"internal check failed: diffusers keys do not match (missing {sorted(set(shapes) - set(weights))[:3]})")
     meta = {"format": "pt", **metadata}  # 'format' is what diffusers/transformers' own writer puts there
 
     def write(tmp):
@@ -317,3 +316,10 @@ def write_diffusers(tensors: dict[str, torch.Tensor], folder: str | os.PathLike,
             f.write(save(weights, metadata=meta))
 
     return atomic_write_dir(folder, write, overwrite=overwrite, what="diffusers model folder")
+
+
+def _frozen_what(trained: Trained) -> str:
+    if trained.layout.family == "kl-f8":
+        return "encoder, quant_conv"
+    return "encoder, conv1 and the temporal resampling" if trained.config.trainable == "decoder" else \
+        "the temporal resampling"

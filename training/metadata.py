@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .files import json_safe
 from .options import to_metadata
+from .vae import latent_channels
 
 if TYPE_CHECKING:
     from .trained import Trained
@@ -32,7 +33,8 @@ def build_metadata(trained: Trained, extra: dict[str, str] | None = None) -> dic
         "vaeft.weights": trained.weights,
         "vaeft.base_sha256": trained.layout.base_sha256,
         "vaeft.base_name": last_component(trained.layout.base_name),
-        "vaeft.latent_channels": str(trained.model.config.latent_channels),
+        "vaeft.vae_family": trained.layout.family,
+        "vaeft.latent_channels": str(latent_channels(trained.model)),
         "vaeft.train_seconds": f"{trained.seconds:.1f}",
         **to_metadata(cfg, "vaeft.config"),
     }
@@ -66,11 +68,18 @@ def export_metadata(trained: Trained, report, extra: dict[str, str] | None = Non
     meta["vaeft.stored_dtypes"] = json.dumps(report.stored_dtypes, sort_keys=True)
     if report.frozen_identical is not None:
         meta["vaeft.frozen_identical"] = str(report.frozen_identical).lower()
-    meta["vaeft.latent_family"] = report.scaling["family"]
-    meta["vaeft.scaling_factor"] = str(report.scaling["scaling_factor"])
-    if report.scaling["shift_factor"] is not None:
-        meta["vaeft.shift_factor"] = str(report.scaling["shift_factor"])
-    meta["vaeft.scaling_source"] = report.scaling["source"]
+    sc = report.scaling
+    meta["vaeft.latent_family"] = sc["family"]
+    if "scaling_factor" in sc:
+        meta["vaeft.scaling_factor"] = str(sc["scaling_factor"])
+        if sc["shift_factor"] is not None:
+            meta["vaeft.shift_factor"] = str(sc["shift_factor"])
+    else:  # per-channel statistics (the Wan family)
+        meta["vaeft.latents_mean"] = json.dumps(sc["latents_mean"])
+        meta["vaeft.latents_std"] = json.dumps(sc["latents_std"])
+    meta["vaeft.scaling_source"] = sc["source"]
+    if trained.layout.family == "wan2.1":
+        meta["vaeft.trained_on"] = "still images (one frame): video quality not validated"
     return {k: private_value(v) for k, v in meta.items()}
 
 

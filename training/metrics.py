@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .device import model_place, pick_device
 from .errors import VAEFTError
 from .imageio import signed_to_unit
-from .vae import reconstruct
+from .vae import latent_channels, reconstruct
 
 PSNR_MAX_DB = 100.0  # PSNR of identical images (MSE floor 1e-10) instead of +inf
 SSIM_WINDOW = 11
@@ -321,12 +321,6 @@ def frechet_distance(feats1: torch.Tensor, feats2: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- several VAEs
-
-def latent_channels(model: torch.nn.Module) -> int | None:
-    """Latent channels of a diffusers AutoencoderKL (None when unknown)."""
-    cfg = getattr(model, "config", None)
-    return int(cfg.latent_channels) if cfg is not None and "latent_channels" in cfg else None
-
 
 @torch.no_grad()
 def evaluate_vaes(vaes: dict[str, torch.nn.Module], patches: torch.Tensor, *,

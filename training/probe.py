@@ -13,15 +13,14 @@ node needs nothing but the trained result.
 from __future__ import annotations
 
 import copy
-import math
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import VAEFTError
-from .metadata import last_component
+from .families import family_named, family_of_model
+from .families.klf8 import LATENT_FAMILIES
 
 if TYPE_CHECKING:
     from .trained import Trained
@@ -79,18 +78,6 @@ def _as_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return m.eval()
 
 
-def _block_of(name: str) -> str | None:
-    """Decoder block of a module name: 'conv_in', 'mid_block', 'up_blocks.2', 'conv_norm_out', ..."""
-    parts = name.split(".")
-    if parts[0] == "post_quant_conv":
-        return "post_quant_conv"
-    if parts[0] != "decoder" or len(parts) < 2:
-        return None
-    if parts[1] == "conv_act":  # the SiLU between conv_norm_out and conv_out
-        return "conv_norm_out"
-    return ".".join(parts[1:3]) if parts[1] == "up_blocks" and len(parts) > 2 else parts[1]
-
-
 @torch.no_grad()
 def _decode_watched(model: torch.nn.Module, latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """(decoded images in fp32, largest |output| of any layer per decoder block; inf where one overflowed)."""
@@ -104,8 +91,9 @@ def _decode_watched(model: torch.nn.Module, latents: torch.Tensor) -> tuple[torc
                 peaks[block] = max(peaks.get(block, 0.0), float("inf") if peak != peak else peak)  # NaN: overflowed
         return hook
 
+    block_of = family_of_model(model).decoder_block
     for name, module in model.named_modules():
-        block = _block_of(name)
+        block = block_of(name)
         if block is not None and not list(module.children()):
             hooks.append(module.register_forward_hook(watch(block)))
     try:
@@ -157,16 +145,21 @@ def encode_latents(model: torch.nn.Module, patches: torch.Tensor, device: torch.
 
 @torch.no_grad()
 def latent_statistics(model: torch.nn.Module, patches: torch.Tensor, device: torch.device | str = "cpu",
-                      seed: int = 0) -> dict:
+                      seed: int = 0, per_channel: bool = False) -> dict:
     """Mean and standard deviation of the encoder's posterior samples of ``patches`` (m, 3, P, P) in
     [-1, 1], over all values, as latent diffusion's scale-factor recipe takes them (scale = 1/std).
-    Returns {"mean", "std", "patches", "values"}."""
+    Returns {"mean", "std", "patches", "values"}, and with ``per_channel`` "channel_mean" and
+    "channel_std" (lists, one value per latent channel)."""
     device = torch.device(device)
     m = _as_dtype(model, torch.float32).to(device)
     gen = torch.Generator(device).manual_seed(seed)
     zs = [m.encode(chunk.to(device, torch.float32)).latent_dist.sample(gen).float().cpu() for chunk in patches.split(4)]
     z = torch.cat(zs)
-    return {"mean": float(z.mean()), "std": float(z.std()), "patches": int(patches.shape[0]), "values": z.numel()}
+    out = {"mean": float(z.mean()), "std": float(z.std()), "patches": int(patches.shape[0]), "values": z.numel()}
+    if per_channel:
+        per = z.transpose(0, 1).reshape(z.shape[1], -1)
+        out.update(channel_mean=per.mean(1).tolist(), channel_std=per.std(1).tolist())
+    return out
 
 
 def make_probe(base, data, *, seed: int = 0, device: torch.device | str = "cpu", count: int = 4,
@@ -254,75 +247,16 @@ def check_half_precision(model: torch.nn.Module, probe: ExportProbe,
     return summary, warnings, notes
 
 
-FAMILIES = {  # the published factors (diffusers' configs; ComfyUI's latent_formats.py)
-    "sd": {"latent_channels": 4, "scaling_factor": 0.18215, "shift_factor": None, "what": "SD 1.x/2.x"},
-    "sdxl": {"latent_channels": 4, "scaling_factor": 0.13025, "shift_factor": None, "what": "SDXL"},
-    "sd3": {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609, "what": "SD3/3.5"},
-    "flux": {"latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159, "what": "Flux.1"},
-}
-
-
-FAMILY_CHOICES = ("auto",) + tuple(FAMILIES)
-
-
-_NAME_HINTS = (("sdxl", r"(^|[^a-z])(sd[_-]?)?xl([^a-z]|$)"), ("flux", r"flux|^ae\.(safetensors|sft|ckpt)$"),
-               ("sd3", r"sd[_-]?3"), ("sd", r"vae-ft-(mse|ema)|sd[_-]?(v?1|v?2)([^0-9]|$)|v1-5|v2-1"))
-
-
-def pick_family(base_name: str, latent_channels: int, stats: dict | None = None) -> tuple[str, str]:
-    """(family, why) for a base VAE: its file name's hint when there is one for its channel count,
-    else the family whose published scaling_factor is nearest to the measured 1/std of its latents,
-    else the common one (sd for 4 channels, flux for 16)."""
-    fits = [f for f, v in FAMILIES.items() if v["latent_channels"] == latent_channels]
-    if not fits:
-        raise VAEFTError(f"no known latent family has {latent_channels} latent channels; pass the scaling "
-                         "yourself (families: " + ", ".join(f"{k} ({v['latent_channels']} ch)"
-                                                            for k, v in FAMILIES.items()) + ")")
-    name = last_component(base_name).lower()
-    for family, pattern in _NAME_HINTS:
-        if family in fits and re.search(pattern, name):
-            return family, f"from the base file's name {name!r}"
-    if stats and stats.get("std", 0) > 0:
-        scale = 1 / stats["std"]
-        family = min(fits, key=lambda f: abs(math.log(scale / FAMILIES[f]["scaling_factor"])))
-        return family, (f"the base encoder's latents have 1/std {scale:.4g} on the training patches, nearest to "
-                        f"{family}'s {FAMILIES[family]['scaling_factor']}; pass the family to be sure")
-    family = "sd" if latent_channels == 4 else "flux"
-    return family, "a guess from the channel count alone (nothing measured); pass the family to be sure"
+# The latent families a kl-f8 VAE can belong to (--family, the Save node's family), or auto.
+FAMILY_CHOICES = ("auto",) + tuple(LATENT_FAMILIES)
 
 
 def latent_scaling(trained: Trained, model: torch.nn.Module, probe: ExportProbe | None,
                    family: str = "auto", device: torch.device | str = "cpu") -> dict:
-    """{"family", "why", "scaling_factor", "shift_factor", "source"} for the exported VAE.
-
-    Decoder-only: the latent space is the base's, so the family's published factors. Full
-    (encoder trained): re-estimated on the probe's training patches with the exported encoder, as
-    latent diffusion's recipe does (scaling = 1/std of the latents; for 16-channel VAEs also shift =
-    their mean, and scaling = 1/std around it)."""
+    """How the exported VAE's latents are scaled for a diffusion model, as its VAE family says (see
+    ``Family.latents``): {"family", "why", "source"} and either "scaling_factor" / "shift_factor"
+    (kl-f8) or per-channel "latents_mean" / "latents_std" (Wan 2.1). ``family``: a kl-f8 latent family
+    (FAMILY_CHOICES) or "auto"."""
     if family not in FAMILY_CHOICES:
         raise VAEFTError(f"family must be one of {', '.join(FAMILY_CHOICES)}; got {family!r}")
-    channels = int(trained.model.config.latent_channels)
-    stats = probe.base_latents if probe is not None else None
-    if family == "auto":
-        family, why = pick_family(trained.layout.base_name, channels, stats)
-    else:
-        why = "as given"
-        if FAMILIES[family]["latent_channels"] != channels:
-            raise VAEFTError(f"family {family!r} has {FAMILIES[family]['latent_channels']} latent channels, this VAE "
-                             f"{channels}; choose one of " + ", ".join(f for f, v in FAMILIES.items()
-                                                                      if v["latent_channels"] == channels))
-    out = {"family": family, "why": why, "scaling_factor": FAMILIES[family]["scaling_factor"],
-           "shift_factor": FAMILIES[family]["shift_factor"],
-           "source": f"{FAMILIES[family]['what']}'s published factors (decoder-only: the latent space is the base's)"}
-    if trained.config.trainable == "full":
-        if probe is None or probe.train_patches is None:
-            out["source"] = (f"{FAMILIES[family]['what']}'s published factors: NOT re-estimated (no training "
-                             "patches), though the encoder was trained")
-            return out
-        new = latent_statistics(model, probe.train_patches, device, seed=trained.config.seed)
-        shift = new["mean"] if channels == 16 else None
-        out.update(scaling_factor=float(f"{1 / new['std']:.5g}"),
-                   shift_factor=float(f"{shift:.5g}") if shift is not None else None,
-                   source=f"re-estimated on {new['patches']} training patches with the trained encoder "
-                          f"(1/std{' and mean' if shift is not None else ''} of {new['values']} latent values)")
-    return out
+    return family_named(trained.layout.family).latents(trained, model, probe, family, device)

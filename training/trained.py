@@ -8,7 +8,7 @@ import torch
 
 from .config import TrainConfig
 from .probe import ExportProbe
-from .vae import LdmLayout
+from .vae import FileLayout
 
 
 @dataclass(repr=False)
@@ -28,7 +28,7 @@ class Trained:
     """
 
     model: torch.nn.Module
-    layout: LdmLayout
+    layout: FileLayout
     config: TrainConfig
     history: list[dict]
     steps_done: int
@@ -48,4 +48,4 @@ class Trained:
 
     def __repr__(self) -> str:  # short: ComfyUI shows node inputs in error reports
         return (f"Trained(steps_done={self.steps_done}, base={self.layout.base_name!r}, "
-                f"latent_channels={self.model.config.latent_channels}, weights={self.weights})")
+                f"family={self.layout.family}, weights={self.weights})")

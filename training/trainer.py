@@ -35,8 +35,9 @@ from .losses import (PatchDiscriminator, ReconstructionLoss, adaptive_gan_weight
 from .loop_state import LoopState
 from .memory import is_out_of_memory, memory_kind, out_of_memory_named
 from .metrics import validation_scores
-from .vae import (LoadedVAE, Reconstruct, frozen_sha256, reconstruct, trainable_shapes, trained_prefixes,
-                  trained_sha256)
+from .families import family_of_model, trained
+from .vae import (LoadedVAE, Reconstruct, frozen_sha256, image_channels, latent_channels, reconstruct,
+                  trainable_shapes, trained_sha256)
 
 
 @dataclass
@@ -172,7 +173,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     if cfg.val_every and state.step == 0:  # the base VAE's scores: every curve starts from "before"
         state.history.append({"step": 0, **_scores(s, state, val_batch, general_batch)})
         log(state.history[-1])
-    stream = _batch_stream(batches, state.step, s.model.config.in_channels, local_batch)
+    stream = _batch_stream(batches, state.step, image_channels(s.model), local_batch)
 
     # ---- the loop
     found_inf = torch.zeros((), device=device)
@@ -317,14 +318,17 @@ def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distri
     """A private fp32 copy of the model set up for training (trainable set, precision, fused norms,
     memory layout, DDP, compile) with its loss, optimizers and EMA."""
     model = copy.deepcopy(vae.model).to(device)  # build_vae made it fp32: the master weights
-    prefixes = trained_prefixes(cfg.trainable)
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad_(name.startswith(prefixes)).requires_grad}
+    family = family_of_model(model)
+    params = {name: p for name, p in model.named_parameters()
+              if p.requires_grad_(trained(name, cfg.trainable, family)).requires_grad}
+    if hasattr(model, "image_path"):  # the Wan family: its exact 2D path at one frame, or diffusers' 3D forward
+        model.image_path = "2d" if cfg.wan_2d else "3d"
     on_cuda = device.type == "cuda"
     amp, amp_why = resolve_precision(cfg.precision, device)
     fused, restore_modules = 0, None  # the norm swaps are made on our private copy only
-    if cfg.fused_norm and on_cuda and amp != "fp16" and triton_available():
+    if family.fused_norms and cfg.fused_norm and on_cuda and amp != "fp16" and triton_available():
         fused, restore_modules = fuse_vae_blocks(model)
-    elif amp == "bf16" and cfg.norm_in_bf16:
+    elif family.fused_norms and amp == "bf16" and cfg.norm_in_bf16:
         _, restore_modules = autocast_group_norms(model)
     channels_last = on_cuda and (cfg.channels_last or bool(fused))
     if channels_last:
@@ -437,8 +441,8 @@ def _accumulate(s: _Run, x_all: torch.Tensor, keys: torch.Tensor | None, *, step
         with sync() if (sync is not None and i < len(chunks) - 1) else contextlib.nullcontext():
             noise = None
             if gen is not None:
-                down = 2 ** (len(s.model.config.block_out_channels) - 1)
-                shape = (x.shape[0], s.model.config.latent_channels, x.shape[2] // down, x.shape[3] // down)
+                down = family_of_model(s.model).downsampling(s.model)
+                shape = (x.shape[0], latent_channels(s.model), x.shape[2] // down, x.shape[3] // down)
                 noise = torch.randn(shape, generator=gen, device=device)
             cached = cache.get(key_chunks[i]) if cache is not None else None
             with s.autocast:
@@ -461,7 +465,8 @@ def _accumulate(s: _Run, x_all: torch.Tensor, keys: torch.Tensor | None, *, step
                 if gan_on:
                     s.disc.requires_grad_(False)
                     g_loss = -s.disc(recon).float().mean()
-                    w = adaptive_gan_weight(rec_loss, g_loss, s.model.decoder.conv_out.weight, cfg.gan_weight)
+                    w = adaptive_gan_weight(rec_loss, g_loss, family_of_model(s.model).last_layer(s.model),
+                                            cfg.gan_weight)
                     parts["g_loss"], parts["gan_w"] = g_loss.detach(), w
                     loss = loss + w * g_loss
             (loss * (share if loss_scale is None else share * loss_scale)).backward()

@@ -1,0 +1,307 @@
+"""The Wan 2.1 family (the Qwen-Image VAE): reading both layouts, the key maps against diffusers' own
+converter, the exact 2D path against diffusers' 3D forward, decoder-only training and its export, and the
+families this version refuses by name."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import cli_main, tiny_ldm_sd, train, write_images
+from training.config import TrainConfig
+from training.errors import VAEFTError
+from training.export import export_vae
+from training.families import wan
+from training.probe import make_probe
+from training.vae import build_vae, load_vae, model_to_file
+
+TINY = dict(base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True])
+
+
+def tiny_wan(seed: int = 0, **overrides):
+    """A small AutoencoderKLQwenImage (diffusers initialises its weights) for CPU tests."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    return AutoencoderKLQwenImage(**{**TINY, **overrides})
+
+
+def tiny_wan_sd(seed: int = 0, dtype=torch.float32, **overrides) -> dict[str, torch.Tensor]:
+    """Its tensors in the original (ComfyUI) layout, as the released qwen_image_vae.safetensors has them."""
+    dsd = tiny_wan(seed, **overrides).state_dict()
+    per = overrides.get("num_res_blocks", TINY["num_res_blocks"]) + 2
+    return {wan.to_original_key(k, per): v.detach().to(dtype).clone() for k, v in dsd.items()}
+
+
+def images(n=4, size=32, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_key_maps_are_exact_and_agree_with_diffusers_converter():
+    """Both ways over the full-size model's 194 keys; the forward map is what diffusers' own
+    convert_wan_vae_to_diffusers makes of the original layout."""
+    from diffusers import AutoencoderKLQwenImage
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    with torch.device("meta"):
+        keys = list(AutoencoderKLQwenImage().state_dict())
+    assert len(keys) == 194
+    original = [wan.to_original_key(k) for k in keys]
+    assert len(set(original)) == 194 and "decoder.middle.0.residual.0.gamma" in original
+    assert [wan.to_diffusers_key(k) for k in original] == keys
+    theirs = convert_wan_vae_to_diffusers({k: i for i, k in enumerate(original)})
+    assert {k: original[i] for k, i in theirs.items()} == dict(zip(keys, original))
+    with pytest.raises(VAEFTError, match="not part of a Wan 2.1 VAE"):
+        wan.to_diffusers_key("decoder.upsamples.0.residual.9.weight")
+
+
+def test_both_layouts_load_the_same_model_and_map_back_exactly():
+    sd = tiny_wan_sd(dtype=torch.bfloat16)
+    ours = build_vae(sd, source="qwen_image_vae.safetensors")
+    assert ours.layout.family == "wan2.1" and ours.model.vaeft_family == "wan2.1"
+    assert ours.model.config.base_dim == 16 and ours.model.config.dim_mult == [1, 2]
+    diffusers_sd = tiny_wan().state_dict()
+    theirs = build_vae({k: v.to(torch.bfloat16) for k, v in diffusers_sd.items()}, source="diffusers layout")
+    assert set(theirs.layout.shapes) == set(sd)  # read into the original layout, what exports are written in
+    a, b = ours.model.state_dict(), theirs.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    back = model_to_file(ours.model, ours.layout)
+    assert set(back) == set(sd) and all(torch.equal(back[k].to(torch.bfloat16), sd[k]) for k in sd)
+    prefixed = build_vae({"first_stage_model." + k: v for k, v in sd.items()}, source="full checkpoint")
+    assert prefixed.layout.family == "wan2.1"
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("wan22", "the Wan 2.2 VAE (48 latent channels"),
+    ("c64", "a 64-channel VAE (Qwen-Image 2.1 or HunyuanImage 2.1)"),
+    ("flux2", "the Flux.2 VAE (32 latent channels with BatchNorm statistics)"),
+    ("svd", "a video VAE with a temporal decoder"),
+    ("mixed", "the encoder and decoder do not fit together"),
+])
+def test_families_this_version_does_not_train_are_refused_by_name(case, expected):
+    if case == "wan22":
+        sd = {**tiny_wan_sd(), "decoder.upsamples.0.upsamples.0.residual.2.weight": torch.zeros(1)}
+    elif case == "c64":
+        sd = tiny_wan_sd(z_dim=64)
+    elif case == "flux2":
+        sd = {**tiny_ldm_sd(), "bn.running_mean": torch.zeros(128), "bn.running_var": torch.ones(128)}
+    elif case == "svd":
+        sd = {**tiny_ldm_sd(), "decoder.mid.block_1.mix_factor": torch.zeros(1)}
+    else:
+        other = tiny_wan_sd(z_dim=8)
+        sd = {k: (other[k] if k.startswith(("encoder.", "conv1.")) else v) for k, v in tiny_wan_sd().items()}
+    with pytest.raises(VAEFTError, match=re.escape(expected)) as e:
+        build_vae(sd, source="x.safetensors")
+    if case != "mixed":
+        assert "Wan 2.1 VAE (Qwen-Image, Wan 2.1)" in str(e.value) and "kl-f8" in str(e.value)
+
+
+def test_the_2d_path_equals_diffusers_3d_forward_and_its_gradients():
+    """At one frame the causal 3D convolutions only use their last temporal tap: the 2D path gives the
+    same latents, reconstruction and decoder gradients as diffusers' own forward (fp32, to 1e-5)."""
+    vae = build_vae(tiny_wan_sd(seed=1)).model
+    x = images(2, 32, seed=3)
+    results = {}
+    for path in ("3d", "2d"):
+        vae.image_path = path
+        vae.zero_grad(set_to_none=True)
+        vae.requires_grad_(True)
+        post = vae.encode(x).latent_dist
+        y = vae.decode(post.mean).sample
+        (y.square().mean() + post.logvar.mean()).backward()
+        grads = {k: p.grad.detach().clone() for k, p in vae.named_parameters() if p.grad is not None}
+        results[path] = (post.mean.detach(), post.logvar.detach(), y.detach(), grads)
+    rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-12))  # noqa: E731
+    for got, want in zip(results["2d"][:3], results["3d"][:3]):
+        assert got.shape == want.shape and rel(got, want) < 1e-5
+    g2, g3 = results["2d"][3], results["3d"][3]
+    assert set(g2) == set(g3) and len(g2) > 40
+    assert not any("time_conv" in k for k in g3)  # the temporal resampling gets no gradient from one frame
+    assert max(rel(g2[k], g3[k]) for k in g3 if g3[k].norm() > 0) < 1e-4
+    # gradient checkpointing (2D path only) gives the same gradients
+    vae.image_path = "2d"
+    vae.enable_gradient_checkpointing()
+    vae.zero_grad(set_to_none=True)
+    post = vae.encode(x).latent_dist
+    (vae.decode(post.mean).sample.square().mean() + post.logvar.mean()).backward()
+    assert max(rel(p.grad, g2[k]) for k, p in vae.named_parameters() if k in g2 and g2[k].norm() > 0) < 1e-5
+    vae.image_path = "3d"
+    with pytest.raises(VAEFTError, match="needs its 2D path"):
+        vae.enable_gradient_checkpointing()
+
+
+@pytest.fixture(scope="module")
+def trained_wan():
+    sd = tiny_wan_sd(seed=2, dtype=torch.bfloat16)  # the released files are bf16
+    base = build_vae(sd, source="qwen_image_vae.safetensors")
+    x = images(4, 32)
+    cfg = TrainConfig(steps=2, lr=1e-3, batch_size=2, lpips_weight=0.0, preview_every=0)
+    return sd, base, train(base, itertools.repeat(x[:2]), cfg, device="cpu", probe=make_probe(base, x))
+
+
+def test_decoder_only_export_keeps_every_untrained_tensor_byte_identical(tmp_path, trained_wan):
+    sd, base, result = trained_wan
+    report = export_vae(result, tmp_path / "vae-ft-qwen-2.safetensors")
+    out = load_file(report.path)
+    assert set(out) == set(sd) and all(out[k].shape == sd[k].shape and out[k].dtype == torch.bfloat16 for k in sd)
+    frozen = [k for k in sd if k.startswith(("encoder.", "conv1.")) or ".time_conv." in k]
+    assert any(".time_conv." in k and k.startswith("decoder.") for k in frozen)
+    for k in frozen:
+        assert torch.equal(out[k].view(torch.int16), sd[k].view(torch.int16)), k
+    assert not torch.equal(out["decoder.head.2.weight"], sd["decoder.head.2.weight"])
+    assert report.frozen_identical is True
+    text = report.text()
+    assert "untrained tensors (encoder, conv1 and the temporal resampling): bit-identical to the base file" in text
+    assert "latent statistics: per-channel mean and std of 16 channels: Wan 2.1's published" in text
+    with safe_open(report.path, "pt") as f:
+        meta = f.metadata()
+    assert meta["vaeft.vae_family"] == "wan2.1" and meta["vaeft.latent_family"] == "wan2.1"
+    assert json.loads(meta["vaeft.latents_mean"])[:2] == [-0.7571, -0.7089]
+    assert "one frame" in meta["vaeft.trained_on"]
+    assert meta["vaeft.fp16_safe"] in ("true", "false")
+    # the export loads back as the same family, and its encoder gives the base's latents exactly
+    again = load_vae(report.path)
+    x = images(1, 32, seed=9)
+    assert torch.equal(again.model.encode(x).latent_dist.mean, base.model.encode(x).latent_dist.mean)
+
+
+def test_diffusers_folder_loads_with_its_own_class_and_decodes_like_ours(tmp_path, trained_wan):
+    from diffusers import AutoencoderKLQwenImage
+
+    _, _, result = trained_wan
+    report = export_vae(result, tmp_path / "vae-ft-qwen-2", format="diffusers", dtype="fp32")
+    assert report.format == "diffusers" and "latent statistics" in report.text()
+    model, info = AutoencoderKLQwenImage.from_pretrained(str(tmp_path / "vae-ft-qwen-2"), local_files_only=True,
+                                                         output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.config.latents_mean[0] == -0.7571 and model.config.base_dim == 16
+    z = torch.randn(1, 16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    theirs = model.decode(z).sample[:, :, 0]
+    ours = result.model.decode(z[:, :, 0]).sample
+    assert (theirs - ours).abs().max() < 1e-5
+    with pytest.raises(VAEFTError, match="latent family of kl-f8 VAEs"):
+        export_vae(result, tmp_path / "x.safetensors", family="sdxl")
+
+
+def test_training_with_the_2d_and_the_3d_path_agrees():
+    base = build_vae(tiny_wan_sd(seed=4))
+    x = images(2, 32, seed=5)
+    cfg = TrainConfig(steps=2, lr=1e-3, batch_size=2, lpips_weight=0.0, preview_every=0, log_every=1,
+                      posterior="mode", ema=False)
+    fast = train(base, itertools.repeat(x), cfg, device="cpu")
+    slow = train(base, itertools.repeat(x), cfg.replace(wan_2d=False), device="cpu")
+    assert fast.history[0]["mse"] == pytest.approx(slow.history[0]["mse"], rel=1e-5)
+    assert fast.history[1]["mse"] == pytest.approx(slow.history[1]["mse"], rel=1e-3)
+    checkpointed = train(base, itertools.repeat(x), cfg.replace(grad_checkpointing=True), device="cpu")
+    assert checkpointed.history[1]["mse"] == pytest.approx(fast.history[1]["mse"], rel=1e-5)
+
+
+def test_fit_from_the_command_line_with_a_qwen_image_vae(tmp_path):
+    save_file(tiny_wan_sd(seed=6, dtype=torch.bfloat16), str(tmp_path / "qwen_image_vae.safetensors"))
+    write_images(tmp_path / "images", names=("astronaut", "coffee", "chelsea"), size=64)
+    out = tmp_path / "vae-ft-qwen-3.safetensors"
+    p = cli_main("fit", "--vae", tmp_path / "qwen_image_vae.safetensors", "--data", tmp_path / "images", "--out", out,
+                 "--steps", 3, "--patch-size", 32, "--batch-size", 2, "--lpips-weight", 0, "--no-progress",
+                 "--run-dir", tmp_path / "run", "--val-every", 3, "--val-patches", 2)
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 3 and result["final"]["val_mse"] > 0
+    assert "untrained tensors (encoder, conv1 and the temporal resampling): bit-identical" in p.stderr
+    assert set(load_file(out)) == set(load_file(tmp_path / "qwen_image_vae.safetensors"))
+
+
+# ----- oracles: ComfyUI's own loader and diffusers' single-file loader on a full-size export
+
+COMFY_WAN = r'''
+import json, logging, sys
+comfy_path, jobs_path = sys.argv[1], sys.argv[2]
+sys.argv = [sys.argv[0], "--cpu"]
+sys.path.insert(0, comfy_path)
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.sd, comfy.utils
+messages = []
+class Collect(logging.Handler):
+    def emit(self, record):
+        messages.append(f"{record.levelname}: {record.getMessage()}")
+logging.getLogger().addHandler(Collect())
+logging.getLogger().setLevel(logging.DEBUG)
+out = {}
+jobs = json.load(open(jobs_path))
+image = torch.load(jobs["image"])
+for name, path in jobs["files"].items():
+    messages.clear()
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(path))
+    vae.throw_exception_if_invalid()
+    latent = vae.encode(image)
+    decoded = vae.decode(latent)
+    torch.save({"latent": latent.float(), "decoded": decoded.float()}, path + ".comfy.pt")
+    out[name] = {"messages": list(messages), "model": type(vae.first_stage_model).__name__,
+                 "latent_channels": vae.latent_channels}
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.mark.integration
+def test_comfyui_and_diffusers_load_a_full_size_export_as_the_wan_vae(tmp_path):
+    """The released layout, full size, bf16: ComfyUI's Load VAE code builds WanVAE from the export with no
+    missing or leftover keys; its latents of an image equal those of the base (the latent space kept) and
+    its decode is finite; diffusers' AutoencoderKLWan.from_single_file (a local config) decodes like it."""
+    import copy
+    import os
+    import subprocess
+    import sys
+
+    from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
+
+    from test_export_oracles import COMFY, needs_comfy  # noqa: F401 - the same checkout and marker
+    from training.trained import Trained
+    from training.vae import frozen_sha256
+
+    if not COMFY or not os.path.isfile(os.path.join(COMFY, "main.py")):
+        pytest.skip("set COMFYUI_PATH to a ComfyUI checkout to load exports with its loader")
+    torch.manual_seed(0)
+    sd = {wan.to_original_key(k): v.to(torch.bfloat16) for k, v in AutoencoderKLQwenImage().state_dict().items()}
+    save_file(sd, str(tmp_path / "qwen_image_vae.safetensors"))
+    base = build_vae(sd, source="qwen_image_vae.safetensors")
+    tuned = copy.deepcopy(base.model)
+    with torch.no_grad():  # a decoder moved away from the base, as training would (minutes on a CPU otherwise)
+        for name, p in tuned.named_parameters():
+            if name.startswith("decoder.") and ".time_conv." not in name:
+                p.add_(torch.randn_like(p) * 1e-3)
+    result = Trained(model=tuned, layout=base.layout, config=TrainConfig(steps=1), history=[], steps_done=1,
+                     base_frozen_sha256=frozen_sha256(base.model, "decoder"))
+    report = export_vae(result, tmp_path / "vae-ft-qwen-1.safetensors")
+    assert report.frozen_identical is True
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    torch.save(image, tmp_path / "image.pt")
+    jobs = {"image": str(tmp_path / "image.pt"),
+            "files": {"base": str(tmp_path / "qwen_image_vae.safetensors"), "tuned": report.path}}
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "load.py").write_text(COMFY_WAN)
+    p = subprocess.run([sys.executable, str(tmp_path / "load.py"), COMFY, str(tmp_path / "jobs.json")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, p.stdout[-2000:] + p.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    for name in ("base", "tuned"):
+        assert out[name]["model"] == "WanVAE" and out[name]["latent_channels"] == 16, out[name]
+        assert not [m for m in out[name]["messages"] if "Missing VAE keys" in m or "Leftover VAE keys" in m], out
+    base_out = torch.load(jobs["files"]["base"] + ".comfy.pt")
+    tuned_out = torch.load(report.path + ".comfy.pt")
+    assert torch.equal(tuned_out["latent"], base_out["latent"])  # the encoder is the base's, bit for bit
+    assert torch.isfinite(tuned_out["decoded"]).all() and not torch.equal(tuned_out["decoded"], base_out["decoded"])
+    # diffusers' own single-file loader, its config given locally (no hub here), decodes the same latents alike
+    AutoencoderKLWan().save_config(tmp_path / "wan_config")
+    theirs = AutoencoderKLWan.from_single_file(report.path, config=str(tmp_path / "wan_config"),
+                                               torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        decoded = theirs.decode(tuned_out["latent"]).sample  # (1, 3, 1, 64, 64) in [-1, 1]
+    comfy_image = tuned_out["decoded"].reshape(1, 64, 64, 3)  # ComfyUI: [0, 1], channels last
+    assert (((decoded[:, :, 0] + 1) / 2).clamp(0, 1).movedim(1, -1) - comfy_image).abs().max() < 1e-3

@@ -1,0 +1,368 @@
+"""The Wan 2.1 family: the VAE of Qwen-Image (Qwen-Image, -Edit, -Layered, Anima, Krea2) and of Wan 2.1 /
+Wan 2.2-14B video: 16 latent channels, 8x spatial, causal 3D convolutions, RMSNorm, a single-head mid
+attention. Files come in the original layout, which ComfyUI's Load VAE reads (``qwen_image_vae.safetensors``,
+``wan_2.1_vae.safetensors``), or in diffusers' (``AutoencoderKLWan`` / ``AutoencoderKLQwenImage``, the
+same 194 tensors); exports are written in the original layout.
+
+The module is diffusers' ``AutoencoderKLQwenImage`` with the image interface of :mod:`training.families`
+(BCHW in and out: one frame, T = 1). At one frame a causal 3D convolution, whose input is padded with
+zeros in front in time, only ever multiplies its last temporal tap with the frame, and the temporal
+up/down-sampling layers are skipped; so the 2D path (``image_path = "2d"``, the default) runs every
+causal convolution as a 2D convolution with that tap, exactly, at a fraction of the cost, and supports
+gradient checkpointing (diffusers' 3D path caches features between calls and has none). ``"3d"`` runs
+diffusers' own forward, the reference the 2D path is tested against.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLQwenImage
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import VAEFTError
+from . import Family
+
+ORIGINAL_PROBE = "decoder.middle.0.residual.0.gamma"
+DIFFUSERS_PROBE = "decoder.mid_block.resnets.0.norm1.gamma"
+# Still images never reach the temporal resampling convolutions (skipped at one frame): they stay frozen.
+IMAGE_FROZEN = (r"^(encoder\.down_blocks\.\d+|decoder\.up_blocks\.\d+\.upsamplers\.0)\.time_conv\.",)
+
+# ----- keys: the original (ComfyUI) layout <-> diffusers'
+
+_RESIDUAL = {"residual.0.gamma": "norm1.gamma", "residual.2.weight": "conv1.weight", "residual.2.bias": "conv1.bias",
+             "residual.3.gamma": "norm2.gamma", "residual.6.weight": "conv2.weight", "residual.6.bias": "conv2.bias",
+             "shortcut.weight": "conv_shortcut.weight", "shortcut.bias": "conv_shortcut.bias"}
+_HEAD = {"head.0.gamma": "norm_out.gamma", "head.2.weight": "conv_out.weight", "head.2.bias": "conv_out.bias"}
+_TOP = {"conv1": "quant_conv", "conv2": "post_quant_conv"}
+
+
+def _sub(rest: str, table: dict[str, str], key: str) -> str:
+    if rest not in table:
+        raise VAEFTError(f"state dict key {key!r} is not part of a Wan 2.1 VAE")
+    return table[rest]
+
+
+def to_diffusers_key(key: str, per_level: int = 4) -> str:
+    """diffusers name of one original-layout key. ``per_level``: decoder blocks per resolution level in
+    the original's flat list (num_res_blocks + 1 residual blocks and one upsampler: 4 in Wan 2.1)."""
+    head, _, rest = key.partition(".")
+    if head in _TOP:
+        return f"{_TOP[head]}.{rest}"
+    if head not in ("encoder", "decoder"):
+        raise VAEFTError(f"state dict key {key!r} is not part of a Wan 2.1 VAE")
+    if rest.startswith("conv1."):
+        return f"{head}.conv_in.{rest[6:]}"
+    if rest.startswith("head."):
+        return f"{head}.{_sub(rest, _HEAD, key)}"
+    m = re.fullmatch(r"middle\.([012])\.(.+)", rest)
+    if m:
+        if m.group(1) == "1":  # the attention: the same names under attentions.0
+            return f"{head}.mid_block.attentions.0.{m.group(2)}"
+        return f"{head}.mid_block.resnets.{int(m.group(1)) // 2}.{_sub(m.group(2), _RESIDUAL, key)}"
+    m = re.fullmatch(r"(downsamples|upsamples)\.(\d+)\.(.+)", rest)
+    if not m:
+        raise VAEFTError(f"state dict key {key!r} is not part of a Wan 2.1 VAE")
+    n, sub = int(m.group(2)), m.group(3)
+    resampler = sub.startswith(("resample.", "time_conv."))
+    if head == "encoder":  # one flat list in both layouts
+        return f"encoder.down_blocks.{n}.{sub if resampler else _sub(sub, _RESIDUAL, key)}"
+    level, i = divmod(n, per_level)
+    if resampler:
+        return f"decoder.up_blocks.{level}.upsamplers.0.{sub}"
+    return f"decoder.up_blocks.{level}.resnets.{i}.{_sub(sub, _RESIDUAL, key)}"
+
+
+def to_original_key(key: str, per_level: int = 4) -> str:
+    """The original-layout name of one diffusers key (inverse of :func:`to_diffusers_key`)."""
+    rev_residual = {v: k for k, v in _RESIDUAL.items()}
+    rev_head = {v: k for k, v in _HEAD.items()}
+    head, _, rest = key.partition(".")
+    for orig, diff in _TOP.items():
+        if head == diff:
+            return f"{orig}.{rest}"
+    if head not in ("encoder", "decoder"):
+        raise VAEFTError(f"state dict key {key!r} is not part of a Wan 2.1 VAE")
+    if rest.startswith("conv_in."):
+        return f"{head}.conv1.{rest[8:]}"
+    if rest in rev_head:
+        return f"{head}.{rev_head[rest]}"
+    m = re.fullmatch(r"mid_block\.(attentions\.0|resnets\.([01]))\.(.+)", rest)
+    if m:
+        if m.group(2) is None:
+            return f"{head}.middle.1.{m.group(3)}"
+        return f"{head}.middle.{2 * int(m.group(2))}.{_sub(m.group(3), rev_residual, key)}"
+    m = re.fullmatch(r"down_blocks\.(\d+)\.(.+)", rest)
+    if m and head == "encoder":
+        sub = m.group(2)
+        resampler = sub.startswith(("resample.", "time_conv."))
+        return f"encoder.downsamples.{m.group(1)}.{sub if resampler else _sub(sub, rev_residual, key)}"
+    m = re.fullmatch(r"up_blocks\.(\d+)\.(?:upsamplers\.0\.(.+)|resnets\.(\d+)\.(.+))", rest)
+    if m and head == "decoder":
+        level = int(m.group(1))
+        if m.group(2) is not None:
+            return f"decoder.upsamples.{level * per_level + per_level - 1}.{m.group(2)}"
+        return f"decoder.upsamples.{level * per_level + int(m.group(3))}.{_sub(m.group(4), rev_residual, key)}"
+    raise VAEFTError(f"state dict key {key!r} is not part of a Wan 2.1 VAE")
+
+
+def _per_level(keys) -> int:
+    """Decoder blocks per level in the original layout: num_res_blocks + 2 (read off the encoder)."""
+    return _num_res_blocks(keys) + 2
+
+
+def _num_res_blocks(keys) -> int:
+    """Residual blocks per encoder level: those before the first downsampler (diffusers or original)."""
+    ids = {int(m.group(2)) for k in keys if (m := re.match(r"encoder\.(downsamples|down_blocks)\.(\d+)\.resample\.", k))}
+    if not ids:
+        raise VAEFTError("a Wan 2.1 VAE state dict without encoder down-samplers")
+    return min(ids)
+
+
+# ----- recognising and reading a file
+
+def recognise(sd: dict) -> bool:
+    return ORIGINAL_PROBE in sd or DIFFUSERS_PROBE in sd
+
+
+def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors in the original layout (what ComfyUI's Load VAE reads) from either layout."""
+    if DIFFUSERS_PROBE in sd:
+        per = _per_level(sd)
+        sd = {to_original_key(k, per): v for k, v in sd.items()}
+    per = _per_level(sd)
+    for k in sd:
+        to_diffusers_key(k, per)  # raises on keys of another architecture
+    return dict(sd), []
+
+
+def config_from_file(sd: dict[str, torch.Tensor]) -> dict:
+    """``AutoencoderKLQwenImage``'s config read off original-layout shapes (so a narrower test model
+    needs no preset)."""
+    res = _num_res_blocks(sd)
+    downs = sorted(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.downsamples\.(\d+)\.resample\.1\.weight$", k)))
+    base = int(sd["encoder.conv1.weight"].shape[0])
+    # each level: res residual blocks then a downsampler (none after the last level)
+    widths = [int(sd[f"encoder.downsamples.{i * (res + 1)}.residual.2.weight"].shape[0]) for i in range(len(downs) + 1)]
+    temporal = [f"encoder.downsamples.{d}.time_conv.weight" in sd for d in downs]
+    return dict(base_dim=base, z_dim=int(sd["conv2.weight"].shape[0]), dim_mult=[w // base for w in widths],
+                num_res_blocks=res, attn_scales=[], temperal_downsample=temporal, dropout=0.0,
+                input_channels=int(sd["encoder.conv1.weight"].shape[1]))
+
+
+def check(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Refuse halves of two different VAEs: the encoder's 2z moments must feed conv1 (2z -> 2z), and the
+    z-channel latents conv2 (z -> z) and the decoder."""
+    def io(name: str) -> tuple[int, int] | None:
+        v = sd.get(f"{name}.weight")
+        return (int(v.shape[1]), int(v.shape[0])) if v is not None and v.ndim >= 2 else None
+
+    head, quant, post, dec = io("encoder.head.2"), io("conv1"), io("conv2"), io("decoder.conv1")
+    if None in (head, quant, post, dec):
+        missing = [n for n, v in (("encoder.head.2", head), ("conv1", quant), ("conv2", post), ("decoder.conv1", dec))
+                   if v is None]
+        raise VAEFTError(f"{source} is not a complete Wan 2.1 VAE: it lacks {', '.join(m + '.weight' for m in missing)}")
+    if not (head[1] == quant[0] == quant[1] == 2 * post[0] and post[1] == dec[0]):
+        raise VAEFTError(f"{source}: the encoder and decoder do not fit together (encoder.head makes {head[1]} channels, "
+                         f"conv1 {quant[0]} -> {quant[1]}, conv2 {post[0]} -> {post[1]}, decoder.conv1 takes {dec[0]}). "
+                         "The file mixes parts of different VAEs; use one complete VAE file.")
+
+
+def build(sd: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The image-interface module (meta device) for original-layout tensors, and file key -> module key."""
+    with torch.device("meta"):
+        model = WanImageVAE(**config_from_file(sd))
+    per = _per_level(sd)
+    return model, {k: to_diffusers_key(k, per) for k in sd}
+
+
+def decoder_block(name: str) -> str | None:
+    """'post_quant_conv', 'conv_in', 'mid_block', 'up_blocks.N', 'norm_out' or 'conv_out' of a module name."""
+    parts = name.split(".")
+    if parts[0] == "post_quant_conv":
+        return "post_quant_conv"
+    if parts[0] != "decoder" or len(parts) < 2:
+        return None
+    return ".".join(parts[1:3]) if parts[1] == "up_blocks" and len(parts) > 2 else parts[1]
+
+
+# ----- the module: diffusers' AutoencoderKLQwenImage, images in and out
+
+
+class WanImageVAE(AutoencoderKLQwenImage):
+    """``AutoencoderKLQwenImage`` taking and giving BCHW images (one frame). ``image_path``: "2d" (exact at
+    one frame, fast, gradient checkpointing available) or "3d" (diffusers' own forward)."""
+
+    vaeft_family = "wan2.1"
+    image_path = "2d"
+    checkpointing = False
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        if self.image_path == "3d":
+            h = self._encode(x[:, :, None])[:, :, 0]
+        else:
+            h = _conv(self.quant_conv, _encoder_2d(self.encoder, x, self.checkpointing))
+        posterior = DiagonalGaussianDistribution(h)
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        if self.image_path == "3d":
+            out = self._decode(z[:, :, None]).sample[:, :, 0]
+        else:
+            out = _decoder_2d(self.decoder, _conv(self.post_quant_conv, z), self.checkpointing).clamp(-1.0, 1.0)
+        return DecoderOutput(sample=out) if return_dict else (out,)
+
+    def enable_gradient_checkpointing(self, *args, **kwargs) -> None:
+        """Recompute each block in the backward pass (the 2D path only: the 3D path caches features)."""
+        if self.image_path != "2d":
+            raise VAEFTError("gradient checkpointing of a Wan 2.1 VAE needs its 2D path (wan_2d on)")
+        self.checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.checkpointing = False
+
+
+# ----- the 2D path: each block's forward at one frame
+
+
+def _conv(conv, x: torch.Tensor) -> torch.Tensor:
+    """A causal 3D convolution at one frame: its last temporal tap as a 2D convolution (the zero
+    padding in front in time meets every other tap)."""
+    pad = conv._padding  # (w, w, h, h, 2t, 0)
+    return F.conv2d(x, conv.weight[:, :, -1], conv.bias, stride=conv.stride[1:], padding=(pad[2], pad[0]))
+
+
+def _rms(norm, x: torch.Tensor) -> torch.Tensor:
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    y = F.normalize(x.float() if half else x, dim=1).to(x.dtype)
+    bias = norm.bias.reshape(-1, 1, 1) if isinstance(norm.bias, torch.Tensor) else norm.bias
+    return y * norm.scale * norm.gamma.reshape(-1, 1, 1) + bias
+
+
+def _residual(block, x: torch.Tensor) -> torch.Tensor:
+    h = _conv(block.conv_shortcut, x) if isinstance(block.conv_shortcut, torch.nn.Conv3d) else x
+    x = _conv(block.conv1, block.nonlinearity(_rms(block.norm1, x)))
+    x = _conv(block.conv2, block.dropout(block.nonlinearity(_rms(block.norm2, x))))
+    return x + h
+
+
+def _attention(block, x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    qkv = block.to_qkv(_rms(block.norm, x)).reshape(b, 1, c * 3, -1).permute(0, 1, 3, 2).contiguous()
+    q, k, v = qkv.chunk(3, dim=-1)
+    y = F.scaled_dot_product_attention(q, k, v).squeeze(1).permute(0, 2, 1).reshape(b, c, h, w)
+    return block.proj(y) + x
+
+
+def _block(block, x: torch.Tensor) -> torch.Tensor:
+    kind = type(block).__name__
+    if kind.endswith("ResidualBlock"):
+        return _residual(block, x)
+    if kind.endswith("AttentionBlock"):
+        return _attention(block, x)
+    if kind.endswith("Resample"):  # at one frame only its 2D resampling runs (time_conv is skipped)
+        return block.resample(x)
+    raise VAEFTError(f"internal error: no 2D forward for {kind}")
+
+
+def _run(block, x: torch.Tensor, ckpt: bool) -> torch.Tensor:
+    if ckpt and torch.is_grad_enabled():
+        return checkpoint(_block, block, x, use_reentrant=False)
+    return _block(block, x)
+
+
+def _mid(mid, x: torch.Tensor, ckpt: bool) -> torch.Tensor:
+    x = _run(mid.resnets[0], x, ckpt)
+    for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+        x = _run(resnet, _run(attn, x, ckpt), ckpt)
+    return x
+
+
+def _encoder_2d(enc, x: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
+    x = _conv(enc.conv_in, x)
+    for layer in enc.down_blocks:
+        x = _run(layer, x, ckpt)
+    x = _mid(enc.mid_block, x, ckpt)
+    return _conv(enc.conv_out, enc.nonlinearity(_rms(enc.norm_out, x)))
+
+
+def _decoder_2d(dec, x: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
+    x = _mid(dec.mid_block, _conv(dec.conv_in, x), ckpt)
+    for up in dec.up_blocks:
+        for resnet in up.resnets:
+            x = _run(resnet, x, ckpt)
+        if up.upsamplers is not None:
+            x = _run(up.upsamplers[0], x, ckpt)
+    return _conv(dec.conv_out, dec.nonlinearity(_rms(dec.norm_out, x)))
+
+
+# The published per-channel statistics of Wan 2.1's latents (diffusers' AutoencoderKLWan /
+# AutoencoderKLQwenImage configs; ComfyUI's latent_formats.Wan21): a pipeline uses (z - mean) / std.
+LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+                -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
+LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+               1.6382, 1.1253, 2.8251, 1.9160]
+
+
+def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device="cpu") -> dict:
+    """{"family", "why", "latents_mean", "latents_std", "source"}: Wan 2.1's published per-channel
+    statistics (decoder-only: the latent space is the base's); re-estimated per channel on the probe's
+    training patches with the trained encoder when it was trained."""
+    if family != "auto":
+        raise VAEFTError(f"family {family!r} is a latent family of kl-f8 VAEs; this is a Wan 2.1 VAE, whose latents "
+                         "are described per channel: leave family on auto")
+    channels = int(model.config.z_dim)
+    out = {"family": "wan2.1", "why": "the VAE family", "latents_mean": list(LATENTS_MEAN),
+           "latents_std": list(LATENTS_STD),
+           "source": "Wan 2.1's published per-channel statistics (decoder-only: the latent space is the base's)"}
+    if channels != len(LATENTS_MEAN):
+        out.update(latents_mean=[0.0] * channels, latents_std=[1.0] * channels,
+                   source=f"no published statistics for {channels} channels: mean 0, std 1")
+    if trained.config.trainable == "full":
+        if probe is None or probe.train_patches is None:
+            out["source"] += "; NOT re-estimated (no training patches), though the encoder was trained"
+            return out
+        from ..probe import latent_statistics
+
+        new = latent_statistics(model, probe.train_patches, device, seed=trained.config.seed, per_channel=True)
+        out.update(latents_mean=[float(f"{v:.5g}") for v in new["channel_mean"]],
+                   latents_std=[float(f"{v:.5g}") for v in new["channel_std"]],
+                   source=f"re-estimated per channel on {new['patches']} training patches with the trained encoder")
+    return out
+
+
+def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: str = "") -> torch.nn.Module:
+    """``AutoencoderKLQwenImage`` (for a Qwen-Image base) or ``AutoencoderKLWan`` (meta device) for
+    original-layout ``tensors``, with ``scaling``'s per-channel statistics: the two share their weights'
+    names and shapes, and their pipelines look for their own class."""
+    from diffusers import AutoencoderKLWan
+
+    config = {**config_from_file(tensors), "latents_mean": scaling["latents_mean"],
+              "latents_std": scaling["latents_std"]}
+    cls = AutoencoderKLQwenImage if "qwen" in base_name.lower() or "wan" not in base_name.lower() else AutoencoderKLWan
+    if cls is AutoencoderKLWan:  # its config names the image channels in_channels / out_channels
+        channels = config.pop("input_channels")
+        config.update(in_channels=channels, out_channels=channels)
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
+FAMILY = Family(
+    name="wan2.1",
+    label="Wan 2.1 VAE (Qwen-Image, Wan 2.1)",
+    files="qwen_image_vae.safetensors, wan_2.1_vae.safetensors",
+    recognise=recognise,
+    file_layout=file_layout,
+    check=check,
+    build=build,
+    decoder_block=decoder_block,
+    last_layer=lambda model: model.decoder.conv_out.weight,
+    downsampling=lambda model: model.spatial_compression_ratio,
+    image_frozen=IMAGE_FROZEN,
+    latents=latents,
+    diffusers_model=diffusers_model,
+)
