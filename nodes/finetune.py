@@ -68,7 +68,8 @@ class VAEFineTune(io.ComfyNode):
         return schema(
             node_id="VAEFTFineTune",
             display_name="VAE Fine-tune",
-            description="Fine-tune a kl-f8 VAE on a patch dataset (default: sd-vae-ft-mse recipe, "
+            description="Fine-tune a VAE (SD1.x/2.x/SDXL, SD3, Flux.1; Qwen-Image / Wan 2.1) on a patch dataset "
+                        "(default: sd-vae-ft-mse recipe, "
                         "MSE + 0.1·LPIPS, decoder only, EMA). Decoder-only keeps the latent space, so "
                         "existing diffusion models work with the result. Loss weights, EMA, schedule, "
                         "validation and speed settings are on VAE Fine-tune Options.",

@@ -31,8 +31,8 @@ class SaveFineTunedVAE(io.ComfyNode):
         return schema(
             node_id="VAEFTSave",
             display_name="Save Fine-tuned VAE",
-            description="Write the fine-tuned VAE as vae-ft-<name>-<steps>.safetensors (ldm keys, the base "
-                        "file's exact key set and dtypes) into output/vae/, loadable by Load VAE and Automatic1111, "
+            description="Write the fine-tuned VAE as vae-ft-<name>-<steps>.safetensors (the base file's layout, "
+                        "exact key set and dtypes) into output/vae/, loadable by Load VAE (and Automatic1111), "
                         "or as a diffusers model folder. Shows where the file went and whether the decoder is "
                         "safe in fp16/bf16.",
             search_aliases=["save vae", "export vae"],
@@ -48,12 +48,14 @@ class SaveFineTunedVAE(io.ComfyNode):
                                  tooltip="replace an existing file of the same name (off: refuse)"),
                 io.Combo.Input("format", options=list(FORMATS), default="safetensors", optional=True,
                                tooltip="safetensors: one file in output/vae/ for Load VAE and Automatic1111; "
-                                       "diffusers: a model folder in output/vae_diffusers/ for "
-                                       "AutoencoderKL.from_pretrained"),
+                                       "diffusers: a model folder in output/vae_diffusers/ for diffusers' "
+                                       "from_pretrained (AutoencoderKL; AutoencoderKLQwenImage / AutoencoderKLWan "
+                                       "for a Qwen-Image or Wan 2.1 VAE)"),
                 io.Combo.Input("family", options=list(FAMILY_CHOICES), default="auto", optional=True,
-                               tooltip="latent family whose scaling_factor/shift_factor the export records "
-                                       "(auto: from the base file's name or its latents; re-estimated when the "
-                                       "encoder was trained)"),
+                               tooltip="SD-family VAEs: the latent family whose scaling_factor/shift_factor "
+                                       "the export records (auto: from the base file's name or its latents; "
+                                       "re-estimated when the encoder was trained). Qwen-Image / Wan 2.1 VAEs: "
+                                       "auto (their per-channel statistics)"),
             ],
             outputs=[io.String.Output("filename", tooltip="the saved file's name, as Load VAE lists it")],
             is_output_node=True,

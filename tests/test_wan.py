@@ -202,6 +202,37 @@ def test_training_with_the_2d_and_the_3d_path_agrees():
     assert checkpointed.history[1]["mse"] == pytest.approx(fast.history[1]["mse"], rel=1e-5)
 
 
+def test_full_mode_and_the_gan_recipe_train_a_wan_vae(tmp_path, lpips_random):
+    """The encoder trains too (its temporal resampling still cannot: untouched), the latent statistics are
+    re-estimated per channel; LDM's GAN recipe finds the decoder's last layer for its adaptive weight."""
+    base = build_vae(tiny_wan_sd(seed=7))
+    x = images(8, 32, seed=8)
+    cfg = TrainConfig(steps=2, lr=1e-3, batch_size=2, lpips_weight=0.0, preview_every=0, trainable="full")
+    full = train(base, itertools.repeat(x[:2]), cfg, device="cpu", probe=make_probe(base, x))
+    report = export_vae(full, tmp_path / "full.safetensors")
+    out, sd = load_file(report.path), tiny_wan_sd(seed=7)
+    assert not torch.equal(out["encoder.conv1.weight"], sd["encoder.conv1.weight"])
+    assert all(torch.equal(out[k], sd[k]) for k in sd if ".time_conv." in k)
+    assert report.scaling["source"].startswith("re-estimated per channel on")
+    assert len(report.scaling["latents_std"]) == 16 and report.scaling["latents_std"] != wan.LATENTS_STD
+    gan = TrainConfig.from_recipe("ldm-gan", steps=2, disc_start=1, lr=1e-3, batch_size=2, preview_every=0,
+                                  log_every=1)
+    result = train(base, itertools.repeat(x[:2]), gan, device="cpu", lpips_net=lpips_random)
+    assert "g_loss" in result.history[-1] and "d_loss" in result.history[-1]
+
+
+def test_eval_compares_a_base_and_a_tuned_qwen_image_vae(tmp_path, trained_wan):
+    sd, _, result = trained_wan
+    save_file(sd, str(tmp_path / "qwen_image_vae.safetensors"))
+    tuned = export_vae(result, tmp_path / "vae-ft-qwen-2.safetensors").path
+    write_images(tmp_path / "images", names=("astronaut", "coffee"), size=64)
+    p = cli_main("eval", "--vae", tmp_path / "qwen_image_vae.safetensors", "--vae", tuned, "--data",
+                 tmp_path / "images", "--patch-size", 32, "--count", 2, "--foreground-threshold", 0)
+    out = json.loads(p.stdout)
+    assert set(out["data"]) == {"qwen_image_vae", "vae-ft-qwen-2"}
+    assert all(out["data"][n]["psnr"]["mean"] > 0 and out["data"][n]["latent_channels"] == 16 for n in out["data"])
+
+
 def test_fit_from_the_command_line_with_a_qwen_image_vae(tmp_path):
     save_file(tiny_wan_sd(seed=6, dtype=torch.bfloat16), str(tmp_path / "qwen_image_vae.safetensors"))
     write_images(tmp_path / "images", names=("astronaut", "coffee", "chelsea"), size=64)

@@ -1,4 +1,5 @@
-"""Fine-tune the Stable Diffusion family's kl-f8 VAE (AutoencoderKL) on your own images.
+"""Fine-tune a diffusion model's VAE on your own images: the kl-f8 AutoencoderKL (SD1.x/2.x/SDXL, SD3,
+Flux.1) and the Wan 2.1 VAE (Qwen-Image, Wan 2.1), see training/families/.
 
 A pure PyTorch library (no ComfyUI import) shared by the ComfyUI nodes, the CLI
 (``python -m training ...``) and multi-GPU runs (``torchrun ... -m training fit``).

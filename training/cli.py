@@ -65,7 +65,8 @@ def add_fit_command(sub) -> argparse.ArgumentParser:
                        description="Fine-tune a VAE. Multi-GPU: torchrun --nproc-per-node N -m training fit ...")
     p.add_argument("--config", metavar="FILE", help="a run's config.json (or its run folder): every setting "
                                                       "and input of that run; flags given here override it")
-    p.add_argument("--vae", help="base VAE file (.safetensors/.ckpt; ldm or diffusers keys)")
+    p.add_argument("--vae", help="base VAE file (.safetensors/.ckpt): a kl-f8 VAE (ldm or diffusers keys) or a "
+                                 "Wan 2.1 / Qwen-Image VAE (ComfyUI or diffusers layout)")
     p.add_argument("--data", help="folder of training images (searched recursively)")
     p.add_argument("--out", help="output .safetensors path (ldm keys, loadable by Load VAE); with --format "
                                  "diffusers a model folder")
@@ -74,7 +75,8 @@ def add_fit_command(sub) -> argparse.ArgumentParser:
 
     p.add_argument("--format", choices=FORMATS, default="safetensors",
                    help="safetensors: one ldm-keyed file (ComfyUI, Automatic1111); diffusers: a folder that "
-                        "AutoencoderKL.from_pretrained loads (config.json + diffusion_pytorch_model.safetensors)")
+                        "diffusers' from_pretrained loads (config.json + diffusion_pytorch_model.safetensors: "
+                        "AutoencoderKL; AutoencoderKLQwenImage / AutoencoderKLWan for a Wan 2.1 VAE)")
     p.add_argument("--family", choices=FAMILY_CHOICES, default="auto",
                    help="latent family whose scaling_factor/shift_factor the export records (auto: from the base "
                         "file's name or its latents; re-estimated when the encoder is trained)")
@@ -464,7 +466,9 @@ def run_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training",
-                                     description="Fine-tune the Stable Diffusion kl-f8 VAE on your own images.")
+                                     description="Fine-tune a diffusion model's VAE on your own images: the kl-f8 "
+                                                 "AutoencoderKL (SD1.x/2.x/SDXL, SD3, Flux.1) or the Wan 2.1 VAE "
+                                                 "(Qwen-Image, Wan 2.1).")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.fit_parser = add_fit_command(sub)
     for add in (add_demo_command, add_patches_command, add_eval_command):
