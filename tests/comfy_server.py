@@ -62,6 +62,22 @@ def prepare_base(base: str, settings: dict | None = None) -> dict[str, torch.Ten
     return sd
 
 
+def write_qwen_image_vae(path: str) -> dict[str, torch.Tensor]:
+    """A random-init, full-size Qwen-Image (Wan 2.1) VAE at ``path`` as ComfyUI's Load VAE finds the released
+    one: the original layout, bf16 (~250 MB). Returns its state dict."""
+    from diffusers import AutoencoderKLQwenImage
+    from safetensors.torch import save_file
+
+    from training.families import wan
+
+    torch.manual_seed(3)
+    sd = {wan.to_original_key(k): v.to(torch.bfloat16).contiguous()
+          for k, v in AutoencoderKLQwenImage().state_dict().items()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(sd, path)
+    return sd
+
+
 class Server:
     """``python main.py --cpu ...`` on a free port of 127.0.0.1, with ``base`` as its base directory."""
 

@@ -3,11 +3,13 @@ Playwright, on a real headless ComfyUI (COMFYUI_PATH) with this pack installed.
 
 Each template is dropped onto the canvas (a synthesised drop event with a File: a native drag cannot
 be scripted); then no node may be missing, no error dialog open, every widget must hold the file's value,
-``app.graphToPrompt()`` must equal the API example, and no two nodes (title bars included) may overlap
-or hide a widget. The simple template is then run from the page: short-run values typed into the
-widgets, Run pressed, the Save node must show where the file went, and after a refresh (R) Load VAE
-must list it. Screenshots go to .artifacts/browser/ (or $VAEFT_ARTIFACTS); with VAEFT_WRITE_THUMBNAILS=1
-the run also rewrites the templates' .jpg thumbnails.
+Load VAE must offer the file the template names (the Qwen-Image template's qwen_image_vae.safetensors is a
+full-size random one in the server's models/vae), ``app.graphToPrompt()`` must equal the API example, and
+no two nodes (title bars included) may overlap or hide a widget. The simple template is then run from the
+page: short-run values typed into the widgets, Run pressed, the Save node must show where the file went,
+and after a refresh (R) Load VAE must list it. Screenshots go to .artifacts/browser/ (or $VAEFT_ARTIFACTS);
+with VAEFT_WRITE_THUMBNAILS=1 the run also rewrites the templates' .jpg thumbnails (the simple one's after
+its run, the others' as loaded).
 
 Skipped, with the reason, without ComfyUI, Playwright or Chromium (never Playwright's own browser download).
 """
@@ -21,7 +23,7 @@ import time
 
 import pytest
 
-from comfy_server import TEMPLATES, Server, api_example, comfyui_path, messages, prepare_base
+from comfy_server import TEMPLATES, Server, api_example, comfyui_path, messages, prepare_base, write_qwen_image_vae
 from conftest import ROOT
 
 pytestmark = pytest.mark.integration  # a real ComfyUI and a browser: -m "not integration" skips it
@@ -38,7 +40,9 @@ if not os.path.isfile(CHROMIUM):
 
 ARTIFACTS = os.environ.get("VAEFT_ARTIFACTS") or os.path.join(ROOT, ".artifacts", "browser")
 APP = "window.comfyAPI.app.app"
-TEMPLATE_NAMES = ("vae_finetune", "vae_finetune_advanced")
+TEMPLATE_NAMES = ("vae_finetune", "vae_finetune_advanced", "vae_finetune_qwen_image")
+# The placeholder the generic templates' Load VAE holds until a user picks a file.
+PLACEHOLDER_VAE = "FILL_IN_YOUR_VAE.safetensors"
 # What a user types for a run that takes seconds on a CPU.
 SHORT_RUN = {1: {"vae_name": "random_sd_vae.safetensors"}, 2: {"patch_size": 32, "foreground_threshold": 0.0},
              3: {"steps": 2, "batch_size": 1}, 4: {"name": "browser"}}
@@ -49,11 +53,15 @@ def server(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("comfy-browser"))
     # A returning user: the first-run template gallery would otherwise cover the canvas.
     prepare_base(base, settings={"Comfy.TutorialCompleted": True})
+    # the file the Qwen-Image template loads, so its Load VAE offers it as it would with the released VAE
+    qwen = os.path.join(base, "models", "vae", "qwen_image_vae.safetensors")
+    write_qwen_image_vae(qwen)
     srv = Server(base, COMFYUI)
     try:
         yield srv
     finally:
         srv.stop()
+        os.unlink(qwen)  # ~250 MB: not kept in pytest's last three temp folders
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +208,11 @@ def test_template_loads_clean_and_matches_the_api_example(page, name):
 
     assert open_dialogs(page) == [], f"a dialog is open after loading {name} (see {shot})"
     assert all(n["registered"] for n in state), [n["type"] for n in state if not n["registered"]]
+    # Load VAE offers the file the template names (the generic templates hold a placeholder to replace)
+    for node in template["nodes"]:
+        if node["type"] == "VAELoader" and node["widgets_values"][0] != PLACEHOLDER_VAE:
+            offered = page.evaluate(f"() => {APP}.graph.getNodeById({node['id']}).widgets[0].options.values")
+            assert node["widgets_values"][0] in offered, (name, offered)
     assert sorted(n["type"] for n in state) == sorted(n["type"] for n in template["nodes"])
     # every widget holds the file's value
     by_id = {n["id"]: n for n in template["nodes"]}

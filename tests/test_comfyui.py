@@ -298,7 +298,9 @@ def test_ui_examples_match_the_live_node_definitions(comfy):
     spec.loader.exec_module(builder)
     info = requests.get(server.url + "/object_info", timeout=30).json()
     examples = builder.api_examples()
-    assert set(examples) == {"vae_finetune", "vae_finetune_advanced"}
+    # every template, each built from its API example
+    assert set(examples) == {n[:-5] for n in os.listdir(TEMPLATES) if n.endswith(".json")} == \
+        {"vae_finetune", "vae_finetune_advanced", "vae_finetune_qwen_image"}
     for name, path in examples.items():
         with open(path) as f:
             api = json.load(f)
@@ -341,7 +343,7 @@ def test_templates_are_listed_and_served_with_their_thumbnails(comfy):
     server, _, _ = comfy
     listed = requests.get(server.url + "/workflow_templates", timeout=30).json()
     names = sorted(n[:-5] for n in os.listdir(TEMPLATES) if n.endswith(".json"))
-    assert sorted(listed[PACK]) == names == ["vae_finetune", "vae_finetune_advanced"]
+    assert sorted(listed[PACK]) == names == ["vae_finetune", "vae_finetune_advanced", "vae_finetune_qwen_image"]
     for name in names:
         r = requests.get(f"{server.url}/api/workflow_templates/{PACK}/{name}.jpg", timeout=30)
         assert r.ok and r.headers["Content-Type"] == "image/jpeg" and r.content[:3] == b"\xff\xd8\xff", name

@@ -27,9 +27,16 @@ def _api(name):
         return json.load(f)
 
 
+def _api_names():
+    return sorted(os.path.basename(p)[:-len("_api.json")] for p in glob.glob(os.path.join(API, "*_api.json")))
+
+
 def test_api_examples_list_every_input():
-    simple, advanced = _api("vae_finetune"), _api("vae_finetune_advanced")
-    for prompt in (simple, advanced):
+    examples = {name: _api(name) for name in _api_names()}
+    assert {"vae_finetune", "vae_finetune_advanced", "vae_finetune_qwen_image"} <= set(examples)
+    simple, advanced = examples["vae_finetune"], examples["vae_finetune_advanced"]
+    for name, prompt in examples.items():
+        assert all(n["_meta"]["title"] for n in prompt.values()), name
         by_type = {n["class_type"]: n["inputs"] for n in prompt.values()}
         has_options = "VAEFTFineTuneOptions" in by_type
         links = {"options"} if has_options else set()
@@ -53,16 +60,27 @@ def test_api_examples_list_every_input():
     # the simple example is the advanced one without the options, Evaluate and its preview
     for k, node in simple.items():
         assert {n: v for n, v in advanced[k]["inputs"].items() if n != "options"} == node["inputs"], k
+    # the Qwen-Image template is the simple one for a Qwen-Image / Wan 2.1 VAE: the same graph and settings,
+    # its own base file, run and save names, and titles that say what it is for
+    qwen = examples["vae_finetune_qwen_image"]
+    assert {k: (n["class_type"], set(n["inputs"])) for k, n in qwen.items()} == \
+        {k: (n["class_type"], set(n["inputs"])) for k, n in simple.items()}
+    assert {(k, i) for k, n in qwen.items() for i, v in n["inputs"].items() if simple[k]["inputs"][i] != v} == \
+        {("1", "vae_name"), ("3", "run_name"), ("4", "name")}
+    assert qwen["1"]["inputs"]["vae_name"] == "qwen_image_vae.safetensors"
+    assert all("Qwen-Image" in qwen[k]["_meta"]["title"] for k in ("1", "3", "4"))
 
 
 def test_ui_templates_match_the_api_examples_and_have_jpeg_thumbnails():
     names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(TEMPLATES, "*.json")))
-    assert names == sorted(os.path.basename(p)[:-len("_api.json")] for p in glob.glob(os.path.join(API, "*_api.json")))
+    assert names == _api_names()
+    assert {"vae_finetune", "vae_finetune_advanced", "vae_finetune_qwen_image"} <= set(names)
     for name in names:
         with open(os.path.join(TEMPLATES, name + ".json")) as f:
             ui = json.load(f)
         api = _api(name)
         assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in api.items()}
+        assert {str(n["id"]): n["title"] for n in ui["nodes"]} == {k: v["_meta"]["title"] for k, v in api.items()}
         with Image.open(os.path.join(TEMPLATES, name + ".jpg")) as thumb:
             assert thumb.format == "JPEG" and min(thumb.size) >= 200, (name, thumb.format, thumb.size)
 
