@@ -155,3 +155,24 @@ def messages(entry: dict) -> str:
 def api_example(name: str = "vae_finetune") -> dict:
     with open(os.path.join(API_EXAMPLES, f"{name}_api.json")) as f:
         return json.load(f)
+
+
+# The start of a script that loads files with ComfyUI's own code in a subprocess (CPU mode, its log
+# collected in ``messages``): argv[1] is the ComfyUI checkout, argv[2] the script's job file.
+COMFY_LOADER_PREAMBLE = r'''
+import json, logging, os, sys
+comfy_path, jobs_path = sys.argv[1], sys.argv[2]
+sys.argv = [sys.argv[0], "--cpu"]
+sys.path.insert(0, comfy_path)
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.sd, comfy.utils
+messages = []
+class Collect(logging.Handler):
+    def emit(self, record):
+        messages.append(f"{record.levelname}: {record.getMessage()}")
+logging.getLogger().addHandler(Collect())
+logging.getLogger().setLevel(logging.DEBUG)
+'''
+

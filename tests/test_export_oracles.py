@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from comfy_server import COMFY_LOADER_PREAMBLE
 from conftest import ROOT, SD_VAE_CONFIG, tiny_ldm_sd, train
 from training.config import TrainConfig
 from training.export import export_vae
@@ -113,21 +114,7 @@ def needs_comfy(test):
     """A test that runs ComfyUI's own code: marked integration, skipped without a checkout."""
     return pytest.mark.integration(_no_comfy(test))
 
-COMFY_SCRIPT = r'''
-import json, logging, os, sys
-comfy_path, jobs_path = sys.argv[1], sys.argv[2]
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path.insert(0, comfy_path)
-import comfy.options
-comfy.options.enable_args_parsing()
-import torch
-import comfy.sd, comfy.utils
-messages = []
-class Collect(logging.Handler):
-    def emit(self, record):
-        messages.append(f"{record.levelname}: {record.getMessage()}")
-logging.getLogger().addHandler(Collect())
-logging.getLogger().setLevel(logging.DEBUG)
+COMFY_SCRIPT = COMFY_LOADER_PREAMBLE + r'''
 out = {}
 for job in json.load(open(jobs_path)):
     messages.clear()

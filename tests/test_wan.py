@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from comfy_server import COMFY_LOADER_PREAMBLE, comfyui_path
 from conftest import cli_main, tiny_ldm_sd, train, write_images
 from training.config import TrainConfig
 from training.errors import VAEFTError
@@ -248,21 +249,7 @@ def test_fit_from_the_command_line_with_a_qwen_image_vae(tmp_path):
 
 # ----- oracles: ComfyUI's own loader and diffusers' single-file loader on a full-size export
 
-COMFY_WAN = r'''
-import json, logging, sys
-comfy_path, jobs_path = sys.argv[1], sys.argv[2]
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path.insert(0, comfy_path)
-import comfy.options
-comfy.options.enable_args_parsing()
-import torch
-import comfy.sd, comfy.utils
-messages = []
-class Collect(logging.Handler):
-    def emit(self, record):
-        messages.append(f"{record.levelname}: {record.getMessage()}")
-logging.getLogger().addHandler(Collect())
-logging.getLogger().setLevel(logging.DEBUG)
+COMFY_WAN = COMFY_LOADER_PREAMBLE + r'''
 out = {}
 jobs = json.load(open(jobs_path))
 image = torch.load(jobs["image"])
@@ -291,11 +278,11 @@ def test_comfyui_and_diffusers_load_a_full_size_export_as_the_wan_vae(tmp_path):
 
     from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
 
-    from test_export_oracles import COMFY, needs_comfy  # noqa: F401 - the same checkout and marker
     from training.trained import Trained
     from training.vae import frozen_sha256
 
-    if not COMFY or not os.path.isfile(os.path.join(COMFY, "main.py")):
+    comfy = comfyui_path()
+    if comfy is None:
         pytest.skip("set COMFYUI_PATH to a ComfyUI checkout to load exports with its loader")
     torch.manual_seed(0)
     sd = {wan.to_original_key(k): v.to(torch.bfloat16) for k, v in AutoencoderKLQwenImage().state_dict().items()}
@@ -316,7 +303,7 @@ def test_comfyui_and_diffusers_load_a_full_size_export_as_the_wan_vae(tmp_path):
             "files": {"base": str(tmp_path / "qwen_image_vae.safetensors"), "tuned": report.path}}
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     (tmp_path / "load.py").write_text(COMFY_WAN)
-    p = subprocess.run([sys.executable, str(tmp_path / "load.py"), COMFY, str(tmp_path / "jobs.json")], cwd=tmp_path,
+    p = subprocess.run([sys.executable, str(tmp_path / "load.py"), comfy, str(tmp_path / "jobs.json")], cwd=tmp_path,
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stdout[-2000:] + p.stderr[-3000:]
