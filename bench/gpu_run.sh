@@ -8,6 +8,8 @@
 #   attn.json        the mid-block attention (head dim 512) under each SDPA backend
 #   ab.jsonl         ours at 512², batch 8 with one change each (A/B against bench3's ours)
 #   profile.txt      torch.profiler kernel table of ours at 512², batch 8
+#   wan.json         Qwen-Image (Wan 2.1) VAE at 256², batch 1 and 8: our 2D path vs diffusers' 3D forward
+#                    (last, so it never takes time from the stages above; STAGES=wan runs it alone)
 #
 # On the device (Python 3.12 with torch/torchvision/triton/pytest; wheels carried in $WHEELS):
 #   OUT=/some/dir WHEELS=.whl/wheels bash bench/gpu_run.sh
@@ -96,6 +98,11 @@ for backend in math cudnn_attention; do
 done
 stage profile 30 bash -c "$PY bench/train_bench.py --device $DEV $TINY --sides ours --sizes $S3 --batch $B3 \
   --steps 5 --warmup 3 --profile 3 --profile-out '$OUT/profile.txt' >> '$OUT/ab.jsonl'"
+
+# 6. The Wan 2.1 / Qwen-Image VAE: the trainer's 2D path vs diffusers' unmodified 3D forward, same losses.
+if [ -n "${REHEARSE:-}" ]; then WAN="--sizes 32 --batch 2 --steps 1 --warmup 1"; else
+  WAN="--sizes ${WAN_SIZES:-256} --batch ${WAN_BATCH:-1,8} --steps 10 --warmup 3"; fi
+stage wan 90 $PY bench/train_bench.py --family wan2.1 --device $DEV $TINY $WAN --json-out "$OUT/wan.json"
 
 echo "=== done in ${SECONDS}s"
 ls -la "$OUT"

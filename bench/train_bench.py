@@ -40,6 +40,28 @@ same as the ImageNet weights'. The VAE is random-init too; speed does not depend
     python bench/train_bench.py --device cuda --sizes 256,512,1024 --batch 1,4,8,16 --sides ours  # scaling
     python bench/train_bench.py --device cpu --tiny --sizes 32 --batch 2 --steps 2 --warmup 1  # CI smoke
 
+--family wan2.1: the Qwen-Image VAE (Wan 2.1; diffusers' AutoencoderKLQwenImage at its default, full-size
+config, or a small 2-level one with --tiny), random-init, loaded through the library as its original-layout
+file would be (build_vae of the qwen_image_vae.safetensors key layout). Two sides, both
+training.trainer.fine_tune with TrainConfig's defaults (decoder + post_quant_conv, MSE + 0.1·LPIPS, EMA,
+bf16 autocast on CUDA, fp32 on the CPU), timed as ours above:
+
+diffusers_3d  wan_2d=False: diffusers' own, unmodified 3D forward of AutoencoderKLQwenImage at one frame
+ours          wan_2d=True (the default): each causal 3D convolution run as a 2D convolution with its last
+              temporal tap (exact at one frame)
+
+so the ratio ours_over_diffusers_3d (images/s; computed from the two step times, same batch) is the 2D
+path's speed-up with everything else the same. Each side's
+first-step loss terms (``first_step_loss``) come from the untimed one-step run that counts its FLOPs (same
+seed, same first batch as the timed run); ``first_step_loss_max_rel_diff`` compares them (the 2D path is
+exact, so only float rounding separates them). FLOPs are counted as for kl-f8, per side: the 3D side's
+count includes the multiplications of its causal convolutions' zero padding in time (about 3x the
+convolution work at one frame), so ours' count is the useful work. The seed-style reference and
+peer_best are the public kl-f8 scripts' loops and are not run for Wan.
+
+    python bench/train_bench.py --family wan2.1 --device cuda --sizes 256 --batch 8   # 2D vs diffusers' 3D
+    python bench/train_bench.py --family wan2.1 --device cpu --tiny --sizes 32 --batch 2 --steps 2 --warmup 1
+
 Prints ONE JSON object on stdout (progress goes to stderr).
 """
 
@@ -71,6 +93,8 @@ from training.families.klf8 import diffusers_to_ldm  # noqa: E402
 from training.vae import build_vae  # noqa: E402
 
 SIDES = ("reference", "peer_best", "ours")
+WAN_SIDES = ("diffusers_3d", "ours")
+FAMILY_SIDES = {"kl-f8": SIDES, "wan2.1": WAN_SIDES}
 
 # H100 SXM dense peaks (datasheet, no sparsity), TFLOP/s. H200 has the same compute peaks.
 PEAK_BF16_H100 = 989.4
@@ -78,6 +102,9 @@ PEAK_TF32_H100 = 494.7
 
 SD_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2)
 TINY_VAE = dict(block_out_channels=[32, 64], layers_per_block=1)
+# diffusers' AutoencoderKLQwenImage defaults (the released Qwen-Image VAE), and a small one for the CPU smoke test
+QWEN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+TINY_QWEN_VAE = dict(base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True])
 
 # Global backend switches a trainer might flip; restored after our side so the reference is
 # never run with settings its script would not have.
@@ -117,6 +144,21 @@ def build_model(tiny: bool, latent_channels: int):
                           down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
                           use_quant_conv=quant, use_post_quant_conv=quant, **shape)
     return build_vae(diffusers_to_ldm(model.state_dict()), source="random-init")
+
+
+def build_wan_model(tiny: bool):
+    """A random-init Qwen-Image (Wan 2.1) VAE loaded through the library from its original-layout tensors,
+    as ComfyUI's qwen_image_vae.safetensors holds them."""
+    from diffusers import AutoencoderKLQwenImage
+
+    from training.families import wan
+
+    shape = TINY_QWEN_VAE if tiny else QWEN_VAE
+    torch.manual_seed(0)
+    model = AutoencoderKLQwenImage(**shape)
+    per_level = shape["num_res_blocks"] + 2  # decoder blocks per level in the original layout
+    sd = {wan.to_original_key(k, per_level): v for k, v in model.state_dict().items()}
+    return build_vae(sd, source="qwen_image_vae.safetensors")
 
 
 def make_pool(n: int, batch: int, size: int, device: torch.device) -> list[torch.Tensor]:
@@ -335,13 +377,13 @@ def config_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainConfig)}
 
 
-def our_config(a, batch: int, steps: int, *, for_flops: bool = False, settled_micro: int | None = None
-               ) -> tuple[TrainConfig, list[str]]:
+def our_config(a, batch: int, steps: int, *, for_flops: bool = False, settled_micro: int | None = None,
+               wan_2d: bool | None = None) -> tuple[TrainConfig, list[str]]:
     """(config, requested options this TrainConfig lacks). batch_size is the effective batch (the
     trainer splits it into micro-batches).
 
     for_flops: compile and checkpointing off, and the micro-batch the timed run settled on
-    (no out-of-memory probing inside the count)."""
+    (no out-of-memory probing inside the count). wan_2d: set TrainConfig.wan_2d (after --set)."""
     fields = config_fields()
     kw = dict(steps=steps, preview_every=0, seed=0, batch_size=batch)
     if a.log_every:
@@ -374,12 +416,17 @@ def our_config(a, batch: int, steps: int, *, for_flops: bool = False, settled_mi
             val = type(default)(text) if default is not None else text
         if not (for_flops and field in ("grad_checkpointing", "compile")):
             kw[field] = val
+    if wan_2d is not None:
+        kw["wan_2d"] = wan_2d
     return TrainConfig(**kw), ignored
 
 
-def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = False) -> dict:
+def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = False, side: str = "ours",
+             wan_2d: bool | None = None) -> dict:
+    """Our trainer timed; ``side``/``wan_2d``: the Wan family's sides (diffusers_3d is wan_2d=False)."""
+    wan_family = getattr(a, "family", "kl-f8") == "wan2.1"
     total = a.warmup + a.steps
-    cfg, ignored = our_config(a, batch, total)
+    cfg, ignored = our_config(a, batch, total, wan_2d=wan_2d)
     pool = make_pool(2, batch, size, device)
     marks: dict[int, float] = {}
 
@@ -410,18 +457,26 @@ def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = F
     del res
     free(device)
 
+    first: dict = {}  # the loss terms of step 1 (logged: a one-step run logs its only step)
+
     def count() -> int:
-        fcfg, _ = our_config(a, batch, 1, for_flops=True, settled_micro=settled)
-        fpool = make_pool(1, batch, size, device)
-        flops = count_flops(lambda: fine_tune(vae, batches_of(fpool, a.latent_cache), fcfg, device=device,
-                                              lpips_net=copy.deepcopy(lpips_net)))
+        fcfg, _ = our_config(a, batch, 1, for_flops=True, settled_micro=settled, wan_2d=wan_2d)
+        fpool = make_pool(1, batch, size, device)  # its batch is the timed pool's first batch
+
+        def one_step() -> None:
+            r = fine_tune(vae, batches_of(fpool, a.latent_cache), fcfg, device=device,
+                          lpips_net=copy.deepcopy(lpips_net))
+            first.update(r.history[0] if r.history else {})
+
+        flops = count_flops(one_step)
         if a.latent_cache:  # the timed steps all hit the cache: count a step that does (2 steps - 1 step)
-            fcfg2, _ = our_config(a, batch, 2, for_flops=True, settled_micro=settled)
+            fcfg2, _ = our_config(a, batch, 2, for_flops=True, settled_micro=settled, wan_2d=wan_2d)
             flops = count_flops(lambda: fine_tune(vae, batches_of(fpool, True), fcfg2, device=device,
                                                   lpips_net=copy.deepcopy(lpips_net))) - flops
         return flops
 
-    flops = flops_for(("ours", size), batch, count)
+    # Wan: counted at every batch too, since the count's one-step run gives the first-step losses compared
+    flops = flops_for((side, size, batch) if wan_family else ("ours", size), batch, count)
     flags_restore(before)
 
     out = side_numbers(marks[total] - marks[a.warmup], a.steps, batch, flops, mem, a, device)
@@ -438,6 +493,10 @@ def run_ours(vae, lpips_net, device, a, batch: int, size: int, profile: bool = F
                                                   "precision", "ema", "lpips_weight", "mse_weight",
                                                   "fused_norm", "channels_last", "grad_checkpointing", "compile",
                                                   "log_every", "recipe") if hasattr(cfg, k)}
+    if wan_family:
+        out["config"]["wan_2d"] = cfg.wan_2d
+        out["image_path"] = "2d" if cfg.wan_2d else "3d (diffusers' AutoencoderKLQwenImage forward)"
+        out["first_step_loss"] = {k: v for k, v in first.items() if k not in ("step", "lr")}
     if ignored:
         out["requested_but_not_in_TrainConfig"] = ignored
     if changed:
@@ -563,8 +622,12 @@ def main(argv=None) -> int:
     ap.add_argument("--latent-channels", type=int, choices=(4, 16), default=4,
                     help="16 = SD3/Flux layout (no quant convs)")
     ap.add_argument("--tiny", action="store_true", help="small 2-level VAE (CPU smoke test)")
+    ap.add_argument("--family", choices=tuple(FAMILY_SIDES), default="kl-f8",
+                    help="kl-f8: SD's AutoencoderKL (default); wan2.1: the Qwen-Image VAE, our 2D path vs "
+                         "diffusers' 3D forward (--latent-channels does not apply: it has 16)")
     ap.add_argument("--sides", default="all",
-                    help=f"comma-separated subset of {','.join(SIDES)}, or 'all' (default)")
+                    help=f"comma-separated subset of {','.join(SIDES)} (--family wan2.1: of "
+                         f"{','.join(WAN_SIDES)}), or 'all' (default)")
     ap.add_argument("--lpips-weight", type=float, default=0.1, help="LPIPS weight of the reference and peer-best loops")
     ap.add_argument("--log-every", type=int, default=None, help="ours: TrainConfig.log_every (default: its own)")
     ap.add_argument("--peak-tflops", type=float, default=None,
@@ -587,10 +650,12 @@ def main(argv=None) -> int:
     # the first step also builds the optimizer state and (with --compile) compiles: never timed
     if a.warmup < 1 or a.steps < 1:
         ap.error(f"--warmup and --steps must be at least 1 (got --warmup {a.warmup}, --steps {a.steps})")
-    sides = SIDES if a.sides == "all" else tuple(x for x in a.sides.split(",") if x)
-    unknown = [x for x in sides if x not in SIDES]
+    known = FAMILY_SIDES[a.family]
+    sides = known if a.sides == "all" else tuple(x for x in a.sides.split(",") if x)
+    unknown = [x for x in sides if x not in known]
     if unknown or not sides:
-        ap.error(f"--sides: unknown {unknown or a.sides!r}; use 'all' or a comma-separated subset of {','.join(SIDES)}")
+        ap.error(f"--sides: unknown {unknown or a.sides!r}; use 'all' or a comma-separated subset of {','.join(known)}"
+                 + (" (the reference and peer_best loops are kl-f8's)" if a.family != "kl-f8" else ""))
     try:
         [int(b) for b in a.batch.split(",") if b]
     except ValueError:
@@ -603,7 +668,8 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in a.sizes.split(",") if s]
     batches = [int(b) for b in a.batch.split(",") if b]
 
-    vae = build_model(a.tiny, a.latent_channels)
+    wan_family = a.family == "wan2.1"
+    vae = build_wan_model(a.tiny) if wan_family else build_model(a.tiny, a.latent_channels)
     lpips_net = load_lpips("vgg", random_backbone=True)
     meta = {
         "torch": torch.__version__, "python": platform.python_version(), "device": a.device,
@@ -622,6 +688,22 @@ def main(argv=None) -> int:
         "backend_flags": flags_snapshot(),
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
+    if wan_family:
+        shape = TINY_QWEN_VAE if a.tiny else QWEN_VAE
+        meta.update(
+            family="wan2.1",
+            model=("tiny " if a.tiny else "Qwen-Image (Wan 2.1) VAE, full size ") + "AutoencoderKLQwenImage "
+            + json.dumps(shape),
+            latent_channels=shape["z_dim"],
+            loaded_as="original (ComfyUI) layout, qwen_image_vae.safetensors keys, through training.vae.build_vae",
+            sides_meaning={"ours": "fine_tune, TrainConfig defaults: wan_2d=True (the exact 2D path at one frame)",
+                           "diffusers_3d": "the same fine_tune with wan_2d=False: diffusers' unmodified 3D forward"},
+            flops_note="FlopCounterMode per side (matmuls, convolutions, attention; forward and backward); the "
+                       "diffusers_3d count includes its causal 3D convolutions' products with the zero padding in "
+                       "time, so ours' count is the useful work of a step",
+            loss_check="first_step_loss: step 1's logged loss terms from each side's untimed one-step FLOP-count "
+                       "run (same seed, same first batch as the timed run)",
+        )
     if device.type == "cuda":
         meta["cudnn"] = torch.backends.cudnn.version()
     results = []
@@ -635,6 +717,8 @@ def main(argv=None) -> int:
                 if side == "ours":
                     entry[side] = run_ours(vae, lpips_net, device, a, batch, size,
                                            profile=bool(a.profile) and i == len(cells) - 1)
+                elif side == "diffusers_3d":
+                    entry[side] = run_ours(vae, lpips_net, device, a, batch, size, side=side, wan_2d=False)
                 else:
                     entry[side] = runners[side](vae, lpips_net, size, device, a, batch)
             except Exception as e:  # noqa: BLE001 - record (e.g. OOM) and go on
@@ -642,14 +726,22 @@ def main(argv=None) -> int:
                 entry[side] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
             free(device)
         ratios = {}
-        for num, den in (("ours", "reference"), ("ours", "peer_best"), ("peer_best", "reference")):
+        for num, den in (("ours", "reference"), ("ours", "peer_best"), ("peer_best", "reference"),
+                         ("ours", "diffusers_3d")):
             n, d = entry.get(num, {}), entry.get(den, {})
             if "images_per_s" in n and "images_per_s" in d:
+                # Wan's two sides run the same batch: the ratio of their step times, which keeps the
+                # precision that images_per_s (3 decimals) loses at CPU rates
                 ratios[f"{num}_over_{den}"] = {
-                    "images_per_s": round(n["images_per_s"] / d["images_per_s"], 3),
+                    "images_per_s": round(d["step_ms"] / n["step_ms"], 3) if den == "diffusers_3d"
+                    else round(n["images_per_s"] / d["images_per_s"], 3),
                     "peak_mem": round(n["peak_mem_gb"] / d["peak_mem_gb"], 3) if n.get("peak_mem_gb")
                     and d.get("peak_mem_gb") else None,
                 }
+        fa, fb = entry.get("ours", {}).get("first_step_loss"), entry.get("diffusers_3d", {}).get("first_step_loss")
+        if fa and fb:  # the 2D path is exact: the same losses up to float rounding
+            ratios["first_step_loss_max_rel_diff"] = max(
+                abs(fa[k] - fb[k]) / max(abs(fb[k]), 1e-12) for k in fa.keys() & fb.keys())
         entry.update(ratios)
         results.append(entry)
         log(json.dumps(entry))

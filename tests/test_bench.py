@@ -139,3 +139,42 @@ def test_bench_refuses_an_untimeable_run():
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
         _bench_module().main([*SMOKE, "--sides", "ours,theirs"])
     assert e.value.code == 2 and "--sides: unknown ['theirs']" in err.getvalue()
+
+
+def test_bench_cpu_smoke_wan_2d_path_vs_diffusers_3d():
+    """--family wan2.1: the Qwen-Image VAE (tiny here) trained by our trainer through its 2D path and
+    through diffusers' own 3D forward (wan_2d off); both timed, the ratio given, and the same first-step
+    losses (the 2D path is exact at one frame: only float rounding separates them)."""
+    doc = run_bench("--family", "wan2.1", "--steps", "1", "--batch", "1")
+    meta = doc["meta"]
+    assert doc["complete"] and meta["family"] == "wan2.1" and meta["sides"] == ["diffusers_3d", "ours"]
+    assert meta["latent_channels"] == 16 and "AutoencoderKLQwenImage" in meta["model"]
+    [entry] = doc["results"]
+    assert "reference" not in entry and "peer_best" not in entry
+    for side in ("diffusers_3d", "ours"):
+        check_side(entry[side])
+    assert entry["ours"]["config"]["wan_2d"] is True and entry["ours"]["image_path"] == "2d"
+    assert entry["diffusers_3d"]["config"]["wan_2d"] is False
+    # the same batch on both sides: the ratio of step times (images_per_s is rounded to 3 decimals)
+    assert entry["ours_over_diffusers_3d"]["images_per_s"] == round(
+        entry["diffusers_3d"]["step_ms"] / entry["ours"]["step_ms"], 3)
+    # the 3D side's causal convolutions also multiply their zero padding in time: more counted FLOPs
+    assert entry["diffusers_3d"]["flops_per_step"] > entry["ours"]["flops_per_step"]
+    ours, theirs = entry["ours"]["first_step_loss"], entry["diffusers_3d"]["first_step_loss"]
+    assert set(ours) == set(theirs) >= {"mse", "lpips", "total"}
+    for term in ours:
+        assert ours[term] > 0 and abs(ours[term] - theirs[term]) <= 1e-5 * abs(theirs[term]), (term, ours, theirs)
+    assert 0 <= entry["first_step_loss_max_rel_diff"] <= 1e-5
+
+
+def test_bench_wan_refuses_the_kl_f8_only_sides():
+    import contextlib
+    import io
+
+    import pytest
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        _bench_module().main([*SMOKE, "--family", "wan2.1", "--sides", "reference,ours"])
+    assert e.value.code == 2 and "--sides: unknown ['reference']" in err.getvalue()
+    assert "diffusers_3d,ours" in err.getvalue()
