@@ -84,6 +84,8 @@ def test_both_layouts_load_the_same_model_and_map_back_exactly():
     ("flux2", "the Flux.2 VAE (32 latent channels with BatchNorm statistics)"),
     ("svd", "a video VAE with a temporal decoder"),
     ("mixed", "the encoder and decoder do not fit together"),
+    ("rgba", "a Wan 2.1 VAE of 4-channel images (Qwen-Image-Layered's RGBA VAE); this version trains VAEs of RGB"),
+    ("squeezed", "decoder.middle.1.to_qkv.weight (96, 32) (expected (96, 32, 1, 1))"),
 ])
 def test_families_this_version_does_not_train_are_refused_by_name(case, expected):
     if case == "wan22":
@@ -94,13 +96,52 @@ def test_families_this_version_does_not_train_are_refused_by_name(case, expected
         sd = {**tiny_ldm_sd(), "bn.running_mean": torch.zeros(128), "bn.running_var": torch.ones(128)}
     elif case == "svd":
         sd = {**tiny_ldm_sd(), "decoder.mid.block_1.mix_factor": torch.zeros(1)}
+    elif case == "rgba":
+        sd = tiny_wan_sd(input_channels=4)
+    elif case == "squeezed":  # only kl-f8's attention weights may be stored without their trailing 1s
+        sd = tiny_wan_sd()
+        sd["decoder.middle.1.to_qkv.weight"] = sd["decoder.middle.1.to_qkv.weight"][:, :, 0, 0]
     else:
         other = tiny_wan_sd(z_dim=8)
         sd = {k: (other[k] if k.startswith(("encoder.", "conv1.")) else v) for k, v in tiny_wan_sd().items()}
     with pytest.raises(VAEFTError, match=re.escape(expected)) as e:
         build_vae(sd, source="x.safetensors")
-    if case != "mixed":
+    if case not in ("mixed", "rgba", "squeezed"):
         assert "Wan 2.1 VAE (Qwen-Image, Wan 2.1)" in str(e.value) and "kl-f8" in str(e.value)
+
+
+def test_a_full_checkpoint_is_read_by_its_vae_part_whatever_else_it_holds():
+    """The diffusion model's and text encoders' tensors beside the VAE (a video UNet's time_stack, a
+    BatchNorm in a text encoder) are not the VAE's: they neither mark it as another family nor get read."""
+    others = {"model.diffusion_model.input_blocks.1.time_stack.0.proj_in.weight": torch.zeros(4, 4),
+              "conditioner.embedders.1.model.bn.running_mean": torch.zeros(8),
+              "model.diffusion_model.decoder.conv_in.weight": torch.zeros(2, 2)}
+    klf8 = build_vae({**others, **{"first_stage_model." + k: v for k, v in tiny_ldm_sd().items()}},
+                     source="sd_xl_base_1.0.safetensors")
+    assert klf8.layout.family == "kl-f8" and set(klf8.layout.shapes) == set(tiny_ldm_sd())
+    qwen = build_vae({**others, **{"vae." + k: v for k, v in tiny_wan_sd().items()}}, source="qwen_image.safetensors")
+    assert qwen.layout.family == "wan2.1" and set(qwen.layout.shapes) == set(tiny_wan_sd())
+
+
+def test_the_fp16_check_watches_every_decoder_block_of_the_2d_path_and_the_unclamped_output():
+    """The 2D path computes its convolutions and norms without calling those modules; their forward
+    hooks still run, so the export's fp16/bf16 report sees each block's activations, and it reads the
+    decoder's output before the clamp (pixels pushed past white are what it reports)."""
+    from training.families import family_of_model
+    from training.probe import half_precision_report
+
+    vae = build_vae(tiny_wan_sd(seed=9)).model
+    z = vae.encode(images(1, 32, seed=9)).latent_dist.mode()
+    report = half_precision_report(vae, z)
+    blocks = set(report["fp16"]["max_activation"])
+    assert blocks == {"post_quant_conv", "conv_in", "mid_block", "up_blocks.0", "up_blocks.1", "norm_out", "conv_out"}
+    assert all(0 < v < float("inf") for v in report["fp16"]["max_activation"].values())
+    with torch.no_grad():
+        vae.decoder.conv_out.bias += 5.0
+        assert float(vae.decode(z).sample.max()) <= 1.0
+        raw = family_of_model(vae).raw_decode(vae, z)
+    assert float(raw.min()) > 1.0 and report["fp16"]["max_activation"]["conv_out"] < 5.0
+    assert half_precision_report(vae, z)["fp16"]["max_activation"]["conv_out"] > 4.0
 
 
 def test_the_2d_path_equals_diffusers_3d_forward_and_its_gradients():
@@ -245,6 +286,14 @@ def test_fit_from_the_command_line_with_a_qwen_image_vae(tmp_path):
     assert result["steps"] == 3 and result["final"]["val_mse"] > 0
     assert "untrained tensors (encoder, conv1 and the temporal resampling): bit-identical" in p.stderr
     assert set(load_file(out)) == set(load_file(tmp_path / "qwen_image_vae.safetensors"))
+    # settings this family cannot train with are refused by name before anything is written
+    for flags, why in ((("--weight-decay", 0.01), "weight decay would shrink them"),
+                       (("--no-wan-2d", "--grad-checkpointing"), "needs its 2D path (wan_2d on)")):
+        p = cli_main("fit", "--vae", tmp_path / "qwen_image_vae.safetensors", "--data", tmp_path / "images",
+                     "--out", tmp_path / "refused.safetensors", "--steps", 3, "--patch-size", 32, "--batch-size", 2,
+                     "--lpips-weight", 0, "--no-progress", "--run-dir", tmp_path / "refused", *flags, check=False)
+        assert p.returncode != 0 and why in p.stderr
+        assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.safetensors").exists()
 
 
 # ----- oracles: ComfyUI's own loader and diffusers' single-file loader on a full-size export

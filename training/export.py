@@ -1,7 +1,8 @@
-"""Write a fine-tuned VAE: an ldm-keyed safetensors file that stock loaders accept, or a diffusers folder.
+"""Write a fine-tuned VAE: a safetensors file in its family's file layout that stock loaders accept (kl-f8:
+ldm keys; Wan 2.1: the original layout ComfyUI reads), or a diffusers folder.
 
-The ldm file has the base file's key set and shapes (ComfyUI's Load VAE and Automatic1111's
-strict ``load_state_dict`` rely on them; attention stored as matrices is written in the 1x1-conv
+The file has the base file's key set and shapes (ComfyUI's Load VAE and Automatic1111's
+strict ``load_state_dict`` rely on them; kl-f8 attention stored as matrices is written in the 1x1-conv
 form they accept), each tensor by default in the base file's dtype, so the untrained ones are
 byte-identical to the base (checked against its bytes). Every export decodes probe patches in
 fp16 and bf16 and records the latent factors (:mod:`training.probe`), writes private metadata
@@ -187,7 +188,7 @@ class ExportReport:
     the Save node shows it)."""
 
     path: str
-    format: str                     # 'safetensors' (one ldm-keyed file) or 'diffusers' (a model folder)
+    format: str                     # 'safetensors' (one file, the base's layout) or 'diffusers' (a model folder)
     dtype: str                      # as requested: 'base', 'fp16', 'bf16' or 'fp32'
     stored_dtypes: dict[str, int]   # dtype name -> number of tensors written in it
     frozen: str | None              # untrained tensors vs the base file: 'identical' (byte for byte),
@@ -243,9 +244,10 @@ def export_vae(trained: Trained, path: str | os.PathLike, dtype: str | None = No
                device: torch.device | str = "cpu", format: str = "safetensors", family: str = "auto") -> ExportReport:
     """Write ``trained`` and return what was written.
 
-    format 'safetensors': one ldm-keyed file at ``path`` (the base's keys; loads in ComfyUI's Load VAE,
-    Automatic1111, diffusers' from_single_file). 'diffusers': a model folder at ``path`` with
-    config.json and diffusion_pytorch_model.safetensors (``AutoencoderKL.from_pretrained(path)``).
+    format 'safetensors': one file at ``path`` with the base's keys (loads in ComfyUI's Load VAE, diffusers'
+    from_single_file, and for kl-f8 Automatic1111). 'diffusers': a model folder at ``path`` with
+    config.json and diffusion_pytorch_model.safetensors (``AutoencoderKL`` / ``AutoencoderKLQwenImage`` /
+    ``AutoencoderKLWan.from_pretrained(path)``).
     dtype: default the config's ``export_dtype``; 'base' = the base file's dtype per tensor.
     The half-precision check decodes ``trained.probe``'s patches with the exported weights in fp16
     and bf16 on ``device``, and the latent scaling uses its training patches; without a probe the
@@ -260,7 +262,7 @@ def export_vae(trained: Trained, path: str | os.PathLike, dtype: str | None = No
     report = ExportReport(path=os.fspath(path), format=format, dtype=dtype, metadata={},
                           stored_dtypes=dict(Counter(_dtype_name(v.dtype) for v in tensors.values())),
                           frozen=None, converted_attention=len(conv_form_keys(trained.layout)),
-                          frozen_what=_frozen_what(trained))
+                          frozen_what=family_named(trained.layout.family).frozen_what(trained.config.trainable))
     frozen = frozen_keys(trained)
     if frozen:
         rounding = frozen_rounding(trained, tensors, fp32)
@@ -317,9 +319,3 @@ def write_diffusers(tensors: dict[str, torch.Tensor], folder: str | os.PathLike,
 
     return atomic_write_dir(folder, write, overwrite=overwrite, what="diffusers model folder")
 
-
-def _frozen_what(trained: Trained) -> str:
-    if trained.layout.family == "kl-f8":
-        return "encoder, quant_conv"
-    return "encoder, conv1 and the temporal resampling" if trained.config.trainable == "decoder" else \
-        "the temporal resampling"

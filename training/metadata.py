@@ -13,6 +13,7 @@ import re
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .families import family_named
 from .files import json_safe
 from .options import to_metadata
 from .vae import latent_channels
@@ -78,8 +79,7 @@ def export_metadata(trained: Trained, report, extra: dict[str, str] | None = Non
         meta["vaeft.latents_mean"] = json.dumps(sc["latents_mean"])
         meta["vaeft.latents_std"] = json.dumps(sc["latents_std"])
     meta["vaeft.scaling_source"] = sc["source"]
-    if trained.layout.family == "wan2.1":
-        meta["vaeft.trained_on"] = "still images (one frame): video quality not validated"
+    meta.update(family_named(trained.layout.family).extra_metadata)
     return {k: private_value(v) for k, v in meta.items()}
 
 

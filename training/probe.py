@@ -91,13 +91,14 @@ def _decode_watched(model: torch.nn.Module, latents: torch.Tensor) -> tuple[torc
                 peaks[block] = max(peaks.get(block, 0.0), float("inf") if peak != peak else peak)  # NaN: overflowed
         return hook
 
-    block_of = family_of_model(model).decoder_block
+    family = family_of_model(model)
+    block_of = family.decoder_block
     for name, module in model.named_modules():
         block = block_of(name)
         if block is not None and not list(module.children()):
             hooks.append(module.register_forward_hook(watch(block)))
     try:
-        out = model.decode(latents).sample.float()
+        out = family.raw_decode(model, latents).float()
     finally:
         for h in hooks:
             h.remove()

@@ -32,6 +32,7 @@ from .config import TrainConfig
 from .data import PatchDataset, preview_patches, worker_start_method
 from .device import Distributed, pick_device
 from .evaluate import evaluation_patches
+from .families import family_of_model
 from .losses import load_lpips
 from .probe import make_probe
 from .runs import RunFolder, RunStatus, read_metrics
@@ -171,6 +172,7 @@ def _checked_start(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *, resu
     """Step 1 of :func:`run_session`, reading but never writing: the resumed checkpoint checked against
     this run (a run folder as ``resume`` becomes ``run_dir``), the run folder, and the checkpoints'
     place claimed for this run. Returns (the checkpoint, the run folder, where checkpoints go)."""
+    family_of_model(vae.model).check_config(cfg)
     ckpt = None
     if resume is not None:
         if run_dir is None and os.path.isdir(resume):

@@ -321,8 +321,8 @@ def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distri
     family = family_of_model(model)
     params = {name: p for name, p in model.named_parameters()
               if p.requires_grad_(trained(name, cfg.trainable, family)).requires_grad}
-    if hasattr(model, "image_path"):  # the Wan family: its exact 2D path at one frame, or diffusers' 3D forward
-        model.image_path = "2d" if cfg.wan_2d else "3d"
+    family.check_config(cfg)  # (the session checked it before writing anything; fine_tune's own callers too)
+    family.set_up(model, cfg)
     on_cuda = device.type == "cuda"
     amp, amp_why = resolve_precision(cfg.precision, device)
     fused, restore_modules = 0, None  # the norm swaps are made on our private copy only
@@ -330,7 +330,8 @@ def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distri
         fused, restore_modules = fuse_vae_blocks(model)
     elif family.fused_norms and amp == "bf16" and cfg.norm_in_bf16:
         _, restore_modules = autocast_group_norms(model)
-    channels_last = on_cuda and (cfg.channels_last or bool(fused))
+    # (channels-last is a 4D layout: a model with 3D convolutions (the Wan family) keeps its own)
+    channels_last = on_cuda and (cfg.channels_last or bool(fused)) and all(p.ndim <= 4 for p in model.parameters())
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.grad_checkpointing:

@@ -58,7 +58,7 @@ def build_vae(sd: dict[str, torch.Tensor], source: str = "state dict", base_sha2
     # shapes before load_state_dict, whose size-mismatch RuntimeError names no file and no remedy;
     # a matrix stored where the module has a 1x1 convolution (or back) is the same tensor
     wrong = [f"{fk} {tuple(v.shape)} (expected {expected[keys[fk]]})" for fk, v in file_sd.items()
-             if v.numel() != _numel(expected[keys[fk]]) or _squeezed(v.shape) != _squeezed(expected[keys[fk]])]
+             if not _fits(tuple(v.shape), expected[keys[fk]], family.reshapable(fk))]
     if wrong:
         raise VAEFTError(f"{source}: {len(wrong)} tensor(s) have shapes that do not fit the VAE read off its other "
                          f"tensors: {_names(wrong, 3)}. The file is damaged or mixes parts of different VAEs; "
@@ -80,15 +80,15 @@ def build_vae(sd: dict[str, torch.Tensor], source: str = "state dict", base_sha2
     return LoadedVAE(model, layout)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+def _fits(shape: tuple[int, ...], expected: tuple[int, ...], reshapable: bool) -> bool:
+    """Whether a file tensor of ``shape`` is the module's ``expected`` one: equal, or for the family's
+    reshapable keys equal but for trailing 1s ((C, C, 1, 1) and (C, C) are the same weight)."""
+    if not reshapable:
+        return tuple(shape) == tuple(expected)
+    return _squeezed(shape) == _squeezed(expected)
 
 
 def _squeezed(shape) -> tuple[int, ...]:
-    """A shape without trailing 1s: (C, C, 1, 1) and (C, C) are the same weight."""
     shape = tuple(int(s) for s in shape)
     while len(shape) > 1 and shape[-1] == 1:
         shape = shape[:-1]
@@ -181,7 +181,7 @@ def reconstruct(model: "torch.nn.Module", x: torch.Tensor, sample: bool = False,
     """Encode and decode with a diffusers ``AutoencoderKL`` (or anything with
     ``.encode(x).latent_dist`` and ``.decode(z).sample``): posterior mode, or a sample with
     ``sample``. x: BCHW in [-1, 1], H and W multiples of 8, cast to the model's dtype ->
-    BCHW in the model's dtype (unclamped)."""
+    BCHW in the model's dtype (as the family's decode gives it: kl-f8 unclamped, Wan 2.1 clamped to [-1, 1])."""
     p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     if p is not None and x.dtype != p.dtype:
         x = x.to(p.dtype)

@@ -40,6 +40,7 @@ class Family:
     name: str                 # "kl-f8", "wan2.1"
     label: str                # what it is, for messages: "kl-f8 VAE (AutoencoderKL: SD1.x/2.x/SDXL, SD3, Flux.1)"
     files: str                # the files users have for it, for messages
+    probes: tuple[str, ...]   # keys that mark a (prefix-free) state dict as this family's, in each layout it reads
     recognise: Callable[[dict], bool]                       # are these (prefix-free) tensors this family's?
     file_layout: Callable[[dict, str], tuple[dict, list[str]]]  # any layout it reads -> its file layout, dropped keys
     check: Callable[[dict, str], None]                      # refuse a damaged or mixed file, naming it
@@ -58,6 +59,18 @@ class Family:
     # module-name patterns of tensors still images cannot train (no gradient reaches them at one frame)
     image_frozen: tuple[str, ...] = field(default_factory=tuple)
     fused_norms: bool = False  # its GroupNorms can run as the fused Triton kernels (training.fused_blocks)
+    # file keys whose base tensor may differ from the module's only by trailing 1s (kl-f8: attention weights
+    # stored as (C, C) matrices or (C, C, 1, 1) convolutions)
+    reshapable: Callable[[str], bool] = lambda key: False
+    # refuse a TrainConfig the family cannot train with, naming the setting (checked before any file is written)
+    check_config: Callable[[object], None] = lambda cfg: None
+    # the training copy's set-up from the (checked) TrainConfig (the Wan family: its 2D or 3D path)
+    set_up: Callable[[torch.nn.Module, object], None] = lambda model, cfg: None
+    # the decoder's output before anything clamps it (the export's fp16/bf16 check watches it)
+    raw_decode: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = lambda model, z: model.decode(z).sample
+    # what the untrained tensors are, in the family's words, for mode 'decoder' / 'full' (the export report)
+    frozen_what: Callable[[str], str] = lambda trainable: "encoder, quant_conv"
+    extra_metadata: dict = field(default_factory=dict)  # vaeft.* facts every export of the family records
 
 
 def trained(name: str, trainable: str, family: Family) -> bool:
@@ -89,8 +102,8 @@ def family_of_model(model: torch.nn.Module) -> Family:
 # Families the pack recognises but does not train, by a key or shape that marks them: refused by name.
 _NOT_TRAINED: list[tuple[str, Callable[[dict], bool]]] = [
     ("the Wan 2.2 VAE (48 latent channels, 16x; Wan2.2-TI2V-5B)",
-     lambda sd: any(k.startswith(("decoder.upsamples.0.upsamples.", "decoder.up_blocks.0.resnets.0.conv1.time"))
-                    for k in sd) or _channels(sd, ("conv2.weight", "post_quant_conv.weight")) == 48),
+     lambda sd: any(k.startswith(("decoder.upsamples.0.upsamples.", "decoder.up_blocks.0.upsampler.")) for k in sd)
+     or _channels(sd, ("conv2.weight", "post_quant_conv.weight")) == 48),
     ("a 64-channel VAE (Qwen-Image 2.1 or HunyuanImage 2.1)",
      lambda sd: _channels(sd, ("conv2.weight", "post_quant_conv.weight", "decoder.conv_in.weight")) == 64),
     ("the Flux.2 VAE (32 latent channels with BatchNorm statistics)",
@@ -116,17 +129,19 @@ def recognise(sd: dict, source: str) -> tuple[Family, dict, list[str]]:
     if not isinstance(sd, dict) or not sd:
         raise VAEFTError(f"{source} holds no tensors; expected a VAE state dict")
     families = _families()
-    candidates = [sd] + [{k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
-                         for p in ("first_stage_model.", "vae.") if any(k.startswith(p) for k in sd)]
-    for tensors in candidates:
-        for what, marks in _NOT_TRAINED:
-            if marks(tensors):
-                raise VAEFTError(f"{source} is {what}, which this version does not train. It trains the "
-                                 + " and the ".join(f"{f.label} ({f.files})" for f in reversed(families)))
-        for family in families:
-            if family.recognise(tensors):
-                file_sd, dropped = family.file_layout(tensors, source)
-                return family, file_sd, dropped
+    tensors = sd
+    probes = {k for f in families for k in f.probes}
+    for prefix in ("first_stage_model.", "vae."):  # a full checkpoint: its VAE part only
+        if not probes & set(tensors) and any(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    for what, marks in _NOT_TRAINED:
+        if marks(tensors):
+            raise VAEFTError(f"{source} is {what}, which this version does not train. It trains the "
+                             + " and the ".join(f"{f.label} ({f.files})" for f in reversed(families)))
+    for family in families:
+        if family.recognise(tensors):
+            file_sd, dropped = family.file_layout(tensors, source)
+            return family, file_sd, dropped
     raise VAEFTError(f"{source} is not a " + " or a ".join(f.label for f in reversed(families))
                      + ", the VAE families this version trains. Pass a VAE file ("
                      + "; ".join(f.files for f in reversed(families)) + ") or a checkpoint that contains one.")

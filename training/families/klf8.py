@@ -399,6 +399,7 @@ FAMILY = Family(
     name="kl-f8",
     label="kl-f8 VAE (AutoencoderKL: SD1.x/2.x/SDXL, SD3, Flux.1)",
     files="vae-ft-mse-840000-ema-pruned.safetensors, sdxl_vae.safetensors, ae.safetensors",
+    probes=(LDM_PROBE, DIFFUSERS_PROBE),
     recognise=recognise,
     file_layout=file_layout,
     check=check_latent_channels,
@@ -408,6 +409,7 @@ FAMILY = Family(
     downsampling=downsampling,
     fused_norms=True,
     conv_form=lambda shapes: [k for k, s in shapes.items() if is_attention_weight(k) and len(s) == 2],
+    reshapable=is_attention_weight,
     latents=latents,
     diffusers_model=diffusers_model,
 )

@@ -1,8 +1,9 @@
-"""The Wan 2.1 family: the VAE of Qwen-Image (Qwen-Image, -Edit, -Layered, Anima, Krea2) and of Wan 2.1 /
+"""The Wan 2.1 family: the VAE of Qwen-Image (Qwen-Image, -Edit, Anima, Krea2) and of Wan 2.1 /
 Wan 2.2-14B video: 16 latent channels, 8x spatial, causal 3D convolutions, RMSNorm, a single-head mid
 attention. Files come in the original layout, which ComfyUI's Load VAE reads (``qwen_image_vae.safetensors``,
 ``wan_2.1_vae.safetensors``), or in diffusers' (``AutoencoderKLWan`` / ``AutoencoderKLQwenImage``, the
-same 194 tensors); exports are written in the original layout.
+same 194 tensors); exports are written in the original layout. RGB VAEs only (Qwen-Image-Layered's RGBA
+VAE, 4 image channels, is refused by name).
 
 The module is diffusers' ``AutoencoderKLQwenImage`` with the image interface of :mod:`training.families`
 (BCHW in and out: one frame, T = 1). At one frame a causal 3D convolution, whose input is padded with
@@ -39,6 +40,8 @@ _RESIDUAL = {"residual.0.gamma": "norm1.gamma", "residual.2.weight": "conv1.weig
              "shortcut.weight": "conv_shortcut.weight", "shortcut.bias": "conv_shortcut.bias"}
 _HEAD = {"head.0.gamma": "norm_out.gamma", "head.2.weight": "conv_out.weight", "head.2.bias": "conv_out.bias"}
 _TOP = {"conv1": "quant_conv", "conv2": "post_quant_conv"}
+_REV_RESIDUAL = {v: k for k, v in _RESIDUAL.items()}
+_REV_HEAD = {v: k for k, v in _HEAD.items()}
 
 
 def _sub(rest: str, table: dict[str, str], key: str) -> str:
@@ -79,8 +82,6 @@ def to_diffusers_key(key: str, per_level: int = 4) -> str:
 
 def to_original_key(key: str, per_level: int = 4) -> str:
     """The original-layout name of one diffusers key (inverse of :func:`to_diffusers_key`)."""
-    rev_residual = {v: k for k, v in _RESIDUAL.items()}
-    rev_head = {v: k for k, v in _HEAD.items()}
     head, _, rest = key.partition(".")
     for orig, diff in _TOP.items():
         if head == diff:
@@ -89,24 +90,24 @@ def to_original_key(key: str, per_level: int = 4) -> str:
         raise VAEFTError(f"state dict key {key!r} is not part of a Wan 2.1 VAE")
     if rest.startswith("conv_in."):
         return f"{head}.conv1.{rest[8:]}"
-    if rest in rev_head:
-        return f"{head}.{rev_head[rest]}"
+    if rest in _REV_HEAD:
+        return f"{head}.{_REV_HEAD[rest]}"
     m = re.fullmatch(r"mid_block\.(attentions\.0|resnets\.([01]))\.(.+)", rest)
     if m:
         if m.group(2) is None:
             return f"{head}.middle.1.{m.group(3)}"
-        return f"{head}.middle.{2 * int(m.group(2))}.{_sub(m.group(3), rev_residual, key)}"
+        return f"{head}.middle.{2 * int(m.group(2))}.{_sub(m.group(3), _REV_RESIDUAL, key)}"
     m = re.fullmatch(r"down_blocks\.(\d+)\.(.+)", rest)
     if m and head == "encoder":
         sub = m.group(2)
         resampler = sub.startswith(("resample.", "time_conv."))
-        return f"encoder.downsamples.{m.group(1)}.{sub if resampler else _sub(sub, rev_residual, key)}"
+        return f"encoder.downsamples.{m.group(1)}.{sub if resampler else _sub(sub, _REV_RESIDUAL, key)}"
     m = re.fullmatch(r"up_blocks\.(\d+)\.(?:upsamplers\.0\.(.+)|resnets\.(\d+)\.(.+))", rest)
     if m and head == "decoder":
         level = int(m.group(1))
         if m.group(2) is not None:
             return f"decoder.upsamples.{level * per_level + per_level - 1}.{m.group(2)}"
-        return f"decoder.upsamples.{level * per_level + int(m.group(3))}.{_sub(m.group(4), rev_residual, key)}"
+        return f"decoder.upsamples.{level * per_level + int(m.group(3))}.{_sub(m.group(4), _REV_RESIDUAL, key)}"
     raise VAEFTError(f"state dict key {key!r} is not part of a Wan 2.1 VAE")
 
 
@@ -131,10 +132,9 @@ def recognise(sd: dict) -> bool:
 
 def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tuple[dict[str, torch.Tensor], list[str]]:
     """Tensors in the original layout (what ComfyUI's Load VAE reads) from either layout."""
+    per = _per_level(sd)  # read off the encoder, whose numbering both layouts share
     if DIFFUSERS_PROBE in sd:
-        per = _per_level(sd)
         sd = {to_original_key(k, per): v for k, v in sd.items()}
-    per = _per_level(sd)
     for k in sd:
         to_diffusers_key(k, per)  # raises on keys of another architecture
     return dict(sd), []
@@ -155,8 +155,8 @@ def config_from_file(sd: dict[str, torch.Tensor]) -> dict:
 
 
 def check(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Refuse halves of two different VAEs: the encoder's 2z moments must feed conv1 (2z -> 2z), and the
-    z-channel latents conv2 (z -> z) and the decoder."""
+    """Refuse halves of two different VAEs (the encoder's 2z moments must feed conv1 (2z -> 2z), and the
+    z-channel latents conv2 (z -> z) and the decoder) and VAEs of other than RGB images."""
     def io(name: str) -> tuple[int, int] | None:
         v = sd.get(f"{name}.weight")
         return (int(v.shape[1]), int(v.shape[0])) if v is not None and v.ndim >= 2 else None
@@ -170,6 +170,11 @@ def check(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
         raise VAEFTError(f"{source}: the encoder and decoder do not fit together (encoder.head makes {head[1]} channels, "
                          f"conv1 {quant[0]} -> {quant[1]}, conv2 {post[0]} -> {post[1]}, decoder.conv1 takes {dec[0]}). "
                          "The file mixes parts of different VAEs; use one complete VAE file.")
+    channels = int(sd["encoder.conv1.weight"].shape[1]) if "encoder.conv1.weight" in sd else 3
+    if channels != 3:
+        what = " (Qwen-Image-Layered's RGBA VAE)" if channels == 4 else ""
+        raise VAEFTError(f"{source} is a Wan 2.1 VAE of {channels}-channel images{what}; this version trains VAEs "
+                         "of RGB images (qwen_image_vae.safetensors, wan_2.1_vae.safetensors)")
 
 
 def build(sd: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, str]]:
@@ -187,6 +192,8 @@ def decoder_block(name: str) -> str | None:
         return "post_quant_conv"
     if parts[0] != "decoder" or len(parts) < 2:
         return None
+    if parts[1] == "nonlinearity":  # the SiLU between norm_out and conv_out
+        return "norm_out"
     return ".".join(parts[1:3]) if parts[1] == "up_blocks" and len(parts) > 2 else parts[1]
 
 
@@ -210,11 +217,17 @@ class WanImageVAE(AutoencoderKLQwenImage):
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True):
+        """Images in [-1, 1]: the decoder's output clamped, as diffusers' and ComfyUI's decode do."""
         if self.image_path == "3d":
             out = self._decode(z[:, :, None]).sample[:, :, 0]
         else:
-            out = _decoder_2d(self.decoder, _conv(self.post_quant_conv, z), self.checkpointing).clamp(-1.0, 1.0)
+            out = self.decode_unclamped(z).clamp(-1.0, 1.0)
         return DecoderOutput(sample=out) if return_dict else (out,)
+
+    def decode_unclamped(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's output before the clamp (the 2D path; exact at one frame), every layer's forward
+        hooks run: the export's fp16/bf16 check watches activations and pixels past white or black."""
+        return _decoder_2d(self.decoder, _conv(self.post_quant_conv, z), self.checkpointing)
 
     def enable_gradient_checkpointing(self, *args, **kwargs) -> None:
         """Recompute each block in the backward pass (the 2D path only: the 3D path caches features)."""
@@ -229,18 +242,28 @@ class WanImageVAE(AutoencoderKLQwenImage):
 # ----- the 2D path: each block's forward at one frame
 
 
+def _hooked(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y``, computed from ``x`` for ``module`` without calling it, passed through the module's forward
+    hooks as a call would (the export's fp16/bf16 check watches each layer's output through them)."""
+    for hook in module._forward_hooks.values():
+        out = hook(module, (x,), y)
+        y = y if out is None else out
+    return y
+
+
 def _conv(conv, x: torch.Tensor) -> torch.Tensor:
     """A causal 3D convolution at one frame: its last temporal tap as a 2D convolution (the zero
     padding in front in time meets every other tap)."""
     pad = conv._padding  # (w, w, h, h, 2t, 0)
-    return F.conv2d(x, conv.weight[:, :, -1], conv.bias, stride=conv.stride[1:], padding=(pad[2], pad[0]))
+    return _hooked(conv, x, F.conv2d(x, conv.weight[:, :, -1], conv.bias, stride=conv.stride[1:],
+                                     padding=(pad[2], pad[0])))
 
 
 def _rms(norm, x: torch.Tensor) -> torch.Tensor:
     half = x.dtype in (torch.float16, torch.bfloat16)
     y = F.normalize(x.float() if half else x, dim=1).to(x.dtype)
     bias = norm.bias.reshape(-1, 1, 1) if isinstance(norm.bias, torch.Tensor) else norm.bias
-    return y * norm.scale * norm.gamma.reshape(-1, 1, 1) + bias
+    return _hooked(norm, x, y * norm.scale * norm.gamma.reshape(-1, 1, 1) + bias)
 
 
 def _residual(block, x: torch.Tensor) -> torch.Tensor:
@@ -351,10 +374,28 @@ def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: 
         return cls.from_config(config)
 
 
+def check_config(cfg) -> None:
+    """Settings this family cannot train with, refused by name before anything is written."""
+    if cfg.weight_decay > 0:
+        # AdamW's decay would shrink the causal convolutions' other temporal taps, which still images
+        # never train (no gradient reaches them at one frame), and so change the VAE's video behaviour
+        raise VAEFTError(f"weight_decay {cfg.weight_decay} with a Wan 2.1 VAE: its 3D convolutions' earlier "
+                         "temporal taps get no gradient from still images, and weight decay would shrink them "
+                         "(harming video decoding); set weight_decay to 0")
+    if cfg.grad_checkpointing and not cfg.wan_2d:
+        raise VAEFTError("grad_checkpointing with a Wan 2.1 VAE needs its 2D path (wan_2d on): diffusers' 3D "
+                         "forward caches features between calls and cannot recompute them")
+
+
+def set_up(model: torch.nn.Module, cfg) -> None:
+    model.image_path = "2d" if cfg.wan_2d else "3d"
+
+
 FAMILY = Family(
     name="wan2.1",
     label="Wan 2.1 VAE (Qwen-Image, Wan 2.1)",
     files="qwen_image_vae.safetensors, wan_2.1_vae.safetensors",
+    probes=(ORIGINAL_PROBE, DIFFUSERS_PROBE),
     recognise=recognise,
     file_layout=file_layout,
     check=check,
@@ -365,4 +406,10 @@ FAMILY = Family(
     image_frozen=IMAGE_FROZEN,
     latents=latents,
     diffusers_model=diffusers_model,
+    check_config=check_config,
+    set_up=set_up,
+    raw_decode=lambda model, z: model.decode_unclamped(z),
+    frozen_what=lambda trainable: "encoder, conv1 and the temporal resampling" if trainable == "decoder"
+    else "the temporal resampling",
+    extra_metadata={"vaeft.trained_on": "still images (one frame): video quality not validated"},
 )
