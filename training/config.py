@@ -183,9 +183,6 @@ class TrainConfig:
                                         "keep each patch's encoder output, up to this many MiB on the "
                                         "training device, and skip the encoder when the patch comes round "
                                         "again (0 = off)", min=0)
-    wan_2d: bool = option(True, "Wan 2.1 / Qwen-Image VAEs: at one frame run each causal 3D convolution as a 2D "
-                                "convolution with its last temporal tap (exact, several times faster, allows "
-                                "grad_checkpointing); off: diffusers' own 3D forward")
     fused_norm: bool = option(True, "on CUDA with Triton: GroupNorm and the SiLU after it as one fused "
                                     "channels-last kernel, and the whole model channels-last (fastest)")
     channels_last: bool = option(False, "without fused_norm: channels-last layout on CUDA anyway (slower: "
@@ -217,6 +214,10 @@ class TrainConfig:
     export_dtype: str = option("base", "dtype of the exported weights: 'base' = each tensor in the base file's "
                                        "dtype (the untrained ones stay bit-identical); fp16/bf16/fp32 cast all",
                                choices=EXPORT_DTYPES, node=False)
+    # (last: a new node widget goes at the end, so saved workflows' widget values keep their places)
+    wan_2d: bool = option(True, "Wan 2.1 / Qwen-Image VAEs: at one frame run each causal 3D convolution as a 2D "
+                                "convolution with its last temporal tap (exact, several times faster, allows "
+                                "grad_checkpointing); off: diffusers' own 3D forward")
 
     def __post_init__(self) -> None:
         validate(self)
