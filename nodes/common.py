@@ -74,7 +74,7 @@ def comfy_vae_to_training(vae, source_file: tuple[str, str] | None = None) -> Lo
 
 
 def _read_source_vae(folder: str, name: str) -> dict[str, torch.Tensor] | None:
-    """The VAE tensors of a model file, ldm-keyed as ComfyUI holds them; None if unavailable."""
+    """The VAE tensors of a model file, in the layout ComfyUI holds them; None if unavailable."""
     import folder_paths
 
     path = folder_paths.get_full_path(folder, name)

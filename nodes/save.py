@@ -32,7 +32,8 @@ class SaveFineTunedVAE(io.ComfyNode):
             node_id="VAEFTSave",
             display_name="Save Fine-tuned VAE",
             description="Write the fine-tuned VAE as vae-ft-<name>-<steps>.safetensors (the base file's layout, "
-                        "exact key set and dtypes) into output/vae/, loadable by Load VAE (and Automatic1111), "
+                        "exact key set and dtypes) into output/vae/, loadable by Load VAE (and Automatic1111 for "
+                        "SD/SDXL VAEs), "
                         "or as a diffusers model folder. Shows where the file went and whether the decoder is "
                         "safe in fp16/bf16.",
             search_aliases=["save vae", "export vae"],
@@ -47,7 +48,8 @@ class SaveFineTunedVAE(io.ComfyNode):
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="replace an existing file of the same name (off: refuse)"),
                 io.Combo.Input("format", options=list(FORMATS), default="safetensors", optional=True,
-                               tooltip="safetensors: one file in output/vae/ for Load VAE and Automatic1111; "
+                               tooltip="safetensors: one file in output/vae/ for Load VAE (and Automatic1111 for "
+                                       "SD/SDXL VAEs); "
                                        "diffusers: a model folder in output/vae_diffusers/ for diffusers' "
                                        "from_pretrained (AutoencoderKL; AutoencoderKLQwenImage / AutoencoderKLWan "
                                        "for a Qwen-Image or Wan 2.1 VAE)"),

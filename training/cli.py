@@ -68,13 +68,13 @@ def add_fit_command(sub) -> argparse.ArgumentParser:
     p.add_argument("--vae", help="base VAE file (.safetensors/.ckpt): a kl-f8 VAE (ldm or diffusers keys) or a "
                                  "Wan 2.1 / Qwen-Image VAE (ComfyUI or diffusers layout)")
     p.add_argument("--data", help="folder of training images (searched recursively)")
-    p.add_argument("--out", help="output .safetensors path (ldm keys, loadable by Load VAE); with --format "
-                                 "diffusers a model folder")
+    p.add_argument("--out", help="output .safetensors path (the base file's layout, loadable by Load VAE); with "
+                                 "--format diffusers a model folder")
     from .export import FORMATS
     from .probe import FAMILY_CHOICES
 
     p.add_argument("--format", choices=FORMATS, default="safetensors",
-                   help="safetensors: one ldm-keyed file (ComfyUI, Automatic1111); diffusers: a folder that "
+                   help="safetensors: one file in the base's layout (ComfyUI; Automatic1111 for kl-f8); diffusers: a folder that "
                         "diffusers' from_pretrained loads (config.json + diffusion_pytorch_model.safetensors: "
                         "AutoencoderKL; AutoencoderKLQwenImage / AutoencoderKLWan for a Wan 2.1 VAE)")
     p.add_argument("--family", choices=FAMILY_CHOICES, default="auto",
