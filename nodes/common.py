@@ -59,7 +59,8 @@ def comfy_vae_to_training(vae, source_file: tuple[str, str] | None = None) -> Lo
     """
     if vae is None or getattr(vae, "first_stage_model", None) is None:
         raise VAEFTError("the VAE input is empty or invalid; connect a Load VAE (or checkpoint) VAE output")
-    sd = _read_source_vae(*source_file) if source_file else None
+    read = _read_source_vae(*source_file) if source_file else None
+    family, sd = read if read is not None else (None, None)
     if sd is not None and set(sd) != set(vae.get_sd()):
         sd = None  # not the weights this VAE was built from (e.g. a converted layout): use what ComfyUI holds
     if sd is None:
@@ -70,11 +71,28 @@ def comfy_vae_to_training(vae, source_file: tuple[str, str] | None = None) -> Lo
     # keep the stored dtype: the base hash in the export's metadata then matches the CLI's for the same file
     sd = {k: v.detach().to("cpu").clone() for k, v in sd.items()}
     name = source_file[1] if source_file else "the connected VAE"
-    return build_vae(sd, source=name)
+    try:
+        loaded = build_vae(sd, source=name)
+    except VAEFTError as e:
+        if family is None:
+            raise
+        raise _not_built_by_this_comfyui(name, family, vae, str(e)) from None
+    if family is not None and loaded.layout.family != family.name:
+        raise _not_built_by_this_comfyui(name, family, vae, f"it holds a {loaded.layout.family} VAE")
+    return loaded
 
 
-def _read_source_vae(folder: str, name: str) -> dict[str, torch.Tensor] | None:
-    """The VAE tensors of a model file, in the layout ComfyUI holds them; None if unavailable."""
+def _not_built_by_this_comfyui(name: str, family, vae, why: str) -> VAEFTError:
+    """The file is a VAE the pack trains, but the model this ComfyUI's Load VAE made of it holds other
+    tensors (a ComfyUI that does not know the family reads it as another one)."""
+    return VAEFTError(f"{name} is a {family.label}, but the {type(vae.first_stage_model).__name__} this ComfyUI's "
+                      f"Load VAE built from it holds other tensors ({why}), so it is not that VAE: this ComfyUI "
+                      f"does not read {family.files} as the pack does. Use a ComfyUI whose Load VAE loads this "
+                      "family, or fine-tune from the command line: python -m training fit --vae FILE ...")
+
+
+def _read_source_vae(folder: str, name: str) -> tuple[object, dict[str, torch.Tensor]] | None:
+    """(its family, the VAE tensors of a model file in the family's file layout); None if unavailable."""
     import folder_paths
 
     path = folder_paths.get_full_path(folder, name)
@@ -95,7 +113,8 @@ def _read_source_vae(folder: str, name: str) -> dict[str, torch.Tensor] | None:
             sd = comfy.utils.load_torch_file(path)
         else:
             return None
-        return recognise(sd, name)[1]
+        family, tensors, _ = recognise(sd, name)
+        return family, tensors
     except (VAEFTError, OSError, RuntimeError, ValueError) as e:
         log.warning("could not read %s for its exact VAE weights (%s); using ComfyUI's copy", name, e)
         return None

@@ -498,3 +498,28 @@ def test_a_qwen_image_vae_from_load_vae_trains_saves_and_round_trips(comfy):
     assert entry["status"]["status_str"] == "success", _messages(entry)
     assert "Missing VAE keys" not in server.read_log() and "Leftover VAE keys" not in server.read_log()
     os.unlink(os.path.join(base, "models", "vae", "qwen_image_vae.safetensors"))
+
+
+def test_what_comfyui_0_3_64_does_with_a_flux2_vae(comfy):
+    """What the README says of Flux.2 in ComfyUI: this ComfyUI predates FLUX.2, so its own Load VAE fails on
+    the file (it builds another family's 32-channel VAE) before the pack's nodes run; the command line is the
+    way. A ComfyUI that loads BFL's layout would pass it on; that one is not available here."""
+    from safetensors.torch import save_file
+
+    from test_flux2 import tiny_diffusers
+    from training.vae import build_vae, model_to_file
+
+    server, base, _ = comfy
+    version = open(os.path.join(comfyui_path(), "comfyui_version.py")).read()
+    if '"0.3.64"' not in version:
+        pytest.skip("documents ComfyUI 0.3.64's behaviour; this checkout is another version")
+    loaded = build_vae(tiny_diffusers().state_dict(), source="flux2 diffusers")
+    path = os.path.join(base, "models", "vae", "flux2-vae.safetensors")
+    save_file({k: v.contiguous() for k, v in model_to_file(loaded.model, loaded.layout).items()}, path)
+    try:
+        entry = server.wait(server.queue(_example("flux2-vae.safetensors", "vae_train", steps=1, batch_size=1)))
+    finally:
+        os.unlink(path)
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert entry["status"]["status_str"] == "error" and errors, _messages(entry)
+    assert errors[0]["node_type"] == "VAELoader" and "size mismatch" in errors[0]["exception_message"]

@@ -81,7 +81,6 @@ def test_both_layouts_load_the_same_model_and_map_back_exactly():
 @pytest.mark.parametrize("case,expected", [
     ("wan22", "the Wan 2.2 VAE (48 latent channels"),
     ("c64", "a 64-channel VAE (Qwen-Image 2.1 or HunyuanImage 2.1)"),
-    ("flux2", "the Flux.2 VAE (32 latent channels with BatchNorm statistics)"),
     ("svd", "a video VAE with a temporal decoder"),
     ("mixed", "the encoder and decoder do not fit together"),
     ("rgba", "a Wan 2.1 VAE of 4-channel images (Qwen-Image-Layered's RGBA VAE); this version trains VAEs of RGB"),
@@ -92,8 +91,6 @@ def test_families_this_version_does_not_train_are_refused_by_name(case, expected
         sd = {**tiny_wan_sd(), "decoder.upsamples.0.upsamples.0.residual.2.weight": torch.zeros(1)}
     elif case == "c64":
         sd = tiny_wan_sd(z_dim=64)
-    elif case == "flux2":
-        sd = {**tiny_ldm_sd(), "bn.running_mean": torch.zeros(128), "bn.running_var": torch.ones(128)}
     elif case == "svd":
         sd = {**tiny_ldm_sd(), "decoder.mid.block_1.mix_factor": torch.zeros(1)}
     elif case == "rgba":

@@ -70,10 +70,11 @@ def export_dtypes(layout: FileLayout, dtype: str = "base") -> dict[str, torch.dt
     """File key -> the dtype it is written in: the base file's own per tensor ('base'), or one for all."""
     if dtype not in EXPORT_DTYPES:
         raise VAEFTError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}; got {dtype!r}")
-    if dtype != "base":
-        return {k: DTYPES[dtype] for k in layout.shapes}
     # a layout without recorded dtypes (built by hand) has fp32 weights: build_vae upcasts to fp32
-    return {k: layout.dtypes.get(k, torch.float32) for k in layout.shapes}
+    base = {k: layout.dtypes.get(k, torch.float32) for k in layout.shapes}
+    if dtype == "base":
+        return base
+    return {k: DTYPES[dtype] if d.is_floating_point else d for k, d in base.items()}  # counters stay integers
 
 
 def frozen_keys(trained: Trained) -> list[str]:
@@ -124,7 +125,8 @@ def _export_tensors(trained: Trained, dtype: str) -> tuple[dict[str, torch.Tenso
     """(exported tensors, the same in fp32) after checking the untrained ones against the base.
     Attention weights are always written as 1x1 convolutions, the form every stock loader takes."""
     dtypes = export_dtypes(trained.layout, dtype)
-    fp32 = {k: v.detach().to("cpu", torch.float32) for k, v in model_to_file(trained.model, trained.layout).items()}
+    fp32 = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+            for k, v in model_to_file(trained.model, trained.layout).items()}
     check_frozen_against_base(trained, fp32)  # the hashes ignore shape: a matrix and its 1x1 conv hash alike
     for k in conv_form_keys(trained.layout):
         fp32[k] = fp32[k][:, :, None, None]

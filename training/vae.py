@@ -63,7 +63,9 @@ def build_vae(sd: dict[str, torch.Tensor], source: str = "state dict", base_sha2
         raise VAEFTError(f"{source}: {len(wrong)} tensor(s) have shapes that do not fit the VAE read off its other "
                          f"tensors: {_names(wrong, 3)}. The file is damaged or mixes parts of different VAEs; "
                          "use one complete VAE file.")
-    model.load_state_dict({keys[fk]: v.float().reshape(expected[keys[fk]]) for fk, v in file_sd.items()},
+    # floats as fp32 master weights; counters (BatchNorm's num_batches_tracked) keep their integer dtype
+    model.load_state_dict({keys[fk]: (v.float() if v.is_floating_point() else v).reshape(expected[keys[fk]])
+                           for fk, v in file_sd.items()},
                           strict=True, assign=True)
     model.eval().requires_grad_(False)
     model.vaeft_family = family.name

@@ -4,6 +4,8 @@ A family is data and small functions (:class:`Family`), one module per family:
 
 - :mod:`training.families.klf8`: the kl-f8 ``AutoencoderKL`` (SD1.x/2.x/SDXL with 4 latent channels,
   SD3 and Flux.1 with 16), files in the ldm (CompVis) layout or diffusers';
+- :mod:`training.families.flux2`: the Flux.2 VAE (32 latent channels, BatchNorm latent statistics, a
+  decoder possibly narrower than the encoder), files in Black Forest Labs' layout or diffusers';
 - :mod:`training.families.wan`: the Wan 2.1 VAE that Qwen-Image and Wan 2.1/2.2-14B use (16 latent
   channels, causal 3D convolutions, RMSNorm), files in the original (ComfyUI) layout or diffusers'.
 
@@ -81,9 +83,9 @@ def trained(name: str, trainable: str, family: Family) -> bool:
 def _families() -> list[Family]:
     """Every family this version trains, the most specific recogniser first (kl-f8's takes any
     encoder/decoder tensors and then says precisely what is missing)."""
-    from . import klf8, wan
+    from . import flux2, klf8, wan
 
-    return [wan.FAMILY, klf8.FAMILY]
+    return [wan.FAMILY, flux2.FAMILY, klf8.FAMILY]
 
 
 def family_named(name: str) -> Family:
@@ -106,8 +108,6 @@ _NOT_TRAINED: list[tuple[str, Callable[[dict], bool]]] = [
      or _channels(sd, ("conv2.weight", "post_quant_conv.weight")) == 48),
     ("a 64-channel VAE (Qwen-Image 2.1 or HunyuanImage 2.1)",
      lambda sd: _channels(sd, ("conv2.weight", "post_quant_conv.weight", "decoder.conv_in.weight")) == 64),
-    ("the Flux.2 VAE (32 latent channels with BatchNorm statistics)",
-     lambda sd: "bn.running_mean" in sd or any(k.endswith(".bn.running_mean") for k in sd)),
     ("a video VAE with a temporal decoder (Stable Video Diffusion)",
      lambda sd: "decoder.mid.block_1.mix_factor" in sd or any(".time_stack." in k for k in sd)),
 ]

@@ -1,0 +1,202 @@
+"""The Flux.2 family: the VAE of FLUX.2 [dev] / [klein] (and the diffusers pipelines that reuse it):
+the kl-f8 architecture with 32 latent channels, its quant convolutions inside the encoder and decoder
+(``encoder.quant_conv``, ``decoder.post_quant_conv`` in Black Forest Labs' layout), and an affine-free
+BatchNorm (``bn.running_mean`` / ``bn.running_var`` / ``bn.num_batches_tracked``) over the 2x2-patchified
+128-channel latent, which normalises what the diffusion model sees. A decoder may be narrower than the
+encoder (FLUX.2-small-decoder): its widths are read off its own tensors.
+
+Files come in BFL's layout (``ae.safetensors`` of FLUX.2, which BFL's ``AutoEncoder`` loads strictly and
+newer ComfyUI reads) or diffusers' (``AutoencoderKLFlux2``); exports are written in BFL's layout. The
+module is diffusers' ``AutoencoderKLFlux2``: its ``encode`` / ``decode`` work on the 32-channel latents
+around the BatchNorm, which is an invertible per-channel map applied identically before the diffusion
+model and after it, so the decoder trains on the base encoder's latents exactly as a kl-f8 decoder does,
+and ``bn.*`` stays the base's, byte for byte. Decoder-only: the encoder and the statistics are the latent
+space every FLUX.2 model was trained on.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import VAEFTError
+from . import Family
+from . import klf8
+
+# BFL keeps the quant convolutions inside the encoder and decoder; diffusers at the top, as kl-f8 does.
+_QUANT = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
+_BN = ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked")
+BN_EPS = 1e-4       # BFL's AutoEncoder.bn_eps (diffusers' batch_norm_eps default)
+PATCH = (2, 2)      # BFL's AutoEncoder.ps: the BatchNorm runs over 2x2-patchified latents
+
+
+def _levels(keys, part: str) -> int:
+    return len({m.group(1) for k in keys if (m := re.match(rf"{part}\.(?:down|up)\.(\d+)\.", k))})
+
+
+def _diffusers_levels(keys, part: str) -> int:
+    return len({m.group(1) for k in keys if (m := re.match(rf"{part}\.(?:down|up)_blocks\.(\d+)\.", k))})
+
+
+def to_diffusers_key(key: str, encoder_levels: int, decoder_levels: int) -> str:
+    """diffusers (``AutoencoderKLFlux2``) name of one BFL key."""
+    for bfl, diff in _QUANT.items():
+        if key.startswith(bfl):
+            return diff + key[len(bfl):]
+    if key in _BN:
+        return key
+    if key.startswith(("quant_conv.", "post_quant_conv.")):  # kl-f8's places: not a Flux.2 file's
+        raise VAEFTError(f"state dict key {key!r} is not part of a Flux.2 VAE (BFL keeps it in the encoder/decoder)")
+    return klf8.ldm_to_diffusers_key(key, decoder_levels if key.startswith("decoder.") else encoder_levels)
+
+
+def to_bfl_key(key: str, encoder_levels: int, decoder_levels: int) -> str:
+    """BFL's name of one diffusers key (inverse of :func:`to_diffusers_key`)."""
+    for bfl, diff in _QUANT.items():
+        if key.startswith(diff):
+            return bfl + key[len(diff):]
+    if key in _BN:
+        return key
+    key = klf8._normalise_diffusers_key(key)
+    bfl = klf8.diffusers_to_ldm_key(key, decoder_levels if key.startswith("decoder.") else encoder_levels)
+    if to_diffusers_key(bfl, encoder_levels, decoder_levels) != key:
+        raise VAEFTError(f"state dict key {key!r} is not part of a Flux.2 VAE")
+    return bfl
+
+
+def recognise(sd: dict) -> bool:
+    return "bn.running_mean" in sd and any(k.startswith(("encoder.", "decoder.")) for k in sd)
+
+
+def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors in BFL's layout from either layout (attention as the 1x1 convolutions BFL stores)."""
+    if klf8.DIFFUSERS_PROBE in sd:
+        enc, dec = _diffusers_levels(sd, "encoder"), _diffusers_levels(sd, "decoder")
+        out = {}
+        for k, v in sd.items():
+            bk = to_bfl_key(k, enc, dec)
+            out[bk] = v[:, :, None, None] if klf8.is_attention_weight(bk) and v.ndim == 2 else v
+        sd = out
+    enc, dec = _levels(sd, "encoder"), _levels(sd, "decoder")
+    for k in sd:
+        to_diffusers_key(k, enc, dec)  # raises on keys of another architecture
+    lacking = [k for k in ("encoder.conv_in.weight", "encoder.quant_conv.weight", "decoder.post_quant_conv.weight",
+                           "decoder.conv_in.weight", "decoder.conv_out.weight", *_BN) if k not in sd]
+    if lacking:
+        raise VAEFTError(f"{source} is not a complete Flux.2 VAE: it lacks {', '.join(lacking)}")
+    return dict(sd), []
+
+
+def _widths(sd: dict, part: str) -> list[int]:
+    levels = _levels(sd, part)
+    kind = "down" if part == "encoder" else "up"
+    return [int(sd[f"{part}.{kind}.{i}.block.0.conv2.weight"].shape[0]) for i in range(levels)]
+
+
+def _blocks(sd: dict, part: str) -> int:
+    kind = "down" if part == "encoder" else "up"
+    return len({m.group(1) for k in sd if (m := re.match(rf"{part}\.{kind}\.0\.block\.(\d+)\.", k))})
+
+
+def config_from_file(sd: dict[str, torch.Tensor]) -> dict:
+    """``AutoencoderKLFlux2``'s config read off BFL-layout shapes (the decoder's widths off its own tensors)."""
+    enc, dec = _widths(sd, "encoder"), _widths(sd, "decoder")
+    return dict(in_channels=int(sd["encoder.conv_in.weight"].shape[1]),
+                out_channels=int(sd["decoder.conv_out.weight"].shape[0]),
+                down_block_types=["DownEncoderBlock2D"] * len(enc), up_block_types=["UpDecoderBlock2D"] * len(dec),
+                block_out_channels=enc, decoder_block_out_channels=dec if dec != enc else None,
+                layers_per_block=_blocks(sd, "encoder"), latent_channels=int(sd["decoder.conv_in.weight"].shape[1]),
+                norm_num_groups=32, mid_block_add_attention="encoder.mid.attn_1.q.weight" in sd,
+                batch_norm_eps=BN_EPS, patch_size=list(PATCH), sample_size=1024)
+
+
+def check(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Refuse halves of different VAEs and decoders this module cannot rebuild, naming what does not fit."""
+    def io(name: str) -> tuple[int, int]:
+        v = sd[f"{name}.weight"]
+        return int(v.shape[1]), int(v.shape[0])
+
+    enc, quant, post, dec = io("encoder.conv_out"), io("encoder.quant_conv"), io("decoder.post_quant_conv"), \
+        io("decoder.conv_in")
+    z = dec[0]
+    stats = {k: int(sd[k].numel()) for k in ("bn.running_mean", "bn.running_var")}
+    if not (enc[1] == quant[0] == quant[1] == 2 * z and post == (z, z)) or set(stats.values()) != {4 * z}:
+        raise VAEFTError(f"{source}: the encoder, decoder and latent statistics do not fit together (encoder makes "
+                         f"{quant[1]} channels, decoder.post_quant_conv {post[0]} -> {post[1]}, decoder.conv_in takes "
+                         f"{z}, bn holds {stats['bn.running_mean']} means and {stats['bn.running_var']} variances for "
+                         f"{4 * z} patchified channels). The file mixes parts of different VAEs; use one complete VAE file.")
+    widths = _widths(sd, "encoder") + _widths(sd, "decoder")
+    if any(w % 32 for w in widths):
+        raise VAEFTError(f"{source}: channel widths {widths} are not multiples of 32 (GroupNorm groups of the Flux.2 "
+                         "VAE); this is not a Flux.2 VAE this version can rebuild")
+    if _levels(sd, "decoder") != _levels(sd, "encoder") or _blocks(sd, "decoder") != _blocks(sd, "encoder") + 1:
+        raise VAEFTError(f"{source}: a Flux.2 decoder with {_levels(sd, 'decoder')} levels of {_blocks(sd, 'decoder')} "
+                         f"blocks for an encoder with {_levels(sd, 'encoder')} levels of {_blocks(sd, 'encoder')}: "
+                         "this version trains decoders that differ from the encoder in width only (as "
+                         "FLUX.2-small-decoder does)")
+    if float(sd["bn.running_var"].float().min()) < 0:
+        raise VAEFTError(f"{source}: bn.running_var holds negative variances; the file is damaged")
+
+
+def build(sd: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The ``AutoencoderKLFlux2`` (meta device) for BFL-layout tensors, and file key -> module key."""
+    from diffusers import AutoencoderKLFlux2
+
+    with torch.device("meta"):
+        model = AutoencoderKLFlux2(**config_from_file(sd))
+    enc, dec = _levels(sd, "encoder"), _levels(sd, "decoder")
+    return model, {k: to_diffusers_key(k, enc, dec) for k in sd}
+
+
+def check_config(cfg) -> None:
+    if cfg.trainable != "decoder":
+        raise VAEFTError(f"trainable {cfg.trainable!r} with a Flux.2 VAE: it trains decoder-only. Its encoder and "
+                         "BatchNorm statistics are the latent space every FLUX.2 model was trained on; training "
+                         "them would need a new diffusion model. Set trainable to 'decoder'")
+
+
+def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device="cpu") -> dict:
+    """The base's BatchNorm statistics, which a pipeline normalises the 2x2-patchified latents with
+    ((z - mean) / sqrt(var + eps) per patchified channel): the latent space is the base's."""
+    if family != "auto":
+        raise VAEFTError(f"family {family!r} is a latent family of kl-f8 VAEs; this is a Flux.2 VAE, whose latents "
+                         "are normalised by its own BatchNorm statistics: leave family on auto")
+    mean = model.bn.running_mean.detach().float().cpu()
+    std = torch.sqrt(model.bn.running_var.detach().float().cpu() + model.config.batch_norm_eps)
+    return {"family": "flux2", "why": "the VAE family",
+            "latents_mean": [float(f"{v:.6g}") for v in mean.tolist()],
+            "latents_std": [float(f"{v:.6g}") for v in std.tolist()],
+            "source": f"the base's BatchNorm statistics (bn.*, kept byte for byte), over the {PATCH[0]}x{PATCH[1]}-"
+                      "patchified latents (decoder-only: the latent space is the base's)"}
+
+
+def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: str = "") -> torch.nn.Module:
+    """``AutoencoderKLFlux2`` (meta device) for BFL-layout ``tensors``: its BatchNorm buffers are the
+    file's ``bn.*`` (the statistics its pipelines normalise latents with)."""
+    from diffusers import AutoencoderKLFlux2
+
+    with torch.device("meta"):
+        return AutoencoderKLFlux2.from_config(config_from_file(tensors))
+
+
+FAMILY = Family(
+    name="flux2",
+    label="Flux.2 VAE (FLUX.2 [dev], [klein])",
+    files="flux2-vae.safetensors, FLUX.2's ae.safetensors",
+    probes=(klf8.LDM_PROBE, klf8.DIFFUSERS_PROBE),
+    recognise=recognise,
+    file_layout=file_layout,
+    check=check,
+    build=build,
+    decoder_block=klf8.decoder_block,
+    last_layer=lambda model: model.decoder.conv_out.weight,
+    downsampling=klf8.downsampling,
+    fused_norms=True,
+    conv_form=lambda shapes: [k for k, s in shapes.items() if klf8.is_attention_weight(k) and len(s) == 2],
+    reshapable=klf8.is_attention_weight,
+    latents=latents,
+    diffusers_model=diffusers_model,
+    check_config=check_config,
+    frozen_what=lambda trainable: "encoder with its quant_conv, and bn.*: the latent statistics",
+)
