@@ -59,27 +59,40 @@ def comfy_vae_to_training(vae, source_file: tuple[str, str] | None = None) -> Lo
     """
     if vae is None or getattr(vae, "first_stage_model", None) is None:
         raise VAEFTError("the VAE input is empty or invalid; connect a Load VAE (or checkpoint) VAE output")
+    name = source_file[1] if source_file else "the connected VAE"
     read = _read_source_vae(*source_file) if source_file else None
     family, sd = read if read is not None else (None, None)
-    if sd is not None and set(sd) != set(vae.get_sd()):
-        sd = None  # not the weights this VAE was built from (e.g. a converted layout): use what ComfyUI holds
-    if sd is None:
+    held = vae.get_sd()
+    if sd is not None and not _same_tensors(sd, held, name):
+        sd = None  # not the weights this VAE was built from: use what ComfyUI holds
+    from_comfy = sd is None
+    if from_comfy:
         if getattr(vae, "vae_dtype", torch.float32) != torch.float32:
             log.warning("fine-tuning from a %s copy of the VAE (ComfyUI's working dtype); connect Load VAE "
                         "directly to start from the file's exact weights", vae.vae_dtype)
-        sd = vae.get_sd()
+        sd = held
     # keep the stored dtype: the base hash in the export's metadata then matches the CLI's for the same file
     sd = {k: v.detach().to("cpu").clone() for k, v in sd.items()}
-    name = source_file[1] if source_file else "the connected VAE"
     try:
         loaded = build_vae(sd, source=name)
     except VAEFTError as e:
-        if family is None:
+        if family is None or not from_comfy:
             raise
         raise _not_built_by_this_comfyui(name, family, vae, str(e)) from None
     if family is not None and loaded.layout.family != family.name:
         raise _not_built_by_this_comfyui(name, family, vae, f"it holds a {loaded.layout.family} VAE")
     return loaded
+
+
+def _same_tensors(file_sd: dict, held: dict, name: str) -> bool:
+    """Whether ComfyUI's copy holds the file's tensors, perhaps under its own names (ComfyUI holds a Flux.2
+    VAE with its quant convolutions at the top, where BFL's file has them in the encoder and decoder)."""
+    if set(file_sd) == set(held):
+        return True
+    try:
+        return set(recognise(held, name)[1]) == set(file_sd)
+    except VAEFTError:
+        return False
 
 
 def _not_built_by_this_comfyui(name: str, family, vae, why: str) -> VAEFTError:

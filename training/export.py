@@ -74,7 +74,10 @@ def export_dtypes(layout: FileLayout, dtype: str = "base") -> dict[str, torch.dt
     base = {k: layout.dtypes.get(k, torch.float32) for k in layout.shapes}
     if dtype == "base":
         return base
-    return {k: DTYPES[dtype] if d.is_floating_point else d for k, d in base.items()}  # counters stay integers
+    keep = family_named(layout.family).keep_dtype
+    # counters stay integers; the family's statistics stay as the base stores them
+    return {k: DTYPES[dtype] if d.is_floating_point and not k.startswith(keep) else d
+            for k, d in base.items()}
 
 
 def frozen_keys(trained: Trained) -> list[str]:

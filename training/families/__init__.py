@@ -73,6 +73,8 @@ class Family:
     # what the untrained tensors are, in the family's words, for mode 'decoder' / 'full' (the export report)
     frozen_what: Callable[[str], str] = lambda trainable: "encoder, quant_conv"
     extra_metadata: dict = field(default_factory=dict)  # vaeft.* facts every export of the family records
+    # file-key prefixes written in the base's dtype whatever the export dtype (Flux.2's latent statistics)
+    keep_dtype: tuple[str, ...] = field(default_factory=tuple)
 
 
 def trained(name: str, trainable: str, family: Family) -> bool:

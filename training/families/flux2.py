@@ -6,7 +6,8 @@ BatchNorm (``bn.running_mean`` / ``bn.running_var`` / ``bn.num_batches_tracked``
 encoder (FLUX.2-small-decoder): its widths are read off its own tensors.
 
 Files come in BFL's layout (``ae.safetensors`` of FLUX.2, which BFL's ``AutoEncoder`` loads strictly and
-newer ComfyUI reads) or diffusers' (``AutoencoderKLFlux2``); exports are written in BFL's layout. The
+newer ComfyUI reads), in the layout ComfyUI holds and saves (BFL's with the quant convolutions at the top,
+as kl-f8's), or diffusers' (``AutoencoderKLFlux2``); exports are written in BFL's layout. The
 module is diffusers' ``AutoencoderKLFlux2``: its ``encode`` / ``decode`` work on the 32-channel latents
 around the BatchNorm, which is an invertible per-channel map applied identically before the diffusion
 model and after it, so the decoder trains on the base encoder's latents exactly as a kl-f8 decoder does,
@@ -46,8 +47,6 @@ def to_diffusers_key(key: str, encoder_levels: int, decoder_levels: int) -> str:
             return diff + key[len(bfl):]
     if key in _BN:
         return key
-    if key.startswith(("quant_conv.", "post_quant_conv.")):  # kl-f8's places: not a Flux.2 file's
-        raise VAEFTError(f"state dict key {key!r} is not part of a Flux.2 VAE (BFL keeps it in the encoder/decoder)")
     return klf8.ldm_to_diffusers_key(key, decoder_levels if key.startswith("decoder.") else encoder_levels)
 
 
@@ -66,7 +65,10 @@ def to_bfl_key(key: str, encoder_levels: int, decoder_levels: int) -> str:
 
 
 def recognise(sd: dict) -> bool:
-    return "bn.running_mean" in sd and any(k.startswith(("encoder.", "decoder.")) for k in sd)
+    """BatchNorm statistics beside an encoder/decoder, or BFL's quant convolutions (a Flux.2 file that lost
+    its statistics is then refused naming them, not a key)."""
+    return ("bn.running_mean" in sd and any(k.startswith(("encoder.", "decoder.")) for k in sd)) \
+        or "encoder.quant_conv.weight" in sd or "decoder.post_quant_conv.weight" in sd
 
 
 def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -78,6 +80,8 @@ def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tupl
             bk = to_bfl_key(k, enc, dec)
             out[bk] = v[:, :, None, None] if klf8.is_attention_weight(bk) and v.ndim == 2 else v
         sd = out
+    else:  # ComfyUI's layout: BFL's keys with the quant convolutions at the top
+        sd = {next((b + k[len(d):] for b, d in _QUANT.items() if k.startswith(d)), k): v for k, v in sd.items()}
     enc, dec = _levels(sd, "encoder"), _levels(sd, "decoder")
     for k in sd:
         to_diffusers_key(k, enc, dec)  # raises on keys of another architecture
@@ -120,6 +124,9 @@ def check(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
     enc, quant, post, dec = io("encoder.conv_out"), io("encoder.quant_conv"), io("decoder.post_quant_conv"), \
         io("decoder.conv_in")
     z = dec[0]
+    if z != 32:
+        raise VAEFTError(f"{source} is laid out like a Flux.2 VAE but has {z} latent channels (decoder.conv_in); "
+                         "Flux.2's VAE has 32. This version trains the Flux.2 VAE itself, not other VAEs in its layout")
     stats = {k: int(sd[k].numel()) for k in ("bn.running_mean", "bn.running_var")}
     if not (enc[1] == quant[0] == quant[1] == 2 * z and post == (z, z)) or set(stats.values()) != {4 * z}:
         raise VAEFTError(f"{source}: the encoder, decoder and latent statistics do not fit together (encoder makes "
@@ -199,4 +206,8 @@ FAMILY = Family(
     diffusers_model=diffusers_model,
     check_config=check_config,
     frozen_what=lambda trainable: "encoder with its quant_conv, and bn.*: the latent statistics",
+    keep_dtype=("bn.",),  # the statistics stay in the base's dtype whatever the export's: the latent space is exact
+    extra_metadata={"vaeft.latent_normalisation": f"BatchNorm (bn.*, eps {BN_EPS}) over {PATCH[0]}x{PATCH[1]}-"
+                                                  "patchified latents (4 x 32 = 128 channels), as FLUX.2 pipelines "
+                                                  "normalise them"},
 )

@@ -256,6 +256,14 @@ def check_latent_channels(sd: dict[str, torch.Tensor], source: str = "state dict
                f"{taker} takes {takes}")
     if post is not None and post[1] != dec[0]:
         refuse(f"post_quant_conv makes {post[1]} channels but decoder.conv_in takes {dec[0]}")
+    known = sorted({f["latent_channels"] for f in LATENT_FAMILIES.values()})
+    if dec[0] not in known:  # its export could not say how diffusion models scale its latents: refuse now
+        flux2 = (": a Flux.2 VAE (32 channels) also holds its BatchNorm statistics bn.running_mean, bn.running_var "
+                 "and bn.num_batches_tracked, which this file lacks; use the complete file") if dec[0] == 32 else ""
+        raise VAEFTError(f"{source} is a kl-f8 VAE with {dec[0]} latent channels, for which no latent family is "
+                         f"known (" + ", ".join(f"{c}: " + "/".join(v["what"] for v in LATENT_FAMILIES.values()
+                                                                      if v["latent_channels"] == c) for c in known)
+                         + f"){flux2}")
 
 
 def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tuple[dict[str, torch.Tensor], list[str]]:
