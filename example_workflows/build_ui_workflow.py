@@ -32,6 +32,15 @@ RESULT_BOX_H = 80
 # its status text (up to 5 lines: run, step/ETA, losses, validation vs base, peak GPU memory; ~80 px).
 IMAGE_H = {"PreviewImage": 320, "SaveImage": 320, "VAEFTFineTune": 240 + 80}
 GAP_X, GAP_Y, ORIGIN = 60, 40, (40, 80)
+# The VAE file a template's Load VAE names, and its public source. The node carries it as
+# properties.models ({name, url, directory}), the shape ComfyUI's own templates use, so a frontend that
+# does not find the file in models/vae says which file it is, where it goes and where to get it.
+TEMPLATE_VAES = {
+    "vae-ft-mse-840000-ema-pruned.safetensors": "https://huggingface.co/stabilityai/sd-vae-ft-mse-original/"
+                                                "resolve/main/vae-ft-mse-840000-ema-pruned.safetensors?download=true",
+    "qwen_image_vae.safetensors": "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/"
+                                  "resolve/main/split_files/vae/qwen_image_vae.safetensors",
+}
 
 
 def _is_widget(spec) -> bool:
@@ -67,6 +76,18 @@ def node_size(class_type: str, info: dict, widget_rows: int, socket_inputs: int,
     if widgets:
         h += widgets + WIDGETS_PAD
     return [NODE_W, h + NODE_PAD]
+
+
+def _properties(nid: str, node: dict) -> dict:
+    """The node's properties: its S&R name, and for Load VAE the model it names (see TEMPLATE_VAES)."""
+    props = {"Node name for S&R": node["class_type"]}
+    if node["class_type"] == "VAELoader":
+        name = node["inputs"].get("vae_name")
+        if name not in TEMPLATE_VAES:
+            raise ValueError(f"node {nid} (Load VAE) names {name!r}, a file with no known public source: a template "
+                             f"must name one of {sorted(TEMPLATE_VAES)} (or add the file and its URL to TEMPLATE_VAES)")
+        props["models"] = [{"name": name, "url": TEMPLATE_VAES[name], "directory": "vae"}]
+    return props
 
 
 def _columns(api: dict) -> dict[str, int]:
@@ -139,7 +160,7 @@ def build(api: dict, object_info: dict) -> dict:
         nodes.append({"id": int(nid), "type": node["class_type"], "pos": pos, "size": size,
                       "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                       "title": node.get("_meta", {}).get("title"),
-                      "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
+                      "properties": _properties(nid, node), "widgets_values": widgets})
     return {"last_node_id": max(int(k) for k in api), "last_link_id": link_id, "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 

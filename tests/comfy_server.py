@@ -20,6 +20,8 @@ from conftest import ROOT, SD_VAE_CONFIG, write_images
 PACK = "comfyui-vae-finetune"
 API_EXAMPLES = os.path.join(ROOT, "examples", "api")
 TEMPLATES = os.path.join(ROOT, "example_workflows")
+# The SD VAE the generic templates' Load VAE names (example_workflows/build_ui_workflow.py TEMPLATE_VAES).
+TEMPLATE_SD_VAE = "vae-ft-mse-840000-ema-pruned.safetensors"
 
 
 def comfyui_path() -> str | None:
@@ -35,8 +37,8 @@ def _free_port() -> int:
 
 def prepare_base(base: str, settings: dict | None = None) -> dict[str, torch.Tensor]:
     """A ComfyUI base directory: this pack linked into custom_nodes, a random-init VAE in the full SD
-    layout as models/vae/random_sd_vae.safetensors (stock Load VAE accepts only that layout), a random
-    VGG backbone for LPIPS, real photos in input/vae_train, and the default user's settings.
+    layout as models/vae/random_sd_vae.safetensors (stock Load VAE accepts only that layout) and, the same
+    file, under the name the generic templates' Load VAE holds (TEMPLATE_SD_VAE), a random VGG backbone for LPIPS, real photos in input/vae_train, and the default user's settings.
     Returns the VAE's ldm state dict."""
     import torchvision
     from diffusers import AutoencoderKL
@@ -50,6 +52,7 @@ def prepare_base(base: str, settings: dict | None = None) -> dict[str, torch.Ten
     sd = diffusers_to_ldm(AutoencoderKL(**SD_VAE_CONFIG).state_dict())
     os.makedirs(os.path.join(base, "models", "vae"))
     save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(base, "models", "vae", "random_sd_vae.safetensors"))
+    os.link(os.path.join(base, "models", "vae", "random_sd_vae.safetensors"), os.path.join(base, "models", "vae", TEMPLATE_SD_VAE))
     # LPIPS runs for real, on an explicitly random VGG backbone (no weights can be downloaded here).
     feats = {k: v for k, v in torchvision.models.vgg16().state_dict().items() if k.startswith("features.")}
     torch.save(feats, os.path.join(base, "vgg16-random.pth"))
@@ -79,21 +82,23 @@ def write_qwen_image_vae(path: str) -> dict[str, torch.Tensor]:
 
 
 class Server:
-    """``python main.py --cpu ...`` on a free port of 127.0.0.1, with ``base`` as its base directory."""
+    """``python main.py --cpu ...`` on a free port of 127.0.0.1, with ``base`` as its base directory;
+    ``args``: more of main.py's flags (e.g. ``--front-end-root DIR``)."""
 
-    def __init__(self, base: str, comfyui: str):
+    def __init__(self, base: str, comfyui: str, args: tuple[str, ...] = ()):
         import requests
 
         self.requests = requests
         self.base = base
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.path.join(base, "server.log"), "w")
+        self.log_path = os.path.join(base, f"server-{self.port}.log")
+        self.log = open(self.log_path, "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1",
                    VAEFT_LPIPS_BACKBONE=os.path.join(base, "vgg16-random.pth"))
         self.proc = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", base, "--disable-auto-launch", "--disable-api-nodes"],
+             "--base-directory", base, "--disable-auto-launch", "--disable-api-nodes", *args],
             cwd=comfyui, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -110,7 +115,7 @@ class Server:
 
     def read_log(self) -> str:
         self.log.flush()
-        with open(os.path.join(self.base, "server.log")) as f:
+        with open(self.log_path) as f:
             return f.read()
 
     def get(self, path: str):
