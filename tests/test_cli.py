@@ -285,3 +285,20 @@ def test_loss_curve_draws_the_base_level_of_a_series_that_starts_at_step_0():
         row = img[:, y - 1:y + 2, 120:180].reshape(3, -1)             # right half: far from the curve's start
         return int(((row - colour[:, None]).abs().max(0).values < 0.02).sum())
     assert hits(with_base) > 10 and hits(without) == 0
+
+
+def test_a_torn_last_metrics_line_is_set_aside_and_the_run_continues(setup, tmp_path):
+    """A crash while metrics.jsonl is appended leaves half a line: the run still continues, the log is
+    read up to its last whole line, the torn tail is kept aside (not deleted), and each step is logged once."""
+    common = ("--lpips-weight", 0, "--log-every", 1, "--val-every", 0, "--run-dir", tmp_path / "run")
+    run(*fit_args(setup, tmp_path / "a.safetensors", *common, "--steps", 2))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "total": 0.1')  # cut off mid-write
+    p = run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 4, "--resume", tmp_path / "run"),
+            check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "set aside" in p.stderr and "Traceback" not in p.stderr
+    steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "metrics.jsonl.torn").read_text() == '{"step": 3, "total": 0.1'

@@ -107,14 +107,24 @@ class RunFolder:
             raise VAEFTError(describe_os_error(e, path, "run folder")) from None
         return cls(path)
 
-    def rewind(self, step: int) -> None:
+    def rewind(self, step: int) -> str | None:
         """Continuing from the checkpoint of ``step``: forget metrics lines written after it (a
-        crashed run may have logged past its last checkpoint), so the log reads as one run."""
-        kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
+        crashed run may have logged past its last checkpoint), so the log reads as one run. Lines
+        that are not whole records (cut off by a crash mid-write) are set aside first, into
+        ``metrics.jsonl.torn`` (``.torn-2``, ... when taken): returns that file's path, or None."""
+        records, torn = split_metrics(self.metrics_path)
+        aside = None
+        if torn:
+            aside, k = self.metrics_path + ".torn", 2
+            while os.path.lexists(aside):
+                aside, k = f"{self.metrics_path}.torn-{k}", k + 1
+            atomic_write(aside, lambda f: f.write(torn.encode()), what="set-aside metrics lines")
+        kept = [r for r in records if r.get("step", 0) <= step]
         text = "".join(json.dumps(r) + "\n" for r in kept)
         atomic_write(self.metrics_path, lambda f: f.write(text.encode()), overwrite=True, what="metrics log")
         if kept:
             self._t0 = time.monotonic() - float(kept[-1].get("seconds") or 0.0)
+        return aside
 
     @staticmethod
     def checkpoints(path: str | os.PathLike, cfg: TrainConfig, overwrite: bool = False) -> Checkpoints:
@@ -187,14 +197,36 @@ class RunFolder:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a run's metrics.jsonl (a missing file: none)."""
+    """The records of a run's metrics.jsonl (a missing file: none), up to its last whole line: a line
+    cut off by a crash mid-write is left out (see :func:`split_metrics`)."""
+    return split_metrics(path)[0]
+
+
+def split_metrics(path: str | os.PathLike) -> tuple[list[dict], str]:
+    """(the whole records of a run's metrics.jsonl, the text of the lines that are not whole records).
+    A crash (or a kill) while a line is appended leaves it cut off, with no newline or with bytes that
+    do not parse: such lines are returned apart so that a continued run can set them aside."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return [], ""
+    except OSError as e:
+        raise VAEFTError(describe_os_error(e, path, "metrics log")) from None
+    records, torn = [], []
+    for line in raw.decode("utf-8", errors="replace").splitlines(keepends=True):
+        try:
+            record = json.loads(line) if line.endswith("\n") and line.strip() else None
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif line.strip():
+            torn.append(line)
+    return records, "".join(torn)
 
 
 def write_preview(folder: str, step: int, images: torch.Tensor) -> tuple[str, torch.Tensor]:

@@ -135,7 +135,10 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
         run.write_config(inputs or {}, {**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)},
                          paths=input_paths)
         if ckpt is not None:
-            run.rewind(start)
+            aside = run.rewind(start)
+            if aside:
+                warn(f"metrics.jsonl ended in a line cut off by a crash; it was set aside in {aside!r} and the log "
+                     f"continues from step {start}")
     status = RunStatus(cfg.steps, start, read_metrics(run.path) if run is not None and ckpt is not None else None)
 
     # 4. training
