@@ -63,8 +63,9 @@ def read_config(path: str | os.PathLike) -> dict:
 class RunFolder:
     """Writes one run's folder. ``create`` checks the folder before any training happens."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, warn=None):
         self.path = path
+        self._warn = warn or (lambda text: None)  # told once when TensorBoard's writer fails
         self.checkpoint_dir = os.path.join(path, "checkpoints")
         self.preview_dir = os.path.join(path, "previews")
         self.metrics_path = os.path.join(path, "metrics.jsonl")
@@ -93,8 +94,10 @@ class RunFolder:
                                  "allow overwriting")
 
     @classmethod
-    def create(cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> "RunFolder":
-        """Open ``path`` for a run (see :meth:`check`), made if missing."""
+    def create(cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+               warn=None) -> "RunFolder":
+        """Open ``path`` for a run (see :meth:`check`), made if missing. ``warn(text)``: told once if
+        the optional TensorBoard writer fails (the run goes on without it)."""
         path = os.fspath(path)
         cls.check(path, resume=resume, overwrite=overwrite)
         try:
@@ -105,7 +108,7 @@ class RunFolder:
             os.unlink(probe)
         except OSError as e:
             raise VAEFTError(describe_os_error(e, path, "run folder")) from None
-        return cls(path)
+        return cls(path, warn)
 
     def rewind(self, step: int) -> str | None:
         """Continuing from the checkpoint of ``step``: forget metrics lines written after it (a
@@ -161,39 +164,46 @@ class RunFolder:
                 f.write(json.dumps(json_safe(record)) + "\n")
         except OSError as e:
             raise VAEFTError(describe_os_error(e, self.metrics_path, "metrics log")) from None
-        tb = self._tensorboard()
-        if tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    tb.add_scalar(k, v, line["step"])
-            tb.flush()
+        self._to_tensorboard(lambda tb: [tb.add_scalar(k, v, line["step"]) for k, v in record.items()
+                                         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)])
         return record
 
     def preview(self, step: int, images: torch.Tensor) -> str:
         """Write (2N, 3, H, W) [0, 1] images (inputs, then reconstructions) as previews/preview-NNNNNNN.png
         (see :func:`write_preview`), and to TensorBoard."""
         path, grid = write_preview(self.preview_dir, step, images)
-        tb = self._tensorboard()
-        if tb is not None:
-            tb.add_image("preview", grid, step)
-            tb.flush()
+        self._to_tensorboard(lambda tb: tb.add_image("preview", grid, step))
         return path
 
     def close(self) -> None:
         if self._tb:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except Exception as e:  # noqa: BLE001 - optional, see _to_tensorboard
+                self._warn(f"TensorBoard's writer failed while closing ({type(e).__name__}: {str(e)[:200]})")
         self._tb = None
 
-    def _tensorboard(self):
-        """TensorBoard's writer when the optional ``tensorboard`` package is installed, else None."""
-        if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # optional: never required
-                self._tb = False
-            else:
+    def _to_tensorboard(self, write) -> None:
+        """``write(writer)`` then flush, when the optional ``tensorboard`` package is installed and
+        works. TensorBoard is never required: any failure, importing it (a missing package, a broken
+        protobuf) or using it, is told once through ``warn`` and TensorBoard is off for the rest of the run."""
+        if self._tb is False:
+            return
+        try:
+            if self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:  # not installed: optional, nothing to say
+                    self._tb = False
+                    return
                 self._tb = SummaryWriter(self.path)
-        return self._tb or None
+            write(self._tb)
+            self._tb.flush()
+        except Exception as e:  # noqa: BLE001 - whatever breaks in TensorBoard, training goes on
+            self._tb = False
+            self._warn(f"TensorBoard is off for this run: its writer failed ({type(e).__name__}: {str(e)[:200]}); "
+                       "metrics.jsonl and previews/ are still written (reinstall tensorboard and protobuf to "
+                       "get it back)")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

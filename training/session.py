@@ -130,7 +130,7 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
 
     # 3. the run folder
     start = int(ckpt["step"]) if ckpt is not None else 0
-    run = RunFolder.create(run_dir, resume=ckpt is not None, overwrite=overwrite) if folder else None
+    run = RunFolder.create(run_dir, resume=ckpt is not None, overwrite=overwrite, warn=warn) if folder else None
     if run is not None:
         run.write_config(inputs or {}, {**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)},
                          paths=input_paths)
