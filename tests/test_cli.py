@@ -302,3 +302,28 @@ def test_a_torn_last_metrics_line_is_set_aside_and_the_run_continues(setup, tmp_
     steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert (tmp_path / "run" / "metrics.jsonl.torn").read_text() == '{"step": 3, "total": 0.1'
+
+
+def test_a_run_folder_has_one_writer_and_a_killed_one_leaves_no_stale_lock(setup, tmp_path):
+    """While a process writes a run folder, a --resume of it is refused by name and leaves the folder as it
+    was; the lock is the kernel's, so a writer killed with SIGKILL leaves nothing that blocks a continue."""
+    import signal
+
+    common = ("--lpips-weight", 0, "--log-every", 1, "--val-every", 0)
+    folder = tmp_path / "run"
+    run(*fit_args(setup, tmp_path / "a.safetensors", *common, "--steps", 2, "--run-dir", folder))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from training.files import FolderLock; "
+                               "FolderLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)", folder],
+                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        kept = [folder / "config.json", folder / "metrics.jsonl", folder / "checkpoints" / "step-0000002.ckpt"]
+        before = [p.read_bytes() for p in kept]
+        p = run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 3, "--resume", folder), check=False)
+        assert p.returncode == 2 and f"being written by another process (pid {holder.pid}" in p.stderr, p.stderr
+        assert [p.read_bytes() for p in kept] == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+    run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 3, "--resume", folder))
+    assert [json.loads(ln)["step"] for ln in (folder / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -25,7 +25,7 @@ import torch
 from .checkpoint import Checkpoints, latest_in
 from .config import TrainConfig
 from .errors import VAEFTError
-from .files import atomic_write, check_folder, describe_os_error, json_safe, write_json
+from .files import FolderLock, atomic_write, check_folder, describe_os_error, json_safe, write_json
 
 CONFIG_FORMAT = "vaeft-run-config-1"
 MARKER = "config.json"
@@ -66,6 +66,7 @@ class RunFolder:
     def __init__(self, path: str, warn=None):
         self.path = path
         self._warn = warn or (lambda text: None)  # told once when TensorBoard's writer fails
+        self.lock: FolderLock | None = None  # this process is the folder's one writer until close()
         self.checkpoint_dir = os.path.join(path, "checkpoints")
         self.preview_dir = os.path.join(path, "previews")
         self.metrics_path = os.path.join(path, "metrics.jsonl")
@@ -95,9 +96,10 @@ class RunFolder:
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
-               warn=None) -> "RunFolder":
-        """Open ``path`` for a run (see :meth:`check`), made if missing. ``warn(text)``: told once if
-        the optional TensorBoard writer fails (the run goes on without it)."""
+               warn=None, lock: FolderLock | None = None) -> "RunFolder":
+        """Open ``path`` for a run (see :meth:`check`), made if missing, and hold its lock (``lock``:
+        already taken) until :meth:`close`. ``warn(text)``: told once if the optional TensorBoard
+        writer fails (the run goes on without it)."""
         path = os.fspath(path)
         cls.check(path, resume=resume, overwrite=overwrite)
         try:
@@ -108,7 +110,9 @@ class RunFolder:
             os.unlink(probe)
         except OSError as e:
             raise VAEFTError(describe_os_error(e, path, "run folder")) from None
-        return cls(path, warn)
+        folder = cls(path, warn)
+        folder.lock = lock or FolderLock.acquire(path)
+        return folder
 
     def rewind(self, step: int) -> str | None:
         """Continuing from the checkpoint of ``step``: forget metrics lines written after it (a
@@ -182,6 +186,9 @@ class RunFolder:
             except Exception as e:  # noqa: BLE001 - optional, see _to_tensorboard
                 self._warn(f"TensorBoard's writer failed while closing ({type(e).__name__}: {str(e)[:200]})")
         self._tb = None
+        if self.lock is not None:
+            self.lock.release()
+        self.lock = None
 
     def _to_tensorboard(self, write) -> None:
         """``write(writer)`` then flush, when the optional ``tensorboard`` package is installed and
