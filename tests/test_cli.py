@@ -327,3 +327,42 @@ def test_a_run_folder_has_one_writer_and_a_killed_one_leaves_no_stale_lock(setup
         holder.wait(30)
     run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 3, "--resume", folder))
     assert [json.loads(ln)["step"] for ln in (folder / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_fit_config_takes_settings_never_safety_switches(setup, tmp_path):
+    """A shared config.json cannot switch on --overwrite or point --checkpoint at a user's file; a config the
+    node wrote re-runs with --vae and --data; a base VAE replaced since the run is refused unless allowed."""
+    import shutil
+
+    base = tmp_path / "base.safetensors"
+    shutil.copy(setup / "base.safetensors", base)
+    common = ("--lpips-weight", 0, "--val-every", 0, "--steps", 1)
+    args = fit_args(setup, tmp_path / "a.safetensors", *common, "--run-dir", tmp_path / "run")
+    args[args.index("--vae") + 1] = base
+    run(*args)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["base_sha256"]
+    # a config carrying safety switches: they are ignored, said so, and the user's file is untouched
+    victim = tmp_path / "precious.ckpt"
+    victim.write_bytes(b"mine")
+    hostile = {**config, "settings": {**config["settings"], "overwrite": True, "checkpoint": str(victim),
+                                      "checkpoint_every": 1}}
+    (tmp_path / "run" / "config.json").write_text(json.dumps(hostile))
+    p = run("fit", "--config", tmp_path / "run" / "config.json", "--out", tmp_path / "b.safetensors", "--no-progress")
+    assert "ignored checkpoint, overwrite from the file" in p.stderr
+    assert victim.read_bytes() == b"mine"
+    # written by the node: ComfyUI names, not files here
+    node = {**config, "paths": "comfyui", "inputs": {"vae": "base.safetensors", "dataset": "images", "general": None}}
+    (tmp_path / "node.json").write_text(json.dumps(node))
+    p = run("fit", "--config", tmp_path / "node.json", "--out", tmp_path / "c.safetensors", check=False)
+    assert p.returncode == 2 and "written by the ComfyUI node" in p.stderr and "--vae" in p.stderr, p.stderr
+    run("fit", "--config", tmp_path / "node.json", "--vae", base, "--data", setup / "images",
+        "--out", tmp_path / "c.safetensors", "--no-progress")
+    assert (tmp_path / "c.safetensors").exists()
+    # the base VAE file replaced by another of the same name: refused by name, unless allowed
+    save_file(tiny_ldm_sd(seed=1), str(base))
+    p = run("fit", "--config", tmp_path / "node.json", "--vae", base, "--data", setup / "images",
+            "--out", tmp_path / "d.safetensors", check=False)
+    assert p.returncode == 2 and "is not the base VAE the run" in p.stderr and "--allow-changed-base" in p.stderr
+    run("fit", "--config", tmp_path / "node.json", "--vae", base, "--data", setup / "images",
+        "--out", tmp_path / "d.safetensors", "--allow-changed-base", "--no-progress")

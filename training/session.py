@@ -141,7 +141,7 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     if run is not None:
         try:
             run.write_config(inputs or {}, {**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)},
-                             paths=input_paths)
+                             paths=input_paths, base_sha256=vae.layout.base_sha256)
             if ckpt is not None:
                 aside = run.rewind(start)
                 if aside:
