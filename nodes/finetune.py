@@ -14,6 +14,7 @@ from ..training.config import MEMORY_FIELDS, RECIPES, TrainConfig
 from ..training.errors import VAEFTError
 from ..training.export import file_state_dict, safe_name
 from ..training.plot import history_curves, image_grid, to_pil
+from ..training.checkpoint import latest_in
 from ..training.runs import MARKER
 from ..training.session import Hooks, run_session
 from .common import (Dataset, Trained, TrainOptions, comfy_vae_to_training, config_inputs, input_values,
@@ -126,10 +127,11 @@ class VAEFineTune(io.ComfyNode):
                 input_paths="comfyui", device=device, importable=False, hooks=hooks.hooks())
             loop = session.loop
             if session.stopped:
+                newest = loop.checkpoint or latest_in(os.path.join(path, "checkpoints"))
                 _send_text(f"run {hooks.run} stopped at step {loop.steps_done}/{loop.config.steps}"
-                           + (f"; checkpoint written. Continue it: continue_run = {hooks.run}"
-                              if loop.checkpoint else "; no checkpoint (stopped before the first step)"),
-                           cls.hidden.unique_id)
+                           + (f"; its newest checkpoint is {os.path.basename(newest)}. Continue it: continue_run = "
+                              f"{hooks.run}" if newest else "; no checkpoint was written yet (stopped before the "
+                              "first step): queue it again as a new run"), cls.hidden.unique_id)
                 mm.throw_exception_if_processing_interrupted()
                 raise mm.InterruptProcessingException()
             out_vae = file_to_comfy_vae(file_state_dict(session.trained, "fp32"))

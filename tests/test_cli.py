@@ -366,3 +366,43 @@ def test_fit_config_takes_settings_never_safety_switches(setup, tmp_path):
     assert p.returncode == 2 and "is not the base VAE the run" in p.stderr and "--allow-changed-base" in p.stderr
     run("fit", "--config", tmp_path / "node.json", "--vae", base, "--data", setup / "images",
         "--out", tmp_path / "d.safetensors", "--allow-changed-base", "--no-progress")
+
+
+def test_stop_messages_say_what_was_written_and_the_command_that_continues(setup, tmp_path, monkeypatch):
+    from training import cli, session
+
+    common = ("--lpips-weight", 0, "--val-every", 0, "--log-every", 1)
+    folder = tmp_path / "run"
+    # Ctrl-C before the first step of a run with a run folder: no checkpoint yet, and how to start again
+    monkeypatch.setattr(cli._StopOnSigint, "requested", lambda self: True)
+    p = run(*fit_args(setup, tmp_path / "a.safetensors", *common, "--run-dir", folder), check=False)
+    assert p.returncode == 130 and "no checkpoint was asked for" not in p.stderr, p.stderr
+    assert "no checkpoint was written yet" in p.stderr and "--overwrite" in p.stderr
+    monkeypatch.undo()
+    run(*fit_args(setup, tmp_path / "a.safetensors", *common, "--steps", 2, "--run-dir", folder, "--overwrite"))
+    # Ctrl-C twice (stopped at once, e.g. while a checkpoint was written): the newest checkpoint and the command
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session, "fine_tune", interrupted)
+    p = run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 4, "--resume", folder), check=False)
+    assert p.returncode == 130 and "nothing was written" not in p.stderr, p.stderr
+    assert f"newest checkpoint is {folder / 'checkpoints' / 'step-0000002.ckpt'} (step 2)" in p.stderr
+    assert "continue with: python -m training fit --vae" in p.stderr and f"--resume {folder}" in p.stderr
+
+
+def test_a_damaged_newest_checkpoint_names_the_older_whole_one(setup, tmp_path):
+    common = ("--lpips-weight", 0, "--val-every", 0, "--checkpoint-every", 1, "--keep-checkpoints", 2)
+    folder = tmp_path / "run"
+    run(*fit_args(setup, tmp_path / "a.safetensors", *common, "--steps", 2, "--run-dir", folder))
+    newest = folder / "checkpoints" / "step-0000002.ckpt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    kept = [folder / "config.json", folder / "metrics.jsonl", newest, folder / "checkpoints" / "step-0000001.ckpt"]
+    before = [p.read_bytes() for p in kept]
+    p = run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 3, "--resume", folder), check=False)
+    assert p.returncode == 2 and "unreadable or corrupt" in p.stderr, p.stderr
+    assert "step-0000001.ckpt' (step 1)" in p.stderr and "move 'step-0000002.ckpt' out of" in p.stderr
+    assert [p.read_bytes() for p in kept] == before
+    newest.rename(tmp_path / "step-0000002.ckpt.damaged")  # as the message says
+    run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 3, "--resume", folder))

@@ -168,6 +168,7 @@ def run_fit(args) -> int:
         stem = args.out[: -len(".safetensors")] if args.format == "safetensors" else args.out.rstrip("/\\")
         checkpoint = args.checkpoint or stem + ".ckpt"  # only where asked: --checkpoint FILE or <out>.ckpt
 
+    args.writes = (args.run_dir or (args.resume if args.resume and os.path.isdir(args.resume) else None), checkpoint)
     dist = Distributed.from_env()
     device = pick_device(args.device, dist)
     with distributed(dist, device):
@@ -195,9 +196,7 @@ def run_fit(args) -> int:
             bar.close()
         loop = session.loop
         if session.stopped:
-            where = f"; continue with --resume {session.run_dir or loop.checkpoint}" if loop.checkpoint else \
-                "; nothing was written (no checkpoint was asked for)"
-            print(f"interrupted at step {loop.steps_done} of {loop.config.steps}{where}", file=sys.stderr)
+            print(f"interrupted at step {loop.steps_done} of {loop.config.steps}; {_stopped(args)}", file=sys.stderr)
             return 130
         if session.trained is None:  # not the main process
             return 0
@@ -213,6 +212,35 @@ def run_fit(args) -> int:
                    "final": loop.history[-1] if loop.history else None}
         print(json.dumps(json_safe(summary)))
         return 0
+
+
+def _stopped(args) -> str:
+    """What a stopped ``fit`` wrote and the exact command that continues it (or starts it again)."""
+    import shlex
+
+    from .checkpoint import latest_in, peek
+
+    run_dir, checkpoint = getattr(args, "writes", (None, None))
+    newest = latest_in(os.path.join(run_dir, "checkpoints")) if run_dir else \
+        (checkpoint if checkpoint and os.path.isfile(checkpoint) and peek(checkpoint) else None)
+    argv, skip = [], False
+    for token in getattr(args, "argv", None) or []:
+        if skip or token == "--resume" or token.startswith("--resume="):
+            skip = token == "--resume"
+            continue
+        argv.append(token)
+    if newest is not None:
+        step = (peek(newest) or {}).get("step")
+        again = shlex.join(["python", "-m", "training", *argv, "--resume", run_dir or newest])
+        return f"the newest checkpoint is {newest} (step {step}); continue with: {again}"
+    if run_dir:
+        again = shlex.join(["python", "-m", "training", *argv, "--overwrite"]) if "--overwrite" not in argv else \
+            shlex.join(["python", "-m", "training", *argv])
+        return (f"no checkpoint was written yet (stopped before the first step): run folder {run_dir} holds only "
+                f"the run's config.json and metrics.jsonl. Start it again with: {again}")
+    if checkpoint:
+        return "no checkpoint was written yet (stopped before the first step); run the same command again"
+    return "nothing was written (no checkpoint was asked for: --run-dir or --checkpoint-every keep one)"
 
 
 def _fit_hooks(args, dist, bar):
@@ -532,14 +560,16 @@ def _check_recorded_base(args, sha256: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
     try:
         if getattr(args, "config", None):
             args = _apply_config(parser, argv, args)
+        args.argv = argv
         return int(args.func(args) or 0)
     except VAEFTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, perhaps while a checkpoint was written
+        print(f"interrupted at once: {_stopped(args)}", file=sys.stderr)
         return 130

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from .augment import augmenter
-from .checkpoint import Checkpoints, load_checkpoint, resume_point
+from .checkpoint import Checkpoints, DamagedCheckpoint, explain_damaged, load_checkpoint, resume_point
 from .config import TrainConfig
 from .data import PatchDataset, preview_patches, worker_start_method
 from .device import Distributed, pick_device
@@ -196,8 +196,12 @@ def _checked_start(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *, resu
     try:
         ckpt = None
         if resume is not None:
-            ckpt = load_checkpoint(resume_point(resume), vae.layout, cfg, trainable_shapes(vae.model, cfg.trainable),
-                                   dist.world_size, data.order_signature())
+            point = resume_point(resume)
+            try:
+                ckpt = load_checkpoint(point, vae.layout, cfg, trainable_shapes(vae.model, cfg.trainable),
+                                       dist.world_size, data.order_signature())
+            except DamagedCheckpoint as e:
+                raise (explain_damaged(e, point) if os.path.isdir(resume) else e) from None
         if run_dir is not None and dist.is_main:
             RunFolder.check(run_dir, resume=ckpt is not None, overwrite=overwrite)
         checkpoints = _checkpoints(run_dir, checkpoint, cfg, overwrite)
