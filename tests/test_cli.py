@@ -405,4 +405,27 @@ def test_a_damaged_newest_checkpoint_names_the_older_whole_one(setup, tmp_path):
     assert "step-0000001.ckpt' (step 1)" in p.stderr and "move 'step-0000002.ckpt' out of" in p.stderr
     assert [p.read_bytes() for p in kept] == before
     newest.rename(tmp_path / "step-0000002.ckpt.damaged")  # as the message says
+    only = tmp_path / "only"
+    (only / "checkpoints").mkdir(parents=True)
+    (only / "checkpoints" / "step-0000002.ckpt").write_bytes(before[2])
+    (only / "config.json").write_bytes(before[0])
+    p = run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 3, "--resume", only), check=False)
+    assert p.returncode == 2 and "unreadable or corrupt" in p.stderr and "Traceback" not in p.stderr
     run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 3, "--resume", folder))
+
+
+def test_paths_with_dotdot_and_model_folders_are_checked_before_training(setup, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    cases = [(("--out", f"{tmp_path}/missing/../x.safetensors"), "goes through a folder that does not exist"),
+             (("--run-dir", model), "a diffusers model folder, not a run folder"),
+             (("--resume", model), "a diffusers model folder, not a run folder")]
+    for extra, expected in cases:
+        args = fit_args(setup, tmp_path / "o.safetensors", "--lpips-weight", 0)
+        if extra[0] == "--out":
+            args[args.index("--out") + 1] = extra[1]
+            extra = ()
+        p = run(*args, *extra, check=False)
+        assert p.returncode == 2 and expected in p.stderr, (extra, p.stderr[-1500:])
+        assert "fine-tune" not in p.stderr and not (tmp_path / "x.safetensors").exists()

@@ -235,9 +235,11 @@ def resume_point(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not os.path.isdir(path):
         return path
-    if not os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
-        raise VAEFTError(f"resume checkpoint {path!r} is not a file (a folder or a device); give a .ckpt file "
-                         "or a run folder")
+    from .runs import is_run_folder, what_folder
+
+    if not is_run_folder(path) and not os.path.isdir(os.path.join(path, "checkpoints")):
+        raise VAEFTError(f"resume checkpoint {path!r} is not a file: it is a folder, and {what_folder(path)}; give a "
+                         ".ckpt file or a run folder")
     file = latest_in(os.path.join(path, "checkpoints"))
     if file is None:
         raise VAEFTError(f"run folder {path!r} has no checkpoint yet: it stopped before its first one; start it "

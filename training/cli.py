@@ -128,6 +128,11 @@ def _check_outputs(args) -> None:
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
             raise VAEFTError(f"the folder of {flag} ({folder}) does not exist; create it or choose another path")
+        # the writer resolves the path as written: "missing/../x" goes through "missing", which must exist
+        written = os.path.dirname(path.rstrip("/\\")) if path else None
+        if written and not os.path.isdir(written):
+            raise VAEFTError(f"{flag} {path!r} goes through a folder that does not exist ({written!r}: a '..' is "
+                             "resolved after the folders before it); create it or give the path without '..'")
         if folder and not os.access(folder, os.W_OK):
             raise VAEFTError(f"cannot write {flag} {path!r}: its folder is not writable")
     if args.loss_plot and os.path.isdir(args.loss_plot):

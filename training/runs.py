@@ -60,6 +60,51 @@ def read_config(path: str | os.PathLike) -> dict:
     return {**cfg, "inputs": inputs}
 
 
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run folder of this tool: its config.json is a run config (a diffusers model
+    folder has a config.json too, and is not a run)."""
+    try:
+        with open(os.path.join(os.fspath(path), MARKER), encoding="utf-8") as f:
+            return json.load(f).get("format") == CONFIG_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def what_folder(path: str | os.PathLike) -> str:
+    """A word on a folder that is not a run folder, for messages."""
+    try:
+        with open(os.path.join(os.fspath(path), MARKER), encoding="utf-8") as f:
+            if "_class_name" in json.load(f):
+                return "a diffusers model folder, not a run folder of this tool"
+    except (OSError, ValueError, TypeError):
+        pass
+    return "not a run folder of this tool"
+
+
+def named_run_folder(root: str, run_name: str, continue_run: str | None, label: str) -> tuple[str, bool]:
+    """(the run folder's path, whether it continues a run) under ``root`` (the node's runs folder, called
+    ``label`` in messages). A new run gets a fresh folder named after ``run_name`` (-2, -3, ... when taken);
+    ``continue_run`` names a run folder there."""
+    from .export import safe_name
+
+    check_folder(root, f"the runs folder {label} ({root!r})", "move or rename that file, then run again")
+    if continue_run:
+        path = os.path.join(root, safe_name(continue_run))
+        if not is_run_folder(path):
+            raise VAEFTError(f"continue_run {continue_run!r}: there is no such run in {label}/ (refresh the page "
+                             "to see the runs there)")
+        return path, True
+    stem = safe_name(run_name or "vae-ft")
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise VAEFTError(describe_os_error(e, root, "runs folder")) from None
+    path, k = os.path.join(root, stem), 2
+    while os.path.lexists(path):
+        path, k = os.path.join(root, f"{stem}-{k}"), k + 1
+    return path, False
+
+
 class RunFolder:
     """Writes one run's folder. ``create`` checks the folder before any training happens."""
 
@@ -84,9 +129,9 @@ class RunFolder:
         path = os.fspath(path)
         check_folder(path, f"run folder {path!r}", "choose another run folder")
         if os.path.isdir(path) and os.listdir(path):
-            ours = os.path.isfile(os.path.join(path, MARKER))
+            ours = is_run_folder(path)
             if not ours and not overwrite:
-                raise VAEFTError(f"{path!r} exists and is not a run folder of this tool; choose another run folder "
+                raise VAEFTError(f"{path!r} exists and is {what_folder(path)}; choose another run folder "
                                  "(nothing in it was changed)")
             if ours and not (resume or overwrite):
                 latest = latest_in(os.path.join(path, "checkpoints"))
