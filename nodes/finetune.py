@@ -11,7 +11,6 @@ import torch
 from comfy_api.latest import io
 
 from ..training.config import MEMORY_FIELDS, RECIPES, TrainConfig
-from ..training.errors import VAEFTError
 from ..training.export import file_state_dict
 from ..training.plot import history_curves, image_grid, to_pil
 from ..training.checkpoint import latest_in

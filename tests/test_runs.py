@@ -56,7 +56,7 @@ def test_the_node_runs_folder_being_a_file_is_named(tmp_path):
     root = tmp_path / "vae_ft_runs"
     root.write_text("not a folder")
     for cont in (None, "old"):
-        with pytest.raises(VAEFTError, match=r"runs folder output/vae_ft_runs .* is a file, not a folder; move or rename"):
+        with pytest.raises(VAEFTError, match=r"output/vae_ft_runs .* is a file, not a folder; move or rename"):
             named_run_folder(str(root), "fundus", cont, "output/vae_ft_runs")
     assert root.read_text() == "not a folder"
 

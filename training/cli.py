@@ -173,7 +173,8 @@ def run_fit(args) -> int:
         stem = args.out[: -len(".safetensors")] if args.format == "safetensors" else args.out.rstrip("/\\")
         checkpoint = args.checkpoint or stem + ".ckpt"  # only where asked: --checkpoint FILE or <out>.ckpt
 
-    args.writes = (args.run_dir or (args.resume if args.resume and os.path.isdir(args.resume) else None), checkpoint)
+    args.writes = (args.run_dir or (args.resume if args.resume and os.path.isdir(args.resume) else None),
+                   checkpoint)  # what a stop message looks at
     dist = Distributed.from_env()
     device = pick_device(args.device, dist)
     with distributed(dist, device):

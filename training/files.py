@@ -27,8 +27,8 @@ from typing import BinaryIO, Callable
 
 from .errors import VAEFTError
 
-__all__ = ["FolderLock", "atomic_write", "atomic_write_dir", "check_folder", "describe_os_error", "describe_path", "json_safe",
-           "write_json"]
+__all__ = ["FolderLock", "atomic_write", "atomic_write_dir", "check_folder", "describe_os_error", "describe_path",
+           "json_safe", "write_json"]
 
 
 def _kind(mode: int) -> str:

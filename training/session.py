@@ -130,26 +130,16 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
         watched = dist.is_main and cfg.preview_every and (folder or hooks.preview is not None)
         preview = preview_patches(data, 4, seed=cfg.seed) if watched else None
 
-        # 3. the run folder (it holds the lock from here until run.close())
-        start = int(ckpt["step"]) if ckpt is not None else 0
-        run = RunFolder.create(run_dir, resume=ckpt is not None, overwrite=overwrite, warn=warn, lock=lock) \
-            if folder else None
     except BaseException:
         if lock is not None:
             lock.release(forget=True)
         raise
-    if run is not None:
-        try:
-            run.write_config(inputs or {}, {**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)},
-                             paths=input_paths, base_sha256=vae.layout.base_sha256)
-            if ckpt is not None:
-                aside = run.rewind(start)
-                if aside:
-                    warn(f"metrics.jsonl ended in a line cut off by a crash; it was set aside in {aside!r} and the "
-                         f"log continues from step {start}")
-        except BaseException:
-            run.close()
-            raise
+
+    # 3. the run folder (it holds the lock from here until run.close())
+    start = int(ckpt["step"]) if ckpt is not None else 0
+    run = _open_run(run_dir, ckpt, lock, overwrite=overwrite, warn=warn, inputs=inputs or {},
+                    settings={**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)}, input_paths=input_paths,
+                    base_sha256=vae.layout.base_sha256) if folder else None
     status = RunStatus(cfg.steps, start, read_metrics(run.path) if run is not None and ckpt is not None else None)
 
     # 4. training
@@ -213,6 +203,29 @@ def _checked_start(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *, resu
             lock.release(forget=True)
         raise
     return ckpt, run_dir, checkpoints, lock
+
+
+def _open_run(run_dir: str, ckpt: dict | None, lock: FolderLock | None, *, overwrite: bool, warn, inputs: dict,
+              settings: dict, input_paths: str, base_sha256: str) -> RunFolder:
+    """Step 3 of :func:`run_session`: the run folder opened (holding its lock until closed), config.json
+    written, and on resume metrics.jsonl cut back to the checkpoint's step (a torn line set aside)."""
+    try:
+        run = RunFolder.create(run_dir, resume=ckpt is not None, overwrite=overwrite, warn=warn, lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.release(forget=True)
+        raise
+    try:
+        run.write_config(inputs, settings, paths=input_paths, base_sha256=base_sha256)
+        if ckpt is not None:
+            aside = run.rewind(int(ckpt["step"]))
+            if aside:
+                warn(f"metrics.jsonl ended in a line cut off by a crash; it was set aside in {aside!r} and the log "
+                     f"continues from step {ckpt['step']}")
+    except BaseException:
+        run.close()
+        raise
+    return run
 
 
 def _checkpoints(run_dir, checkpoint, cfg: TrainConfig, overwrite: bool) -> Checkpoints | None:
