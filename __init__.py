@@ -2,8 +2,9 @@
 
 Outside ComfyUI (pytest collecting this folder, `python -m training`) there is no
 `comfy_api`, and this file defines nothing: the `training` library stands alone.
-Inside a ComfyUI older than ``[tool.comfy] requires-comfyui`` (pyproject.toml), it logs
-one error naming the version needed and registers no nodes.
+Inside a ComfyUI older than ``[tool.comfy] requires-comfyui`` (pyproject.toml), or without this
+pack's requirements (requirements.txt) importable at their versions, it logs one error naming what
+is needed (and the command that installs it) and registers no nodes.
 """
 
 from __future__ import annotations
@@ -38,9 +39,44 @@ def _too_old() -> str | None:
             "Fine-tune nodes are loaded: update ComfyUI (git pull, or ComfyUI-Manager's Update ComfyUI) and restart.")
 
 
+def _missing_requirements() -> str | None:
+    """The error to log when a requirement of this pack (requirements.txt, what the Manager installs) does not
+    import or is older than required, else None: found now, not mid-run when it is first used."""
+    import importlib
+    import importlib.metadata
+    import os
+    import re
+
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "requirements.txt")) as f:
+            lines = [line.split("#")[0].strip() for line in f]
+    except OSError:
+        return None
+    problems = []
+    for req in filter(None, lines):
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(?:>=\s*([0-9][0-9.]*))?", req)
+        if not m:
+            continue
+        name, need = m.group(1), m.group(2)
+        try:
+            importlib.import_module(name.replace("-", "_"))
+            have = importlib.metadata.version(name)
+        except Exception as e:  # noqa: BLE001 - missing, or installed but broken: either way it cannot be used
+            problems.append((req, f"does not import: {type(e).__name__}: {str(e)[:160]}"))
+            continue
+        if need and _version_tuple(have) < _version_tuple(need):
+            problems.append((req, f"{have} is installed"))
+    if not problems:
+        return None
+    command = f'"{sys.executable}" -m pip install ' + " ".join(f'"{req}"' for req, _ in problems)
+    return ("VAE Fine-tune needs " + "; ".join(f"{req} ({why})" for req, why in problems) + ". No VAE Fine-tune "
+            f"nodes are loaded: install into ComfyUI's Python with {command} (or run python install.py in this "
+            "pack's folder), then restart ComfyUI.")
+
+
 # Loaded by ComfyUI (a relative import works, and ComfyUI's modules are there) rather than by pytest.
 if __package__ and "folder_paths" in sys.modules:
-    _error = _too_old()
+    _error = _too_old() or _missing_requirements()
     if _error:
         logging.getLogger("vaeft").error(_error)
         NODE_CLASS_MAPPINGS = {}  # loaded with no nodes, so ComfyUI adds no second, vaguer warning

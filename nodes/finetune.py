@@ -11,10 +11,10 @@ import torch
 from comfy_api.latest import io
 
 from ..training.config import MEMORY_FIELDS, RECIPES, TrainConfig
-from ..training.errors import VAEFTError
-from ..training.export import file_state_dict, safe_name
+from ..training.export import file_state_dict
 from ..training.plot import history_curves, image_grid, to_pil
-from ..training.runs import MARKER
+from ..training.checkpoint import latest_in
+from ..training.runs import is_run_folder, named_run_folder
 from ..training.session import Hooks, run_session
 from .common import (Dataset, Trained, TrainOptions, comfy_vae_to_training, config_inputs, input_values,
                      file_to_comfy_vae, schema)
@@ -34,27 +34,16 @@ def run_choices() -> list[str]:
     """"new run", then the run folders under output/vae_ft_runs/ (read each time the page asks)."""
     root = runs_root()
     try:
-        names = sorted(n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n, MARKER)))
+        names = sorted(n for n in os.listdir(root) if is_run_folder(os.path.join(root, n)))
     except OSError:
         names = []
     return [NEW_RUN] + names
 
 
 def run_folder(run_name: str, continue_run: str) -> tuple[str, bool]:
-    """(the run folder's path, whether it continues a run). A new run gets a fresh folder named after
-    ``run_name`` (-2, -3, ... when taken); continuing names a run folder under output/vae_ft_runs/."""
-    root = runs_root()
-    if continue_run and continue_run != NEW_RUN:
-        path = os.path.join(root, safe_name(continue_run))
-        if not os.path.isfile(os.path.join(path, MARKER)):
-            raise VAEFTError(f"continue_run {continue_run!r}: there is no such run in output/{RUNS_FOLDER}/")
-        return path, True
-    stem = safe_name(run_name or "vae-ft")
-    os.makedirs(root, exist_ok=True)
-    path, k = os.path.join(root, stem), 2
-    while os.path.lexists(path):
-        path, k = os.path.join(root, f"{stem}-{k}"), k + 1
-    return path, False
+    """(the run folder's path, whether it continues a run), see :func:`training.runs.named_run_folder`."""
+    return named_run_folder(runs_root(), run_name, continue_run if continue_run != NEW_RUN else None,
+                            f"output/{RUNS_FOLDER}")
 
 
 # Widget order on the node: its essential TrainConfig fields (option(..., essential=True)); the rest
@@ -126,10 +115,11 @@ class VAEFineTune(io.ComfyNode):
                 input_paths="comfyui", device=device, importable=False, hooks=hooks.hooks())
             loop = session.loop
             if session.stopped:
+                newest = loop.checkpoint or latest_in(os.path.join(path, "checkpoints"))
                 _send_text(f"run {hooks.run} stopped at step {loop.steps_done}/{loop.config.steps}"
-                           + (f"; checkpoint written. Continue it: continue_run = {hooks.run}"
-                              if loop.checkpoint else "; no checkpoint (stopped before the first step)"),
-                           cls.hidden.unique_id)
+                           + (f"; its newest checkpoint is {os.path.basename(newest)}. Continue it: continue_run = "
+                              f"{hooks.run}" if newest else "; no checkpoint was written yet (stopped before the "
+                              "first step): queue it again as a new run"), cls.hidden.unique_id)
                 mm.throw_exception_if_processing_interrupted()
                 raise mm.InterruptProcessingException()
             out_vae = file_to_comfy_vae(file_state_dict(session.trained, "fp32"))

@@ -285,3 +285,147 @@ def test_loss_curve_draws_the_base_level_of_a_series_that_starts_at_step_0():
         row = img[:, y - 1:y + 2, 120:180].reshape(3, -1)             # right half: far from the curve's start
         return int(((row - colour[:, None]).abs().max(0).values < 0.02).sum())
     assert hits(with_base) > 10 and hits(without) == 0
+
+
+def test_a_torn_last_metrics_line_is_set_aside_and_the_run_continues(setup, tmp_path):
+    """A crash while metrics.jsonl is appended leaves half a line: the run still continues, the log is
+    read up to its last whole line, the torn tail is kept aside (not deleted), and each step is logged once."""
+    common = ("--lpips-weight", 0, "--log-every", 1, "--val-every", 0, "--run-dir", tmp_path / "run")
+    run(*fit_args(setup, tmp_path / "a.safetensors", *common, "--steps", 2))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "total": 0.1')  # cut off mid-write
+    p = run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 4, "--resume", tmp_path / "run"),
+            check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "set aside" in p.stderr and "Traceback" not in p.stderr
+    steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "metrics.jsonl.torn").read_text() == '{"step": 3, "total": 0.1'
+
+
+def test_a_run_folder_has_one_writer_and_a_killed_one_leaves_no_stale_lock(setup, tmp_path):
+    """While a process writes a run folder, a --resume of it is refused by name and leaves the folder as it
+    was; the lock is the kernel's, so a writer killed with SIGKILL leaves nothing that blocks a continue."""
+    import signal
+
+    common = ("--lpips-weight", 0, "--log-every", 1, "--val-every", 0)
+    folder = tmp_path / "run"
+    run(*fit_args(setup, tmp_path / "a.safetensors", *common, "--steps", 2, "--run-dir", folder))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from training.files import FolderLock; "
+                               "FolderLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)", folder],
+                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        kept = [folder / "config.json", folder / "metrics.jsonl", folder / "checkpoints" / "step-0000002.ckpt"]
+        before = [p.read_bytes() for p in kept]
+        p = run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 3, "--resume", folder), check=False)
+        assert p.returncode == 2 and f"being written by another process (pid {holder.pid}" in p.stderr, p.stderr
+        assert [p.read_bytes() for p in kept] == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+    run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 3, "--resume", folder))
+    assert [json.loads(ln)["step"] for ln in (folder / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_fit_config_takes_settings_never_safety_switches(setup, tmp_path):
+    """A shared config.json cannot switch on --overwrite or point --checkpoint at a user's file; a config the
+    node wrote re-runs with --vae and --data; a base VAE replaced since the run is refused unless allowed."""
+    import shutil
+
+    base = tmp_path / "base.safetensors"
+    shutil.copy(setup / "base.safetensors", base)
+    common = ("--lpips-weight", 0, "--val-every", 0, "--steps", 1)
+    args = fit_args(setup, tmp_path / "a.safetensors", *common, "--run-dir", tmp_path / "run")
+    args[args.index("--vae") + 1] = base
+    run(*args)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["base_sha256"]
+    # a config carrying safety switches: they are ignored, said so, and the user's file is untouched
+    victim = tmp_path / "precious.ckpt"
+    victim.write_bytes(b"mine")
+    hostile = {**config, "settings": {**config["settings"], "overwrite": True, "checkpoint": str(victim),
+                                      "checkpoint_every": 1}}
+    (tmp_path / "run" / "config.json").write_text(json.dumps(hostile))
+    p = run("fit", "--config", tmp_path / "run" / "config.json", "--out", tmp_path / "b.safetensors", "--no-progress")
+    assert "ignored checkpoint, overwrite from the file" in p.stderr
+    assert victim.read_bytes() == b"mine"
+    # written by the node: ComfyUI names, not files here
+    node = {**config, "paths": "comfyui", "inputs": {"vae": "base.safetensors", "dataset": "images", "general": None}}
+    (tmp_path / "node.json").write_text(json.dumps(node))
+    p = run("fit", "--config", tmp_path / "node.json", "--out", tmp_path / "c.safetensors", check=False)
+    assert p.returncode == 2 and "written by the ComfyUI node" in p.stderr and "--vae" in p.stderr, p.stderr
+    run("fit", "--config", tmp_path / "node.json", "--vae", base, "--data", setup / "images",
+        "--out", tmp_path / "c.safetensors", "--no-progress")
+    assert (tmp_path / "c.safetensors").exists()
+    # the base VAE file replaced by another of the same name: refused by name, unless allowed
+    save_file(tiny_ldm_sd(seed=1), str(base))
+    p = run("fit", "--config", tmp_path / "node.json", "--vae", base, "--data", setup / "images",
+            "--out", tmp_path / "d.safetensors", check=False)
+    assert p.returncode == 2 and "is not the base VAE the run" in p.stderr and "--allow-changed-base" in p.stderr
+    run("fit", "--config", tmp_path / "node.json", "--vae", base, "--data", setup / "images",
+        "--out", tmp_path / "d.safetensors", "--allow-changed-base", "--no-progress")
+
+
+def test_stop_messages_say_what_was_written_and_the_command_that_continues(setup, tmp_path, monkeypatch):
+    from training import cli, session
+
+    common = ("--lpips-weight", 0, "--val-every", 0, "--log-every", 1)
+    folder = tmp_path / "run"
+    # Ctrl-C before the first step of a run with a run folder: no checkpoint yet, and how to start again
+    monkeypatch.setattr(cli._StopOnSigint, "requested", lambda self: True)
+    p = run(*fit_args(setup, tmp_path / "a.safetensors", *common, "--run-dir", folder), check=False)
+    assert p.returncode == 130 and "no checkpoint was asked for" not in p.stderr, p.stderr
+    assert "no checkpoint was written yet" in p.stderr and "--overwrite" in p.stderr
+    monkeypatch.undo()
+    run(*fit_args(setup, tmp_path / "a.safetensors", *common, "--steps", 2, "--run-dir", folder, "--overwrite"))
+    # Ctrl-C twice (stopped at once, e.g. while a checkpoint was written): the newest checkpoint and the command
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session, "fine_tune", interrupted)
+    p = run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 4, "--resume", folder), check=False)
+    assert p.returncode == 130 and "nothing was written" not in p.stderr, p.stderr
+    assert f"newest checkpoint is {folder / 'checkpoints' / 'step-0000002.ckpt'} (step 2)" in p.stderr
+    assert "continue with: python -m training fit --vae" in p.stderr and f"--resume {folder}" in p.stderr
+
+
+def test_a_damaged_newest_checkpoint_names_the_older_whole_one(setup, tmp_path):
+    common = ("--lpips-weight", 0, "--val-every", 0, "--checkpoint-every", 1, "--keep-checkpoints", 2)
+    folder = tmp_path / "run"
+    run(*fit_args(setup, tmp_path / "a.safetensors", *common, "--steps", 2, "--run-dir", folder))
+    newest = folder / "checkpoints" / "step-0000002.ckpt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    kept = [folder / "config.json", folder / "metrics.jsonl", newest, folder / "checkpoints" / "step-0000001.ckpt"]
+    before = [p.read_bytes() for p in kept]
+    p = run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 3, "--resume", folder), check=False)
+    assert p.returncode == 2 and "unreadable or corrupt" in p.stderr, p.stderr
+    assert "step-0000001.ckpt' (step 1)" in p.stderr and "move 'step-0000002.ckpt' out of" in p.stderr
+    assert [p.read_bytes() for p in kept] == before
+    newest.rename(tmp_path / "step-0000002.ckpt.damaged")  # as the message says
+    only = tmp_path / "only"
+    (only / "checkpoints").mkdir(parents=True)
+    (only / "checkpoints" / "step-0000002.ckpt").write_bytes(before[2])
+    (only / "config.json").write_bytes(before[0])
+    p = run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 3, "--resume", only), check=False)
+    assert p.returncode == 2 and "unreadable or corrupt" in p.stderr and "Traceback" not in p.stderr
+    run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 3, "--resume", folder))
+
+
+def test_paths_with_dotdot_and_model_folders_are_checked_before_training(setup, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    cases = [(("--out", f"{tmp_path}/missing/../x.safetensors"), "goes through a folder that does not exist"),
+             (("--run-dir", model), "a diffusers model folder, not a run folder"),
+             (("--resume", model), "a diffusers model folder, not a run folder")]
+    for extra, expected in cases:
+        args = fit_args(setup, tmp_path / "o.safetensors", "--lpips-weight", 0)
+        if extra[0] == "--out":
+            args[args.index("--out") + 1] = extra[1]
+            extra = ()
+        p = run(*args, *extra, check=False)
+        assert p.returncode == 2 and expected in p.stderr, (extra, p.stderr[-1500:])
+        assert "fine-tune" not in p.stderr and not (tmp_path / "x.safetensors").exists()

@@ -27,10 +27,12 @@ def test_the_version_is_declared_once_in_pyproject():
     assert metadata.__version__ == __version__  # what every exported file's vaeft.version says
 
 
-def _load_pack(comfyui_version: str | None, v3: bool) -> subprocess.CompletedProcess:
-    """Import this folder the way ComfyUI loads a custom node, with stand-ins for ComfyUI's modules."""
+def _load_pack(comfyui_version: str | None, v3: bool, prelude: str = "") -> subprocess.CompletedProcess:
+    """Import this folder the way ComfyUI loads a custom node, with stand-ins for ComfyUI's modules
+    (``prelude``: Python run first, to break a requirement)."""
     code = textwrap.dedent(f"""
         import importlib.util, logging, sys, types
+        {prelude}
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
         sys.modules["folder_paths"] = types.ModuleType("folder_paths")
         if {comfyui_version!r} is not None:
@@ -69,6 +71,23 @@ def test_new_enough_comfyui_loads_the_extension_without_a_message():
     out = _load_pack("0.3.64", v3=True)
     assert out.returncode == 0, out.stderr
     assert "ERROR" not in out.stdout and "MAPPINGS None ENTRYPOINT True" in out.stdout
+
+
+def test_a_missing_or_old_requirement_gets_one_clear_error_and_no_nodes():
+    """The Manager can report success although pip failed: the pack says so at load time, naming the
+    package and the command, instead of failing mid-run when diffusers or lpips is first used."""
+    out = _load_pack("0.3.64", v3=True, prelude='sys.modules["lpips"] = None')  # not importable
+    assert out.returncode == 0, out.stderr
+    errors = [line for line in out.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, out.stdout
+    assert "lpips>=0.1.4 (does not import" in errors[0] and '-m pip install "lpips>=0.1.4"' in errors[0]
+    assert "diffusers" not in errors[0] and "MAPPINGS {} ENTRYPOINT False" in out.stdout
+    old = ("import importlib.metadata as m; v = m.version; "
+           "m.version = lambda n: '0.29.2' if n == 'diffusers' else v(n)")
+    out = _load_pack("0.3.64", v3=True, prelude=old)
+    errors = [line for line in out.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "diffusers>=0.30 (0.29.2 is installed)" in errors[0], out.stdout
+    assert "MAPPINGS {} ENTRYPOINT False" in out.stdout
 
 
 def _pyproject() -> dict:

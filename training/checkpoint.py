@@ -62,6 +62,10 @@ def write_checkpoint(path: str | os.PathLike, state: dict, *, overwrite: bool) -
     return atomic_write(path, save, overwrite=overwrite, what="checkpoint")
 
 
+class DamagedCheckpoint(VAEFTError):
+    """A checkpoint file that cannot be read whole (truncated, corrupt, its digest wrong)."""
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint of this tool and verify its digest; refuse anything else with the reason.
     The file is only read."""
@@ -74,7 +78,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         with open(path, "rb") as f:  # a file object: torch.load would treat a *.safetensors name as safetensors
             state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign file: same answer
-        raise VAEFTError(f"resume checkpoint {path!r} is unreadable or corrupt: {str(e)[:300]}") from None
+        raise DamagedCheckpoint(f"resume checkpoint {path!r} is unreadable or corrupt: {str(e)[:300]}") from None
     old = _OLD_FORMATS.get(state.get("format")) if isinstance(state, dict) else None
     if old:
         raise VAEFTError(f"resume checkpoint {path!r} was written by version {old} of this tool, which kept weights "
@@ -83,8 +87,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise VAEFTError(f"{path!r} is not a checkpoint written by this tool ({CHECKPOINT_FORMAT})")
     if state.get("digest") != sha256({k: v for k, v in state.items() if k != "digest"}):
-        raise VAEFTError(f"resume checkpoint {path!r} is damaged: its tensors do not match the digest written with "
-                         "them (a disk or copy error). Resume from an earlier checkpoint; this file was not changed")
+        raise DamagedCheckpoint(f"resume checkpoint {path!r} is damaged: its tensors do not match the digest written "
+                                "with them (a disk or copy error). Resume from an earlier checkpoint; this file was "
+                                "not changed")
     return state
 
 
@@ -230,14 +235,42 @@ def resume_point(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not os.path.isdir(path):
         return path
-    if not os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
-        raise VAEFTError(f"resume checkpoint {path!r} is not a file (a folder or a device); give a .ckpt file "
-                         "or a run folder")
+    from .runs import is_run_folder, what_folder
+
+    if not is_run_folder(path) and not os.path.isdir(os.path.join(path, "checkpoints")):
+        raise VAEFTError(f"resume checkpoint {path!r} is not a file: it is a folder, and {what_folder(path)}; give a "
+                         ".ckpt file or a run folder")
     file = latest_in(os.path.join(path, "checkpoints"))
     if file is None:
         raise VAEFTError(f"run folder {path!r} has no checkpoint yet: it stopped before its first one; start it "
                          "again as a new run")
     return file
+
+
+def older_whole(path: str) -> tuple[str, int] | None:
+    """For a damaged newest ``step-*.ckpt`` at ``path``: the newest older one in its folder that reads
+    whole, and its step (None when there is none)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    files = [f for f in Checkpoints(folder, folder=True)._step_files() if os.path.abspath(f) != os.path.abspath(path)]
+    for older in reversed(files):
+        try:
+            return older, int(read_checkpoint(older)["step"])
+        except VAEFTError:
+            continue
+    return None
+
+
+def explain_damaged(e: DamagedCheckpoint, path: str) -> VAEFTError:
+    """The refusal of a run folder whose newest checkpoint ``path`` is damaged: when an older one is whole,
+    it says so and how to continue from it (nothing is moved or deleted here)."""
+    older = older_whole(path)
+    if older is None:
+        return e
+    file, step = older
+    return VAEFTError(f"{e}. An older checkpoint of this run is whole: {file!r} (step {step}). To continue from it, "
+                      f"move {os.path.basename(path)!r} out of {os.path.dirname(path)!r} (keep it if you like; "
+                      f"nothing here deletes it) and continue the run again (the same --resume, or continue_run on "
+                      f"the node); the steps after {step} are then trained again")
 
 
 # ----- what a checkpoint holds, checked and restored by name

@@ -98,6 +98,9 @@ def add_fit_command(sub) -> argparse.ArgumentParser:
     p.add_argument("--preview-dir", help="write preview reconstructions (inputs above, outputs below) here "
                                          "every --preview-every steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("--allow-changed-base", action="store_true",
+                   help="with --config: train although --vae is not the base VAE file the run recorded (its "
+                        "digest differs)")
     add_arguments(p, TrainConfig)
     add_arguments(p, DataConfig, skip=("seed",))  # one --seed, from TrainConfig, seeds everything
     p.set_defaults(func=run_fit)
@@ -125,6 +128,11 @@ def _check_outputs(args) -> None:
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
             raise VAEFTError(f"the folder of {flag} ({folder}) does not exist; create it or choose another path")
+        # the writer resolves the path as written: "missing/../x" goes through "missing", which must exist
+        written = os.path.dirname(path.rstrip("/\\")) if path else None
+        if written and not os.path.isdir(written):
+            raise VAEFTError(f"{flag} {path!r} goes through a folder that does not exist ({written!r}: a '..' is "
+                             "resolved after the folders before it); create it or give the path without '..'")
         if folder and not os.access(folder, os.W_OK):
             raise VAEFTError(f"cannot write {flag} {path!r}: its folder is not writable")
     if args.loss_plot and os.path.isdir(args.loss_plot):
@@ -154,7 +162,9 @@ def run_fit(args) -> int:
 
     missing = [f"--{k}" for k in ("vae", "data", "out") if not getattr(args, k)]
     if missing:
-        raise VAEFTError(f"{', '.join(missing)} required (or a --config that names them)")
+        where = "a --config names --vae and --data, never --out" if args.config else \
+            "or a --config that names --vae and --data"
+        raise VAEFTError(f"{', '.join(missing)} required ({where})")
     cfg = config_from_args(args)
     data_cfg = from_arguments(DataConfig, args, seed=cfg.seed)
     _check_outputs(args)
@@ -163,10 +173,13 @@ def run_fit(args) -> int:
         stem = args.out[: -len(".safetensors")] if args.format == "safetensors" else args.out.rstrip("/\\")
         checkpoint = args.checkpoint or stem + ".ckpt"  # only where asked: --checkpoint FILE or <out>.ckpt
 
+    args.writes = (args.run_dir or (args.resume if args.resume and os.path.isdir(args.resume) else None),
+                   checkpoint)  # what a stop message looks at
     dist = Distributed.from_env()
     device = pick_device(args.device, dist)
     with distributed(dist, device):
         base = load_vae(args.vae)
+        _check_recorded_base(args, base.layout.base_sha256)
         data = build_dataset(args.data, data_cfg)
         # the general images are all scored: none held out, and --mask-dir's masks belong to --data's images
         general = build_dataset(args.general, dataclasses.replace(data_cfg, mask_dir=None, val_fraction=0.0)) \
@@ -189,9 +202,7 @@ def run_fit(args) -> int:
             bar.close()
         loop = session.loop
         if session.stopped:
-            where = f"; continue with --resume {session.run_dir or loop.checkpoint}" if loop.checkpoint else \
-                "; nothing was written (no checkpoint was asked for)"
-            print(f"interrupted at step {loop.steps_done} of {loop.config.steps}{where}", file=sys.stderr)
+            print(f"interrupted at step {loop.steps_done} of {loop.config.steps}; {_stopped(args)}", file=sys.stderr)
             return 130
         if session.trained is None:  # not the main process
             return 0
@@ -207,6 +218,35 @@ def run_fit(args) -> int:
                    "final": loop.history[-1] if loop.history else None}
         print(json.dumps(json_safe(summary)))
         return 0
+
+
+def _stopped(args) -> str:
+    """What a stopped ``fit`` wrote and the exact command that continues it (or starts it again)."""
+    import shlex
+
+    from .checkpoint import latest_in, peek
+
+    run_dir, checkpoint = getattr(args, "writes", (None, None))
+    newest = latest_in(os.path.join(run_dir, "checkpoints")) if run_dir else \
+        (checkpoint if checkpoint and os.path.isfile(checkpoint) and peek(checkpoint) else None)
+    argv, skip = [], False
+    for token in getattr(args, "argv", None) or []:
+        if skip or token == "--resume" or token.startswith("--resume="):
+            skip = token == "--resume"
+            continue
+        argv.append(token)
+    if newest is not None:
+        step = (peek(newest) or {}).get("step")
+        again = shlex.join(["python", "-m", "training", *argv, "--resume", run_dir or newest])
+        return f"the newest checkpoint is {newest} (step {step}); continue with: {again}"
+    if run_dir:
+        again = shlex.join(["python", "-m", "training", *argv, "--overwrite"]) if "--overwrite" not in argv else \
+            shlex.join(["python", "-m", "training", *argv])
+        return (f"no checkpoint was written yet (stopped before the first step): run folder {run_dir} holds only "
+                f"the run's config.json and metrics.jsonl. Start it again with: {again}")
+    if checkpoint:
+        return "no checkpoint was written yet (stopped before the first step); run the same command again"
+    return "nothing was written (no checkpoint was asked for: --run-dir or --checkpoint-every keep one)"
 
 
 def _fit_hooks(args, dist, bar):
@@ -476,31 +516,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a run's config.json may give ``fit --config``: its settings and the files it reads. Everything that
+# writes, replaces or redirects files (--out, --overwrite, --checkpoint, --run-dir, --resume, ...) comes
+# from the command line only, so a shared config can never replace a file nobody asked to replace.
+CONFIG_INPUTS = ("vae", "data", "general")
+
+
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None, args) -> argparse.Namespace:
-    """``fit --config FILE``: the run's inputs and settings become the defaults, flags override."""
+    """``fit --config FILE``: the run's settings and inputs become the defaults, flags override; the
+    file's switches that write files are ignored (said on stderr). A config the ComfyUI node wrote
+    names ComfyUI files: --vae and --data must be given."""
+    from .config import DataConfig
     from .runs import read_config
 
     run = read_config(args.config)
     fit = parser.fit_parser
     dests = {a.dest for a in fit._actions}
-    values = {**run.get("settings", {}), **{k: v for k, v in run.get("inputs", {}).items() if v is not None}}
+    settings = {f.name for cls in (TrainConfig, DataConfig) for f in dataclasses.fields(cls)}
+    node = run.get("paths") == "comfyui"
+    inputs = {("data" if k == "dataset" and node else k): v for k, v in (run.get("inputs") or {}).items()}
+    values = {**(run.get("settings") or {}), **{k: v for k, v in inputs.items() if v is not None}}
     unknown = sorted(set(values) - dests)
     if unknown:
         raise VAEFTError(f"--config {args.config!r} has settings this version does not know: {', '.join(unknown)}")
-    fit.set_defaults(**values)
-    return parser.parse_args(argv)
+    ignored = sorted(k for k in values if k not in settings and k not in CONFIG_INPUTS and k != "out")
+    if ignored:
+        print(f"--config {args.config!r}: ignored {', '.join(ignored)} from the file: switches that write, replace "
+              "or redirect files are taken only from the command line", file=sys.stderr)
+    fit.set_defaults(**{k: v for k, v in values.items() if k in settings or (k in CONFIG_INPUTS and not node)})
+    args = parser.parse_args(argv)
+    if node and not (args.vae and args.data):
+        names = ", ".join(f"{k} {v!r}" for k, v in inputs.items() if k in ("vae", "data") and v)
+        raise VAEFTError(f"--config {args.config!r} was written by the ComfyUI node: its inputs are names inside "
+                         f"ComfyUI ({names}), not files here; give --vae BASE.safetensors and --data DIR")
+    args.recorded_base_sha256 = run.get("base_sha256")
+    return args
+
+
+def _check_recorded_base(args, sha256: str) -> None:
+    """``fit --config``: the base VAE must be the file the run recorded (by digest), unless
+    --allow-changed-base says otherwise."""
+    recorded = getattr(args, "recorded_base_sha256", None)
+    if recorded and recorded != sha256 and not args.allow_changed_base:
+        raise VAEFTError(f"--vae {args.vae!r} is not the base VAE the run in --config {args.config!r} was trained "
+                         f"from (its sha256 {sha256[:12]}…, recorded {recorded[:12]}…): the file was replaced or "
+                         "another one given. Give the original base VAE, or pass --allow-changed-base to train "
+                         "from this one")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
     try:
         if getattr(args, "config", None):
             args = _apply_config(parser, argv, args)
+        args.argv = argv
         return int(args.func(args) or 0)
     except VAEFTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, perhaps while a checkpoint was written
+        print(f"interrupted at once: {_stopped(args)}", file=sys.stderr)
         return 130

@@ -27,8 +27,8 @@ from typing import BinaryIO, Callable
 
 from .errors import VAEFTError
 
-__all__ = ["atomic_write", "atomic_write_dir", "check_folder", "describe_os_error", "describe_path", "json_safe",
-           "write_json"]
+__all__ = ["FolderLock", "atomic_write", "atomic_write_dir", "check_folder", "describe_os_error", "describe_path",
+           "json_safe", "write_json"]
 
 
 def _kind(mode: int) -> str:
@@ -281,3 +281,56 @@ def atomic_write_dir(path: str | os.PathLike, write_fn: Callable[[str], object],
             if leftover is not None:
                 shutil.rmtree(leftover, ignore_errors=True)
     return path
+
+
+class FolderLock:
+    """One writer per folder (a run folder) while a process writes it: an advisory lock (``fcntl.flock``)
+    on ``<folder>/.lock``, which holds the writer's pid and host. The kernel releases the lock when the
+    process ends in any way (a crash, SIGKILL), so a stale lock file never blocks anyone; a second
+    writer is refused by name. On platforms without ``fcntl`` (Windows) there is no lock."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str, fd: int | None, created: bool):
+        self.folder, self.fd, self.created = folder, fd, created
+
+    @classmethod
+    def acquire(cls, folder: str | os.PathLike, what: str = "run folder") -> "FolderLock":
+        folder = os.fspath(folder)
+        try:
+            import fcntl
+        except ImportError:
+            return cls(folder, None, False)
+        path = os.path.join(folder, cls.NAME)
+        created = not os.path.lexists(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as e:
+            raise VAEFTError(describe_os_error(e, path, f"the lock of {what}")) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").split()
+            os.close(fd)
+            who = f"pid {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "another process"
+            raise VAEFTError(f"{what} {folder!r} is being written by another process ({who}): two writers would "
+                             "log every step twice. Wait for that run to end, or stop it (Ctrl-C, Cancel) and then "
+                             "continue it; nothing here was changed") from None
+        import socket
+
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        return cls(folder, fd, created)
+
+    def release(self, forget: bool = False) -> None:
+        """Let go of the folder. ``forget``: also remove the lock file if this lock made it (a refused
+        start leaves the folder as it found it)."""
+        if self.fd is None:
+            return
+        if forget and self.created:
+            try:
+                os.unlink(os.path.join(self.folder, self.NAME))
+            except OSError:
+                pass
+        os.close(self.fd)  # closing the only descriptor releases the flock
+        self.fd = None

@@ -25,7 +25,7 @@ import torch
 from .checkpoint import Checkpoints, latest_in
 from .config import TrainConfig
 from .errors import VAEFTError
-from .files import atomic_write, check_folder, describe_os_error, json_safe, write_json
+from .files import FolderLock, atomic_write, check_folder, describe_os_error, json_safe, write_json
 
 CONFIG_FORMAT = "vaeft-run-config-1"
 MARKER = "config.json"
@@ -60,11 +60,58 @@ def read_config(path: str | os.PathLike) -> dict:
     return {**cfg, "inputs": inputs}
 
 
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run folder of this tool: its config.json is a run config (a diffusers model
+    folder has a config.json too, and is not a run)."""
+    try:
+        with open(os.path.join(os.fspath(path), MARKER), encoding="utf-8") as f:
+            return json.load(f).get("format") == CONFIG_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def what_folder(path: str | os.PathLike) -> str:
+    """A word on a folder that is not a run folder, for messages."""
+    try:
+        with open(os.path.join(os.fspath(path), MARKER), encoding="utf-8") as f:
+            if "_class_name" in json.load(f):
+                return "a diffusers model folder, not a run folder of this tool"
+    except (OSError, ValueError, TypeError):
+        pass
+    return "not a run folder of this tool"
+
+
+def named_run_folder(root: str, run_name: str, continue_run: str | None, label: str) -> tuple[str, bool]:
+    """(the run folder's path, whether it continues a run) under ``root`` (the node's runs folder, called
+    ``label`` in messages). A new run gets a fresh folder named after ``run_name`` (-2, -3, ... when taken);
+    ``continue_run`` names a run folder there."""
+    from .export import safe_name
+
+    check_folder(root, f"the runs folder {label} ({root!r})", "move or rename that file, then run again")
+    if continue_run:
+        path = os.path.join(root, safe_name(continue_run))
+        if not is_run_folder(path):
+            raise VAEFTError(f"continue_run {continue_run!r}: there is no such run in {label}/ (refresh the page "
+                             "to see the runs there)")
+        return path, True
+    stem = safe_name(run_name or "vae-ft")
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise VAEFTError(describe_os_error(e, root, "runs folder")) from None
+    path, k = os.path.join(root, stem), 2
+    while os.path.lexists(path):
+        path, k = os.path.join(root, f"{stem}-{k}"), k + 1
+    return path, False
+
+
 class RunFolder:
     """Writes one run's folder. ``create`` checks the folder before any training happens."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, warn=None):
         self.path = path
+        self._warn = warn or (lambda text: None)  # told once when TensorBoard's writer fails
+        self.lock: FolderLock | None = None  # this process is the folder's one writer until close()
         self.checkpoint_dir = os.path.join(path, "checkpoints")
         self.preview_dir = os.path.join(path, "previews")
         self.metrics_path = os.path.join(path, "metrics.jsonl")
@@ -82,9 +129,9 @@ class RunFolder:
         path = os.fspath(path)
         check_folder(path, f"run folder {path!r}", "choose another run folder")
         if os.path.isdir(path) and os.listdir(path):
-            ours = os.path.isfile(os.path.join(path, MARKER))
+            ours = is_run_folder(path)
             if not ours and not overwrite:
-                raise VAEFTError(f"{path!r} exists and is not a run folder of this tool; choose another run folder "
+                raise VAEFTError(f"{path!r} exists and is {what_folder(path)}; choose another run folder "
                                  "(nothing in it was changed)")
             if ours and not (resume or overwrite):
                 latest = latest_in(os.path.join(path, "checkpoints"))
@@ -93,8 +140,11 @@ class RunFolder:
                                  "allow overwriting")
 
     @classmethod
-    def create(cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> "RunFolder":
-        """Open ``path`` for a run (see :meth:`check`), made if missing."""
+    def create(cls, path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+               warn=None, lock: FolderLock | None = None) -> "RunFolder":
+        """Open ``path`` for a run (see :meth:`check`), made if missing, and hold its lock (``lock``:
+        already taken) until :meth:`close`. ``warn(text)``: told once if the optional TensorBoard
+        writer fails (the run goes on without it)."""
         path = os.fspath(path)
         cls.check(path, resume=resume, overwrite=overwrite)
         try:
@@ -105,16 +155,28 @@ class RunFolder:
             os.unlink(probe)
         except OSError as e:
             raise VAEFTError(describe_os_error(e, path, "run folder")) from None
-        return cls(path)
+        folder = cls(path, warn)
+        folder.lock = lock or FolderLock.acquire(path)
+        return folder
 
-    def rewind(self, step: int) -> None:
+    def rewind(self, step: int) -> str | None:
         """Continuing from the checkpoint of ``step``: forget metrics lines written after it (a
-        crashed run may have logged past its last checkpoint), so the log reads as one run."""
-        kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
+        crashed run may have logged past its last checkpoint), so the log reads as one run. Lines
+        that are not whole records (cut off by a crash mid-write) are set aside first, into
+        ``metrics.jsonl.torn`` (``.torn-2``, ... when taken): returns that file's path, or None."""
+        records, torn = split_metrics(self.metrics_path)
+        aside = None
+        if torn:
+            aside, k = self.metrics_path + ".torn", 2
+            while os.path.lexists(aside):
+                aside, k = f"{self.metrics_path}.torn-{k}", k + 1
+            atomic_write(aside, lambda f: f.write(torn.encode()), what="set-aside metrics lines")
+        kept = [r for r in records if r.get("step", 0) <= step]
         text = "".join(json.dumps(r) + "\n" for r in kept)
         atomic_write(self.metrics_path, lambda f: f.write(text.encode()), overwrite=True, what="metrics log")
         if kept:
             self._t0 = time.monotonic() - float(kept[-1].get("seconds") or 0.0)
+        return aside
 
     @staticmethod
     def checkpoints(path: str | os.PathLike, cfg: TrainConfig, overwrite: bool = False) -> Checkpoints:
@@ -126,12 +188,16 @@ class RunFolder:
 
     # ----- writing
 
-    def write_config(self, inputs: dict, settings: dict, *, paths: str = "relative") -> str:
+    def write_config(self, inputs: dict, settings: dict, *, paths: str = "relative", base_sha256: str | None = None
+                     ) -> str:
         """config.json. ``inputs``: {"vae", "data", "out", ...}: file paths (written relative to
-        this folder) when ``paths`` is "relative", ComfyUI names when it is "comfyui"."""
+        this folder) when ``paths`` is "relative", ComfyUI names when it is "comfyui". ``base_sha256``:
+        the base VAE's digest (``fit --config`` checks that the file it is given is still that one)."""
         if paths == "relative":
             inputs = {k: portable_path(v, self.path) for k, v in inputs.items()}
         body = {"format": CONFIG_FORMAT, "paths": paths, "inputs": inputs, "settings": settings}
+        if base_sha256:
+            body["base_sha256"] = base_sha256
         return write_json(os.path.join(self.path, MARKER), body, what="run config")
 
     def log(self, line: dict, step_time: float | None = None) -> dict:
@@ -151,50 +217,82 @@ class RunFolder:
                 f.write(json.dumps(json_safe(record)) + "\n")
         except OSError as e:
             raise VAEFTError(describe_os_error(e, self.metrics_path, "metrics log")) from None
-        tb = self._tensorboard()
-        if tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    tb.add_scalar(k, v, line["step"])
-            tb.flush()
+        self._to_tensorboard(lambda tb: [tb.add_scalar(k, v, line["step"]) for k, v in record.items()
+                                         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)])
         return record
 
     def preview(self, step: int, images: torch.Tensor) -> str:
         """Write (2N, 3, H, W) [0, 1] images (inputs, then reconstructions) as previews/preview-NNNNNNN.png
         (see :func:`write_preview`), and to TensorBoard."""
         path, grid = write_preview(self.preview_dir, step, images)
-        tb = self._tensorboard()
-        if tb is not None:
-            tb.add_image("preview", grid, step)
-            tb.flush()
+        self._to_tensorboard(lambda tb: tb.add_image("preview", grid, step))
         return path
 
     def close(self) -> None:
         if self._tb:
-            self._tb.close()
-        self._tb = None
-
-    def _tensorboard(self):
-        """TensorBoard's writer when the optional ``tensorboard`` package is installed, else None."""
-        if self._tb is None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # optional: never required
-                self._tb = False
-            else:
+                self._tb.close()
+            except Exception as e:  # noqa: BLE001 - optional, see _to_tensorboard
+                self._warn(f"TensorBoard's writer failed while closing ({type(e).__name__}: {str(e)[:200]})")
+        self._tb = None
+        if self.lock is not None:
+            self.lock.release()
+        self.lock = None
+
+    def _to_tensorboard(self, write) -> None:
+        """``write(writer)`` then flush, when the optional ``tensorboard`` package is installed and
+        works. TensorBoard is never required: any failure, importing it (a missing package, a broken
+        protobuf) or using it, is told once through ``warn`` and TensorBoard is off for the rest of the run."""
+        if self._tb is False:
+            return
+        try:
+            if self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:  # not installed: optional, nothing to say
+                    self._tb = False
+                    return
                 self._tb = SummaryWriter(self.path)
-        return self._tb or None
+            write(self._tb)
+            self._tb.flush()
+        except Exception as e:  # noqa: BLE001 - whatever breaks in TensorBoard, training goes on
+            self._tb = False
+            self._warn(f"TensorBoard is off for this run: its writer failed ({type(e).__name__}: {str(e)[:200]}); "
+                       "metrics.jsonl and previews/ are still written (reinstall tensorboard and protobuf to "
+                       "get it back)")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a run's metrics.jsonl (a missing file: none)."""
+    """The records of a run's metrics.jsonl (a missing file: none), up to its last whole line: a line
+    cut off by a crash mid-write is left out (see :func:`split_metrics`)."""
+    return split_metrics(path)[0]
+
+
+def split_metrics(path: str | os.PathLike) -> tuple[list[dict], str]:
+    """(the whole records of a run's metrics.jsonl, the text of the lines that are not whole records).
+    A crash (or a kill) while a line is appended leaves it cut off, with no newline or with bytes that
+    do not parse: such lines are returned apart so that a continued run can set them aside."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return [], ""
+    except OSError as e:
+        raise VAEFTError(describe_os_error(e, path, "metrics log")) from None
+    records, torn = [], []
+    for line in raw.decode("utf-8", errors="replace").splitlines(keepends=True):
+        try:
+            record = json.loads(line) if line.endswith("\n") and line.strip() else None
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif line.strip():
+            torn.append(line)
+    return records, "".join(torn)
 
 
 def write_preview(folder: str, step: int, images: torch.Tensor) -> tuple[str, torch.Tensor]:

@@ -27,11 +27,12 @@ from typing import Callable
 import torch
 
 from .augment import augmenter
-from .checkpoint import Checkpoints, load_checkpoint, resume_point
+from .checkpoint import Checkpoints, DamagedCheckpoint, explain_damaged, load_checkpoint, resume_point
 from .config import TrainConfig
 from .data import PatchDataset, preview_patches, worker_start_method
 from .device import Distributed, pick_device
 from .evaluate import evaluation_patches
+from .files import FolderLock
 from .families import family_of_model
 from .losses import load_lpips
 from .probe import make_probe
@@ -110,32 +111,35 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     note = hooks.note or (lambda text: None)
     warn = hooks.warn or note
 
-    # 1. every check before any file changes
-    ckpt, run_dir, checkpoints = _checked_start(vae, data, cfg, resume=resume, run_dir=run_dir,
-                                                checkpoint=checkpoint, overwrite=overwrite, dist=dist)
+    # 1. every check before any file changes (an existing run folder is locked first: one writer)
+    ckpt, run_dir, checkpoints, lock = _checked_start(vae, data, cfg, resume=resume, run_dir=run_dir,
+                                                      checkpoint=checkpoint, overwrite=overwrite, dist=dist)
     run_id = checkpoints.run_id if checkpoints is not None else None  # claimed: the resumed run's, or a new one
     folder = run_dir is not None and dist.is_main
-    lpips_net = load_lpips(cfg.lpips_net, cfg.lpips_backbone) if cfg.lpips_weight > 0 else None
+    try:
+        lpips_net = load_lpips(cfg.lpips_net, cfg.lpips_backbone) if cfg.lpips_weight > 0 else None
 
-    # 2. the patches the run watches
-    _describe(data, note)
-    val, cfg, why = validation_patches(data, cfg)
-    if why:
-        warn(why)
-    cfg = check_run(cfg, dist, val)
-    general_batch = evaluation_patches(general, cfg.val_patches, cfg.seed, use_validation=False)[0] \
-        if general is not None and cfg.val_every else None
-    watched = dist.is_main and cfg.preview_every and (folder or hooks.preview is not None)
-    preview = preview_patches(data, 4, seed=cfg.seed) if watched else None
+        # 2. the patches the run watches
+        _describe(data, note)
+        val, cfg, why = validation_patches(data, cfg)
+        if why:
+            warn(why)
+        cfg = check_run(cfg, dist, val)
+        general_batch = evaluation_patches(general, cfg.val_patches, cfg.seed, use_validation=False)[0] \
+            if general is not None and cfg.val_every else None
+        watched = dist.is_main and cfg.preview_every and (folder or hooks.preview is not None)
+        preview = preview_patches(data, 4, seed=cfg.seed) if watched else None
 
-    # 3. the run folder
+    except BaseException:
+        if lock is not None:
+            lock.release(forget=True)
+        raise
+
+    # 3. the run folder (it holds the lock from here until run.close())
     start = int(ckpt["step"]) if ckpt is not None else 0
-    run = RunFolder.create(run_dir, resume=ckpt is not None, overwrite=overwrite) if folder else None
-    if run is not None:
-        run.write_config(inputs or {}, {**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)},
-                         paths=input_paths)
-        if ckpt is not None:
-            run.rewind(start)
+    run = _open_run(run_dir, ckpt, lock, overwrite=overwrite, warn=warn, inputs=inputs or {},
+                    settings={**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)}, input_paths=input_paths,
+                    base_sha256=vae.layout.base_sha256) if folder else None
     status = RunStatus(cfg.steps, start, read_metrics(run.path) if run is not None and ckpt is not None else None)
 
     # 4. training
@@ -168,24 +172,60 @@ def trained_result(vae: LoadedVAE, loop: LoopResult, *, probe=None, dataset: dic
 
 
 def _checked_start(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *, resume, run_dir, checkpoint,
-                   overwrite: bool, dist: Distributed) -> tuple[dict | None, str | None, Checkpoints | None]:
-    """Step 1 of :func:`run_session`, reading but never writing: the resumed checkpoint checked against
-    this run (a run folder as ``resume`` becomes ``run_dir``), the run folder, and the checkpoints'
-    place claimed for this run. Returns (the checkpoint, the run folder, where checkpoints go)."""
+                   overwrite: bool, dist: Distributed
+                   ) -> tuple[dict | None, str | None, Checkpoints | None, FolderLock | None]:
+    """Step 1 of :func:`run_session`, reading but never writing: an existing run folder locked (a second
+    writer refused), the resumed checkpoint checked against this run (a run folder as ``resume``
+    becomes ``run_dir``), the run folder, and the checkpoints' place claimed for this run. Returns
+    (the checkpoint, the run folder, where checkpoints go, the lock held). A refusal lets go of the
+    lock and leaves the folder as it was."""
     family_of_model(vae.model).check_config(cfg)
-    ckpt = None
-    if resume is not None:
-        if run_dir is None and os.path.isdir(resume):
-            run_dir = resume  # a run folder continues writing into itself
-        ckpt = load_checkpoint(resume_point(resume), vae.layout, cfg, trainable_shapes(vae.model, cfg.trainable),
-                               dist.world_size, data.order_signature())
-    if run_dir is not None and dist.is_main:
-        RunFolder.check(run_dir, resume=ckpt is not None, overwrite=overwrite)
-    checkpoints = _checkpoints(run_dir, checkpoint, cfg, overwrite)
-    if checkpoints is not None and dist.is_main:
-        run_id = (ckpt.get("run_id") if ckpt is not None else None) or uuid.uuid4().hex
-        checkpoints.claim(run_id, resumed_from=ckpt["path"] if ckpt is not None else None)
-    return ckpt, run_dir, checkpoints
+    if resume is not None and run_dir is None and os.path.isdir(resume):
+        run_dir = resume  # a run folder continues writing into itself
+    lock = FolderLock.acquire(run_dir) if run_dir is not None and dist.is_main and os.path.isdir(run_dir) else None
+    try:
+        ckpt = None
+        if resume is not None:
+            point = resume_point(resume)
+            try:
+                ckpt = load_checkpoint(point, vae.layout, cfg, trainable_shapes(vae.model, cfg.trainable),
+                                       dist.world_size, data.order_signature())
+            except DamagedCheckpoint as e:
+                raise (explain_damaged(e, point) if os.path.isdir(resume) else e) from None
+        if run_dir is not None and dist.is_main:
+            RunFolder.check(run_dir, resume=ckpt is not None, overwrite=overwrite)
+        checkpoints = _checkpoints(run_dir, checkpoint, cfg, overwrite)
+        if checkpoints is not None and dist.is_main:
+            run_id = (ckpt.get("run_id") if ckpt is not None else None) or uuid.uuid4().hex
+            checkpoints.claim(run_id, resumed_from=ckpt["path"] if ckpt is not None else None)
+    except BaseException:
+        if lock is not None:
+            lock.release(forget=True)
+        raise
+    return ckpt, run_dir, checkpoints, lock
+
+
+def _open_run(run_dir: str, ckpt: dict | None, lock: FolderLock | None, *, overwrite: bool, warn, inputs: dict,
+              settings: dict, input_paths: str, base_sha256: str) -> RunFolder:
+    """Step 3 of :func:`run_session`: the run folder opened (holding its lock until closed), config.json
+    written, and on resume metrics.jsonl cut back to the checkpoint's step (a torn line set aside)."""
+    try:
+        run = RunFolder.create(run_dir, resume=ckpt is not None, overwrite=overwrite, warn=warn, lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.release(forget=True)
+        raise
+    try:
+        run.write_config(inputs, settings, paths=input_paths, base_sha256=base_sha256)
+        if ckpt is not None:
+            aside = run.rewind(int(ckpt["step"]))
+            if aside:
+                warn(f"metrics.jsonl ended in a line cut off by a crash; it was set aside in {aside!r} and the log "
+                     f"continues from step {ckpt['step']}")
+    except BaseException:
+        run.close()
+        raise
+    return run
 
 
 def _checkpoints(run_dir, checkpoint, cfg: TrainConfig, overwrite: bool) -> Checkpoints | None:

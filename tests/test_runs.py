@@ -1,0 +1,78 @@
+"""The run folder on its own (no training): TensorBoard optional, the one-writer lock, what counts as a run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+from training.errors import VAEFTError
+from training.runs import RunFolder, read_metrics
+
+
+class _BrokenModule(types.ModuleType):
+    """``from torch.utils.tensorboard import SummaryWriter`` raising what a broken protobuf raises."""
+
+    def __getattr__(self, name):
+        raise TypeError("Descriptors cannot be created directly (protobuf)")
+
+
+def _log_twice(folder, warnings):
+    run = RunFolder.create(folder, warn=warnings.append)
+    run.log({"step": 1, "total": 0.5})
+    run.log({"step": 2, "total": 0.4})
+    run.close()
+    return [r["step"] for r in read_metrics(folder)]
+
+
+def test_a_broken_tensorboard_import_is_told_once_and_the_run_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", _BrokenModule("torch.utils.tensorboard"))
+    warnings = []
+    assert _log_twice(tmp_path / "run", warnings) == [1, 2]
+    assert len(warnings) == 1 and "TensorBoard is off" in warnings[0] and "TypeError" in warnings[0]
+
+
+def test_a_tensorboard_writer_failing_in_use_is_told_once_and_the_run_goes_on(tmp_path, monkeypatch):
+    class Writer:
+        def __init__(self, path):
+            pass
+
+        def add_scalar(self, *a):
+            raise OSError("disk quota exceeded")
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    warnings = []
+    assert _log_twice(tmp_path / "run", warnings) == [1, 2]
+    assert len(warnings) == 1 and "disk quota exceeded" in warnings[0]
+
+
+def test_the_node_runs_folder_being_a_file_is_named(tmp_path):
+    from training.runs import named_run_folder
+
+    root = tmp_path / "vae_ft_runs"
+    root.write_text("not a folder")
+    for cont in (None, "old"):
+        with pytest.raises(VAEFTError, match=r"output/vae_ft_runs .* is a file, not a folder; move or rename"):
+            named_run_folder(str(root), "fundus", cont, "output/vae_ft_runs")
+    assert root.read_text() == "not a folder"
+
+
+def test_a_diffusers_model_folder_is_not_a_run(tmp_path):
+    from training.checkpoint import resume_point
+    from training.runs import is_run_folder, named_run_folder
+
+    model = tmp_path / "runs" / "vae-ft-x"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 4}))
+    (model / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    assert not is_run_folder(model)
+    with pytest.raises(VAEFTError, match="a diffusers model folder, not a run folder"):
+        RunFolder.check(model)
+    with pytest.raises(VAEFTError, match="a diffusers model folder, not a run folder"):
+        resume_point(model)
+    with pytest.raises(VAEFTError, match="no such run"):
+        named_run_folder(str(tmp_path / "runs"), "x", "vae-ft-x", "output/vae_ft_runs")
