@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 from comfy_server import COMFY_LOADER_PREAMBLE
 from conftest import cli_main, write_images
 from training.errors import VAEFTError
-from training.families import flux2
 from training.vae import build_vae, model_to_file
 
 CH, MULT, Z = 32, [1, 2], 32
