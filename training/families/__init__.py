@@ -77,6 +77,20 @@ class Family:
     keep_dtype: tuple[str, ...] = field(default_factory=tuple)
 
 
+def decoder_block_of(name: str, activation: str, norm_out: str) -> str | None:
+    """The decoder block of a module name in the diffusers layout every family's module has:
+    'post_quant_conv', 'conv_in', 'mid_block', 'up_blocks.N', ``norm_out`` (with the ``activation`` module
+    that follows it) or 'conv_out'; None outside the decoder (the fp16/bf16 report's grouping)."""
+    parts = name.split(".")
+    if parts[0] == "post_quant_conv":
+        return "post_quant_conv"
+    if parts[0] != "decoder" or len(parts) < 2:
+        return None
+    if parts[1] == activation:  # the SiLU between the last norm and conv_out
+        return norm_out
+    return ".".join(parts[1:3]) if parts[1] == "up_blocks" and len(parts) > 2 else parts[1]
+
+
 def trained(name: str, trainable: str, family: Family) -> bool:
     """Whether module tensor ``name`` trains in mode ``trainable`` ('decoder' or 'full')."""
     return name.startswith(TRAINABLE_PREFIXES[trainable]) and not any(re.search(p, name) for p in family.image_frozen)

@@ -16,7 +16,7 @@ import re
 import torch
 
 from ..errors import VAEFTError
-from . import Family
+from . import Family, decoder_block_of
 
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
@@ -300,14 +300,7 @@ def build(ldm: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, str]
 
 def decoder_block(name: str) -> str | None:
     """Decoder block of a module name: 'conv_in', 'mid_block', 'up_blocks.2', 'conv_norm_out', ..."""
-    parts = name.split(".")
-    if parts[0] == "post_quant_conv":
-        return "post_quant_conv"
-    if parts[0] != "decoder" or len(parts) < 2:
-        return None
-    if parts[1] == "conv_act":  # the SiLU between conv_norm_out and conv_out
-        return "conv_norm_out"
-    return ".".join(parts[1:3]) if parts[1] == "up_blocks" and len(parts) > 2 else parts[1]
+    return decoder_block_of(name, "conv_act", "conv_norm_out")
 
 
 def downsampling(model: torch.nn.Module) -> int:

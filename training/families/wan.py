@@ -26,7 +26,7 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import VAEFTError
-from . import Family
+from . import Family, decoder_block_of
 
 ORIGINAL_PROBE = "decoder.middle.0.residual.0.gamma"
 DIFFUSERS_PROBE = "decoder.mid_block.resnets.0.norm1.gamma"
@@ -187,14 +187,7 @@ def build(sd: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, str]]
 
 def decoder_block(name: str) -> str | None:
     """'post_quant_conv', 'conv_in', 'mid_block', 'up_blocks.N', 'norm_out' or 'conv_out' of a module name."""
-    parts = name.split(".")
-    if parts[0] == "post_quant_conv":
-        return "post_quant_conv"
-    if parts[0] != "decoder" or len(parts) < 2:
-        return None
-    if parts[1] == "nonlinearity":  # the SiLU between norm_out and conv_out
-        return "norm_out"
-    return ".".join(parts[1:3]) if parts[1] == "up_blocks" and len(parts) > 2 else parts[1]
+    return decoder_block_of(name, "nonlinearity", "norm_out")
 
 
 # ----- the module: diffusers' AutoencoderKLQwenImage, images in and out
