@@ -53,6 +53,22 @@ def _example(vae_name: str, folder: str, **train) -> dict:
     return prompt
 
 
+def _round_trip(server, vae_name: str, prefix: str) -> dict:
+    """Stock Load VAE lists ``vae_name`` without a restart, and VAE Encode -> VAE Decode -> Save Image runs
+    with it: the finished prompt's history entry."""
+    info = requests.get(server.url + "/object_info/VAELoader", timeout=30).json()
+    assert vae_name in info["VAELoader"]["input"]["required"]["vae_name"][0]
+    entry = server.wait(server.queue({
+        "1": {"class_type": "VAELoader", "inputs": {"vae_name": vae_name}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 0]}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": prefix}},
+    }))
+    assert entry["status"]["status_str"] == "success", _messages(entry)
+    return entry
+
+
 def test_nodes_are_registered(comfy):
     server, _, _ = comfy
     info = requests.get(server.url + "/object_info", timeout=30).json()
@@ -104,17 +120,7 @@ def test_api_example_trains_saves_and_stock_load_vae_loads_it(comfy):
     assert entry["outputs"]["93"]["images"]
 
     # Without a restart: Load VAE lists the new file, and a second prompt uses it.
-    info = requests.get(server.url + "/object_info/VAELoader", timeout=30).json()
-    assert "vae-ft-retina-2.safetensors" in info["VAELoader"]["input"]["required"]["vae_name"][0]
-    prompt = {
-        "1": {"class_type": "VAELoader", "inputs": {"vae_name": "vae-ft-retina-2.safetensors"}},
-        "2": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}},
-        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 0]}},
-        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
-        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "roundtrip"}},
-    }
-    entry = server.wait(server.queue(prompt))
-    assert entry["status"]["status_str"] == "success", _messages(entry)
+    entry = _round_trip(server, "vae-ft-retina-2.safetensors", "roundtrip")
     saved = entry["outputs"]["5"]["images"][0]
     assert os.path.isfile(os.path.join(base, "output", saved["subfolder"], saved["filename"]))
 
@@ -485,17 +491,7 @@ def test_a_qwen_image_vae_from_load_vae_trains_saves_and_round_trips(comfy):
         if k.startswith(("encoder.", "conv1.")) or ".time_conv." in k:
             assert torch.equal(exported[k], sd[k]), k
     assert not torch.equal(exported["decoder.head.2.weight"], sd["decoder.head.2.weight"])
-    info = requests.get(server.url + "/object_info/VAELoader", timeout=30).json()
-    assert "vae-ft-qwen-1.safetensors" in info["VAELoader"]["input"]["required"]["vae_name"][0]
-    roundtrip = {
-        "1": {"class_type": "VAELoader", "inputs": {"vae_name": "vae-ft-qwen-1.safetensors"}},
-        "2": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}},
-        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 0]}},
-        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
-        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "qwen-roundtrip"}},
-    }
-    entry = server.wait(server.queue(roundtrip))
-    assert entry["status"]["status_str"] == "success", _messages(entry)
+    _round_trip(server, "vae-ft-qwen-1.safetensors", "qwen-roundtrip")
     assert "Missing VAE keys" not in server.read_log() and "Leftover VAE keys" not in server.read_log()
     os.unlink(os.path.join(base, "models", "vae", "qwen_image_vae.safetensors"))
 
