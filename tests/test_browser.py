@@ -119,10 +119,11 @@ def server(request, base):
         yield srv
     finally:
         srv.stop()
-    # ComfyUI servers log a deprecation warning for a pack's import of a legacy (internal) module
+    # Newer ComfyUI servers log "[DEPRECATION WARNING] ..." naming the legacy path a page script imported (not
+    # the pack): this pack is the only extension installed here, so any such line is its (0.3.64 logs none)
     with open(srv.log_path) as f:
         log = f.read()
-    assert not [line for line in log.splitlines() if "DEPRECATION" in line.upper() and PACK in line], log[-3000:]
+    assert not [line for line in log.splitlines() if "DEPRECATION" in line.upper()], log[-3000:]
 
 
 @pytest.fixture(scope="module")

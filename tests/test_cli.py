@@ -419,6 +419,7 @@ def test_paths_with_dotdot_and_model_folders_are_checked_before_training(setup, 
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
     cases = [(("--out", f"{tmp_path}/missing/../x.safetensors"), "goes through a folder that does not exist"),
+             (("--checkpoint", f"{tmp_path}/nothere/../c.ckpt"), "--checkpoint"),
              (("--run-dir", model), "a diffusers model folder, not a run folder"),
              (("--resume", model), "a diffusers model folder, not a run folder")]
     for extra, expected in cases:

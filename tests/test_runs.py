@@ -76,3 +76,59 @@ def test_a_diffusers_model_folder_is_not_a_run(tmp_path):
         resume_point(model)
     with pytest.raises(VAEFTError, match="no such run"):
         named_run_folder(str(tmp_path / "runs"), "x", "vae-ft-x", "output/vae_ft_runs")
+
+
+def test_the_lock_a_run_takes_first_does_not_make_an_empty_folder_look_used(tmp_path):
+    """The lock is taken before the folder is checked: an empty folder (with only our .lock) still takes a run."""
+    from training.files import FolderLock
+
+    (tmp_path / "empty").mkdir()
+    lock = FolderLock.acquire(tmp_path / "empty")
+    try:
+        RunFolder.check(tmp_path / "empty")  # would say "exists and is not a run folder" if .lock counted
+    finally:
+        lock.release(forget=True)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_a_filesystem_without_flock_runs_without_a_lock_and_says_so(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from training.files import FolderLock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(RuntimeWarning, match="running without a lock"):
+        lock = FolderLock.acquire(tmp_path)
+    assert lock.fd is None and not (tmp_path / FolderLock.NAME).exists()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork (the loader workers' start method)")
+def test_a_forked_loader_worker_does_not_keep_the_run_folder_locked(tmp_path):
+    """Loader workers started by fork share the lock's open file: the worker's init closes its copy, so the
+    lock ends with the writing process (a second writer gets it while the worker still runs)."""
+    import os
+    import time
+
+    from training.data import _worker_init
+    from training.files import FolderLock
+
+    lock = FolderLock.acquire(tmp_path)
+    pid = os.fork()
+    if pid == 0:  # the worker
+        try:
+            _worker_init(0)
+            time.sleep(3)
+        finally:
+            os._exit(0)
+    try:
+        time.sleep(0.5)
+        lock.release()
+        again = FolderLock.acquire(tmp_path)  # refused as "another process" if the worker kept the lock
+        again.release()
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)

@@ -124,7 +124,8 @@ def _check_outputs(args) -> None:
         raise VAEFTError(f"--out {args.out!r} is a folder; give a file name ending in .safetensors")
     if os.path.exists(args.out) and not args.overwrite and not (os.path.isdir(args.out) and not os.listdir(args.out)):
         raise VAEFTError(f"{args.out!r} already exists; choose another --out or pass --overwrite")
-    for flag, path in (("--out", args.out), ("--loss-plot", args.loss_plot)):
+    for flag, path in (("--out", args.out), ("--loss-plot", args.loss_plot),
+                       ("--checkpoint", getattr(args, "checkpoint", None))):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
             raise VAEFTError(f"the folder of {flag} ({folder}) does not exist; create it or choose another path")

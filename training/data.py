@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import CELL, DataConfig
 from .errors import VAEFTError
+from .files import FolderLock
 from .foreground import box_fraction, integral, luminance, resize_pixels
 from .imageio import ALPHA_POLICY, PIXEL_MAX, ImageMemoryError, ImageReadError, read_image, signed_to_unit, to_unit
 from .memory import check_cpu_memory, out_of_memory_named
@@ -441,6 +442,7 @@ def worker_start_method(importable: bool, methods: list[str] | None = None) -> s
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers are processes already; avoid oversubscribing cores
+    FolderLock.close_inherited()  # a forked worker must not keep the run folder's lock alive
 
 
 def _masking_text(cfg: DataConfig) -> str:

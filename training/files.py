@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import stat
+import warnings
 from typing import BinaryIO, Callable
 
 from .errors import VAEFTError
@@ -290,9 +291,23 @@ class FolderLock:
     writer is refused by name. On platforms without ``fcntl`` (Windows) there is no lock."""
 
     NAME = ".lock"
+    _held: set[int] = set()  # this process's lock descriptors (a forked loader worker closes its copies)
 
     def __init__(self, folder: str, fd: int | None, created: bool):
         self.folder, self.fd, self.created = folder, fd, created
+        if fd is not None:
+            FolderLock._held.add(fd)
+
+    @classmethod
+    def close_inherited(cls) -> None:
+        """In a forked child (a data-loader worker): close the parent's lock descriptors, which share the
+        lock, so the lock ends with the writing process and not with the last worker."""
+        for fd in list(cls._held):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        cls._held.clear()
 
     @classmethod
     def acquire(cls, folder: str | os.PathLike, what: str = "run folder") -> "FolderLock":
@@ -309,7 +324,17 @@ class FolderLock:
             raise VAEFTError(describe_os_error(e, path, f"the lock of {what}")) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock here (some NFS/CIFS)
+                os.close(fd)
+                if created:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+                warnings.warn(f"cannot lock {folder} ({e.strerror or e}): running without a lock, so make sure no "
+                              f"other process writes this {what}", RuntimeWarning, stacklevel=2)
+                return cls(folder, None, False)
             holder = os.read(fd, 200).decode("utf-8", "replace").split()
             os.close(fd)
             who = f"pid {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "another process"
@@ -332,5 +357,6 @@ class FolderLock:
                 os.unlink(os.path.join(self.folder, self.NAME))
             except OSError:
                 pass
+        FolderLock._held.discard(self.fd)
         os.close(self.fd)  # closing the only descriptor releases the flock
         self.fd = None

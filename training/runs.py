@@ -128,7 +128,7 @@ class RunFolder:
         what to do."""
         path = os.fspath(path)
         check_folder(path, f"run folder {path!r}", "choose another run folder")
-        if os.path.isdir(path) and os.listdir(path):
+        if os.path.isdir(path) and set(os.listdir(path)) - {FolderLock.NAME}:  # (our own lock, taken first)
             ours = is_run_folder(path)
             if not ours and not overwrite:
                 raise VAEFTError(f"{path!r} exists and is {what_folder(path)}; choose another run folder "
@@ -229,15 +229,17 @@ class RunFolder:
         return path
 
     def close(self) -> None:
-        if self._tb:
-            try:
-                self._tb.close()
-            except Exception as e:  # noqa: BLE001 - optional, see _to_tensorboard
-                self._warn(f"TensorBoard's writer failed while closing ({type(e).__name__}: {str(e)[:200]})")
-        self._tb = None
-        if self.lock is not None:
-            self.lock.release()
-        self.lock = None
+        try:
+            if self._tb:
+                try:
+                    self._tb.close()
+                except Exception as e:  # noqa: BLE001 - optional, see _to_tensorboard
+                    self._warn(f"TensorBoard's writer failed while closing ({type(e).__name__}: {str(e)[:200]})")
+        finally:  # (even on a Ctrl-C inside TensorBoard's close)
+            self._tb = None
+            if self.lock is not None:
+                self.lock.release()
+            self.lock = None
 
     def _to_tensorboard(self, write) -> None:
         """``write(writer)`` then flush, when the optional ``tensorboard`` package is installed and

@@ -140,10 +140,9 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     run = _open_run(run_dir, ckpt, lock, overwrite=overwrite, warn=warn, inputs=inputs or {},
                     settings={**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)}, input_paths=input_paths,
                     base_sha256=vae.layout.base_sha256) if folder else None
-    status = RunStatus(cfg.steps, start, read_metrics(run.path) if run is not None and ckpt is not None else None)
-
     # 4. training
     try:
+        status = RunStatus(cfg.steps, start, read_metrics(run.path) if run is not None and ckpt is not None else None)
         loop = fine_tune(vae, _batches(data, cfg, device, dist, importable, warn), cfg, device=device,
                          lpips_net=lpips_net, augment=augmenter(data.cfg), val_batch=val, general_batch=general_batch,
                          preview_batch=preview, callbacks=_callbacks(hooks, run, status), resume=ckpt,
