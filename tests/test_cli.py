@@ -293,15 +293,16 @@ def test_a_torn_last_metrics_line_is_set_aside_and_the_run_continues(setup, tmp_
     common = ("--lpips-weight", 0, "--log-every", 1, "--val-every", 0, "--run-dir", tmp_path / "run")
     run(*fit_args(setup, tmp_path / "a.safetensors", *common, "--steps", 2))
     metrics = tmp_path / "run" / "metrics.jsonl"
-    with open(metrics, "a") as f:
-        f.write('{"step": 3, "total": 0.1')  # cut off mid-write
+    torn = '{"step": 3, "note": "caf\u00e9'.encode()[:-1]  # cut off mid-write, inside a character
+    with open(metrics, "ab") as f:
+        f.write(torn)
     p = run(*fit_args(setup, tmp_path / "b.safetensors", *common, "--steps", 4, "--resume", tmp_path / "run"),
             check=False)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "set aside" in p.stderr and "Traceback" not in p.stderr
     steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
-    assert (tmp_path / "run" / "metrics.jsonl.torn").read_text() == '{"step": 3, "total": 0.1'
+    assert (tmp_path / "run" / "metrics.jsonl.torn").read_bytes() == torn  # kept as it was, byte for byte
 
 
 def test_a_run_folder_has_one_writer_and_a_killed_one_leaves_no_stale_lock(setup, tmp_path):

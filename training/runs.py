@@ -170,7 +170,7 @@ class RunFolder:
             aside, k = self.metrics_path + ".torn", 2
             while os.path.lexists(aside):
                 aside, k = f"{self.metrics_path}.torn-{k}", k + 1
-            atomic_write(aside, lambda f: f.write(torn.encode()), what="set-aside metrics lines")
+            atomic_write(aside, lambda f: f.write(torn), what="set-aside metrics lines")
         kept = [r for r in records if r.get("step", 0) <= step]
         text = "".join(json.dumps(r) + "\n" for r in kept)
         atomic_write(self.metrics_path, lambda f: f.write(text.encode()), overwrite=True, what="metrics log")
@@ -270,8 +270,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return split_metrics(path)[0]
 
 
-def split_metrics(path: str | os.PathLike) -> tuple[list[dict], str]:
-    """(the whole records of a run's metrics.jsonl, the text of the lines that are not whole records).
+def split_metrics(path: str | os.PathLike) -> tuple[list[dict], bytes]:
+    """(the whole records of a run's metrics.jsonl, the bytes of the lines that are not whole records, as
+    they are in the file).
     A crash (or a kill) while a line is appended leaves it cut off, with no newline or with bytes that
     do not parse: such lines are returned apart so that a continued run can set them aside."""
     path = os.fspath(path)
@@ -281,20 +282,20 @@ def split_metrics(path: str | os.PathLike) -> tuple[list[dict], str]:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        return [], ""
+        return [], b""
     except OSError as e:
         raise VAEFTError(describe_os_error(e, path, "metrics log")) from None
     records, torn = [], []
-    for line in raw.decode("utf-8", errors="replace").splitlines(keepends=True):
+    for line in raw.splitlines(keepends=True):
         try:
-            record = json.loads(line) if line.endswith("\n") and line.strip() else None
-        except ValueError:
+            record = json.loads(line) if line.endswith(b"\n") and line.strip() else None
+        except ValueError:  # (UnicodeDecodeError too)
             record = None
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)
         elif line.strip():
             torn.append(line)
-    return records, "".join(torn)
+    return records, b"".join(torn)
 
 
 def write_preview(folder: str, step: int, images: torch.Tensor) -> tuple[str, torch.Tensor]:
