@@ -81,6 +81,7 @@ def comfy_vae_to_training(vae, source_file: tuple[str, str] | None = None) -> Lo
         raise _not_built_by_this_comfyui(name, family, vae, str(e)) from None
     if family is not None and loaded.layout.family != family.name:
         raise _not_built_by_this_comfyui(name, family, vae, f"it holds a {loaded.layout.family} VAE")
+    loaded.layout.from_file = not from_comfy  # config.json records a base digest only for a file's own weights
     return loaded
 
 

@@ -267,7 +267,9 @@ comfy_names = {("quant_conv." + k[19:]) if k.startswith("encoder.quant_conv.") e
 loaded = common.comfy_vae_to_training(held_as(comfy_names), ("vae", "flux2-vae.safetensors"))
 w = loaded.model.state_dict()["decoder.conv_in.weight"]
 out["read"] = {"family": loaded.layout.family, "exact": bool(torch.equal(w, flux["decoder.conv_in.weight"])),
-               "keys": sorted(loaded.layout.shapes) == sorted(flux)}
+               "keys": sorted(loaded.layout.shapes) == sorted(flux), "from_file": loaded.layout.from_file}
+copy = common.comfy_vae_to_training(held_as(comfy_names))  # no file to read: ComfyUI's bf16 copy
+out["copy"] = {"family": copy.layout.family, "from_file": copy.layout.from_file}
 for case, name, held in (("other", "flux2-vae.safetensors", {"decoder.conv_in.weight": torch.zeros(8, 32, 3, 3)}),
                          ("nan", "nan-sd-vae.safetensors", load_file(os.path.join(folder, "nan-sd-vae.safetensors")))):
     try:
@@ -305,7 +307,9 @@ def test_the_node_reads_a_flux2_file_that_comfyui_holds_under_its_own_names(tmp_
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, p.stdout[-3000:] + p.stderr[-3000:]
     out = json.loads(lines[0][7:])
-    assert out["read"] == {"family": "flux2", "exact": True, "keys": True}
+    assert out["read"] == {"family": "flux2", "exact": True, "keys": True, "from_file": True}
+    # a copy is not the file: a re-run's base check must not compare the file with the copy's digest
+    assert out["copy"] == {"family": "flux2", "from_file": False}
     assert out["other"].startswith("VAEFTError: flux2-vae.safetensors is a Flux.2 VAE (FLUX.2 [dev], [klein]), but "
                                    "the Identity this ComfyUI's Load VAE built from it holds other tensors")
     assert out["nan"].startswith("VAEFTError: nan-sd-vae.safetensors holds NaN or infinite weights"), out["nan"]

@@ -139,7 +139,7 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     start = int(ckpt["step"]) if ckpt is not None else 0
     run = _open_run(run_dir, ckpt, lock, overwrite=overwrite, warn=warn, inputs=inputs or {},
                     settings={**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)}, input_paths=input_paths,
-                    base_sha256=vae.layout.base_sha256) if folder else None
+                    base_sha256=vae.layout.base_sha256 if vae.layout.from_file else None) if folder else None
     # 4. training
     try:
         status = RunStatus(cfg.steps, start, read_metrics(run.path) if run is not None and ckpt is not None else None)

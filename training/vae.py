@@ -29,6 +29,9 @@ class FileLayout:
     shapes: dict[str, tuple[int, ...]]
     module_keys: dict[str, str]              # file key -> module (state dict) key
     base_sha256: str = ""
+    # False when the weights are not a file's own (ComfyUI's working-dtype copy): base_sha256 then names
+    # no file a re-run could be checked against
+    from_file: bool = True
     base_name: str = ""
     dropped_keys: list[str] = field(default_factory=list)
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
