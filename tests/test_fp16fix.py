@@ -150,14 +150,18 @@ def test_fp16_fix_makes_a_vae_built_to_overflow_safe_and_keeps_its_output(tmp_pa
     x = images()
     probe = make_probe(vae, x[2:])
     assert probe.base_report["fp16"]["nonfinite_pixels"] == probe.base_report["pixels"]  # black in fp16
-    result = train(vae, itertools.repeat(x[:2]), _cfg(steps=10, stop_when_safe=True), device="cpu",
+    trained = train(vae, itertools.repeat(x[:2]), _cfg(steps=4), device="cpu", val_batch=x[2:], probe=probe)
+    base, last = trained.history[0], trained.history[-1]
+    assert base["step"] == 0 and base["val_fp16_peak"] == float("inf") and base["val_fp16_psnr"] < 10
+    assert last["step"] == 4 and last["val_fp16_nonfinite"] == 0 and last["val_fp16_peak"] <= THRESHOLD
+    assert last["val_fp16_psnr"] >= 30 and last["mse"] == 0.0  # the rescaled decoder is the target: nothing moved
+    # with stop_when_safe the run ends before the first step: the rescaling made it safe
+    result = train(vae, itertools.repeat(x[:2]), _cfg(steps=4, stop_when_safe=True), device="cpu",
                    val_batch=x[2:], probe=probe)
-    # the rescaling made it safe before the first step: the first validation (step 2) stops the run
-    assert result.steps_done == 2 and result.fp16_fix["safe_step"] == 2
+    assert result.steps_done == 0 and result.fp16_fix["safe_step"] == 0
+    assert all(torch.equal(v, trained.model.state_dict()[k]) for k, v in result.model.state_dict().items())
     rescale = result.fp16_fix["rescale"]
-    assert rescale["exact"] and rescale["peak_before"] > FP16_MAX and rescale["peak_after"] <= THRESHOLD / 2 * 1.001
-    last = result.history[-1]
-    assert last["val_fp16_nonfinite"] == 0 and last["val_fp16_peak"] <= THRESHOLD and last["val_fp16_psnr"] >= 30
+    assert rescale["exact"] and rescale["peak_before"] > FP16_MAX and rescale["peak_after"] <= THRESHOLD / 8 * 1.001
     report = export_vae(result, tmp_path / "fixed.safetensors")
     hp = report.half_precision
     assert report.fp16_safe is True and report.frozen_identical is True  # encoder byte for byte
@@ -165,12 +169,13 @@ def test_fp16_fix_makes_a_vae_built_to_overflow_safe_and_keeps_its_output(tmp_pa
     assert max(hp["fine_tuned"]["fp16"]["max_activation"].values()) <= THRESHOLD
     text = report.text()
     assert "fp16-fix: trained towards the base VAE's own fp32 decode" in text and "exact rescaling first" in text
-    assert "stopped at step 2: fp16-safe" in text and "dB against the base's fp32 decode" in text
+    assert "fp16-safe on the held-out patches before the first step: not trained" in text
+    assert "dB against the base's fp32 decode" in text
     with safe_open(report.path, "pt") as f:
         meta = f.metadata()
     assert meta["vaeft.fp16_safe"] == "true" and meta["vaeft.recipe"] == "custom (from fp16-fix: lpips_weight)"
     fix = json.loads(meta["vaeft.fp16_fix"])
-    assert fix["safe_step"] == 2 and fix["rescale"]["exact"] is True
+    assert fix["safe_step"] == 0 and fix["rescale"]["exact"] is True
 
 
 def test_fp16_fix_leaves_a_safe_vae_unchanged():
@@ -218,9 +223,8 @@ def test_the_penalty_and_its_gradient():
 def test_fit_recipe_fp16_fix_and_eval_half_on_the_command_line(tmp_path):
     """`fit --recipe fp16-fix` turns a file that overflows fp16 into one that does not; `eval --half` checks
     both files without training."""
-    from safetensors.torch import save_file
-
     from conftest import cli_main, write_images
+    from safetensors.torch import save_file
 
     save_file(overflowing_ldm_sd(), str(tmp_path / "bad.safetensors"))
     write_images(tmp_path / "images", names=("astronaut", "coffee", "chelsea"), size=64)
@@ -230,7 +234,7 @@ def test_fit_recipe_fp16_fix_and_eval_half_on_the_command_line(tmp_path):
                  "--val-every", 3, "--val-fraction", 0.34, "--stop-when-safe", "--foreground-threshold", 0,
                  "--no-progress")
     assert "fp16-fix: trained towards the base VAE's own fp32 decode" in p.stdout + p.stderr
-    assert "stopped at step 3: fp16-safe" in p.stdout + p.stderr
+    assert "before the first step: not trained" in p.stdout + p.stderr
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["vaeft.fp16_safe"] == "true"
     p = cli_main("eval", "--vae", tmp_path / "bad.safetensors", "--vae", out, "--data", tmp_path / "images",
@@ -247,3 +251,37 @@ def test_with_the_encoder_training_the_latent_drift_is_measured():
                    device="cpu", val_batch=x[2:])
     drift = [h["val_latent_drift"] for h in result.history if "val_latent_drift" in h]
     assert drift[0] == 0.0 and drift[-1] > 0.0  # the penalty's gradient reaches the encoder and moves the latents
+
+
+def test_the_fp16_fix_settings_never_train_in_fp16():
+    """A GPU without bf16 gets fp16 autocast by default: a VAE that overflows fp16 cannot train that way."""
+    from training.fp16fix import FP16Fix
+
+    cfg = TrainConfig.from_recipe("fp16-fix")
+    assert FP16Fix.precision(cfg, "fp16", "auto: no bf16")[0] == "fp32"
+    assert FP16Fix.precision(cfg, "bf16", "auto")[0] == "bf16"
+    assert FP16Fix.precision(TrainConfig(), "fp16", "auto") == ("fp16", "auto")  # other recipes: as before
+    with pytest.raises(VAEFTError, match="precision fp16 with the fp16-fix settings"):
+        FP16Fix.precision(cfg.replace(precision="fp16"), "fp16", "asked")
+
+
+def test_a_checkpoint_older_than_the_fp16_fix_settings_resumes_and_a_changed_penalty_is_refused(tmp_path):
+    from training import checkpoint as C
+    from training.trainer import fine_tune
+
+    vae = build_vae(tiny_ldm_sd())
+    data = [images(2, seed=i) for i in range(4)]
+    plain = {"lr": 1e-3, "batch_size": 2, "lpips_weight": 0.0, "log_every": 1, "preview_every": 0, "val_every": 0}
+    ckpt = tmp_path / "run.ckpt"
+    fine_tune(vae, lambda start: iter(data[start:]), TrainConfig(steps=2, **plain), device="cpu", checkpoints=ckpt)
+    state = C.read_checkpoint(ckpt)
+    body = {k: v for k, v in state.items() if k != "digest"}
+    body["config"] = {k: v for k, v in body["config"].items() if k not in ("target", "act_weight", "act_threshold",
+                                                                          "exact_rescale", "stop_when_safe")}
+    old = tmp_path / "older.ckpt"
+    C.write_checkpoint(old, body, overwrite=False)  # as a version without the fp16-fix settings wrote it
+    result = fine_tune(vae, lambda start: iter(data[start:]), TrainConfig(steps=3, **plain), device="cpu", resume=old)
+    assert result.steps_done == 3
+    with pytest.raises(VAEFTError, match=r"other settings \(act_weight: 0\.0 -> 1\.0\)"):
+        fine_tune(vae, lambda start: iter(data[start:]), TrainConfig(steps=3, act_weight=1.0, **plain), device="cpu",
+                  resume=old)

@@ -364,7 +364,7 @@ def load_checkpoint(path: str | os.PathLike, layout: FileLayout, cfg: TrainConfi
         raise VAEFTError(f"resume checkpoint {path!r} was trained from a different base VAE "
                          f"(base sha256 {state['base_sha256'][:12]}…, this run's {layout.base_sha256[:12]}…)")
     old = state["config"]
-    diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
+    diff = [f"{k}: {old.get(k, _DEFAULTS[k])!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
             if old.get(k, _DEFAULTS[k]) != getattr(cfg, k)]
     if diff:
         raise VAEFTError(f"resume checkpoint {path!r} was written with other settings ({'; '.join(diff)}); "

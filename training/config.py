@@ -234,7 +234,7 @@ class TrainConfig:
                                           "the margin keeps fp16 decodes safe on other images)",
                                   min=1.0, max=65504.0)
     exact_rescale: bool = option(False, "before training, scale down the decoder's layers that feed only a "
-                                        "normalisation (and kl-f8/Flux.2's residual stream) to act_threshold/2: "
+                                        "normalisation (and kl-f8/Flux.2's residual stream) to act_threshold/8: "
                                         "the output stays equal (checked), activations get smaller")
     stop_when_safe: bool = option(False, "stop at a validation step where the fp16 decode of the held-out "
                                          "patches is finite and no activation exceeds act_threshold")

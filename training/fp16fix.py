@@ -43,6 +43,10 @@ def decoder_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
 
 # ----- the exact head start
 
+# the rescaling brings the probe's activations to act_threshold / RESCALE_MARGIN: other images' latents (training
+# patches, posterior samples) reach higher, and only above act_threshold does the penalty start moving weights
+RESCALE_MARGIN = 8
+
 
 def _scale_(layer: torch.nn.Module, weight: float, bias: float) -> None:
     with torch.no_grad():
@@ -284,7 +288,9 @@ def fp16_fix_note(fix: dict) -> str:
                          f"most {r['max_change']:.2g}")
         else:
             parts.append(f"exact rescaling NOT applied: the decode changed by {r['max_change']:.2g}")
-    if fix.get("safe_step") is not None:
+    if fix.get("safe_step") == 0:
+        parts.append("fp16-safe on the held-out patches before the first step: not trained")
+    elif fix.get("safe_step") is not None:
         parts.append(f"stopped at step {fix['safe_step']}: fp16-safe on the held-out patches")
     return "fp16-fix: " + "; ".join(parts)
 
@@ -306,6 +312,7 @@ class FP16Fix:
         self.patches: torch.Tensor | None = None  # the held-out patches ``ref``'s latents are the base's of
         self.base_figures: dict | None = None
         self.rescale: dict | None = None
+        self.start_figures: dict | None = None  # the fp16 figures after the rescaling, before the first step
 
     @classmethod
     @torch.no_grad()
@@ -313,7 +320,7 @@ class FP16Fix:
                sample: torch.Tensor | None, resumed: bool) -> FP16Fix | None:
         """None when no fp16-fix setting is on. Else taken on the training copy ``model`` before anything
         else changes it: the base's fp16 figures on ``sample``'s latents (cropped as the export's probe is),
-        the teacher (target 'base'), the exact rescaling to act_threshold / 2 (not on resume: the
+        the teacher (target 'base'), the exact rescaling to act_threshold / RESCALE_MARGIN (not on resume: the
         checkpoint's weights replace it; on ``sample``'s latents, or standard-normal ones without)."""
         from .probe import encode_latents, probe_patches
         from .vae import latent_channels
@@ -339,7 +346,9 @@ class FP16Fix:
                 down = family.downsampling(model)
                 z = torch.randn(2, latent_channels(model), 64 // down, 64 // down,
                                 generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-            fix.rescale = exact_rescale(model, z, cfg.act_threshold / 2)
+            fix.rescale = exact_rescale(model, z, cfg.act_threshold / RESCALE_MARGIN)
+            if fix.ref is not None:  # what stop_when_safe looks at before the first step
+                fix.start_figures = fp16_figures(model, *fix.ref)
         if cfg.target == "base":
             # the base's function in the weights the training starts from (rescaled: equal within the checked
             # tolerance) and in train mode, as the trained copy is (diffusers' attention decodes differently in
@@ -398,6 +407,12 @@ class FP16Fix:
             raise VAEFTError("precision fp16 with the fp16-fix settings (target 'base' or act_weight > 0): the VAE "
                              "being fixed may overflow fp16 while it trains; use precision auto, bf16 or fp32")
         return "fp32", "fp32: the fp16-fix settings train a VAE that may overflow fp16 (and this GPU has no bf16)"
+
+    def safe_at_start(self) -> bool:
+        """stop_when_safe before the first step: the rescaled decoder is safe on the held-out patches already
+        (a VAE that was safe, or that the rescaling made safe, is not trained at all)."""
+        fig = self.start_figures if self.start_figures is not None else self.base_figures
+        return fig is not None and self.safe({f"val_{k}": v for k, v in fig.items()}, self.cfg.act_threshold)
 
     @staticmethod
     def safe(scores: dict, threshold: float) -> bool:

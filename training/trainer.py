@@ -181,8 +181,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     # ---- the loop
     found_inf = torch.zeros((), device=device)
     micro, stopped, t0 = cfg.micro_batch or local_batch, False, time.perf_counter()
-    safe_step = None
-    while state.step < cfg.steps:
+    safe_step = 0 if cfg.stop_when_safe and state.step == 0 and s.fix.safe_at_start() else None
+    while state.step < cfg.steps and safe_step is None:
         step = state.step
         for o in (s.opt, s.disc_opt):
             for g in (o.param_groups if o is not None else ()):
