@@ -285,3 +285,16 @@ def test_a_checkpoint_older_than_the_fp16_fix_settings_resumes_and_a_changed_pen
     with pytest.raises(VAEFTError, match=r"other settings \(act_weight: 0\.0 -> 1\.0\)"):
         fine_tune(vae, lambda start: iter(data[start:]), TrainConfig(steps=3, act_weight=1.0, **plain), device="cpu",
                   resume=old)
+
+
+def test_fp16_fix_on_a_flux2_vae_comes_out_safe_with_its_encoder_and_statistics_untouched(tmp_path):
+    sd = {k: v * 1e6 if k.startswith("decoder.conv_in.") else v for k, v in tiny_flux2(seed=2).state_dict().items()}
+    vae = build_vae(sd, source="flux2 diffusers")
+    x = images()
+    probe = make_probe(vae, x[2:])
+    assert probe.base_report["fp16"]["nonfinite_pixels"] > 0
+    result = train(vae, itertools.repeat(x[:2]), _cfg(steps=2), device="cpu", val_batch=x[2:], probe=probe)
+    assert result.fp16_fix["rescale"]["segments"] >= 1 and result.history[-1]["mse"] == 0.0
+    report = export_vae(result, tmp_path / "flux2_fixed.safetensors")
+    assert report.fp16_safe is True and report.frozen_identical is True  # encoder and bn.* byte for byte
+    assert report.half_precision["fine_tuned"]["fp16"]["psnr_vs_base"] >= 30
