@@ -298,3 +298,19 @@ def test_fp16_fix_on_a_flux2_vae_comes_out_safe_with_its_encoder_and_statistics_
     report = export_vae(result, tmp_path / "flux2_fixed.safetensors")
     assert report.fp16_safe is True and report.frozen_identical is True  # encoder and bn.* byte for byte
     assert report.half_precision["fine_tuned"]["fp16"]["psnr_vs_base"] >= 30
+
+
+def test_the_status_text_shows_the_fp16_figures_beside_the_base_even_read_back_from_metrics():
+    """Step 0's largest fp16 activation is inf (overflowed), which metrics.jsonl stores as null: a resumed
+    run's status reads it back without failing and shows the figures it has."""
+    from training.runs import RunStatus
+
+    live = RunStatus(10, history=[{"step": 0, "val_fp16_peak": float("inf"), "val_fp16_psnr": 7.0},
+                                  {"step": 5, "mse": 0.0, "val_fp16_peak": 512.0, "val_fp16_psnr": 75.3}])
+    assert "val_fp16_peak 512/inf" in live.text() and "val_fp16_psnr 75.3/7" in live.text()
+    read_back = RunStatus(10, start_step=5, history=[{"step": 0, "val_fp16_peak": None, "val_fp16_psnr": 7.0},
+                                                     {"step": 5, "mse": 0.0, "val_fp16_peak": 512.0,
+                                                      "val_fp16_psnr": 75.3}])
+    text = read_back.text()
+    assert "val_fp16_peak 512" in text and "val_fp16_psnr 75.3/7" in text and "None" not in text
+    assert read_back.fields()["val_fp16_psnr"] == "75.3 (base 7)"
