@@ -236,8 +236,9 @@ class TrainConfig:
     exact_rescale: bool = option(False, "before training, scale down the decoder's layers that feed only a "
                                         "normalisation (and kl-f8/Flux.2's residual stream) to act_threshold/8: "
                                         "the output stays equal (checked), activations get smaller")
-    stop_when_safe: bool = option(False, "stop at a validation step where the fp16 decode of the held-out "
-                                         "patches is finite and no activation exceeds act_threshold")
+    stop_when_safe: bool = option(False, "stop at a validation step (or before the first step, after "
+                                         "exact_rescale) where the fp16 decode of the held-out patches is finite "
+                                         "and no activation exceeds act_threshold")
 
     def __post_init__(self) -> None:
         validate(self)
