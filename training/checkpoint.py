@@ -41,7 +41,10 @@ _STEP_FILE = re.compile(r"^step-(\d{7,})\.ckpt$")
 # Fields a resumed run must share with the run that wrote the checkpoint (steps may grow).
 RESUME_MUST_MATCH = ("recipe", "lr", "batch_size", "mse_weight", "l1_weight", "lpips_weight", "kl_weight",
                      "gan_weight", "disc_start", "latent_weight", "lpips_net", "trainable", "ema", "ema_decay",
-                     "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "posterior", "seed")
+                     "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "posterior", "seed",
+                     "target", "act_weight", "act_threshold")
+# a setting newer than a checkpoint is compared at its default (what that checkpoint's run trained with)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def write_checkpoint(path: str | os.PathLike, state: dict, *, overwrite: bool) -> str:
@@ -361,7 +364,8 @@ def load_checkpoint(path: str | os.PathLike, layout: FileLayout, cfg: TrainConfi
         raise VAEFTError(f"resume checkpoint {path!r} was trained from a different base VAE "
                          f"(base sha256 {state['base_sha256'][:12]}…, this run's {layout.base_sha256[:12]}…)")
     old = state["config"]
-    diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH if old.get(k) != getattr(cfg, k)]
+    diff = [f"{k}: {old.get(k, _DEFAULTS[k])!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
+            if old.get(k, _DEFAULTS[k]) != getattr(cfg, k)]
     if diff:
         raise VAEFTError(f"resume checkpoint {path!r} was written with other settings ({'; '.join(diff)}); "
                          "resume with the same training settings (steps may grow; speed and memory settings may differ)")

@@ -217,6 +217,8 @@ def run_fit(args) -> int:
                    "latent_cache_hits": loop.latent_cache_hits, "checkpoint": loop.checkpoint,
                    "run_dir": session.run_dir, "best_step": loop.best_step, "rank_digests": loop.rank_digests,
                    "final": loop.history[-1] if loop.history else None}
+        if loop.fp16_fix is not None:
+            summary["fp16_fix"] = loop.fp16_fix
         print(json.dumps(json_safe(summary)))
         return 0
 
@@ -394,6 +396,10 @@ def add_eval_command(sub) -> None:
                                                    "for the first 4 patches of --data")
     p.add_argument("--full-image", metavar="PATH", help="also reconstruct this whole image in tiles and report "
                                                          "seams along tile borders")
+    p.add_argument("--half", action="store_true",
+                   help="also decode a few of the patches (2 of 64x64 on a CPU, 4 of up to 256x256 on a GPU) in fp16 "
+                        "and bf16: NaN/inf pixels, the largest activation per decoder block, PSNR against the first "
+                        "VAE's fp32 decode (does it run in half precision? the fp16-fix recipe makes it)")
     p.add_argument("--tile", type=int, default=512, help="tile size for --full-image, px (default: 512)")
     p.add_argument("--overlap", type=int, default=64, help="tile overlap for --full-image, px (default: 64)")
     add_arguments(p, DataConfig, skip=tuple(f.name for f in dataclasses.fields(DataConfig) if f.name not in DATA_FLAGS))
@@ -470,6 +476,10 @@ def run_eval(args) -> int:
     if grid is not None:
         save_png(grid, args.grid)
         out["grid"] = {"path": args.grid, "columns": ["original"] + list(vaes) + [f"|{list(vaes)[-1]} - original|"]}
+    if args.half:
+        from .probe import half_precision_check
+
+        out["half_precision"] = json_safe(half_precision_check(vaes, patches, device), infinity="overflow")
     if args.full_image:
         try:
             image = to_signed(read_image(args.full_image).pixels)[None]

@@ -88,6 +88,11 @@ RECIPES: dict[str, dict] = {
     # discriminator switched on at disc_start (LDM trained from scratch used 50001; a fine-tune needs less).
     "ldm-gan": dict(mse_weight=0.0, l1_weight=1.0, lpips_weight=1.0, kl_weight=1e-6, gan_weight=0.5,
                     disc_start=1000, trainable="decoder"),
+    # Make a VAE safe in fp16 and keep its output (issue 21; cf. madebyollin's sdxl-vae-fp16-fix): the
+    # decoder learns the base VAE's own fp32 decode (any images serve), MSE + 0.1·LPIPS on it, plus a
+    # penalty on activations above act_threshold, after an exact rescaling head start.
+    "fp16-fix": dict(mse_weight=1.0, l1_weight=0.0, lpips_weight=0.1, kl_weight=0.0, gan_weight=0.0,
+                     trainable="decoder", target="base", act_weight=1.0, exact_rescale=True),
 }
 
 
@@ -138,7 +143,8 @@ class TrainConfig:
     """Defaults are Stability's sd-vae-ft-mse recipe: MSE + 0.1·LPIPS, decoder only, EMA."""
 
     recipe: str = option("sd-vae-ft-mse", "loss recipe; its values are the defaults of the loss weights "
-                                          "('custom' = exactly the values given)",
+                                          "('custom' = exactly the values given; 'fp16-fix' makes a VAE safe "
+                                          "in fp16 and keeps its output)",
                          choices=tuple(RECIPES) + ("custom",), essential=True)
     steps: int = option(2000, "optimizer steps", min=1, max=10_000_000, essential=True)
     lr: float = option(1e-5, "peak learning rate (AdamW)", gt=0.0, max=1.0, ui_step=1e-8, essential=True)
@@ -218,6 +224,21 @@ class TrainConfig:
     wan_2d: bool = option(True, "Wan 2.1 / Qwen-Image VAEs: at one frame run each causal 3D convolution as a 2D "
                                 "convolution with its last temporal tap (exact, several times faster, allows "
                                 "grad_checkpointing); off: diffusers' own 3D forward")
+    # the fp16-fix recipe's settings (issue 21), after wan_2d for the same reason
+    target: str = option("images", "what the decoder learns to output: 'images' (the patches themselves) or "
+                                   "'base' (the base VAE's own fp32 decode of the same latents: keeps its look; "
+                                   "the fp16-fix recipe)", choices=("images", "base"))
+    act_weight: float = option(0.0, "weight of the activation penalty: mean(relu(|a|/act_threshold - 1)^2) "
+                                    "summed over the decoder's layers (0 = off; the fp16-fix recipe: 1)", min=0.0)
+    act_threshold: float = option(4096.0, "activations above this are penalised (fp16's largest value is 65504; "
+                                          "the margin keeps fp16 decodes safe on other images)",
+                                  min=1.0, max=65504.0)
+    exact_rescale: bool = option(False, "before training, scale down the decoder's layers that feed only a "
+                                        "normalisation (and kl-f8/Flux.2's residual stream) to act_threshold/8: "
+                                        "the output stays equal (checked), activations get smaller")
+    stop_when_safe: bool = option(False, "stop at a validation step (or before the first step, after "
+                                         "exact_rescale) where the fp16 decode of the held-out patches is finite "
+                                         "and no activation exceeds act_threshold")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -230,6 +251,9 @@ class TrainConfig:
             raise VAEFTError("export_best needs validation: set val_every > 0")
         if self.latent_weight and self.trainable != "full":
             raise VAEFTError("latent_weight only applies when trainable = 'full' (the encoder must train)")
+        if self.stop_when_safe and not self.val_every:
+            raise VAEFTError("stop_when_safe needs validation (it checks the held-out patches in fp16): set "
+                             "val_every > 0")
         if self.gan_weight > 0 and self.disc_start >= self.steps:
             raise VAEFTError(f"disc_start ({self.disc_start}) is not below steps ({self.steps}): the "
                              "discriminator would never switch on; lower disc_start, raise steps, or set "

@@ -24,6 +24,7 @@ import torch
 from .config import EXPORT_DTYPES
 from .errors import VAEFTError
 from .files import atomic_write, atomic_write_dir
+from .fp16fix import fp16_fix_note
 from .metadata import export_metadata
 from .probe import HALF, check_half_precision, figures_line, latent_scaling
 from .tensors import dtype_names, listing, nonfinite, sha256
@@ -283,6 +284,8 @@ def export_vae(trained: Trained, path: str | os.PathLike, dtype: str | None = No
         report.notes.append(f"the base stores {report.converted_attention} attention weights as matrices; they are "
                             "written as 1x1 convolutions (same values), the form Automatic1111 and ComfyUI load")
     model = exported_model(trained, tensors)
+    if trained.fp16_fix is not None:
+        report.notes.append(fp16_fix_note(trained.fp16_fix))
     if trained.probe is not None:
         report.half_precision, warnings, notes = check_half_precision(model, trained.probe, device)
         report.warnings += warnings

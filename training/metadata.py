@@ -48,6 +48,8 @@ def build_metadata(trained: Trained, extra: dict[str, str] | None = None) -> dic
         if scores:
             meta["vaeft.best_validation"] = json.dumps(json_safe({k: round(v, 6) for k, v in scores[-1].items()
                                                                   if k.startswith("val_")}))
+    if trained.fp16_fix is not None:  # the fp16-fix settings: rescaling, penalty, the safe stop
+        meta["vaeft.fp16_fix"] = json.dumps(json_safe(trained.fp16_fix, infinity="overflow"))
     if trained.dataset is not None:
         meta["vaeft.dataset"] = json.dumps(dataset_digest(trained.dataset))
     if extra:

@@ -13,6 +13,7 @@ node needs nothing but the trained result.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,7 @@ class ExportProbe:
     held_out: bool          # True: validation images' patches; False: training patches (no validation split)
     base_report: dict       # half_precision_report of the base VAE on the base encoder's latents of ``patches``
     train_patches: torch.Tensor | None = None  # (m, 3, h, w) training patches for the latent statistics
+    base_decoded: torch.Tensor | None = None   # the base's fp32 decode of ``patches``' latents, clamped, CPU
     base_latents: dict | None = None           # latent_statistics of the base encoder on ``train_patches``
 
 
@@ -106,7 +108,8 @@ def _decode_watched(model: torch.nn.Module, latents: torch.Tensor) -> tuple[torc
 
 
 @torch.no_grad()
-def half_precision_report(model: torch.nn.Module, latents: torch.Tensor, device: torch.device | str = "cpu") -> dict:
+def half_precision_report(model: torch.nn.Module, latents: torch.Tensor, device: torch.device | str = "cpu",
+                          reference: torch.Tensor | None = None) -> dict:
     """Decode ``latents`` (n, C, h, w) with ``model``'s decoder in fp32, fp16 and bf16.
 
     Returns {"pixels": n·H·W, "fp16": figures, "bf16": figures}; figures:
@@ -117,11 +120,15 @@ def half_precision_report(model: torch.nn.Module, latents: torch.Tensor, device:
       max_activation     decoder block -> largest |output| of any of its layers (inf: overflowed)
       limit_used         fp16 only: the largest activation / 65504 (fp16's largest value); inf: overflowed
       safe               no non-finite and no saturated pixels
+      psnr_vs_base       dB against ``reference`` (the base VAE's fp32 decode; default: this model's own),
+                         both clamped to [-1, 1], NaN/inf pixels counted as black
+    and "fp32_decoded": the fp32 decode, clamped (CPU), which a later report can take as ``reference``.
     """
     device = torch.device(device)
     z = latents.to(device, torch.float32)
     ref, _ = _decode_watched(_as_dtype(model, torch.float32).to(device), z)
-    out = {"pixels": int(ref.shape[0] * ref.shape[2] * ref.shape[3])}
+    out = {"pixels": int(ref.shape[0] * ref.shape[2] * ref.shape[3]), "fp32_decoded": ref.clamp(-1, 1).cpu()}
+    target = (ref if reference is None else reference.to(device, torch.float32)).clamp(-1, 1)
     for name, dtype in HALF.items():
         img, peaks = _decode_watched(_as_dtype(model, dtype).to(device), z.to(dtype))
         finite = torch.isfinite(img)
@@ -130,11 +137,18 @@ def half_precision_report(model: torch.nn.Module, latents: torch.Tensor, device:
         err = (img - ref).abs()[finite]
         fig = {"nonfinite_pixels": nonfinite, "saturated_pixels": saturated,
                "max_abs_error": float(err.max()) if err.numel() else float("inf"),
-               "max_activation": peaks, "safe": nonfinite == 0 and saturated == 0}
+               "max_activation": peaks, "safe": nonfinite == 0 and saturated == 0,
+               "psnr_vs_base": _psnr(torch.nan_to_num(img, nan=-1.0, posinf=1.0, neginf=-1.0).clamp(-1, 1), target)}
         if name == "fp16":
             fig["limit_used"] = max(peaks.values(), default=0.0) / FP16_MAX
         out[name] = fig
     return out
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """dB between two [-1, 1] images as [0, 1] ones (100 when equal)."""
+    mse = float(((a.float() - b.float()) / 2).square().mean())
+    return 10 * math.log10(1.0 / mse) if mse > 0 else 100.0
 
 
 @torch.no_grad()
@@ -181,8 +195,8 @@ def make_probe(base, data, *, seed: int = 0, device: torch.device | str = "cpu",
     patches = probe_patches(patches.detach().to("cpu", torch.float32), device)
     train = stats_patches(train.detach().to("cpu", torch.float32), device)
     model = base.model if hasattr(base, "model") else base
-    return ExportProbe(patches=patches, held_out=held_out,
-                       base_report=half_precision_report(model, encode_latents(model, patches, device), device),
+    report = half_precision_report(model, encode_latents(model, patches, device), device)
+    return ExportProbe(patches=patches, held_out=held_out, base_decoded=report.pop("fp32_decoded"), base_report=report,
                        train_patches=train, base_latents=latent_statistics(model, train, device, seed))
 
 
@@ -201,13 +215,15 @@ def figures_line(name: str, fig: dict, pixels: int) -> str:
             f"pushed past black/white; largest activation {_fmt(top)} ({block})")
     if "limit_used" in fig and fig["limit_used"] != float("inf"):
         line += f", {100 * fig['limit_used']:.2g}% of fp16's limit"
+    if "psnr_vs_base" in fig:
+        line += f"; PSNR {fig['psnr_vs_base']:.1f} dB against the base's fp32 decode"
     return line
 
 
 def _round_figures(fig: dict) -> dict:
     out = {k: v for k, v in fig.items() if k != "max_activation"}
     out["max_activation"] = {k: float(f"{v:.4g}") if v != float("inf") else v for k, v in fig["max_activation"].items()}
-    for k in ("max_abs_error", "limit_used"):
+    for k in ("max_abs_error", "limit_used", "psnr_vs_base"):
         if k in out and out[k] != float("inf"):
             out[k] = float(f"{out[k]:.4g}")
     return out
@@ -220,7 +236,8 @@ def check_half_precision(model: torch.nn.Module, probe: ExportProbe,
     Returns (summary for the report and metadata, warnings, notes). Warns when the fine-tuned
     decoder overflows or saturates in a half precision where the base decoder did not."""
     x = probe.patches
-    fine = half_precision_report(model, encode_latents(model, x, device), device)
+    fine = half_precision_report(model, encode_latents(model, x, device), device, reference=probe.base_decoded)
+    fine.pop("fp32_decoded")
     base = probe.base_report
     summary = {"patches": f"{x.shape[0]} {'held-out' if probe.held_out else 'training'} patches of "
                           f"{x.shape[-1]}x{x.shape[-2]}",
@@ -246,6 +263,22 @@ def check_half_precision(model: torch.nn.Module, probe: ExportProbe,
             notes.append(f"the base decoder breaks in {name} too, and so does the fine-tune ({what}); run it in "
                          "fp32 or a higher precision, as with the base")
     return summary, warnings, notes
+
+
+def half_precision_check(vaes: dict[str, torch.nn.Module], patches: torch.Tensor,
+                         device: torch.device | str = "cpu") -> dict:
+    """{name: {"patches", "pixels", "fp16", "bf16"}}: :func:`half_precision_report` of each VAE on its own
+    encoder's latents of ``patches`` (cropped as :func:`probe_patches` does), PSNR against the first VAE's
+    fp32 decode (``eval --half``: check a VAE before training or after)."""
+    x = probe_patches(patches.detach().to("cpu", torch.float32), device)
+    out, reference = {}, None
+    for name, model in vaes.items():
+        rep = half_precision_report(model, encode_latents(model, x, device), device, reference=reference)
+        decoded = rep.pop("fp32_decoded")
+        reference = decoded if reference is None else reference
+        out[name] = {"patches": f"{x.shape[0]} of {x.shape[-1]}x{x.shape[-2]}", "pixels": rep["pixels"],
+                     **{k: _round_figures(rep[k]) for k in HALF}}
+    return out
 
 
 # The latent families a kl-f8 VAE can belong to (--family, the Save node's family), or auto.

@@ -326,10 +326,12 @@ class RunStatus:
     def update(self, line: dict) -> None:
         """Take a history line (training terms and/or validation scores)."""
         self.step = max(self.step, int(line["step"]))
-        scores = {k: v for k, v in line.items() if k.startswith(("val_", "gen_"))}
+        # (a number that was inf, an fp16 decode's overflowed activation, is null once read back from metrics.jsonl)
+        scores = {k: v for k, v in line.items() if k.startswith(("val_", "gen_")) and isinstance(v, (int, float))}
         if scores:
             (self.base if line["step"] == 0 else self.val).update(scores)
-        losses = {k: v for k, v in line.items() if k not in ("step", "lr", "skipped_steps") and k not in scores}
+        losses = {k: v for k, v in line.items()
+                  if k not in ("step", "lr", "skipped_steps") and not k.startswith(("val_", "gen_"))}
         if losses:
             self.losses = losses
 

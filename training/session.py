@@ -167,7 +167,7 @@ def trained_result(vae: LoadedVAE, loop: LoopResult, *, probe=None, dataset: dic
     return Trained(model=loop.model, layout=vae.layout, config=loop.config, history=loop.history,
                    steps_done=loop.steps_done, base_frozen_sha256=loop.base_frozen_sha256, stopped_early=loop.stopped_early,
                    used_ema=loop.used_ema, best_step=loop.best_step, precision=loop.precision,
-                   seconds=loop.seconds, probe=probe, dataset=dataset)
+                   seconds=loop.seconds, probe=probe, dataset=dataset, fp16_fix=loop.fp16_fix)
 
 
 def _checked_start(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *, resume, run_dir, checkpoint,

@@ -40,6 +40,7 @@ class Trained:
     seconds: float = 0.0
     probe: ExportProbe | None = None
     dataset: dict | None = None
+    fp16_fix: dict | None = None  # what the fp16-fix settings did (LoopResult.fp16_fix); None: not used
 
     @property
     def weights(self) -> str:

@@ -27,6 +27,7 @@ from .config import TrainConfig
 from .device import Distributed, pick_device, resolve_precision
 from .ema import EMA
 from .errors import VAEFTError
+from .fp16fix import ActivationPenalty, FP16Fix
 from .fused_blocks import autocast_group_norms, fuse_vae_blocks
 from .fused_norm import triton_available
 from .imageio import signed_to_unit
@@ -84,6 +85,7 @@ class LoopResult:
     rank_digests: list[str] | None = None  # under torchrun: each rank's trained weights' sha256 (all equal)
     run_id: str = ""                # the run's identity: kept across resumes, stored in its checkpoints
     checkpoint: str | None = None   # the last checkpoint written, if any
+    fp16_fix: dict | None = None    # what the fp16-fix settings did (FP16Fix.summary); None when none was on
 
     def __repr__(self) -> str:
         return f"LoopResult(steps_done={self.steps_done}, stopped_early={self.stopped_early})"
@@ -146,7 +148,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     if resume is not None and not isinstance(resume, dict):
         resume = load_checkpoint(resume, vae.layout, cfg, trainable_shapes(vae.model, cfg.trainable), dist.world_size,
                                  data_signature)
-    s = _set_up(vae, cfg, device, dist, lpips_net, augment, callbacks)
+    s = _set_up(vae, cfg, device, dist, lpips_net, augment, callbacks,
+                sample=val_batch if val_batch is not None else preview_batch, resumed=resume is not None)
     state = LoopState.new(device, loss_scaling=s.amp == "fp16")
     if resume is not None:
         loop = restore_checkpoint(resume, params=s.params, opt=s.opt, ema=s.ema, disc=s.disc, disc_opt=s.disc_opt)
@@ -178,7 +181,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     # ---- the loop
     found_inf = torch.zeros((), device=device)
     micro, stopped, t0 = cfg.micro_batch or local_batch, False, time.perf_counter()
-    while state.step < cfg.steps:
+    safe_step = 0 if cfg.stop_when_safe and state.step == 0 and s.fix.safe_at_start() else None
+    while state.step < cfg.steps and safe_step is None:
         step = state.step
         for o in (s.opt, s.disc_opt):
             for g in (o.param_groups if o is not None else ()):
@@ -222,6 +226,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
                 logged.update(scores)
             else:
                 state.history.append({"step": step, **scores})
+            if cfg.stop_when_safe and FP16Fix.safe(scores, cfg.act_threshold):
+                safe_step = step
         if state.history and state.history[-1]["step"] == step:
             log(state.history[-1])
         if callbacks.on_step:
@@ -229,8 +235,10 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         if (callbacks.on_preview and preview_batch is not None and cfg.preview_every
                 and (step % cfg.preview_every == 0 or step == cfg.steps)):
             callbacks.on_preview(step, _preview(s.model, preview_batch, device, s.autocast))
-        if checkpoints is not None and checkpoints.due(step, final=step == cfg.steps):
+        if checkpoints is not None and checkpoints.due(step, final=step == cfg.steps or safe_step is not None):
             save(step)
+        if safe_step is not None:
+            break  # stop_when_safe: the fp16 decode is safe, with the margin act_threshold leaves
     if stopped and checkpoints is not None and checkpoints.due(state.step, final=True):
         save(state.step)  # Cancel: keep the steps done so far
 
@@ -242,7 +250,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         precision=s.amp_why, micro_batch=micro, skipped_steps=int(state.skipped), fused_norms=s.fused,
         latent_cache_hits=s.cache.hits if s.cache is not None else 0,
         rank_digests=_check_ranks_agree(s.model, cfg.trainable, dist) if dist.world_size > 1 else None,
-        run_id=run_id, checkpoint=checkpoints.written[-1] if checkpoints is not None and checkpoints.written else None)
+        run_id=run_id, checkpoint=checkpoints.written[-1] if checkpoints is not None and checkpoints.written else None,
+        fp16_fix=s.fix.summary(safe_step) if s.fix is not None else None)
 
 
 def check_run(cfg: TrainConfig, dist: Distributed, val_batch: torch.Tensor | None) -> TrainConfig:
@@ -311,20 +320,25 @@ class _Run:
     amp_why: str = ""
     fused: int = 0                    # GroupNorms swapped for the fused kernels
     restore_modules: Callable[[], None] | None = None  # undoes the norm swaps
+    fix: FP16Fix | None = None                   # the fp16-fix settings' teacher, figures and rescaling
+    penalty: ActivationPenalty | None = None     # act_weight > 0: hooks on the decoder's layers
 
 
 def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distributed,
-             lpips_net: torch.nn.Module | None, augment, callbacks: Callbacks) -> _Run:
+             lpips_net: torch.nn.Module | None, augment, callbacks: Callbacks,
+             sample: torch.Tensor | None = None, resumed: bool = False) -> _Run:
     """A private fp32 copy of the model set up for training (trainable set, precision, fused norms,
-    memory layout, DDP, compile) with its loss, optimizers and EMA."""
+    memory layout, DDP, compile) with its loss, optimizers, EMA, and the fp16-fix parts (``sample``: patches)."""
     model = copy.deepcopy(vae.model).to(device)  # build_vae made it fp32: the master weights
     family = family_of_model(model)
     params = {name: p for name, p in model.named_parameters()
               if p.requires_grad_(trained(name, cfg.trainable, family)).requires_grad}
     family.check_config(cfg)  # (the session checked it before writing anything; fine_tune's own callers too)
     family.set_up(model, cfg)
+    fix = FP16Fix.set_up(vae.model, model, cfg, device, sample, resumed)  # before anything else changes the copy
     on_cuda = device.type == "cuda"
     amp, amp_why = resolve_precision(cfg.precision, device)
+    amp, amp_why = FP16Fix.precision(cfg, amp, amp_why)
     fused, restore_modules = 0, None  # the norm swaps are made on our private copy only
     if family.fused_norms and cfg.fused_norm and on_cuda and amp != "fp16" and triton_available():
         fused, restore_modules = fuse_vae_blocks(model)
@@ -345,6 +359,8 @@ def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distri
         # a private copy: the caller's network keeps its device and dtype; frozen, so bf16 under bf16
         lpips_net = copy.deepcopy(lpips_net).to(device, torch.bfloat16 if amp == "bf16" else None).eval()
         lpips_net.requires_grad_(False)
+    # after the norm swaps (the swapped-in modules are watched too), before DDP and compile wrap the model
+    penalty = ActivationPenalty(model, cfg.act_threshold) if cfg.act_weight > 0 else None
     module: torch.nn.Module = Reconstruct(model, cfg.trainable == "full", cfg.posterior == "sample",
                                            torch.channels_last if channels_last else torch.contiguous_format)
     if dist.world_size > 1:
@@ -368,6 +384,7 @@ def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distri
             s.disc = PatchDiscriminator().to(device)
         s.disc_opt = torch.optim.AdamW(s.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0,
                                        fused=True)
+    s.fix, s.penalty = fix, penalty
     s.ema = EMA(params, cfg.ema_decay) if cfg.ema else None
     return s
 
@@ -446,13 +463,20 @@ def _accumulate(s: _Run, x_all: torch.Tensor, keys: torch.Tensor | None, *, step
                 shape = (x.shape[0], latent_channels(s.model), x.shape[2] // down, x.shape[3] // down)
                 noise = torch.randn(shape, generator=gen, device=device)
             cached = cache.get(key_chunks[i]) if cache is not None else None
+            if s.penalty is not None:
+                s.penalty.clear()
             with s.autocast:
                 recon, mean, logvar = s.module(x, noise, cached)
             if cache is not None and cached is None:
                 cache.put(key_chunks[i], mean, logvar)
+            target = x if s.fix is None or s.fix.teacher is None else s.fix.target(x, mean, logvar, noise)
             with s.autocast:
-                rec_loss, parts = s.loss_fn(recon, x)
+                rec_loss, parts = s.loss_fn(recon, target)
                 loss = rec_loss
+                if s.penalty is not None:
+                    act, peak = s.penalty.take()
+                    parts["act"], parts["act_peak"] = act.detach(), peak
+                    loss = loss + cfg.act_weight * act
                 if cfg.kl_weight and cfg.trainable == "full":
                     kl = kl_divergence(mean.float(), logvar.float())
                     parts["kl"] = kl.detach()
@@ -526,6 +550,8 @@ def _scores(s: _Run, state: LoopState, val_batch: torch.Tensor, general_batch: t
         if general_batch is not None:
             scores.update({f"gen_{k}": v for k, v in
                            validation_scores(s.model, general_batch, s.device, s.autocast, s.lpips_net).items()})
+        if s.fix is not None and s.fix.ref is not None:
+            scores.update({f"val_{k}": v for k, v in s.fix.scores(s.params, state.step).items()})
         if s.cfg.export_best and state.step > 0:
             state.consider_best(scores.get("val_lpips", scores["val_mse"]), s.params)
     return scores
@@ -546,6 +572,8 @@ def _finish(s: _Run, state: LoopState) -> bool:
     """Put the weights to export into the model (EMA, or export_best's pick), undo the training-only
     changes (checkpointing, norm swaps, layout), freeze it. Returns whether the EMA was used."""
     used_ema = s.ema is not None and s.cfg.export_ema and state.step > 0
+    if s.penalty is not None:
+        s.penalty.remove()
     if used_ema:
         s.ema.copy_to_params()
     if s.cfg.export_best and state.best["params"] is not None:

@@ -1,0 +1,316 @@
+"""The fp16-fix recipe (issue 21): the exact rescaling on its own, the teacher target and the activation
+penalty in the loop, the figures during the run, and the export of a VAE built to overflow fp16."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from conftest import tiny_ldm_sd, train
+from safetensors import safe_open
+from test_flux2 import tiny_diffusers as tiny_flux2
+from test_wan import tiny_wan_sd
+
+from training.config import RECIPES, TrainConfig
+from training.errors import VAEFTError
+from training.export import export_vae
+from training.families import family_of_model
+from training.fp16fix import exact_rescale
+from training.probe import FP16_MAX, half_precision_report, make_probe
+from training.vae import build_vae
+
+THRESHOLD = 4096.0
+
+
+def overflowing_ldm_sd(seed: int = 1) -> dict[str, torch.Tensor]:
+    """A tiny kl-f8 VAE whose decoder.conv_in is scaled 1e5x (as tests/test_export_half.py builds one): its
+    activations pass fp16's 65504, while fp32 holds them and the GroupNorm after undoes the scale."""
+    sd = tiny_ldm_sd(seed=seed)
+    for k in ("decoder.conv_in.weight", "decoder.conv_in.bias"):
+        sd[k] = sd[k] * 1e5
+    return sd
+
+
+def images(n=4, size=32, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def latents(model, n=2, side=4, seed=0):
+    c = model.decoder.conv_in.weight.shape[1]  # the latent channels (post_quant_conv keeps them)
+    return torch.randn(n, c, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def raw(model, z):
+    with torch.no_grad():
+        return family_of_model(model).raw_decode(model, z).float()
+
+
+def encoder_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+
+
+# ----- the exact rescaling on its own
+
+
+@pytest.mark.parametrize("family", ["kl-f8", "flux2"])
+def test_exact_rescale_of_the_residual_stream_keeps_the_output_and_makes_fp16_safe(family):
+    if family == "kl-f8":
+        model = build_vae(overflowing_ldm_sd(), source="bad.safetensors").model
+    else:
+        sd = tiny_flux2(seed=2).state_dict()
+        sd = {k: v * 1e5 if k.startswith("decoder.conv_in.") else v for k, v in sd.items()}
+        model = build_vae(sd, source="flux2 diffusers").model
+    assert family_of_model(model).name == family
+    z = latents(model)
+    assert half_precision_report(model, z)["fp16"]["nonfinite_pixels"] > 0  # built to overflow
+    before, enc = raw(model, z), encoder_state(model)
+    report = exact_rescale(model, z, THRESHOLD / 2)
+    assert report["exact"] and report["stream"] and report["segments"] >= 1
+    assert report["peak_before"] > FP16_MAX and report["peak_after"] <= THRESHOLD / 2 * 1.001
+    after = raw(model, z)
+    assert float((after - before).abs().max()) <= 1e-3 * max(1.0, float(before.abs().max()))
+    assert report["max_change"] == pytest.approx(float((after - before).abs().max()), abs=1e-6)
+    fp16 = half_precision_report(model, z)["fp16"]
+    assert fp16["safe"] and fp16["nonfinite_pixels"] == 0 and max(fp16["max_activation"].values()) < THRESHOLD
+    assert all(torch.equal(v, encoder_state(model)[k]) for k, v in enc.items())  # the encoder untouched
+
+
+def test_exact_rescale_of_a_conv1_before_a_norm_in_the_wan_family():
+    sd = tiny_wan_sd(seed=3)
+    key = next(k for k in sorted(sd) if k.startswith("decoder.") and k.endswith("residual.2.weight"))
+    sd[key] = sd[key] * 1e6
+    sd[key.replace("weight", "bias")] = sd[key.replace("weight", "bias")] * 1e6
+    model = build_vae(sd, source="qwen_image_vae.safetensors").model
+    z = latents(model)
+    assert half_precision_report(model, z)["fp16"]["nonfinite_pixels"] > 0
+    before = raw(model, z)
+    report = exact_rescale(model, z, THRESHOLD / 2)
+    assert report["exact"] and report["conv1"] >= 1 and not report["stream"] and report["segments"] == 0
+    assert torch.allclose(raw(model, z), before, atol=1e-3 * max(1.0, float(before.abs().max())))
+    assert report["peak_before"] > FP16_MAX and report["peak_after"] < THRESHOLD
+    assert half_precision_report(model, z)["fp16"]["safe"]
+
+
+def test_exact_rescale_leaves_a_safe_vae_as_it_is():
+    model = build_vae(tiny_ldm_sd(seed=1), source="ok.safetensors").model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = exact_rescale(model, latents(model), THRESHOLD / 2)
+    assert report["exact"] and (report["conv1"], report["segments"]) == (0, 0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_exact_rescale_is_undone_when_it_would_change_the_output():
+    model = build_vae(overflowing_ldm_sd(), source="bad.safetensors").model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    # a target so small that GroupNorm's eps (1e-6) is no longer negligible beside the variance
+    report = exact_rescale(model, latents(model), 1e-6)
+    assert not report["exact"] and report["max_change"] > 1e-3
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+# ----- the recipe
+
+
+def test_the_recipe_and_its_settings():
+    cfg = TrainConfig.from_recipe("fp16-fix")
+    assert (cfg.target, cfg.act_weight, cfg.exact_rescale, cfg.trainable) == ("base", 1.0, True, "decoder")
+    assert cfg.recipe_label() == "fp16-fix" and "fp16-fix" in RECIPES
+    assert TrainConfig.from_recipe("fp16-fix", act_weight=0.5).recipe_label() == "custom (from fp16-fix: act_weight)"
+    with pytest.raises(VAEFTError, match="stop_when_safe needs validation"):
+        TrainConfig.from_recipe("fp16-fix", stop_when_safe=True, val_every=0)
+    with pytest.raises(VAEFTError, match="act_threshold must be at most 65504"):
+        TrainConfig(act_threshold=70000.0)
+
+
+def _cfg(**kw):
+    base = {"steps": 4, "lr": 1e-4, "batch_size": 2, "lpips_weight": 0.0, "preview_every": 0, "val_every": 2,
+            "log_every": 1, "ema": False}
+    return TrainConfig.from_recipe("fp16-fix", **{**base, **kw})
+
+
+def test_the_target_is_the_base_decode_and_the_penalty_counts_activations_above_the_threshold():
+    """Without the rescaling, at step 1 the decoder is the base's: the MSE to the base's decode of the same
+    (sampled) latents is 0, while the MSE to the images is not; the penalty sees the overflowing activations."""
+    vae = build_vae(overflowing_ldm_sd(), source="bad.safetensors")
+    x = images()
+    teacher = train(vae, itertools.repeat(x[:2]), _cfg(steps=1, exact_rescale=False), device="cpu", val_batch=x[2:])
+    images_target = train(vae, itertools.repeat(x[:2]), _cfg(steps=1, exact_rescale=False, target="images"),
+                          device="cpu", val_batch=x[2:])
+    first = teacher.history[-1]
+    assert first["step"] == 1 and first["mse"] < 1e-10 and images_target.history[-1]["mse"] > 1e-3
+    assert first["act_peak"] > FP16_MAX and first["act"] > 1.0
+    base_line = teacher.history[0]
+    assert base_line["step"] == 0 and base_line["val_fp16_peak"] == float("inf") and base_line["val_fp16_nonfinite"] > 0
+
+
+def test_fp16_fix_makes_a_vae_built_to_overflow_safe_and_keeps_its_output(tmp_path):
+    vae = build_vae(overflowing_ldm_sd(), source="bad.safetensors")
+    x = images()
+    probe = make_probe(vae, x[2:])
+    assert probe.base_report["fp16"]["nonfinite_pixels"] == probe.base_report["pixels"]  # black in fp16
+    trained = train(vae, itertools.repeat(x[:2]), _cfg(steps=4), device="cpu", val_batch=x[2:], probe=probe)
+    base, last = trained.history[0], trained.history[-1]
+    assert base["step"] == 0 and base["val_fp16_peak"] == float("inf") and base["val_fp16_psnr"] < 10
+    assert last["step"] == 4 and last["val_fp16_nonfinite"] == 0 and last["val_fp16_peak"] <= THRESHOLD
+    assert last["val_fp16_psnr"] >= 30 and last["mse"] == 0.0  # the rescaled decoder is the target: nothing moved
+    # with stop_when_safe the run ends before the first step: the rescaling made it safe
+    result = train(vae, itertools.repeat(x[:2]), _cfg(steps=4, stop_when_safe=True), device="cpu",
+                   val_batch=x[2:], probe=probe)
+    assert result.steps_done == 0 and result.fp16_fix["safe_step"] == 0
+    assert all(torch.equal(v, trained.model.state_dict()[k]) for k, v in result.model.state_dict().items())
+    rescale = result.fp16_fix["rescale"]
+    assert rescale["exact"] and rescale["peak_before"] > FP16_MAX and rescale["peak_after"] <= THRESHOLD / 8 * 1.001
+    report = export_vae(result, tmp_path / "fixed.safetensors")
+    hp = report.half_precision
+    assert report.fp16_safe is True and report.frozen_identical is True  # encoder byte for byte
+    assert hp["base"]["fp16"]["safe"] is False and hp["fine_tuned"]["fp16"]["psnr_vs_base"] >= 30
+    assert max(hp["fine_tuned"]["fp16"]["max_activation"].values()) <= THRESHOLD
+    text = report.text()
+    assert "fp16-fix: trained towards the base VAE's own fp32 decode" in text and "exact rescaling first" in text
+    assert "fp16-safe on the held-out patches before the first step: not trained" in text
+    assert "dB against the base's fp32 decode" in text
+    with safe_open(report.path, "pt") as f:
+        meta = f.metadata()
+    assert meta["vaeft.fp16_safe"] == "true" and meta["vaeft.recipe"] == "custom (from fp16-fix: lpips_weight)"
+    fix = json.loads(meta["vaeft.fp16_fix"])
+    assert fix["safe_step"] == 0 and fix["rescale"]["exact"] is True
+
+
+def test_fp16_fix_leaves_a_safe_vae_unchanged():
+    """Already safe: nothing to rescale, the decode equals the target (gradient 0), no penalty: the
+    weights come out exactly the base's."""
+    vae = build_vae(tiny_ldm_sd(seed=1), source="ok.safetensors")
+    x = images()
+    result = train(vae, itertools.repeat(x[:2]), _cfg(steps=3), device="cpu", val_batch=x[2:])
+    assert (result.fp16_fix["rescale"]["conv1"], result.fp16_fix["rescale"]["segments"]) == (0, 0)
+    assert all(h.get("act", 0.0) == 0.0 for h in result.history)
+    base = vae.model.state_dict()
+    assert all(torch.equal(v, base[k]) for k, v in result.model.state_dict().items())
+
+
+def test_fp16_fix_on_a_wan_vae_trains_and_comes_out_safe(tmp_path):
+    sd = tiny_wan_sd(seed=3)
+    key = next(k for k in sorted(sd) if k.startswith("decoder.") and k.endswith("residual.2.weight"))
+    sd[key], sd[key.replace("weight", "bias")] = sd[key] * 1e6, sd[key.replace("weight", "bias")] * 1e6
+    vae = build_vae(sd, source="qwen_image_vae.safetensors")
+    x = images(size=16)
+    probe = make_probe(vae, x[2:])
+    assert not probe.base_report["fp16"]["safe"]
+    result = train(vae, itertools.repeat(x[:2]), _cfg(steps=2), device="cpu", val_batch=x[2:], probe=probe)
+    assert result.fp16_fix["rescale"]["conv1"] >= 1
+    report = export_vae(result, tmp_path / "qwen_fixed.safetensors")
+    assert report.fp16_safe is True and report.frozen_identical is True
+    assert report.half_precision["fine_tuned"]["fp16"]["psnr_vs_base"] >= 30
+
+
+def test_the_penalty_and_its_gradient():
+    """ActivationPenalty's term is mean(relu(|a|/T - 1)^2) per hooked output, with that function's gradient."""
+    from training.fp16fix import _Excess
+
+    a = (torch.randn(2, 3, 4, 4, dtype=torch.float64) * 3).requires_grad_(True)
+    t = 2.0
+    ours = _Excess.apply(a, t)
+    (g_ours,) = torch.autograd.grad(ours, a)
+    ref = torch.relu(a.abs() / t - 1).square().mean()
+    (g_ref,) = torch.autograd.grad(ref, a)
+    assert float(ours.detach()) == pytest.approx(float(ref.detach())) and float(ref.detach()) > 0
+    assert torch.allclose(g_ours, g_ref)
+    assert float(_Excess.apply(torch.full((4,), 1.5, dtype=torch.float64), t)) == 0.0  # below T: nothing
+
+
+def test_fit_recipe_fp16_fix_and_eval_half_on_the_command_line(tmp_path):
+    """`fit --recipe fp16-fix` turns a file that overflows fp16 into one that does not; `eval --half` checks
+    both files without training."""
+    from conftest import cli_main, write_images
+    from safetensors.torch import save_file
+
+    save_file(overflowing_ldm_sd(), str(tmp_path / "bad.safetensors"))
+    write_images(tmp_path / "images", names=("astronaut", "coffee", "chelsea"), size=64)
+    out = tmp_path / "fixed.safetensors"
+    p = cli_main("fit", "--vae", tmp_path / "bad.safetensors", "--data", tmp_path / "images", "--out", out,
+                 "--recipe", "fp16-fix", "--steps", 6, "--patch-size", 32, "--batch-size", 2, "--lpips-weight", 0,
+                 "--val-every", 3, "--val-fraction", 0.34, "--stop-when-safe", "--foreground-threshold", 0,
+                 "--no-progress")
+    assert "fp16-fix: trained towards the base VAE's own fp32 decode" in p.stdout + p.stderr
+    assert "before the first step: not trained" in p.stdout + p.stderr
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["vaeft.fp16_safe"] == "true"
+    p = cli_main("eval", "--vae", tmp_path / "bad.safetensors", "--vae", out, "--data", tmp_path / "images",
+                 "--patch-size", 32, "--count", 2, "--foreground-threshold", 0, "--half")
+    half = json.loads(p.stdout)["half_precision"]
+    assert half["bad"]["fp16"]["safe"] is False and half["bad"]["fp16"]["max_activation"]["conv_in"] == "overflow"
+    assert half["fixed"]["fp16"]["safe"] is True and half["fixed"]["fp16"]["psnr_vs_base"] >= 30
+
+
+def test_with_the_encoder_training_the_latent_drift_is_measured():
+    vae = build_vae(overflowing_ldm_sd(), source="bad.safetensors")
+    x = images()
+    result = train(vae, itertools.repeat(x[:2]), _cfg(steps=2, lr=1e-3, trainable="full", exact_rescale=False),
+                   device="cpu", val_batch=x[2:])
+    drift = [h["val_latent_drift"] for h in result.history if "val_latent_drift" in h]
+    assert drift[0] == 0.0 and drift[-1] > 0.0  # the penalty's gradient reaches the encoder and moves the latents
+
+
+def test_the_fp16_fix_settings_never_train_in_fp16():
+    """A GPU without bf16 gets fp16 autocast by default: a VAE that overflows fp16 cannot train that way."""
+    from training.fp16fix import FP16Fix
+
+    cfg = TrainConfig.from_recipe("fp16-fix")
+    assert FP16Fix.precision(cfg, "fp16", "auto: no bf16")[0] == "fp32"
+    assert FP16Fix.precision(cfg, "bf16", "auto")[0] == "bf16"
+    assert FP16Fix.precision(TrainConfig(), "fp16", "auto") == ("fp16", "auto")  # other recipes: as before
+    with pytest.raises(VAEFTError, match="precision fp16 with the fp16-fix settings"):
+        FP16Fix.precision(cfg.replace(precision="fp16"), "fp16", "asked")
+
+
+def test_a_checkpoint_older_than_the_fp16_fix_settings_resumes_and_a_changed_penalty_is_refused(tmp_path):
+    from training import checkpoint as C
+    from training.trainer import fine_tune
+
+    vae = build_vae(tiny_ldm_sd())
+    data = [images(2, seed=i) for i in range(4)]
+    plain = {"lr": 1e-3, "batch_size": 2, "lpips_weight": 0.0, "log_every": 1, "preview_every": 0, "val_every": 0}
+    ckpt = tmp_path / "run.ckpt"
+    fine_tune(vae, lambda start: iter(data[start:]), TrainConfig(steps=2, **plain), device="cpu", checkpoints=ckpt)
+    state = C.read_checkpoint(ckpt)
+    body = {k: v for k, v in state.items() if k != "digest"}
+    body["config"] = {k: v for k, v in body["config"].items() if k not in ("target", "act_weight", "act_threshold",
+                                                                          "exact_rescale", "stop_when_safe")}
+    old = tmp_path / "older.ckpt"
+    C.write_checkpoint(old, body, overwrite=False)  # as a version without the fp16-fix settings wrote it
+    result = fine_tune(vae, lambda start: iter(data[start:]), TrainConfig(steps=3, **plain), device="cpu", resume=old)
+    assert result.steps_done == 3
+    with pytest.raises(VAEFTError, match=r"other settings \(act_weight: 0\.0 -> 1\.0\)"):
+        fine_tune(vae, lambda start: iter(data[start:]), TrainConfig(steps=3, act_weight=1.0, **plain), device="cpu",
+                  resume=old)
+
+
+def test_fp16_fix_on_a_flux2_vae_comes_out_safe_with_its_encoder_and_statistics_untouched(tmp_path):
+    sd = {k: v * 1e6 if k.startswith("decoder.conv_in.") else v for k, v in tiny_flux2(seed=2).state_dict().items()}
+    vae = build_vae(sd, source="flux2 diffusers")
+    x = images()
+    probe = make_probe(vae, x[2:])
+    assert probe.base_report["fp16"]["nonfinite_pixels"] > 0
+    result = train(vae, itertools.repeat(x[:2]), _cfg(steps=2), device="cpu", val_batch=x[2:], probe=probe)
+    assert result.fp16_fix["rescale"]["segments"] >= 1 and result.history[-1]["mse"] == 0.0
+    report = export_vae(result, tmp_path / "flux2_fixed.safetensors")
+    assert report.fp16_safe is True and report.frozen_identical is True  # encoder and bn.* byte for byte
+    assert report.half_precision["fine_tuned"]["fp16"]["psnr_vs_base"] >= 30
+
+
+def test_the_status_text_shows_the_fp16_figures_beside_the_base_even_read_back_from_metrics():
+    """Step 0's largest fp16 activation is inf (overflowed), which metrics.jsonl stores as null: a resumed
+    run's status reads it back without failing and shows the figures it has."""
+    from training.runs import RunStatus
+
+    live = RunStatus(10, history=[{"step": 0, "val_fp16_peak": float("inf"), "val_fp16_psnr": 7.0},
+                                  {"step": 5, "mse": 0.0, "val_fp16_peak": 512.0, "val_fp16_psnr": 75.3}])
+    assert "val_fp16_peak 512/inf" in live.text() and "val_fp16_psnr 75.3/7" in live.text()
+    read_back = RunStatus(10, start_step=5, history=[{"step": 0, "val_fp16_peak": None, "val_fp16_psnr": 7.0},
+                                                     {"step": 5, "mse": 0.0, "val_fp16_peak": 512.0,
+                                                      "val_fp16_psnr": 75.3}])
+    text = read_back.text()
+    assert "val_fp16_peak 512" in text and "val_fp16_psnr 75.3/7" in text and "None" not in text
+    assert read_back.fields()["val_fp16_psnr"] == "75.3 (base 7)"
