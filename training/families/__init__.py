@@ -48,7 +48,6 @@ class Family:
     check: Callable[[dict, str], None]                      # refuse a damaged or mixed file, naming it
     build: Callable[[dict], tuple[torch.nn.Module, dict[str, str]]]  # file tensors -> model, file key -> module key
     decoder_block: Callable[[str], str | None]              # the decoder block of a module name (fp16 report)
-    last_layer: Callable[[torch.nn.Module], torch.Tensor]   # the decoder's last weight (LDM's adaptive GAN weight)
     downsampling: Callable[[torch.nn.Module], int]          # pixels per latent, each side
     # how the exported latents are scaled for a diffusion model: (trained, exported model, export probe,
     # the user's latent-family choice or "auto", device) -> {"family", "why", "source", ...}
@@ -61,6 +60,8 @@ class Family:
     # module-name patterns of tensors still images cannot train (no gradient reaches them at one frame)
     image_frozen: tuple[str, ...] = field(default_factory=tuple)
     fused_norms: bool = False  # its GroupNorms can run as the fused Triton kernels (training.fused_blocks)
+    # the decoder's last weight (LDM's adaptive GAN weight): diffusers' name in every family's module
+    last_layer: Callable[[torch.nn.Module], torch.Tensor] = lambda model: model.decoder.conv_out.weight
     # file keys whose base tensor may differ from the module's only by trailing 1s (kl-f8: attention weights
     # stored as (C, C) matrices or (C, C, 1, 1) convolutions)
     reshapable: Callable[[str], bool] = lambda key: False

@@ -94,6 +94,12 @@ def is_attention_weight(ldm_key: str) -> bool:
     return bool(re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", ldm_key))
 
 
+def attention_matrices(shapes: dict) -> list[str]:
+    """The attention weights a base stores as (C, C) matrices: written as the 1x1 convolutions stock
+    loaders take (``Family.conv_form``)."""
+    return [k for k, s in shapes.items() if is_attention_weight(k) and len(s) == 2]
+
+
 def ldm_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename an ldm state dict to diffusers keys; 1x1-conv attention weights become Linear."""
     n = _num_levels(sd)
@@ -406,10 +412,9 @@ FAMILY = Family(
     check=check_latent_channels,
     build=build,
     decoder_block=decoder_block,
-    last_layer=lambda model: model.decoder.conv_out.weight,
     downsampling=downsampling,
     fused_norms=True,
-    conv_form=lambda shapes: [k for k, s in shapes.items() if is_attention_weight(k) and len(s) == 2],
+    conv_form=attention_matrices,
     reshapable=is_attention_weight,
     latents=latents,
     diffusers_model=diffusers_model,

@@ -394,7 +394,6 @@ FAMILY = Family(
     check=check,
     build=build,
     decoder_block=decoder_block,
-    last_layer=lambda model: model.decoder.conv_out.weight,
     downsampling=lambda model: model.spatial_compression_ratio,
     image_frozen=IMAGE_FROZEN,
     latents=latents,
