@@ -6,13 +6,14 @@ Three pieces, each usable on its own:
   output when its input is scaled by s > 0, so whatever only feeds one can be scaled down without
   changing anything downstream:
     * a residual block's ``conv1`` (it feeds ``norm2`` only): its weight and bias times t (every family);
-    * a diffusers decoder's residual stream (kl-f8, Flux.2): between ``conv_in`` and ``conv_norm_out``
-      every block's input reaches the stream's next values only through a norm or the skip addition,
-      so the stream can carry a factor s per segment (a segment ends where a linear map with a bias
-      starts a new one: a ``conv_shortcut`` block, an upsampler's convolution): the segment's entry map
-      is multiplied by s_new / s_old (bias by s_new), each block's last layer (``conv2``, attention's
-      ``to_out``) by s. Not done for the Wan family: its 3D upsamplers' ``time_conv`` (which still images
-      never reach and which stays byte-identical) would see a scaled input in video decoding.
+    * the decoder's residual stream (every family): between ``conv_in`` and the last norm
+      (``conv_norm_out``, the Wan family's ``norm_out``) every block's input reaches the stream's next
+      values only through a norm or the skip addition, so the stream can carry a factor s per segment (a
+      segment ends where a linear map with a bias starts a new one: a shortcut block, an upsampler's
+      convolution): the segment's entry map is multiplied by s_new / s_old (bias by s_new), each block's
+      last layer (``conv2``, attention's ``to_out`` / ``proj``) by s. In the Wan family the segment
+      before each 3D upsampler keeps s = 1: its ``time_conv`` (which still images never reach and which
+      stays byte-identical) reads the stream in video decoding.
   Applied to the training copy only; verified on the given latents (the decode stays equal within
   float tolerance), and undone when it is not.
 - :class:`ActivationPenalty`: forward hooks on the decoder's layers that add
@@ -67,25 +68,31 @@ def _resnets(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 
 def _stream_plan(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]] | None:
-    """The residual stream of a diffusers ``Decoder`` in order, as (kind, module): 'entry' (a linear map
-    that starts a segment: conv_in, an upsampler's conv), 'shortcut' (a resnet with a conv_shortcut: its
-    shortcut starts a segment, its conv2 ends it), 'resnet', 'attention'. None for another decoder."""
+    """The residual stream of the decoder in order, as (kind, module): 'entry' (a linear map that starts a
+    segment: conv_in, an upsampler's convolution), 'shortcut' (a residual block with a shortcut convolution:
+    it starts a segment, its conv2 ends it), 'resnet', 'attention', and 'pinned' (module None: the segment
+    so far must keep its scale, because it also feeds a layer left as it is). The decoders of diffusers'
+    ``Decoder`` (kl-f8, Flux.2; ends in a GroupNorm) and of the Wan family (ends in an RMSNorm; its 3D
+    upsamplers' ``time_conv`` reads the stream in video decoding and stays byte-identical, so the segment
+    before one is pinned). None for another decoder; raises _NotExact for a block the rescaling cannot pass."""
     dec = model.decoder
-    if not all(hasattr(dec, a) for a in ("conv_in", "mid_block", "up_blocks", "conv_norm_out")) \
-            or not isinstance(dec.conv_norm_out, torch.nn.GroupNorm):
+    norm_out = getattr(dec, "conv_norm_out", None) or getattr(dec, "norm_out", None)
+    if not all(hasattr(dec, a) for a in ("conv_in", "mid_block", "up_blocks")) or not (
+            isinstance(norm_out, torch.nn.GroupNorm) or type(norm_out).__name__.endswith("RMS_norm")):
         return None
-    plan = [("entry", dec.conv_in)]
+    plan: list[tuple[str, torch.nn.Module | None]] = [("entry", dec.conv_in)]
 
     def resnet(r):
         if getattr(r, "output_scale_factor", 1.0) != 1.0 or getattr(r, "time_emb_proj", None) is not None:
             raise _NotExact
-        plan.append(("shortcut" if r.conv_shortcut is not None else "resnet", r))
+        has_shortcut = isinstance(getattr(r, "conv_shortcut", None), (torch.nn.Conv2d, torch.nn.Conv3d))
+        plan.append(("shortcut" if has_shortcut else "resnet", r))
 
     mid = dec.mid_block
     resnet(mid.resnets[0])
     for attn, r in zip(mid.attentions, mid.resnets[1:]):
         if attn is not None:
-            if not getattr(attn, "residual_connection", False) or getattr(attn, "rescale_output_factor", 1.0) != 1.0:
+            if _attention_out(attn) is None:
                 raise _NotExact
             plan.append(("attention", attn))
         resnet(r)
@@ -93,8 +100,30 @@ def _stream_plan(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]] | 
         for r in up.resnets:
             resnet(r)
         for u in (up.upsamplers or []):
-            plan.append(("entry", u.conv))
+            if getattr(u, "time_conv", None) is not None:  # the Wan family's upsample3d
+                plan.append(("pinned", None))
+            conv = getattr(u, "conv", None) or _last_conv(getattr(u, "resample", None))
+            if conv is None:
+                raise _NotExact
+            plan.append(("entry", conv))
     return plan
+
+
+def _attention_out(attn: torch.nn.Module) -> torch.nn.Module | None:
+    """The last linear map of a residual attention block (diffusers' ``Attention``: ``to_out[0]``; the Wan
+    family's: ``proj``), or None when its output is not simply added to its input."""
+    if hasattr(attn, "to_out"):
+        ok = getattr(attn, "residual_connection", False) and getattr(attn, "rescale_output_factor", 1.0) == 1.0
+        return attn.to_out[0] if ok else None
+    return getattr(attn, "proj", None) if type(attn).__name__.endswith("AttentionBlock") else None
+
+
+def _last_conv(seq: torch.nn.Module | None) -> torch.nn.Module | None:
+    """An upsampler's convolution when it is the last layer of its sequence (the Wan family's ``resample``:
+    nearest upsampling, then a Conv2d)."""
+    if isinstance(seq, torch.nn.Sequential) and len(seq) and isinstance(seq[-1], torch.nn.Conv2d):
+        return seq[-1]
+    return None
 
 
 class _NotExact(Exception):
@@ -106,7 +135,7 @@ def _stream_outputs(kind: str, m: torch.nn.Module) -> list[torch.nn.Module]:
     if kind == "entry":
         return [m]
     if kind == "attention":
-        return [m, m.to_out[0]]
+        return [m, _attention_out(m)]
     return [m, m.conv2] + ([m.conv_shortcut] if kind == "shortcut" else [])
 
 
@@ -135,7 +164,8 @@ def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, 
     Returns {"conv1": blocks rescaled, "segments": stream segments rescaled, "peak_before", "peak_after"
     (largest activation of the decoder's layers, fp32), "max_change" (largest |Δ| of the decode, in
     [-1, 1] units), "exact" (max_change within ``tolerance``·max(1, |decode|)), "stream" (whether the
-    family's residual stream can be rescaled)}. When it is not exact the weights are put back."""
+    decoder's residual stream can be rescaled), "pinned" (stream segments kept as they are: they feed the
+    Wan family's temporal upsampling)}. When it is not exact the weights are put back."""
     was = model.training
     model.eval()
     latents = latents.to(next(model.parameters()).device, torch.float32)
@@ -148,7 +178,7 @@ def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, 
     watched = [r.conv1 for r in resnets]
     groups: list[list[int]] = []  # per plan item: indices into watched
     for kind, m in plan or []:
-        mods = _stream_outputs(kind, m)
+        mods = _stream_outputs(kind, m) if kind != "pinned" else []
         groups.append(list(range(len(watched), len(watched) + len(mods))))
         watched += mods
     before, seen = _peaks(model, latents, watched)
@@ -161,12 +191,16 @@ def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, 
     # one factor per segment: the largest output in it brought to ``target``
     segment = -1
     seg_peak: list[float] = []
+    pinned: set[int] = set()
     for (kind, _), idx in zip(plan or [], groups):
         if kind in ("entry", "shortcut"):
             seg_peak.append(0.0)
             segment += 1
+        elif kind == "pinned":
+            pinned.add(segment)
+            continue
         seg_peak[segment] = max(seg_peak[segment], *(seen[i] for i in idx))
-    seg_scale = [min(1.0, target / p) if p > 0 else 1.0 for p in seg_peak]
+    seg_scale = [1.0 if i in pinned else min(1.0, target / p) if p > 0 else 1.0 for i, p in enumerate(seg_peak)]
     segment, prev = -1, 1.0
     for kind, m in plan or []:
         if kind in ("entry", "shortcut"):
@@ -178,7 +212,7 @@ def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, 
         if kind in ("resnet", "shortcut"):
             _scale_(m.conv2, s, s)
         elif kind == "attention":
-            _scale_(m.to_out[0], s, s)
+            _scale_(_attention_out(m), s, s)
     after, leaf_after = _decode_watched(model, latents)
     change = float((after - before).abs().max())
     exact = bool(math.isfinite(change) and change <= tolerance * max(1.0, float(before.abs().max())))
@@ -186,7 +220,7 @@ def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, 
         model.decoder.load_state_dict(saved)
     model.train(was)
     return {"conv1": n_conv1 if exact else 0, "segments": sum(s < 1.0 for s in seg_scale) if exact else 0,
-            "stream": plan is not None, "peak_before": max(leaf_before.values(), default=0.0),
+            "stream": plan is not None, "pinned": len(pinned), "peak_before": max(leaf_before.values(), default=0.0),
             "peak_after": max((leaf_after if exact else leaf_before).values(), default=0.0),
             "max_change": change, "exact": exact}
 
@@ -373,7 +407,7 @@ class FP16Fix:
         """fp16_peak, fp16_nonfinite, fp16_psnr of the held-out latents (:func:`fp16_figures`) with the
         trained ``params`` ({name: tensor}) as they are now (the base's figures at step 0); with the encoder
         training, latent_drift too: the RMS change of the held-out patches' latents over their std."""
-        from .probe import encode_latents
+        from .probe import encode_latents, latent_drift
 
         full = self.cfg.trainable == "full"
         if step == 0:
@@ -388,8 +422,7 @@ class FP16Fix:
         fig = fp16_figures(self.shadow, z, self.ref[1])
         out = {k: fig[k] for k in ("fp16_peak", "fp16_nonfinite", "fp16_psnr")}
         if full:
-            base = self.ref[0]
-            out["latent_drift"] = float((z - base).square().mean().sqrt() / base.std().clamp_min(1e-12))
+            out["latent_drift"] = latent_drift(z, self.ref[0])
         return out
 
     def summary(self, safe_step: int | None) -> dict:

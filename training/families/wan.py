@@ -286,9 +286,12 @@ def _block(block, x: torch.Tensor) -> torch.Tensor:
 
 
 def _run(block, x: torch.Tensor, ckpt: bool) -> torch.Tensor:
+    """One block at one frame, its own forward hooks run on its output (a residual block's output is the
+    stream's sum, which neither of its layers' outputs shows: the fp16/bf16 check and the fp16-fix
+    recipe watch it)."""
     if ckpt and torch.is_grad_enabled():
-        return checkpoint(_block, block, x, use_reentrant=False)
-    return _block(block, x)
+        return _hooked(block, x, checkpoint(_block, block, x, use_reentrant=False))
+    return _hooked(block, x, _block(block, x))
 
 
 def _mid(mid, x: torch.Tensor, ckpt: bool) -> torch.Tensor:
