@@ -206,6 +206,9 @@ class ExportReport:
     half_precision: dict | None = None  # see check_half_precision; None: not checked (no probe)
     converted_attention: int = 0        # attention weights the base stores as matrices, written as 1x1 convs
     frozen_what: str = "encoder, quant_conv"  # what the untrained tensors are, in the family's words
+    against_base: bool = False          # the fine-tune's target was the base's own decode (the fp16-fix recipe):
+                                        # its half-precision figures are also compared with the base's decode
+    encoder_trained: bool = False       # trainable 'full': the report says how far the latents moved
 
     @property
     def fp16_safe(self) -> bool | None:
@@ -234,9 +237,13 @@ class ExportReport:
         if hp is not None:
             lines.append(f"half precision, decoding {hp['patches']} with the exported weights:")
             for name in HALF:
-                lines.append("  " + figures_line(name, hp["fine_tuned"][name], hp["pixels"]))
+                lines.append("  " + figures_line(name, hp["fine_tuned"][name], hp["pixels"], self.against_base))
                 if name in hp["base"]:
                     lines.append("  " + figures_line(f"{name} (base)", hp["base"][name], hp["pixels"]))
+            if self.encoder_trained and "latent_drift" in hp:
+                lines.append(f"latent drift: the trained encoder moved the latents of those patches by "
+                             f"{hp['latent_drift']:.3g} of their standard deviation (RMS); diffusion models trained "
+                             "on the base's latents see that change")
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -268,7 +275,9 @@ def export_vae(trained: Trained, path: str | os.PathLike, dtype: str | None = No
     report = ExportReport(path=os.fspath(path), format=format, dtype=dtype, metadata={},
                           stored_dtypes=dict(Counter(_dtype_name(v.dtype) for v in tensors.values())),
                           frozen=None, converted_attention=len(conv_form_keys(trained.layout)),
-                          frozen_what=family_named(trained.layout.family).frozen_what(trained.config.trainable))
+                          frozen_what=family_named(trained.layout.family).frozen_what(trained.config.trainable),
+                          against_base=trained.config.target == "base",
+                          encoder_trained=trained.config.trainable == "full")
     frozen = frozen_keys(trained)
     if frozen:
         rounding = frozen_rounding(trained, tensors, fp32)

@@ -65,6 +65,8 @@ def export_metadata(trained: Trained, report, extra: dict[str, str] | None = Non
     meta["vaeft.fp16_safe"] = "unchecked" if report.fp16_safe is None else str(report.fp16_safe).lower()
     if report.half_precision is not None:
         meta["vaeft.half_precision"] = json.dumps(json_safe(report.half_precision, infinity="overflow"))
+        if report.encoder_trained and "latent_drift" in report.half_precision:
+            meta["vaeft.latent_drift"] = str(report.half_precision["latent_drift"])
     meta["vaeft.dtype"] = report.dtype
     meta["vaeft.attention_form"] = ("1x1 conv (converted from the base's matrices)" if report.converted_attention
                                     else "1x1 conv")

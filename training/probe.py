@@ -49,6 +49,7 @@ class ExportProbe:
     train_patches: torch.Tensor | None = None  # (m, 3, h, w) training patches for the latent statistics
     base_decoded: torch.Tensor | None = None   # the base's fp32 decode of ``patches``' latents, clamped, CPU
     base_latents: dict | None = None           # latent_statistics of the base encoder on ``train_patches``
+    base_z: torch.Tensor | None = None         # the base encoder's latents (posterior means) of ``patches``, CPU
 
 
 def centre_crop(patches: torch.Tensor, count: int, side: int) -> torch.Tensor:
@@ -82,7 +83,9 @@ def _as_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 @torch.no_grad()
 def _decode_watched(model: torch.nn.Module, latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """(decoded images in fp32, largest |output| of any layer per decoder block; inf where one overflowed)."""
+    """(decoded images in fp32, largest |output| of any layer per decoder block; inf where one overflowed).
+    The layers are the leaves and the modules made of them (a residual block's output is the stream's sum,
+    which none of its leaves shows)."""
     peaks: dict[str, float] = {}
     hooks = []
 
@@ -97,7 +100,7 @@ def _decode_watched(model: torch.nn.Module, latents: torch.Tensor) -> tuple[torc
     block_of = family.decoder_block
     for name, module in model.named_modules():
         block = block_of(name)
-        if block is not None and not list(module.children()):
+        if block is not None:
             hooks.append(module.register_forward_hook(watch(block)))
     try:
         out = family.raw_decode(model, latents).float()
@@ -120,8 +123,9 @@ def half_precision_report(model: torch.nn.Module, latents: torch.Tensor, device:
       max_activation     decoder block -> largest |output| of any of its layers (inf: overflowed)
       limit_used         fp16 only: the largest activation / 65504 (fp16's largest value); inf: overflowed
       safe               no non-finite and no saturated pixels
-      psnr_vs_base       dB against ``reference`` (the base VAE's fp32 decode; default: this model's own),
-                         both clamped to [-1, 1], NaN/inf pixels counted as black
+      psnr               dB against this model's own fp32 decode (what the half precision costs), both
+                         clamped to [-1, 1], NaN/inf pixels counted as black
+      psnr_vs_base       the same against ``reference`` (the base VAE's fp32 decode; default: this model's own)
     and "fp32_decoded": the fp32 decode, clamped (CPU), which a later report can take as ``reference``.
     """
     device = torch.device(device)
@@ -138,7 +142,9 @@ def half_precision_report(model: torch.nn.Module, latents: torch.Tensor, device:
         fig = {"nonfinite_pixels": nonfinite, "saturated_pixels": saturated,
                "max_abs_error": float(err.max()) if err.numel() else float("inf"),
                "max_activation": peaks, "safe": nonfinite == 0 and saturated == 0,
-               "psnr_vs_base": _psnr(torch.nan_to_num(img, nan=-1.0, posinf=1.0, neginf=-1.0).clamp(-1, 1), target)}
+               "psnr": _psnr(shown := torch.nan_to_num(img, nan=-1.0, posinf=1.0, neginf=-1.0).clamp(-1, 1),
+                             ref.clamp(-1, 1)),
+               "psnr_vs_base": _psnr(shown, target)}
         if name == "fp16":
             fig["limit_used"] = max(peaks.values(), default=0.0) / FP16_MAX
         out[name] = fig
@@ -195,9 +201,15 @@ def make_probe(base, data, *, seed: int = 0, device: torch.device | str = "cpu",
     patches = probe_patches(patches.detach().to("cpu", torch.float32), device)
     train = stats_patches(train.detach().to("cpu", torch.float32), device)
     model = base.model if hasattr(base, "model") else base
-    report = half_precision_report(model, encode_latents(model, patches, device), device)
+    z = encode_latents(model, patches, device)
+    report = half_precision_report(model, z, device)
     return ExportProbe(patches=patches, held_out=held_out, base_decoded=report.pop("fp32_decoded"), base_report=report,
-                       train_patches=train, base_latents=latent_statistics(model, train, device, seed))
+                       train_patches=train, base_latents=latent_statistics(model, train, device, seed), base_z=z)
+
+
+def latent_drift(z: torch.Tensor, base_z: torch.Tensor) -> float:
+    """How far latents moved from the base encoder's: RMS of the change over the base latents' std."""
+    return float((z.float() - base_z.float()).square().mean().sqrt() / base_z.float().std().clamp_min(1e-12))
 
 
 def _peak(fig: dict) -> tuple[str, float]:
@@ -208,22 +220,26 @@ def _fmt(value: float) -> str:
     return "overflow" if value == float("inf") else f"{value:.3g}"
 
 
-def figures_line(name: str, fig: dict, pixels: int) -> str:
+def figures_line(name: str, fig: dict, pixels: int, against_base: bool = False) -> str:
+    """One line of the export report. ``against_base``: also the PSNR against the base's fp32 decode (the
+    fp16-fix recipe's target; an ordinary fine-tune differs from the base by design)."""
     block, top = _peak(fig)
     verdict = "safe" if fig["safe"] else "UNSAFE"
     line = (f"{name}: {verdict}: {fig['nonfinite_pixels']} of {pixels} pixels NaN/inf, {fig['saturated_pixels']} "
             f"pushed past black/white; largest activation {_fmt(top)} ({block})")
     if "limit_used" in fig and fig["limit_used"] != float("inf"):
         line += f", {100 * fig['limit_used']:.2g}% of fp16's limit"
-    if "psnr_vs_base" in fig:
-        line += f"; PSNR {fig['psnr_vs_base']:.1f} dB against the base's fp32 decode"
+    if "psnr" in fig:
+        line += f"; PSNR {fig['psnr']:.1f} dB against its own fp32 decode"
+    if against_base and "psnr_vs_base" in fig:
+        line += f", {fig['psnr_vs_base']:.1f} dB against the base's"
     return line
 
 
 def _round_figures(fig: dict) -> dict:
     out = {k: v for k, v in fig.items() if k != "max_activation"}
     out["max_activation"] = {k: float(f"{v:.4g}") if v != float("inf") else v for k, v in fig["max_activation"].items()}
-    for k in ("max_abs_error", "limit_used", "psnr_vs_base"):
+    for k in ("max_abs_error", "limit_used", "psnr", "psnr_vs_base"):
         if k in out and out[k] != float("inf"):
             out[k] = float(f"{out[k]:.4g}")
     return out
@@ -236,7 +252,8 @@ def check_half_precision(model: torch.nn.Module, probe: ExportProbe,
     Returns (summary for the report and metadata, warnings, notes). Warns when the fine-tuned
     decoder overflows or saturates in a half precision where the base decoder did not."""
     x = probe.patches
-    fine = half_precision_report(model, encode_latents(model, x, device), device, reference=probe.base_decoded)
+    z = encode_latents(model, x, device)
+    fine = half_precision_report(model, z, device, reference=probe.base_decoded)
     fine.pop("fp32_decoded")
     base = probe.base_report
     summary = {"patches": f"{x.shape[0]} {'held-out' if probe.held_out else 'training'} patches of "
@@ -244,6 +261,8 @@ def check_half_precision(model: torch.nn.Module, probe: ExportProbe,
                "pixels": fine["pixels"],
                "fine_tuned": {k: _round_figures(fine[k]) for k in HALF},
                "base": {k: _round_figures(base[k]) for k in HALF if k in base}}
+    if probe.base_z is not None and probe.base_z.shape == z.shape:
+        summary["latent_drift"] = float(f"{latent_drift(z, probe.base_z):.4g}")
     warnings, notes = [], []
     for name in HALF:
         if fine[name]["safe"]:
