@@ -519,3 +519,68 @@ def test_what_comfyui_0_3_64_does_with_a_flux2_vae(comfy):
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert entry["status"]["status_str"] == "error" and errors, _messages(entry)
     assert errors[0]["node_type"] == "VAELoader" and "size mismatch" in errors[0]["exception_message"]
+
+
+
+# ComfyUI's own VAE under --fp16-vae (what users with GTX 10xx/RTX 20xx/T4 cards get by default) and --fp32-vae
+COMFY_HALF = r'''
+from safetensors.torch import load_file
+jobs = json.load(open(jobs_path))
+z = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * 4  # small: fp16 convolutions are slow on a CPU
+out = {}
+for name, path, dtype in jobs["decodes"]:
+    vae = comfy.sd.VAE(sd=load_file(path), dtype=getattr(torch, dtype))
+    with torch.no_grad():
+        decoded = vae.decode(z).float()
+    torch.save(decoded, f"{path}.{dtype}.pt")
+    out[f"{name} {dtype}"] = {"dtype": str(vae.vae_dtype), "nan": int(torch.isnan(decoded).sum())}
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_the_fp16_fix_recipe_on_the_node_makes_a_vae_safe_in_comfyuis_own_fp16_decode(comfy, tmp_path):
+    """Issue 21 through the node: a full-size SD VAE built to overflow fp16 (decoder.conv_in 1e5x) goes through
+    VAE Fine-tune with recipe fp16-fix and stop_when_safe. The saved file says fp16-safe and keeps the encoder
+    bit for bit; ComfyUI's own VAE in fp16 decodes the base to NaN and the fix to finite pixels within 30 dB of
+    the base's fp32 decode."""
+    import glob
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from comfy_server import COMFY_LOADER_PREAMBLE
+
+    server, base, sd = comfy
+    bad = {k: (v * 1e5 if k.startswith("decoder.conv_in.") else v).contiguous() for k, v in sd.items()}
+    src = os.path.join(base, "models", "vae", "overflowing_sd_vae.safetensors")
+    save_file(bad, src)
+    try:
+        prompt = _example("overflowing_sd_vae.safetensors", "vae_train", recipe="fp16-fix", stop_when_safe=True,
+                          steps=4, val_every=2, preview_every=0)
+        next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "fp16fix"
+        entry = server.wait(server.queue(prompt))
+        assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-4000:]
+        (fixed,) = glob.glob(os.path.join(base, "output", "vae", "vae-ft-fp16fix-*.safetensors"))
+        with safe_open(fixed, "pt") as f:
+            meta = f.metadata()
+        assert meta["vaeft.fp16_safe"] == "true" and json.loads(meta["vaeft.fp16_fix"])["rescale"]["exact"] is True
+        exported = load_file(fixed)
+        assert set(exported) == set(bad)
+        assert all(torch.equal(exported[k], bad[k]) for k in bad if k.startswith(("encoder.", "quant_conv.")))
+        decodes = [("base", src, "float16"), ("base", src, "float32"), ("fixed", fixed, "float16")]
+        (tmp_path / "jobs.json").write_text(json.dumps({"decodes": decodes}))
+        p = subprocess.run([sys.executable, "-c", COMFY_LOADER_PREAMBLE + COMFY_HALF, comfyui_path(),
+                            str(tmp_path / "jobs.json")], capture_output=True, text=True, timeout=600, check=False)
+        assert p.returncode == 0, p.stderr[-3000:]
+        result = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    finally:
+        os.unlink(src)
+    assert result["base float16"] == {"dtype": "torch.float16", "nan": 1 * 3 * 24 * 24}  # black in fp16
+    assert result["fixed float16"]["nan"] == 0 and result["base float32"]["nan"] == 0
+    reference = torch.load(f"{src}.float32.pt")
+    mse = float((torch.load(f"{fixed}.float16.pt") - reference).square().mean())  # images in [0, 1]
+    assert 10 * math.log10(1 / mse) >= 30
+    for f in glob.glob(src + ".*.pt") + glob.glob(fixed + ".*.pt"):
+        os.unlink(f)
