@@ -149,6 +149,34 @@ def test_exact_rescale_leaves_a_pinned_wan_segment_as_it_is():
     assert not half_precision_report(model, z)["fp16"]["safe"]
 
 
+def test_the_rescaling_is_by_powers_of_two_so_a_bf16_base_is_written_back_without_rounding(tmp_path):
+    """Every rescaled tensor of the export (a bf16 base, written in its dtype) is the base's times a power of
+    two, exactly: nothing is rounded, so the fixed file decodes as the base does in fp32 up to the scale."""
+    import math
+
+    from safetensors.torch import load_file, save_file
+
+    bad = {k: v.to(torch.bfloat16) for k, v in overflowing_ldm_sd().items()}
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    vae = build_vae(bad, source="bad.safetensors")
+    x = images()
+    result = train(vae, itertools.repeat(x[:2]), _cfg(steps=1, stop_when_safe=True, val_every=1), device="cpu",
+                   val_batch=x[2:], probe=make_probe(vae, x[2:]))
+    assert result.fp16_fix["safe_step"] == 0 and result.fp16_fix["rescale"]["segments"] >= 2
+    report = export_vae(result, tmp_path / "fixed.safetensors")
+    assert report.fp16_safe is True and report.stored_dtypes == {"bf16": len(bad)}
+    fixed, factors = load_file(report.path), set()
+    for k, v in bad.items():
+        ratio = (fixed[k].float() / v.float())[v != 0]
+        factor = float(ratio[0]) if ratio.numel() else 1.0
+        assert torch.equal(fixed[k].float(), v.float() * factor), k
+        assert math.log2(factor) == round(math.log2(factor)), (k, factor)
+        factors.add(factor)
+    assert len(factors) > 2  # several segments, each its own power of two
+    fp16 = report.half_precision["fine_tuned"]["fp16"]
+    assert fp16["psnr_vs_base"] == pytest.approx(fp16["psnr"], abs=0.5)
+
+
 def test_exact_rescale_leaves_a_safe_vae_as_it_is():
     model = build_vae(tiny_ldm_sd(seed=1), source="ok.safetensors").model
     state = {k: v.clone() for k, v in model.state_dict().items()}

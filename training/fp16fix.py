@@ -49,6 +49,12 @@ def decoder_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
 RESCALE_MARGIN = 8
 
 
+def _power_of_two(ratio: float) -> float:
+    """The largest power of two at most ``ratio`` (< 1): scaling by it is exact in every float format, so the
+    rescaled weights lose nothing when written back in the base file's fp16/bf16."""
+    return 2.0 ** math.floor(math.log2(ratio))
+
+
 def _scale_(layer: torch.nn.Module, weight: float, bias: float) -> None:
     with torch.no_grad():
         layer.weight.mul_(weight)
@@ -159,7 +165,8 @@ def _peaks(model: torch.nn.Module, latents: torch.Tensor, modules: list[torch.nn
 @torch.no_grad()
 def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, tolerance: float = 1e-3) -> dict:
     """Scale ``model``'s decoder (in place) where a normalisation makes it exact, so that no rescaled
-    layer's output on ``latents`` exceeds ``target``; layers already below it are left as they are.
+    layer's output on ``latents`` exceeds ``target`` (by powers of two: between target / 2 and target);
+    layers already below it are left as they are.
 
     Returns {"conv1": blocks rescaled, "segments": stream segments rescaled, "peak_before", "peak_after"
     (largest activation of the decoder's layers, fp32), "max_change" (largest |Δ| of the decode, in
@@ -186,7 +193,7 @@ def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, 
     n_conv1 = 0
     for r, peak in zip(resnets, seen[:len(resnets)]):
         if peak > target:
-            _scale_(r.conv1, target / peak, target / peak)
+            _scale_(r.conv1, _power_of_two(target / peak), _power_of_two(target / peak))
             n_conv1 += 1
     # one factor per segment: the largest output in it brought to ``target``
     segment = -1
@@ -200,7 +207,7 @@ def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, 
             pinned.add(segment)
             continue
         seg_peak[segment] = max(seg_peak[segment], *(seen[i] for i in idx))
-    seg_scale = [1.0 if i in pinned else min(1.0, target / p) if p > 0 else 1.0 for i, p in enumerate(seg_peak)]
+    seg_scale = [1.0 if i in pinned or p <= target else _power_of_two(target / p) for i, p in enumerate(seg_peak)]
     segment, prev = -1, 1.0
     for kind, m in plan or []:
         if kind in ("entry", "shortcut"):
