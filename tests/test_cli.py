@@ -353,13 +353,16 @@ def test_fit_config_takes_settings_never_safety_switches(setup, tmp_path):
     assert "ignored checkpoint, overwrite from the file" in p.stderr
     assert victim.read_bytes() == b"mine"
     # written by the node: ComfyUI names, not files here
-    node = {**config, "paths": "comfyui", "inputs": {"vae": "base.safetensors", "dataset": "images", "general": None}}
+    node = {**config, "paths": "comfyui", "inputs": {"vae": "base.safetensors", "dataset": "images",
+                                                     "general": "vae_general"}}
     (tmp_path / "node.json").write_text(json.dumps(node))
     p = run("fit", "--config", tmp_path / "node.json", "--out", tmp_path / "c.safetensors", check=False)
     assert p.returncode == 2 and "written by the ComfyUI node" in p.stderr and "--vae" in p.stderr, p.stderr
-    run("fit", "--config", tmp_path / "node.json", "--vae", base, "--data", setup / "images",
-        "--out", tmp_path / "c.safetensors", "--no-progress")
+    p = run("fit", "--config", tmp_path / "node.json", "--vae", base, "--data", setup / "images",
+            "--out", tmp_path / "c.safetensors", "--no-progress")
     assert (tmp_path / "c.safetensors").exists()
+    # the node's general images are ComfyUI's too: not silently dropped, the user is told how to add them
+    assert "also validated on general images ('vae_general' in ComfyUI)" in p.stderr and "--general DIR" in p.stderr
     # the base VAE file replaced by another of the same name: refused by name, unless allowed
     save_file(tiny_ldm_sd(seed=1), str(base))
     p = run("fit", "--config", tmp_path / "node.json", "--vae", base, "--data", setup / "images",

@@ -560,6 +560,9 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None, args)
         names = ", ".join(f"{k} {v!r}" for k, v in inputs.items() if k in ("vae", "data") and v)
         raise VAEFTError(f"--config {args.config!r} was written by the ComfyUI node: its inputs are names inside "
                          f"ComfyUI ({names}), not files here; give --vae BASE.safetensors and --data DIR")
+    if node and inputs.get("general") and not args.general:
+        print(f"--config {args.config!r}: the node's run also validated on general images ({inputs['general']!r} in "
+              "ComfyUI); this run does not: give --general DIR to do the same", file=sys.stderr)
     args.recorded_base_sha256 = run.get("base_sha256")
     return args
 
