@@ -233,9 +233,9 @@ class TrainConfig:
     act_threshold: float = option(4096.0, "activations above this are penalised (fp16's largest value is 65504; "
                                           "the margin keeps fp16 decodes safe on other images)",
                                   min=1.0, max=65504.0)
-    exact_rescale: bool = option(False, "before training, scale down the decoder's layers that feed only a "
-                                        "normalisation (and kl-f8/Flux.2's residual stream) to act_threshold/8: "
-                                        "the output stays equal (checked), activations get smaller")
+    exact_rescale: bool = option(False, "before training, scale down (by powers of two) the decoder's layers "
+                                        "that feed only a normalisation, and its residual stream, to at most "
+                                        "act_threshold/8: the output stays equal (checked), activations get smaller")
     stop_when_safe: bool = option(False, "stop at a validation step (or before the first step, after "
                                          "exact_rescale) where the fp16 decode of the held-out patches is finite "
                                          "and no activation exceeds act_threshold")

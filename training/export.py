@@ -206,8 +206,8 @@ class ExportReport:
     half_precision: dict | None = None  # see check_half_precision; None: not checked (no probe)
     converted_attention: int = 0        # attention weights the base stores as matrices, written as 1x1 convs
     frozen_what: str = "encoder, quant_conv"  # what the untrained tensors are, in the family's words
-    against_base: bool = False          # the fine-tune's target was the base's own decode (the fp16-fix recipe):
-                                        # its half-precision figures are also compared with the base's decode
+    against_base: bool = False          # a fp16-fix setting was on (the run logged val_fp16_psnr against the base):
+                                        # the half-precision figures are also compared with the base's decode
     encoder_trained: bool = False       # trainable 'full': the report says how far the latents moved
 
     @property
@@ -276,7 +276,7 @@ def export_vae(trained: Trained, path: str | os.PathLike, dtype: str | None = No
                           stored_dtypes=dict(Counter(_dtype_name(v.dtype) for v in tensors.values())),
                           frozen=None, converted_attention=len(conv_form_keys(trained.layout)),
                           frozen_what=family_named(trained.layout.family).frozen_what(trained.config.trainable),
-                          against_base=trained.config.target == "base",
+                          against_base=trained.fp16_fix is not None,
                           encoder_trained=trained.config.trainable == "full")
     frozen = frozen_keys(trained)
     if frozen:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 
 import torch
 
@@ -36,8 +37,9 @@ from .probe import FP16_MAX, _as_dtype, _decode_watched
 
 
 def decoder_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every module inside a decoder block (the fp16 report's blocks): the leaves, and
-    for kl-f8/Flux.2 also the blocks themselves, whose outputs are the residual stream's sums."""
+    """(name, module) of every module inside a decoder block (the fp16 report's blocks): the leaves and the
+    modules made of them, such as residual blocks, whose outputs are the residual stream's sums (the Wan
+    family's 2D path runs their hooks too)."""
     block_of = family_of_model(model).decoder_block
     return [(n, m) for n, m in model.named_modules() if n and block_of(n) is not None]
 
@@ -50,8 +52,12 @@ RESCALE_MARGIN = 8
 
 
 def _power_of_two(ratio: float) -> float:
-    """The largest power of two at most ``ratio`` (< 1): scaling by it is exact in every float format, so the
-    rescaled weights lose nothing when written back in the base file's fp16/bf16."""
+    """The largest power of two at most ``ratio`` (< 1; 1 when it is not a positive finite number): scaling
+    by it changes only the exponent, so a bf16 or fp32 base's rescaled weights lose nothing written back in
+    its dtype. (fp16 has a narrower exponent range: weights scaled below 2^-14 lose precision there, and the
+    report's PSNR against the base shows what that costs.)"""
+    if not (math.isfinite(ratio) and ratio > 0):
+        return 1.0
     return 2.0 ** math.floor(math.log2(ratio))
 
 
@@ -91,7 +97,10 @@ def _stream_plan(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]] | 
     def resnet(r):
         if getattr(r, "output_scale_factor", 1.0) != 1.0 or getattr(r, "time_emb_proj", None) is not None:
             raise _NotExact
-        has_shortcut = isinstance(getattr(r, "conv_shortcut", None), (torch.nn.Conv2d, torch.nn.Conv3d))
+        shortcut = getattr(r, "conv_shortcut", None)
+        if shortcut is not None and not isinstance(shortcut, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Identity)):
+            raise _NotExact  # a wrapped or other linear map: its scaling is not known to be exact
+        has_shortcut = isinstance(shortcut, (torch.nn.Conv2d, torch.nn.Conv3d))
         plan.append(("shortcut" if has_shortcut else "resnet", r))
 
     mid = dec.mid_block
@@ -108,9 +117,9 @@ def _stream_plan(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]] | 
         for u in (up.upsamplers or []):
             if getattr(u, "time_conv", None) is not None:  # the Wan family's upsample3d
                 plan.append(("pinned", None))
-            conv = getattr(u, "conv", None) or _last_conv(getattr(u, "resample", None))
-            if conv is None:
-                raise _NotExact
+            conv = getattr(u, "conv", None) if hasattr(u, "conv") else _last_conv(getattr(u, "resample", None))
+            if not isinstance(conv, torch.nn.Conv2d) or getattr(u, "norm", None) is not None:
+                raise _NotExact  # a norm before the convolution would undo the stream's scale
             plan.append(("entry", conv))
     return plan
 
@@ -118,16 +127,18 @@ def _stream_plan(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]] | 
 def _attention_out(attn: torch.nn.Module) -> torch.nn.Module | None:
     """The last linear map of a residual attention block (diffusers' ``Attention``: ``to_out[0]``; the Wan
     family's: ``proj``), or None when its output is not simply added to its input."""
-    if hasattr(attn, "to_out"):
-        ok = getattr(attn, "residual_connection", False) and getattr(attn, "rescale_output_factor", 1.0) == 1.0
+    if hasattr(attn, "to_out"):  # its q/k/v must see the stream through its own group_norm
+        ok = (getattr(attn, "residual_connection", False) and getattr(attn, "rescale_output_factor", 1.0) == 1.0
+              and getattr(attn, "group_norm", None) is not None and getattr(attn, "spatial_norm", None) is None)
         return attn.to_out[0] if ok else None
     return getattr(attn, "proj", None) if type(attn).__name__.endswith("AttentionBlock") else None
 
 
 def _last_conv(seq: torch.nn.Module | None) -> torch.nn.Module | None:
-    """An upsampler's convolution when it is the last layer of its sequence (the Wan family's ``resample``:
-    nearest upsampling, then a Conv2d)."""
-    if isinstance(seq, torch.nn.Sequential) and len(seq) and isinstance(seq[-1], torch.nn.Conv2d):
+    """An upsampler's convolution when it is the last layer of its sequence and only upsampling (which
+    commutes with a scale) comes before it (the Wan family's ``resample``: nearest upsampling, a Conv2d)."""
+    if (isinstance(seq, torch.nn.Sequential) and len(seq) and isinstance(seq[-1], torch.nn.Conv2d)
+            and all(isinstance(m, torch.nn.Upsample) for m in list(seq)[:-1])):
         return seq[-1]
     return None
 
@@ -192,7 +203,7 @@ def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, 
     _, leaf_before = _decode_watched(model, latents)
     n_conv1 = 0
     for r, peak in zip(resnets, seen[:len(resnets)]):
-        if peak > target:
+        if math.isfinite(peak) and peak > target:
             _scale_(r.conv1, _power_of_two(target / peak), _power_of_two(target / peak))
             n_conv1 += 1
     # one factor per segment: the largest output in it brought to ``target``
@@ -207,7 +218,7 @@ def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, 
             pinned.add(segment)
             continue
         seg_peak[segment] = max(seg_peak[segment], *(seen[i] for i in idx))
-    seg_scale = [1.0 if i in pinned or p <= target else _power_of_two(target / p) for i, p in enumerate(seg_peak)]
+    seg_scale = [1.0 if i in pinned or not p > target else _power_of_two(target / p) for i, p in enumerate(seg_peak)]
     segment, prev = -1, 1.0
     for kind, m in plan or []:
         if kind in ("entry", "shortcut"):
@@ -262,24 +273,39 @@ class ActivationPenalty:
         self.threshold = threshold
         self.terms: list[torch.Tensor] = []
         self.peaks: list[torch.Tensor] = []
+        # the outputs counted so far, by id with a weak reference to tell a reused id from the same tensor: a
+        # tensor several modules return (an upsampler's output is also its sequence's and its convolution's)
+        self.seen: dict[int, weakref.ref] = {}
+        self.open = False  # between clear() and take(): the training forward, not a backward's recompute
         self.handles = [m.register_forward_hook(self._hook) for _, m in decoder_modules(model)]
 
     def _hook(self, _module, _inputs, out) -> None:
         if not (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.is_floating_point()
                 and out.requires_grad):
             return
-        self.peaks.append(out.detach().abs().amax().float())
-        self.terms.append(_Excess.apply(out, self.threshold))
+        ref = self.seen.get(id(out))
+        if ref is not None and ref() is out:
+            return
+        self.seen[id(out)] = weakref.ref(out)
+        term = _Excess.apply(out, self.threshold)
+        # gradient checkpointing's recompute in the backward pass runs the hooks again: it must save what the
+        # forward saved (the same _Excess calls), and its terms are not kept
+        if self.open:
+            self.peaks.append(out.detach().abs().amax().float())
+            self.terms.append(term)
 
     def clear(self) -> None:
-        self.terms, self.peaks = [], []
+        """Start counting (before the training forward)."""
+        self.terms, self.peaks, self.seen, self.open = [], [], {}, True
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The penalty and the largest activation of the forward since clear(); counting stops."""
+        self.open = False
         if not self.terms:
             raise VAEFTError("act_weight > 0 but no decoder activation was seen by the penalty's hooks (a "
                              "compiled model may skip them): turn compile off, or set act_weight to 0")
         penalty, peak = torch.stack(self.terms).sum(), torch.stack(self.peaks).amax()
-        self.clear()
+        self.terms, self.peaks = [], []
         return penalty, peak
 
     def remove(self) -> None:
@@ -324,9 +350,12 @@ def fp16_fix_note(fix: dict) -> str:
     r = fix.get("rescale")
     if r:
         if r["exact"]:
-            parts.append(f"exact rescaling first: {r['conv1']} conv1 and {r['segments']} residual-stream segments, "
-                         f"largest activation {r['peak_before']:.4g} -> {r['peak_after']:.4g}, decode changed by at "
-                         f"most {r['max_change']:.2g}")
+            pinned = r.get("pinned", 0)
+            kept = (f" ({pinned} kept as they are: they feed a 3D upsampler's time_conv, which video decoding "
+                    "reads)") if pinned else ""
+            parts.append(f"exact rescaling first: {r['conv1']} conv1 and {r['segments']} residual-stream segments"
+                         f"{kept}, largest activation {r['peak_before']:.4g} -> {r['peak_after']:.4g}, decode "
+                         f"changed by at most {r['max_change']:.2g}")
         else:
             parts.append(f"exact rescaling NOT applied: the decode changed by {r['max_change']:.2g}")
     if fix.get("safe_step") == 0:

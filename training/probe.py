@@ -221,8 +221,8 @@ def _fmt(value: float) -> str:
 
 
 def figures_line(name: str, fig: dict, pixels: int, against_base: bool = False) -> str:
-    """One line of the export report. ``against_base``: also the PSNR against the base's fp32 decode (the
-    fp16-fix recipe's target; an ordinary fine-tune differs from the base by design)."""
+    """One line of the export report. ``against_base``: also the PSNR against the base's fp32 decode (what
+    the fp16-fix settings aim at; an ordinary fine-tune differs from the base by design)."""
     block, top = _peak(fig)
     verdict = "safe" if fig["safe"] else "UNSAFE"
     line = (f"{name}: {verdict}: {fig['nonfinite_pixels']} of {pixels} pixels NaN/inf, {fig['saturated_pixels']} "
