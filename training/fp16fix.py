@@ -33,7 +33,7 @@ import torch
 
 from .errors import VAEFTError
 from .families import family_of_model
-from .probe import FP16_MAX, _as_dtype, _decode_watched
+from .probe import FP16_MAX, _as_dtype, _decode_watched, _psnr, decode_in
 
 
 def decoder_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -200,7 +200,7 @@ def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, 
         groups.append(list(range(len(watched), len(watched) + len(mods))))
         watched += mods
     before, seen = _peaks(model, latents, watched)
-    _, leaf_before = _decode_watched(model, latents)
+    _, peaks_before = _decode_watched(model, latents)
     n_conv1 = 0
     for r, peak in zip(resnets, seen[:len(resnets)]):
         if math.isfinite(peak) and peak > target:
@@ -231,15 +231,15 @@ def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, 
             _scale_(m.conv2, s, s)
         elif kind == "attention":
             _scale_(_attention_out(m), s, s)
-    after, leaf_after = _decode_watched(model, latents)
+    after, peaks_after = _decode_watched(model, latents)
     change = float((after - before).abs().max())
     exact = bool(math.isfinite(change) and change <= tolerance * max(1.0, float(before.abs().max())))
     if not exact:
         model.decoder.load_state_dict(saved)
     model.train(was)
     return {"conv1": n_conv1 if exact else 0, "segments": sum(s < 1.0 for s in seg_scale) if exact else 0,
-            "stream": plan is not None, "pinned": len(pinned), "peak_before": max(leaf_before.values(), default=0.0),
-            "peak_after": max((leaf_after if exact else leaf_before).values(), default=0.0),
+            "stream": plan is not None, "pinned": len(pinned), "peak_before": max(peaks_before.values(), default=0.0),
+            "peak_after": max((peaks_after if exact else peaks_before).values(), default=0.0),
             "max_change": change, "exact": exact}
 
 
@@ -323,14 +323,11 @@ def fp16_figures(model: torch.nn.Module, latents: torch.Tensor, base_decoded: to
     ``base_decoded`` (the base VAE's fp32 decode of the same latents, clamped to [-1, 1]):
     {"fp16_peak": largest activation (inf: overflowed), "fp16_nonfinite": NaN/inf pixels,
     "fp16_psnr": dB over the images with NaN/inf as black, "fp16_limit": peak / 65504}."""
-    device = latents.device
-    img, peaks = _decode_watched(_as_dtype(model, torch.float16).to(device), latents.half())
-    nonfinite = int((~torch.isfinite(img)).any(1).sum())
-    img = torch.nan_to_num(img, nan=-1.0, posinf=1.0, neginf=-1.0).clamp(-1, 1)
-    mse = float(((img - base_decoded.to(device).float().clamp(-1, 1)) / 2).square().mean())
+    _, peaks, nonfinite, shown = decode_in(model, latents, torch.float16)
     peak = max(peaks.values(), default=0.0)
     return {"fp16_peak": peak, "fp16_nonfinite": nonfinite,
-            "fp16_psnr": 10 * math.log10(1.0 / mse) if mse > 0 else 100.0, "fp16_limit": peak / FP16_MAX}
+            "fp16_psnr": _psnr(shown, base_decoded.to(latents.device).float().clamp(-1, 1)),
+            "fp16_limit": peak / FP16_MAX}
 
 
 @torch.no_grad()

@@ -134,21 +134,29 @@ def half_precision_report(model: torch.nn.Module, latents: torch.Tensor, device:
     out = {"pixels": int(ref.shape[0] * ref.shape[2] * ref.shape[3]), "fp32_decoded": ref.clamp(-1, 1).cpu()}
     target = (ref if reference is None else reference.to(device, torch.float32)).clamp(-1, 1)
     for name, dtype in HALF.items():
-        img, peaks = _decode_watched(_as_dtype(model, dtype).to(device), z.to(dtype))
+        img, peaks, nonfinite, shown = decode_in(model, z, dtype)
         finite = torch.isfinite(img)
-        nonfinite = int((~finite).any(1).sum())
         saturated = int(((img.abs() > 1) & finite & ((img - ref).abs() > _SATURATION_GAP)).any(1).sum())
         err = (img - ref).abs()[finite]
         fig = {"nonfinite_pixels": nonfinite, "saturated_pixels": saturated,
                "max_abs_error": float(err.max()) if err.numel() else float("inf"),
                "max_activation": peaks, "safe": nonfinite == 0 and saturated == 0,
-               "psnr": _psnr(shown := torch.nan_to_num(img, nan=-1.0, posinf=1.0, neginf=-1.0).clamp(-1, 1),
-                             ref.clamp(-1, 1)),
-               "psnr_vs_base": _psnr(shown, target)}
+               "psnr": _psnr(shown, ref.clamp(-1, 1)), "psnr_vs_base": _psnr(shown, target)}
         if name == "fp16":
             fig["limit_used"] = max(peaks.values(), default=0.0) / FP16_MAX
         out[name] = fig
     return out
+
+
+@torch.no_grad()
+def decode_in(model: torch.nn.Module, latents: torch.Tensor, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, dict[str, float], int, torch.Tensor]:
+    """``model``'s decoder run in ``dtype`` on ``latents`` (on their device), as a tool that casts the VAE
+    does: (the images in fp32, the largest activation per decoder block, pixels with NaN/inf in any channel,
+    the images as a viewer shows them: NaN/inf as black, clamped to [-1, 1])."""
+    img, peaks = _decode_watched(_as_dtype(model, dtype).to(latents.device), latents.to(dtype))
+    nonfinite = int((~torch.isfinite(img)).any(1).sum())
+    return img, peaks, nonfinite, torch.nan_to_num(img, nan=-1.0, posinf=1.0, neginf=-1.0).clamp(-1, 1)
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
