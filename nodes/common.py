@@ -79,8 +79,8 @@ def comfy_vae_to_training(vae, source_file: tuple[str, str] | None = None) -> Lo
         if family is None or not from_comfy:
             raise
         raise _not_built_by_this_comfyui(name, family, vae, str(e)) from None
-    if family is not None and loaded.layout.family != family.name:
-        raise _not_built_by_this_comfyui(name, family, vae, f"it holds a {loaded.layout.family} VAE")
+    if family is not None and loaded.family is not family:
+        raise _not_built_by_this_comfyui(name, family, vae, f"it holds a {loaded.family.label}")
     loaded.layout.from_file = not from_comfy  # config.json records a base digest only for a file's own weights
     return loaded
 

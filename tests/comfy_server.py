@@ -44,7 +44,7 @@ def prepare_base(base: str, settings: dict | None = None) -> dict[str, torch.Ten
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
-    from training.families.klf8 import diffusers_to_ldm
+    from training.families.ldm import diffusers_to_ldm
 
     os.makedirs(os.path.join(base, "custom_nodes"))
     os.symlink(ROOT, os.path.join(base, "custom_nodes", PACK))

@@ -28,7 +28,7 @@ def tiny_diffusers_vae(latent_channels: int = 4, quant: bool = True, seed: int =
 
 
 def tiny_ldm_sd(latent_channels: int = 4, quant: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
-    from training.families.klf8 import diffusers_to_ldm
+    from training.families.ldm import diffusers_to_ldm
 
     return {k: v.detach().clone() for k, v in
             diffusers_to_ldm(tiny_diffusers_vae(latent_channels, quant, seed).state_dict()).items()}

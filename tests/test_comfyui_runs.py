@@ -44,7 +44,7 @@ def comfy(comfyui_server):
     from safetensors.torch import save_file
 
     from conftest import SD_VAE_CONFIG
-    from training.families.klf8 import diffusers_to_ldm
+    from training.families.ldm import diffusers_to_ldm
 
     torch.manual_seed(1)
     save_file({k: v.contiguous() for k, v in diffusers_to_ldm(AutoencoderKL(**SD_VAE_CONFIG).state_dict()).items()},

@@ -16,7 +16,7 @@ from training import cli
 from training import evaluate as E
 from training import metrics as M
 from training.errors import VAEFTError
-from training.families.klf8 import diffusers_to_ldm
+from training.families.ldm import diffusers_to_ldm
 from training.vae import load_vae
 
 from conftest import tiny_diffusers_vae, write_images

@@ -18,7 +18,7 @@ from training.errors import VAEFTError
 from training.export import export_vae
 from training.families.klf8 import LATENT_FAMILIES as FAMILIES, pick_latent_family as pick_family
 from training.probe import make_probe
-from training.families.klf8 import ldm_to_diffusers
+from training.families.ldm import ldm_to_diffusers
 from training.vae import build_vae
 
 

@@ -21,7 +21,7 @@ from training.config import TrainConfig
 from training.export import export_vae
 from training.probe import make_probe
 from training.trained import Trained
-from training.families.klf8 import diffusers_to_ldm
+from training.families.ldm import diffusers_to_ldm
 from training.vae import build_vae, frozen_sha256, load_vae
 
 ATTN = ("q", "k", "v", "proj_out")

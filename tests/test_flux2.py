@@ -105,7 +105,7 @@ def test_diffusers_and_comfyui_layouts_are_read_into_bfl_layout_and_back(decoder
     theirs = tiny_diffusers(decoder=decoder)
     loaded = build_vae(theirs.state_dict(), source="flux2 diffusers")
     layout = loaded.layout
-    assert layout.family == "flux2" and "encoder.quant_conv.weight" in layout.shapes and "bn.running_var" in layout.shapes
+    assert layout.family.name == "flux2" and "encoder.quant_conv.weight" in layout.shapes and "bn.running_var" in layout.shapes
     width = decoder[-1] if decoder else 64  # the decoder's mid block is as wide as its deepest level
     assert layout.shapes["decoder.mid.attn_1.q.weight"] == (width, width, 1, 1)  # attention as BFL's 1x1 convs
     assert loaded.model.config.decoder_block_out_channels == (list(decoder) if decoder else None)
@@ -119,7 +119,7 @@ def test_diffusers_and_comfyui_layouts_are_read_into_bfl_layout_and_back(decoder
              else k: v for k, v in bfl_sd.items()}
     assert "quant_conv.weight" in comfy and "encoder.quant_conv.weight" not in comfy
     again = build_vae(comfy, source="ComfyUI's copy")
-    assert again.layout.family == "flux2" and set(again.layout.shapes) == set(layout.shapes)
+    assert again.layout.family.name == "flux2" and set(again.layout.shapes) == set(layout.shapes)
     c = again.model.state_dict()
     assert all(torch.equal(c[k], a[k]) for k in a)
 
@@ -266,10 +266,10 @@ comfy_names = {("quant_conv." + k[19:]) if k.startswith("encoder.quant_conv.") e
                v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in flux.items()}
 loaded = common.comfy_vae_to_training(held_as(comfy_names), ("vae", "flux2-vae.safetensors"))
 w = loaded.model.state_dict()["decoder.conv_in.weight"]
-out["read"] = {"family": loaded.layout.family, "exact": bool(torch.equal(w, flux["decoder.conv_in.weight"])),
+out["read"] = {"family": loaded.layout.family.name, "exact": bool(torch.equal(w, flux["decoder.conv_in.weight"])),
                "keys": sorted(loaded.layout.shapes) == sorted(flux), "from_file": loaded.layout.from_file}
 copy = common.comfy_vae_to_training(held_as(comfy_names))  # no file to read: ComfyUI's bf16 copy
-out["copy"] = {"family": copy.layout.family, "from_file": copy.layout.from_file}
+out["copy"] = {"family": copy.layout.family.name, "from_file": copy.layout.from_file}
 for case, name, held in (("other", "flux2-vae.safetensors", {"decoder.conv_in.weight": torch.zeros(8, 32, 3, 3)}),
                          ("nan", "nan-sd-vae.safetensors", load_file(os.path.join(folder, "nan-sd-vae.safetensors")))):
     try:

@@ -16,7 +16,7 @@ from test_wan import tiny_wan_sd
 from training.config import RECIPES, TrainConfig
 from training.errors import VAEFTError
 from training.export import export_vae
-from training.families import family_of_model
+from training.families import family_of
 from training.fp16fix import _stream_plan, exact_rescale
 from training.probe import FP16_MAX, half_precision_report, make_probe
 from training.vae import build_vae
@@ -44,7 +44,7 @@ def latents(model, n=2, side=4, seed=0):
 
 def raw(model, z):
     with torch.no_grad():
-        return family_of_model(model).raw_decode(model, z).float()
+        return family_of(model).raw_decode(model, z).float()
 
 
 def encoder_state(model):
@@ -62,7 +62,7 @@ def test_exact_rescale_of_the_residual_stream_keeps_the_output_and_makes_fp16_sa
         sd = tiny_flux2(seed=2).state_dict()
         sd = {k: v * 1e5 if k.startswith("decoder.conv_in.") else v for k, v in sd.items()}
         model = build_vae(sd, source="flux2 diffusers").model
-    assert family_of_model(model).name == family
+    assert family_of(model).name == family
     z = latents(model)
     assert half_precision_report(model, z)["fp16"]["nonfinite_pixels"] > 0  # built to overflow
     before, enc = raw(model, z), encoder_state(model)

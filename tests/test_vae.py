@@ -4,7 +4,8 @@ from safetensors.torch import save_file
 
 from conftest import SD_VAE_CONFIG, tiny_diffusers_vae, tiny_ldm_sd
 from training.errors import VAEFTError
-from training.families.klf8 import config_from_ldm, diffusers_to_ldm, ldm_to_diffusers
+from training.families.klf8 import config_from_ldm
+from training.families.ldm import diffusers_to_ldm, ldm_to_diffusers
 from training.vae import build_vae, load_vae, model_to_file
 
 

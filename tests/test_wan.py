@@ -65,7 +65,7 @@ def test_key_maps_are_exact_and_agree_with_diffusers_converter():
 def test_both_layouts_load_the_same_model_and_map_back_exactly():
     sd = tiny_wan_sd(dtype=torch.bfloat16)
     ours = build_vae(sd, source="qwen_image_vae.safetensors")
-    assert ours.layout.family == "wan2.1" and ours.model.vaeft_family == "wan2.1"
+    assert ours.layout.family.name == "wan2.1" and ours.model.vaeft_family is ours.family
     assert ours.model.config.base_dim == 16 and ours.model.config.dim_mult == [1, 2]
     diffusers_sd = tiny_wan().state_dict()
     theirs = build_vae({k: v.to(torch.bfloat16) for k, v in diffusers_sd.items()}, source="diffusers layout")
@@ -75,7 +75,7 @@ def test_both_layouts_load_the_same_model_and_map_back_exactly():
     back = model_to_file(ours.model, ours.layout)
     assert set(back) == set(sd) and all(torch.equal(back[k].to(torch.bfloat16), sd[k]) for k in sd)
     prefixed = build_vae({"first_stage_model." + k: v for k, v in sd.items()}, source="full checkpoint")
-    assert prefixed.layout.family == "wan2.1"
+    assert prefixed.layout.family.name == "wan2.1"
 
 
 @pytest.mark.parametrize("case,expected", [
@@ -115,16 +115,16 @@ def test_a_full_checkpoint_is_read_by_its_vae_part_whatever_else_it_holds():
               "model.diffusion_model.decoder.conv_in.weight": torch.zeros(2, 2)}
     klf8 = build_vae({**others, **{"first_stage_model." + k: v for k, v in tiny_ldm_sd().items()}},
                      source="sd_xl_base_1.0.safetensors")
-    assert klf8.layout.family == "kl-f8" and set(klf8.layout.shapes) == set(tiny_ldm_sd())
+    assert klf8.layout.family.name == "kl-f8" and set(klf8.layout.shapes) == set(tiny_ldm_sd())
     qwen = build_vae({**others, **{"vae." + k: v for k, v in tiny_wan_sd().items()}}, source="qwen_image.safetensors")
-    assert qwen.layout.family == "wan2.1" and set(qwen.layout.shapes) == set(tiny_wan_sd())
+    assert qwen.layout.family.name == "wan2.1" and set(qwen.layout.shapes) == set(tiny_wan_sd())
 
 
 def test_the_fp16_check_watches_every_decoder_block_of_the_2d_path_and_the_unclamped_output():
     """The 2D path computes its convolutions and norms without calling those modules; their forward
     hooks still run, so the export's fp16/bf16 report sees each block's activations, and it reads the
     decoder's output before the clamp (pixels pushed past white are what it reports)."""
-    from training.families import family_of_model
+    from training.families import family_of
     from training.probe import half_precision_report
 
     vae = build_vae(tiny_wan_sd(seed=9)).model
@@ -136,7 +136,7 @@ def test_the_fp16_check_watches_every_decoder_block_of_the_2d_path_and_the_uncla
     with torch.no_grad():
         vae.decoder.conv_out.bias += 5.0
         assert float(vae.decode(z).sample.max()) <= 1.0
-        raw = family_of_model(vae).raw_decode(vae, z)
+        raw = family_of(vae).raw_decode(vae, z)
     assert float(raw.min()) > 1.0 and report["fp16"]["max_activation"]["conv_out"] < 5.0
     assert half_precision_report(vae, z)["fp16"]["max_activation"]["conv_out"] > 4.0
 

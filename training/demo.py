@@ -12,8 +12,12 @@ import os
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
+from PIL import Image
 
 from .errors import VAEFTError
+from .export import write_safetensors
+from .families.ldm import diffusers_to_ldm
 
 SD_LAYOUT = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2,
                  down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
@@ -22,10 +26,6 @@ SD_LAYOUT = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2,
 def random_vae_state_dict(latent_channels: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     """ldm-keyed weights of a random-init kl-f8 VAE: 4 channels with quant convs (SD1/2/XL layout)
     or 16 without (SD3/Flux layout)."""
-    from diffusers import AutoencoderKL
-
-    from .families.klf8 import diffusers_to_ldm
-
     quant = latent_channels == 4
     torch.manual_seed(seed)
     model = AutoencoderKL(latent_channels=latent_channels, use_quant_conv=quant, use_post_quant_conv=quant,
@@ -58,10 +58,6 @@ def fundus_like(size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_demo(out: str, images: int = 6, size: int = 512, latent_channels: int = 4, seed: int = 0) -> dict:
-    from PIL import Image
-
-    from .export import write_safetensors
-
     if latent_channels not in (4, 16):
         raise VAEFTError(f"--latent-channels must be 4 (SD1/2/XL) or 16 (SD3/Flux); got {latent_channels}")
     os.makedirs(os.path.join(out, "images"), exist_ok=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .data import build_dataset
 from .device import model_place
 from .errors import VAEFTError
 from .imageio import signed_to_unit
@@ -174,8 +175,6 @@ def evaluation_patches(ds, count: int, seed: int, use_validation: bool = True) -
 def eval_patches(folder: str, cfg, count: int, use_validation: bool = True) -> tuple[torch.Tensor, dict]:
     """:func:`evaluation_patches` of a folder read with DataConfig ``cfg``; the info also names the
     folder and the files skipped."""
-    from .data import build_dataset
-
     if not use_validation:
         cfg = dataclasses.replace(cfg, val_fraction=0.0)
     ds = build_dataset(folder, cfg)

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import save
 
 from .config import EXPORT_DTYPES
 from .errors import VAEFTError
@@ -29,7 +30,7 @@ from .metadata import export_metadata
 from .probe import HALF, check_half_precision, figures_line, latent_scaling
 from .tensors import dtype_names, listing, nonfinite, sha256
 from .trained import Trained
-from .families import family_named, trained as is_trained
+from .families import trained as is_trained
 from .vae import FileLayout, frozen_sha256, model_to_file
 
 FORMATS = ("safetensors", "diffusers")
@@ -75,7 +76,7 @@ def export_dtypes(layout: FileLayout, dtype: str = "base") -> dict[str, torch.dt
     base = {k: layout.dtypes.get(k, torch.float32) for k in layout.shapes}
     if dtype == "base":
         return base
-    keep = family_named(layout.family).keep_dtype
+    keep = layout.family.keep_dtype
     # counters stay integers; the family's statistics stay as the base stores them
     return {k: DTYPES[dtype] if d.is_floating_point and not k.startswith(keep) else d
             for k, d in base.items()}
@@ -84,7 +85,7 @@ def export_dtypes(layout: FileLayout, dtype: str = "base") -> dict[str, torch.dt
 def frozen_keys(trained: Trained) -> list[str]:
     """File keys the run did not train: the encoder and quant conv in decoder mode, and what still
     images cannot train (the Wan family's temporal resampling) in either mode."""
-    family = family_named(trained.layout.family)
+    family = trained.layout.family
     return [fk for fk, mk in trained.layout.module_keys.items()
             if not is_trained(mk, trained.config.trainable, family)]
 
@@ -122,7 +123,7 @@ def file_state_dict(trained: Trained, dtype: str = "base") -> dict[str, torch.Te
 def conv_form_keys(layout: FileLayout) -> list[str]:
     """File keys the base stores in another form than stock loaders take (kl-f8: attention q/k/v/proj_out
     as (C, C) matrices, which some converters write and Automatic1111 and ComfyUI reject)."""
-    return family_named(layout.family).conv_form(layout.shapes)
+    return layout.family.conv_form(layout.shapes)
 
 
 def _export_tensors(trained: Trained, dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -159,8 +160,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                       metadata: dict[str, str] | None = None, overwrite: bool = False) -> str:
     """Atomically write ``tensors`` to ``path`` (see :func:`training.files.atomic_write`); never
     clobbers unless ``overwrite``. Refuses tensors holding NaN or infinity, naming them."""
-    from safetensors.torch import save
-
     check_finite(tensors)
     return atomic_write(path, lambda f: f.write(save(tensors, metadata=metadata)), overwrite=overwrite,
                         what="VAE file")
@@ -275,7 +274,7 @@ def export_vae(trained: Trained, path: str | os.PathLike, dtype: str | None = No
     report = ExportReport(path=os.fspath(path), format=format, dtype=dtype, metadata={},
                           stored_dtypes=dict(Counter(_dtype_name(v.dtype) for v in tensors.values())),
                           frozen=None, converted_attention=len(conv_form_keys(trained.layout)),
-                          frozen_what=family_named(trained.layout.family).frozen_what(trained.config.trainable),
+                          frozen_what=trained.layout.family.frozen_what(trained.config.trainable),
                           against_base=trained.fp16_fix is not None,
                           encoder_trained=trained.config.trainable == "full")
     frozen = frozen_keys(trained)
@@ -319,10 +318,8 @@ def write_diffusers(tensors: dict[str, torch.Tensor], folder: str | os.PathLike,
     ``save_config``, with the latents' scaling) and diffusion_pytorch_model.safetensors (diffusers keys
     and shapes, each tensor in the dtype it has in ``tensors``). Refuses NaN/inf tensors like
     write_safetensors."""
-    from safetensors.torch import save
-
     check_finite(tensors)
-    model = family_named(layout.family).diffusers_model(tensors, scaling, layout.base_name)
+    model = layout.family.diffusers_model(tensors, scaling, layout.base_name)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     weights = {mk: tensors[fk].reshape(shapes[mk]).contiguous() for fk, mk in layout.module_keys.items() if mk in shapes}
     if set(weights) != set(shapes) or len(weights) != len(tensors):  # never write a folder that fails to load

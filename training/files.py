@@ -20,6 +20,7 @@ import errno
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -313,7 +314,7 @@ class FolderLock:
     def acquire(cls, folder: str | os.PathLike, what: str = "run folder") -> "FolderLock":
         folder = os.fspath(folder)
         try:
-            import fcntl
+            import fcntl  # POSIX only: elsewhere a run folder has no lock, and says so
         except ImportError:
             return cls(folder, None, False)
         path = os.path.join(folder, cls.NAME)
@@ -341,7 +342,7 @@ class FolderLock:
             raise VAEFTError(f"{what} {folder!r} is being written by another process ({who}): two writers would "
                              "log every step twice. Wait for that run to end, or stop it (Ctrl-C, Cancel) and then "
                              "continue it; nothing here was changed") from None
-        import socket
+        import socket  # only to name the host holding a lock in the refusal
 
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
@@ -360,3 +361,9 @@ class FolderLock:
         FolderLock._held.discard(self.fd)
         os.close(self.fd)  # closing the only descriptor releases the flock
         self.fd = None
+
+
+def last_component(path: str) -> str:
+    """The last part of a path written on any system (``C:\\a\\b.safetensors`` or ``/a/b``): a file or folder name."""
+    parts = [p for p in re.split(r"[\\/]+", path) if p and not re.fullmatch(r"[A-Za-z]:", p)]
+    return parts[-1] if parts else ""

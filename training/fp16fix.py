@@ -32,15 +32,17 @@ import weakref
 import torch
 
 from .errors import VAEFTError
-from .families import family_of_model
-from .probe import FP16_MAX, _as_dtype, _decode_watched, _psnr, decode_in
+from .families import family_of
+from .probe import (FP16_MAX, as_dtype, decode_in, decode_watched, decode_with_peaks, encode_latents, latent_drift,
+                    probe_patches, psnr)
+from .vae import latent_channels
 
 
 def decoder_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of every module inside a decoder block (the fp16 report's blocks): the leaves and the
     modules made of them, such as residual blocks, whose outputs are the residual stream's sums (the Wan
     family's 2D path runs their hooks too)."""
-    block_of = family_of_model(model).decoder_block
+    block_of = family_of(model).decoder_block
     return [(n, m) for n, m in model.named_modules() if n and block_of(n) is not None]
 
 
@@ -156,21 +158,10 @@ def _stream_outputs(kind: str, m: torch.nn.Module) -> list[torch.nn.Module]:
     return [m, m.conv2] + ([m.conv_shortcut] if kind == "shortcut" else [])
 
 
-@torch.no_grad()
 def _peaks(model: torch.nn.Module, latents: torch.Tensor, modules: list[torch.nn.Module]) -> tuple[torch.Tensor, list[float]]:
-    seen = [0.0] * len(modules)
-    hooks = []
-    for i, m in enumerate(modules):
-        def hook(_m, _inp, out, i=i):
-            if isinstance(out, torch.Tensor):
-                seen[i] = max(seen[i], float(out.detach().abs().amax()))
-        hooks.append(m.register_forward_hook(hook))
-    try:
-        out = family_of_model(model).raw_decode(model, latents).float()
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, seen
+    """(the decode, the largest |output| of each of ``modules``, in order; inf where one overflowed)."""
+    out, peaks = decode_with_peaks(model, latents, list(enumerate(modules)))
+    return out, [peaks.get(i, 0.0) for i in range(len(modules))]
 
 
 @torch.no_grad()
@@ -200,7 +191,7 @@ def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, 
         groups.append(list(range(len(watched), len(watched) + len(mods))))
         watched += mods
     before, seen = _peaks(model, latents, watched)
-    _, peaks_before = _decode_watched(model, latents)
+    _, peaks_before = decode_watched(model, latents)
     n_conv1 = 0
     for r, peak in zip(resnets, seen[:len(resnets)]):
         if math.isfinite(peak) and peak > target:
@@ -231,7 +222,7 @@ def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, 
             _scale_(m.conv2, s, s)
         elif kind == "attention":
             _scale_(_attention_out(m), s, s)
-    after, peaks_after = _decode_watched(model, latents)
+    after, peaks_after = decode_watched(model, latents)
     change = float((after - before).abs().max())
     exact = bool(math.isfinite(change) and change <= tolerance * max(1.0, float(before.abs().max())))
     if not exact:
@@ -326,14 +317,14 @@ def fp16_figures(model: torch.nn.Module, latents: torch.Tensor, base_decoded: to
     _, peaks, nonfinite, shown = decode_in(model, latents, torch.float16)
     peak = max(peaks.values(), default=0.0)
     return {"fp16_peak": peak, "fp16_nonfinite": nonfinite,
-            "fp16_psnr": _psnr(shown, base_decoded.to(latents.device).float().clamp(-1, 1)),
+            "fp16_psnr": psnr(shown, base_decoded.to(latents.device).float().clamp(-1, 1)),
             "fp16_limit": peak / FP16_MAX}
 
 
 @torch.no_grad()
 def base_decode(model: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """The fp32 decode of ``latents`` that fp16_figures compares with, clamped to [-1, 1]."""
-    return family_of_model(model).raw_decode(_as_dtype(model, torch.float32).to(latents.device),
+    return family_of(model).raw_decode(as_dtype(model, torch.float32).to(latents.device),
                                             latents.float()).float().clamp(-1, 1)
 
 
@@ -389,12 +380,9 @@ class FP16Fix:
         else changes it: the base's fp16 figures on ``sample``'s latents (cropped as the export's probe is),
         the teacher (target 'base'), the exact rescaling to act_threshold / RESCALE_MARGIN (not on resume: the
         checkpoint's weights replace it; on ``sample``'s latents, or standard-normal ones without)."""
-        from .probe import encode_latents, probe_patches
-        from .vae import latent_channels
-
         if not (cfg.target == "base" or cfg.act_weight > 0 or cfg.stop_when_safe or cfg.exact_rescale):
             return None
-        fix, family = cls(cfg), family_of_model(model)
+        fix, family = cls(cfg), family_of(model)
 
         def copy_of_base():
             m = copy.deepcopy(base).to(device).eval().requires_grad_(False)
@@ -440,7 +428,6 @@ class FP16Fix:
         """fp16_peak, fp16_nonfinite, fp16_psnr of the held-out latents (:func:`fp16_figures`) with the
         trained ``params`` ({name: tensor}) as they are now (the base's figures at step 0); with the encoder
         training, latent_drift too: the RMS change of the held-out patches' latents over their std."""
-        from .probe import encode_latents, latent_drift
 
         full = self.cfg.trainable == "full"
         if step == 0:

@@ -13,13 +13,13 @@ import re
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .families import family_named
-from .files import json_safe
+from .files import json_safe, last_component
 from .options import to_metadata
 from .vae import latent_channels
 
 if TYPE_CHECKING:
-    from .trained import Trained
+    from .trained import Trained  # for annotations only
+
 
 def build_metadata(trained: Trained, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The ``vaeft.*`` metadata of what was trained, from what and how (the export adds what it
@@ -34,7 +34,7 @@ def build_metadata(trained: Trained, extra: dict[str, str] | None = None) -> dic
         "vaeft.weights": trained.weights,
         "vaeft.base_sha256": trained.layout.base_sha256,
         "vaeft.base_name": last_component(trained.layout.base_name),
-        "vaeft.vae_family": trained.layout.family,
+        "vaeft.vae_family": trained.layout.family.name,
         "vaeft.latent_channels": str(latent_channels(trained.model)),
         "vaeft.train_seconds": f"{trained.seconds:.1f}",
         **to_metadata(cfg, "vaeft.config"),
@@ -83,18 +83,13 @@ def export_metadata(trained: Trained, report, extra: dict[str, str] | None = Non
         meta["vaeft.latents_mean"] = json.dumps(sc["latents_mean"])
         meta["vaeft.latents_std"] = json.dumps(sc["latents_std"])
     meta["vaeft.scaling_source"] = sc["source"]
-    meta.update(family_named(trained.layout.family).extra_metadata)
+    meta.update(trained.layout.family.extra_metadata)
     return {k: private_value(v) for k, v in meta.items()}
 
 
 # Absolute paths as they appear in text: POSIX (/a/b), home (~/a), Windows (C:\a, C:/a) and UNC (\\host\a),
 # each starting a value or following a space, quote, bracket, '=', ':' or ','.
 _ABS_PATH = re.compile(r"""(?:^|(?<=[\s'"(\[=:,]))(?:/|~[\\/]|[A-Za-z]:[\\/]|\\\\)[^\s'"()\[\],;]+""")
-
-
-def last_component(path: str) -> str:
-    parts = [p for p in re.split(r"[\\/]+", path) if p and not re.fullmatch(r"[A-Za-z]:", p)]
-    return parts[-1] if parts else ""
 
 
 def strip_paths(text: str) -> str:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .device import model_place, pick_device
 from .errors import VAEFTError
 from .imageio import signed_to_unit
+from .losses import load_lpips
 from .vae import latent_channels, reconstruct
 
 PSNR_MAX_DB = 100.0  # PSNR of identical images (MSE floor 1e-10) instead of +inf
@@ -71,7 +72,7 @@ def ssim(recon: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     out, which is what scikit-image's ``structural_similarity(gaussian_weights=True,
     use_sample_covariance=False)`` does), via ``kornia.metrics.ssim``.
     """
-    import kornia
+    import kornia  # lazy: kornia takes a second to import, and only some metrics use it
 
     _check_pair(recon, original)
     if min(recon.shape[-2:]) < SSIM_WINDOW:
@@ -99,7 +100,7 @@ def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
 
     L in [0, 100], a and b roughly in [-128, 127]. Computed in float64 (float32 on MPS).
     """
-    import kornia
+    import kornia  # lazy: kornia takes a second to import, and only some metrics use it
 
     return kornia.color.rgb_to_lab(signed_to_unit(x.to(_colour_dtype(x))))
 
@@ -214,8 +215,6 @@ def try_load_lpips(net: str = "alex", backbone_path: str | None = None, random_b
     The availability dict is ``{"available": True, "net": net}`` or
     ``{"available": False, "net": net, "reason": message saying where to put the weights}``.
     """
-    from .losses import load_lpips
-
     try:
         model = load_lpips(net, backbone_path, random_backbone=random_backbone)
     except VAEFTError as e:
@@ -264,7 +263,7 @@ def load_inception(path: str | None = None) -> tuple[torch.nn.Module | None, dic
             f"rFID needs Inception v3 weights ({' or '.join(INCEPTION_FILES)}), which are not on this machine "
             f"and are never downloaded here. Put one in {where!r} or pass --inception PATH.")}
     try:
-        from torchvision.models import inception_v3
+        from torchvision.models import inception_v3  # only for rFID, which runs only when its weights are here
 
         sd = torch.load(found, map_location="cpu", weights_only=True)
         sd = {k: v for k, v in sd.items() if not k.startswith(("fc.", "AuxLogits."))}
@@ -300,7 +299,7 @@ def frechet_distance(feats1: torch.Tensor, feats2: torch.Tensor) -> float:
     computed with the same N.
     """
     import numpy as np
-    from scipy import linalg
+    from scipy import linalg  # only for rFID (scipy comes with scikit-image, not with the pack's requirements)
 
     f1, f2 = feats1.double().cpu().numpy(), feats2.double().cpu().numpy()
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:

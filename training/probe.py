@@ -15,16 +15,11 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
+from .data import preview_patches
 from .errors import VAEFTError
-from .families import family_named, family_of_model
-from .families.klf8 import LATENT_FAMILIES
-
-if TYPE_CHECKING:
-    from .trained import Trained
+from .families import LATENT_CHOICES, family_of
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -75,39 +70,45 @@ def stats_patches(patches: torch.Tensor, device: torch.device | str) -> torch.Te
     return centre_crop(patches, *((4, 128) if torch.device(device).type == "cpu" else (16, 1 << 30)))
 
 
-def _as_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def as_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``model`` in ``dtype``, in eval mode (the model itself is left as it is)."""
     m = copy.deepcopy(model)
     torch.nn.Module.to(m, dtype)  # (diffusers' ModelMixin.to would warn about fp32 modules it has none of)
     return m.eval()
 
 
 @torch.no_grad()
-def _decode_watched(model: torch.nn.Module, latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """(decoded images in fp32, largest |output| of any layer per decoder block; inf where one overflowed).
-    The layers are the leaves and the modules made of them (a residual block's output is the stream's sum,
-    which none of its leaves shows)."""
-    peaks: dict[str, float] = {}
+def decode_with_peaks(model: torch.nn.Module, latents: torch.Tensor, watched: list[tuple[object, torch.nn.Module]]
+                      ) -> tuple[torch.Tensor, dict[object, float]]:
+    """(the family's raw decode of ``latents`` in fp32, {key: largest |output| of the modules watched under
+    that key}; inf where one overflowed). ``watched``: (key, module) pairs, several modules may share a key."""
+    peaks: dict[object, float] = {}
     hooks = []
 
-    def watch(block):
+    def watch(key):
         def hook(_module, _inputs, out):
             if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
                 peak = float(out.detach().abs().amax())
-                peaks[block] = max(peaks.get(block, 0.0), float("inf") if peak != peak else peak)  # NaN: overflowed
+                peaks[key] = max(peaks.get(key, 0.0), float("inf") if peak != peak else peak)  # NaN: overflowed
         return hook
 
-    family = family_of_model(model)
-    block_of = family.decoder_block
-    for name, module in model.named_modules():
-        block = block_of(name)
-        if block is not None:
-            hooks.append(module.register_forward_hook(watch(block)))
+    for key, module in watched:
+        hooks.append(module.register_forward_hook(watch(key)))
     try:
-        out = family.raw_decode(model, latents).float()
+        out = family_of(model).raw_decode(model, latents).float()
     finally:
         for h in hooks:
             h.remove()
     return out, peaks
+
+
+def decode_watched(model: torch.nn.Module, latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """(decoded images in fp32, largest |output| of any layer per decoder block; inf where one overflowed).
+    The layers are the leaves and the modules made of them (a residual block's output is the stream's sum,
+    which none of its leaves shows)."""
+    block_of = family_of(model).decoder_block
+    return decode_with_peaks(model, latents, [(block_of(n), m) for n, m in model.named_modules()
+                                              if block_of(n) is not None])
 
 
 @torch.no_grad()
@@ -130,7 +131,7 @@ def half_precision_report(model: torch.nn.Module, latents: torch.Tensor, device:
     """
     device = torch.device(device)
     z = latents.to(device, torch.float32)
-    ref, _ = _decode_watched(_as_dtype(model, torch.float32).to(device), z)
+    ref, _ = decode_watched(as_dtype(model, torch.float32).to(device), z)
     out = {"pixels": int(ref.shape[0] * ref.shape[2] * ref.shape[3]), "fp32_decoded": ref.clamp(-1, 1).cpu()}
     target = (ref if reference is None else reference.to(device, torch.float32)).clamp(-1, 1)
     for name, dtype in HALF.items():
@@ -141,7 +142,7 @@ def half_precision_report(model: torch.nn.Module, latents: torch.Tensor, device:
         fig = {"nonfinite_pixels": nonfinite, "saturated_pixels": saturated,
                "max_abs_error": float(err.max()) if err.numel() else float("inf"),
                "max_activation": peaks, "safe": nonfinite == 0 and saturated == 0,
-               "psnr": _psnr(shown, ref.clamp(-1, 1)), "psnr_vs_base": _psnr(shown, target)}
+               "psnr": psnr(shown, ref.clamp(-1, 1)), "psnr_vs_base": psnr(shown, target)}
         if name == "fp16":
             fig["limit_used"] = max(peaks.values(), default=0.0) / FP16_MAX
         out[name] = fig
@@ -154,12 +155,12 @@ def decode_in(model: torch.nn.Module, latents: torch.Tensor, dtype: torch.dtype
     """``model``'s decoder run in ``dtype`` on ``latents`` (on their device), as a tool that casts the VAE
     does: (the images in fp32, the largest activation per decoder block, pixels with NaN/inf in any channel,
     the images as a viewer shows them: NaN/inf as black, clamped to [-1, 1])."""
-    img, peaks = _decode_watched(_as_dtype(model, dtype).to(latents.device), latents.to(dtype))
+    img, peaks = decode_watched(as_dtype(model, dtype).to(latents.device), latents.to(dtype))
     nonfinite = int((~torch.isfinite(img)).any(1).sum())
     return img, peaks, nonfinite, torch.nan_to_num(img, nan=-1.0, posinf=1.0, neginf=-1.0).clamp(-1, 1)
 
 
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """dB between two [-1, 1] images as [0, 1] ones (100 when equal)."""
     mse = float(((a.float() - b.float()) / 2).square().mean())
     return 10 * math.log10(1.0 / mse) if mse > 0 else 100.0
@@ -168,7 +169,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def encode_latents(model: torch.nn.Module, patches: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """The encoder's posterior means of ``patches`` (n, 3, P, P) in [-1, 1], in fp32, on the CPU."""
-    m = _as_dtype(model, torch.float32).to(device)
+    m = as_dtype(model, torch.float32).to(device)
     return m.encode(patches.to(device, torch.float32)).latent_dist.mode().cpu()
 
 
@@ -180,7 +181,7 @@ def latent_statistics(model: torch.nn.Module, patches: torch.Tensor, device: tor
     Returns {"mean", "std", "patches", "values"}, and with ``per_channel`` "channel_mean" and
     "channel_std" (lists, one value per latent channel)."""
     device = torch.device(device)
-    m = _as_dtype(model, torch.float32).to(device)
+    m = as_dtype(model, torch.float32).to(device)
     gen = torch.Generator(device).manual_seed(seed)
     zs = [m.encode(chunk.to(device, torch.float32)).latent_dist.sample(gen).float().cpu() for chunk in patches.split(4)]
     z = torch.cat(zs)
@@ -201,8 +202,6 @@ def make_probe(base, data, *, seed: int = 0, device: torch.device | str = "cpu",
     if isinstance(data, torch.Tensor):
         patches, held_out, train = data[:count], False, data[:train_count]
     else:
-        from .data import preview_patches
-
         patches, held_out = preview_patches(data, count, seed=seed), bool(data.summary().get("val_images"))
         train = next(iter(data.train_batches(train_count, start_batch=0, num_workers=0)))
     # cropped for ``device`` once, here: the export decodes exactly these, so its figures compare with the base's
@@ -308,16 +307,16 @@ def half_precision_check(vaes: dict[str, torch.nn.Module], patches: torch.Tensor
     return out
 
 
-# The latent families a kl-f8 VAE can belong to (--family, the Save node's family), or auto.
-FAMILY_CHOICES = ("auto",) + tuple(LATENT_FAMILIES)
+# The latent families a user may name (--family, the Save node's family), or auto: read off the families.
+FAMILY_CHOICES = LATENT_CHOICES
 
 
-def latent_scaling(trained: Trained, model: torch.nn.Module, probe: ExportProbe | None,
+def latent_scaling(trained, model: torch.nn.Module, probe: ExportProbe | None,
                    family: str = "auto", device: torch.device | str = "cpu") -> dict:
     """How the exported VAE's latents are scaled for a diffusion model, as its VAE family says (see
-    ``Family.latents``): {"family", "why", "source"} and either "scaling_factor" / "shift_factor"
-    (kl-f8) or per-channel "latents_mean" / "latents_std" (Wan 2.1). ``family``: a kl-f8 latent family
-    (FAMILY_CHOICES) or "auto"."""
+    ``Family.latents``) for ``trained`` (a :class:`training.trained.Trained`): {"family", "why", "source"}
+    and either "scaling_factor" / "shift_factor" (kl-f8) or per-channel "latents_mean" / "latents_std"
+    (Wan 2.1, Flux.2). ``family``: a latent family the VAE's family knows (FAMILY_CHOICES) or "auto"."""
     if family not in FAMILY_CHOICES:
         raise VAEFTError(f"family must be one of {', '.join(FAMILY_CHOICES)}; got {family!r}")
-    return family_named(trained.layout.family).latents(trained, model, probe, family, device)
+    return trained.layout.family.latents(trained, model, probe, family, device, measure=latent_statistics)

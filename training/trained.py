@@ -49,4 +49,4 @@ class Trained:
 
     def __repr__(self) -> str:  # short: ComfyUI shows node inputs in error reports
         return (f"Trained(steps_done={self.steps_done}, base={self.layout.base_name!r}, "
-                f"family={self.layout.family}, weights={self.weights})")
+                f"family={self.layout.family.name}, weights={self.weights})")

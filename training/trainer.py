@@ -36,7 +36,7 @@ from .losses import (PatchDiscriminator, ReconstructionLoss, adaptive_gan_weight
 from .loop_state import LoopState
 from .memory import is_out_of_memory, memory_kind, out_of_memory_named
 from .metrics import validation_scores
-from .families import family_of_model, trained
+from .families import Family, trained
 from .vae import (LoadedVAE, Reconstruct, frozen_sha256, image_channels, latent_channels, reconstruct,
                   trainable_shapes, trained_sha256)
 
@@ -300,7 +300,8 @@ class _Run:
 
     cfg: TrainConfig
     device: torch.device
-    model: torch.nn.Module            # the AutoencoderKL being trained
+    model: torch.nn.Module            # the family's module being trained
+    family: Family                    # its VAE family
     module: torch.nn.Module           # Reconstruct around it (DDP-wrapped / compiled as asked)
     loss_fn: ReconstructionLoss
     autocast: torch.autocast
@@ -330,7 +331,7 @@ def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distri
     """A private fp32 copy of the model set up for training (trainable set, precision, fused norms,
     memory layout, DDP, compile) with its loss, optimizers, EMA, and the fp16-fix parts (``sample``: patches)."""
     model = copy.deepcopy(vae.model).to(device)  # build_vae made it fp32: the master weights
-    family = family_of_model(model)
+    family = vae.family
     params = {name: p for name, p in model.named_parameters()
               if p.requires_grad_(trained(name, cfg.trainable, family)).requires_grad}
     family.check_config(cfg)  # (the session checked it before writing anything; fine_tune's own callers too)
@@ -364,12 +365,10 @@ def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distri
     module: torch.nn.Module = Reconstruct(model, cfg.trainable == "full", cfg.posterior == "sample",
                                            torch.channels_last if channels_last else torch.contiguous_format)
     if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        module = DDP(module, device_ids=[device.index] if on_cuda else None)
+        module = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if on_cuda else None)
     if cfg.compile:
         module = torch.compile(module)
-    s = _Run(cfg, device, model, module, ReconstructionLoss(cfg.mse_weight, cfg.l1_weight, cfg.lpips_weight,
+    s = _Run(cfg, device, model, family, module, ReconstructionLoss(cfg.mse_weight, cfg.l1_weight, cfg.lpips_weight,
                                                              lpips_net),
               autocast, dist, channels_last, augment, callbacks=callbacks, params=params, lpips_net=lpips_net,
               amp=amp, amp_why=amp_why, fused=fused, restore_modules=restore_modules)
@@ -459,7 +458,7 @@ def _accumulate(s: _Run, x_all: torch.Tensor, keys: torch.Tensor | None, *, step
         with sync() if (sync is not None and i < len(chunks) - 1) else contextlib.nullcontext():
             noise = None
             if gen is not None:
-                down = family_of_model(s.model).downsampling(s.model)
+                down = s.family.downsampling(s.model)
                 shape = (x.shape[0], latent_channels(s.model), x.shape[2] // down, x.shape[3] // down)
                 noise = torch.randn(shape, generator=gen, device=device)
             cached = cache.get(key_chunks[i]) if cache is not None else None
@@ -490,7 +489,7 @@ def _accumulate(s: _Run, x_all: torch.Tensor, keys: torch.Tensor | None, *, step
                 if gan_on:
                     s.disc.requires_grad_(False)
                     g_loss = -s.disc(recon).float().mean()
-                    w = adaptive_gan_weight(rec_loss, g_loss, family_of_model(s.model).last_layer(s.model),
+                    w = adaptive_gan_weight(rec_loss, g_loss, s.family.last_layer(s.model),
                                             cfg.gan_weight)
                     parts["g_loss"], parts["gan_w"] = g_loss.detach(), w
                     loss = loss + w * g_loss

@@ -9,9 +9,11 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load_file
 
 from .errors import VAEFTError
-from .families import family_of_model, recognise, trained
+from .families import Family, family_of, has_family, recognise, trained
+from .files import describe_path
 from .tensors import nonfinite, sha256
 
 
@@ -25,7 +27,7 @@ class FileLayout:
     base's dtype and prove the untrained ones bit-identical to the file.
     """
 
-    family: str
+    family: Family                           # the base file's family (its .name is what files record)
     shapes: dict[str, tuple[int, ...]]
     module_keys: dict[str, str]              # file key -> module (state dict) key
     base_sha256: str = ""
@@ -42,6 +44,10 @@ class FileLayout:
 class LoadedVAE:
     model: "torch.nn.Module"  # the family's module (a diffusers autoencoder), fp32, eval mode, frozen
     layout: FileLayout
+
+    @property
+    def family(self) -> Family:
+        return self.layout.family
 
 
 def build_vae(sd: dict[str, torch.Tensor], source: str = "state dict", base_sha256: str | None = None
@@ -71,9 +77,9 @@ def build_vae(sd: dict[str, torch.Tensor], source: str = "state dict", base_sha2
                            for fk, v in file_sd.items()},
                           strict=True, assign=True)
     model.eval().requires_grad_(False)
-    model.vaeft_family = family.name
+    model.vaeft_family = family  # the one lookup: everything that holds the model asks it (families.family_of)
     layout = FileLayout(
-        family=family.name,
+        family=family,
         shapes={k: tuple(v.shape) for k, v in file_sd.items()},
         module_keys=dict(keys),
         base_sha256=base_sha256 or sha256(file_sd),
@@ -113,35 +119,31 @@ def model_to_file(model: "torch.nn.Module", layout: FileLayout) -> dict[str, tor
 
 
 def latent_channels(model: torch.nn.Module) -> int | None:
-    """Latent channels of a family's module (None for anything else)."""
-    cfg = getattr(model, "config", None) or {}
-    for key in ("latent_channels", "z_dim"):
-        if key in cfg:
-            return int(cfg[key])
-    return None
+    """Latent channels of a family's module (built by :func:`build_vae`); None for a model that is no VAE
+    family's (an evaluation's identity baseline, which has no latents)."""
+    return family_of(model).latent_channels(model) if has_family(model) else None
 
 
 def image_channels(model: torch.nn.Module) -> int:
-    """Channels of the images a family's module takes (3 unless its config says otherwise)."""
-    cfg = getattr(model, "config", None) or {}
-    return int(cfg.get("in_channels", cfg.get("input_channels", 3)))
+    """Channels of the images a family's module takes (built by :func:`build_vae`)."""
+    return family_of(model).image_channels(model)
 
 
 def frozen_sha256(model: torch.nn.Module, trainable: str) -> str:
     """Digest of every parameter and buffer of ``model`` that mode ``trainable`` does not train."""
-    family = family_of_model(model)
+    family = family_of(model)
     return sha256({k: v for k, v in model.state_dict().items() if not trained(k, trainable, family)})
 
 
 def trainable_shapes(model: torch.nn.Module, trainable: str) -> dict[str, tuple[int, ...]]:
     """{name: shape} of the parameters mode ``trainable`` trains (what a checkpoint must hold)."""
-    family = family_of_model(model)
+    family = family_of(model)
     return {k: tuple(p.shape) for k, p in model.named_parameters() if trained(k, trainable, family)}
 
 
 def trained_sha256(model: torch.nn.Module, trainable: str) -> str:
     """Digest of the tensors of ``model`` that mode ``trainable`` trains."""
-    family = family_of_model(model)
+    family = family_of(model)
     return sha256({k: v for k, v in model.state_dict().items() if trained(k, trainable, family)})
 
 
@@ -159,15 +161,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors / .ckpt / .pt / .bin file, with a clear error otherwise."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        from .files import describe_path
-
         what = describe_path(path)  # stat only: a FIFO or device is never opened
         if what is None:
             raise VAEFTError(f"VAE file {path!r} does not exist")
         raise VAEFTError(f"VAE file {path!r} is {what}, not a regular file; give the .safetensors (or .ckpt) file")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
             return load_file(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except VAEFTError:

@@ -1,6 +1,9 @@
-"""VAE families behind one seam: what the rest of the library asks of a VAE, answered once per family.
+"""The registry of VAE families: which families this version trains, how a file is recognised as one of
+them, and every user-facing list of them (help texts, node descriptions, refusals), read off here so that
+a family added to :data:`FAMILIES` appears everywhere at once.
 
-A family is data and small functions (:class:`Family`), one module per family:
+The floors below it: :mod:`.base` (the :class:`Family` type), :mod:`.ldm` (the ldm/diffusers key grammar
+kl-f8 and Flux.2 share), one module per family:
 
 - :mod:`training.families.klf8`: the kl-f8 ``AutoencoderKL`` (SD1.x/2.x/SDXL with 4 latent channels,
   SD3 and Flux.1 with 16), files in the ldm (CompVis) layout or diffusers';
@@ -9,113 +12,73 @@ A family is data and small functions (:class:`Family`), one module per family:
 - :mod:`training.families.wan`: the Wan 2.1 VAE that Qwen-Image and Wan 2.1/2.2-14B use (16 latent
   channels, causal 3D convolutions, RMSNorm), files in the original (ComfyUI) layout or diffusers'.
 
-Every family's model is a diffusers module with the same image interface: ``encode(x)`` of BCHW
-images in [-1, 1] gives ``.latent_dist`` (``mean``, ``logvar``, ``mode()``, ``sample(g)``) of BCHW
-latents, ``decode(z)`` gives ``.sample`` (BCHW), and its parameters are named ``encoder.*``,
-``quant_conv.*``, ``decoder.*``, ``post_quant_conv.*``, so which tensors train is decided on those
-names for every family. What differs is here: how a file is recognised and read, how its keys map
-to the module's and back, what images cannot train, and how the latents are described.
+A loaded VAE carries its :class:`Family` (``LoadedVAE.family``, ``family_of(model)``): nothing outside
+this package looks a family up by name.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..errors import VAEFTError
+from . import flux2, klf8, wan
+from .base import TRAINABLE_PREFIXES, Family, family_of, has_family, trained
 
-# Module-name prefixes trained in each mode (shared by every family's module).
-TRAINABLE_PREFIXES = {
-    "decoder": ("decoder.", "post_quant_conv."),
-    "full": ("encoder.", "quant_conv.", "decoder.", "post_quant_conv."),
-}
+__all__ = ["FAMILIES", "Family", "LATENT_CHOICES", "TRAINABLE_PREFIXES", "family_named", "family_of",
+           "diffusers_text", "files_text", "has_family", "labels_text", "latent_choices_text", "models_text", "recognise",
+           "trained"]
 
+# Every family this version trains, the most specific recogniser first (kl-f8's takes any encoder/decoder
+# tensors and then says precisely what is missing).
+FAMILIES: tuple[Family, ...] = (wan.FAMILY, flux2.FAMILY, klf8.FAMILY)
 
-@dataclass(frozen=True)
-class Family:
-    """One VAE family. ``name`` is recorded in checkpoints and exports; the functions take and return
-    plain dicts of tensors (a file's, in its own layout) and modules."""
+# In messages and help texts the families are listed oldest first.
+_LISTED: tuple[Family, ...] = tuple(reversed(FAMILIES))
 
-    name: str                 # "kl-f8", "wan2.1"
-    label: str                # what it is, for messages: "kl-f8 VAE (AutoencoderKL: SD1.x/2.x/SDXL, SD3, Flux.1)"
-    files: str                # the files users have for it, for messages
-    probes: tuple[str, ...]   # keys that mark a (prefix-free) state dict as this family's, in each layout it reads
-    recognise: Callable[[dict], bool]                       # are these (prefix-free) tensors this family's?
-    file_layout: Callable[[dict, str], tuple[dict, list[str]]]  # any layout it reads -> its file layout, dropped keys
-    check: Callable[[dict, str], None]                      # refuse a damaged or mixed file, naming it
-    build: Callable[[dict], tuple[torch.nn.Module, dict[str, str]]]  # file tensors -> model, file key -> module key
-    decoder_block: Callable[[str], str | None]              # the decoder block of a module name (fp16 report)
-    downsampling: Callable[[torch.nn.Module], int]          # pixels per latent, each side
-    # how the exported latents are scaled for a diffusion model: (trained, exported model, export probe,
-    # the user's latent-family choice or "auto", device) -> {"family", "why", "source", ...}
-    latents: Callable[..., dict]
-    # the diffusers model (meta device) that file tensors and the latents' scaling make: the export's folder
-    diffusers_model: Callable[[dict, dict, str], torch.nn.Module]
-    # file keys of tensors written in another form than the base stores them (kl-f8: attention matrices
-    # as the 1x1 convolutions stock loaders take), from the base's {file key: shape}
-    conv_form: Callable[[dict], list[str]] = lambda shapes: []
-    # module-name patterns of tensors still images cannot train (no gradient reaches them at one frame)
-    image_frozen: tuple[str, ...] = field(default_factory=tuple)
-    fused_norms: bool = False  # its GroupNorms can run as the fused Triton kernels (training.fused_blocks)
-    # the decoder's last weight (LDM's adaptive GAN weight): diffusers' name in every family's module
-    last_layer: Callable[[torch.nn.Module], torch.Tensor] = lambda model: model.decoder.conv_out.weight
-    # file keys whose base tensor may differ from the module's only by trailing 1s (kl-f8: attention weights
-    # stored as (C, C) matrices or (C, C, 1, 1) convolutions)
-    reshapable: Callable[[str], bool] = lambda key: False
-    # refuse a TrainConfig the family cannot train with, naming the setting (checked before any file is written)
-    check_config: Callable[[object], None] = lambda cfg: None
-    # the training copy's set-up from the (checked) TrainConfig (the Wan family: its 2D or 3D path)
-    set_up: Callable[[torch.nn.Module, object], None] = lambda model, cfg: None
-    # the decoder's output before anything clamps it (the export's fp16/bf16 check watches it)
-    raw_decode: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = lambda model, z: model.decode(z).sample
-    # what the untrained tensors are, in the family's words, for mode 'decoder' / 'full' (the export report)
-    frozen_what: Callable[[str], str] = lambda trainable: "encoder, quant_conv"
-    extra_metadata: dict = field(default_factory=dict)  # vaeft.* facts every export of the family records
-    # file-key prefixes written in the base's dtype whatever the export dtype (Flux.2's latent statistics)
-    keep_dtype: tuple[str, ...] = field(default_factory=tuple)
+# The latent families a user may name for an export's scaling (--family, the Save node), or auto.
+LATENT_CHOICES: tuple[str, ...] = ("auto",) + tuple(c for f in _LISTED for c in f.latent_choices)
 
 
-def decoder_block_of(name: str, activation: str, norm_out: str) -> str | None:
-    """The decoder block of a module name in the diffusers layout every family's module has:
-    'post_quant_conv', 'conv_in', 'mid_block', 'up_blocks.N', ``norm_out`` (with the ``activation`` module
-    that follows it) or 'conv_out'; None outside the decoder (the fp16/bf16 report's grouping)."""
-    parts = name.split(".")
-    if parts[0] == "post_quant_conv":
-        return "post_quant_conv"
-    if parts[0] != "decoder" or len(parts) < 2:
-        return None
-    if parts[1] == activation:  # the SiLU between the last norm and conv_out
-        return norm_out
-    return ".".join(parts[1:3]) if parts[1] == "up_blocks" and len(parts) > 2 else parts[1]
+def _joined(items: list[str], last: str = "and") -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" {last} " + items[-1]
 
 
-def trained(name: str, trainable: str, family: Family) -> bool:
-    """Whether module tensor ``name`` trains in mode ``trainable`` ('decoder' or 'full')."""
-    return name.startswith(TRAINABLE_PREFIXES[trainable]) and not any(re.search(p, name) for p in family.image_frozen)
+def labels_text(last: str = "and") -> str:
+    """'kl-f8 VAE (...), Flux.2 VAE (...) and Wan 2.1 VAE (...)': every family this version trains."""
+    return _joined([f.label for f in _LISTED], last)
 
 
-def _families() -> list[Family]:
-    """Every family this version trains, the most specific recogniser first (kl-f8's takes any
-    encoder/decoder tensors and then says precisely what is missing)."""
-    from . import flux2, klf8, wan
+def models_text() -> str:
+    """'SD1.x/2.x/SDXL, SD3, Flux.1; FLUX.2 [dev], [klein]; Qwen-Image, Wan 2.1': the models whose VAEs it trains."""
+    return "; ".join(f.models for f in _LISTED)
 
-    return [wan.FAMILY, flux2.FAMILY, klf8.FAMILY]
+
+def diffusers_text() -> str:
+    """'AutoencoderKL for a kl-f8 VAE, ...': the diffusers class of each family's exported folder."""
+    return _joined([f"{f.diffusers_classes} for a {f.short} VAE" for f in _LISTED])
+
+
+def latent_choices_text() -> str:
+    """What the latent-family choice means per family, for help texts."""
+    named = [f for f in _LISTED if f.latent_choices]
+    others = [f.short for f in _LISTED if not f.latent_choices]
+    return ("; ".join(f"{f.short} VAEs: {', '.join(f.latent_choices)}" for f in named)
+            + (f"; {_joined(others, 'and')} VAEs: auto (their own statistics)" if others else ""))
+
+
+def files_text() -> str:
+    """The files users have for every family, for messages: '...; ...; ...'."""
+    return "; ".join(f.files for f in _LISTED)
 
 
 def family_named(name: str) -> Family:
-    for f in _families():
+    """The family recorded as ``name`` (a checkpoint's, an export's ``vaeft.vae_family``)."""
+    for f in FAMILIES:
         if f.name == name:
             return f
-    raise VAEFTError(f"unknown VAE family {name!r}; this version trains {', '.join(f.name for f in _families())}")
-
-
-def family_of_model(model: torch.nn.Module) -> Family:
-    """The family a model built by :func:`recognise`'s family belongs to (its ``vaeft_family``)."""
-    name = getattr(model, "vaeft_family", None)
-    return family_named(name) if name else family_named("kl-f8")
+    raise VAEFTError(f"unknown VAE family {name!r}; this version trains {', '.join(f.name for f in _LISTED)}")
 
 
 # Families the pack recognises but does not train, by a key or shape that marks them: refused by name.
@@ -145,20 +108,19 @@ def recognise(sd: dict, source: str) -> tuple[Family, dict, list[str]]:
     for anything that is not a VAE."""
     if not isinstance(sd, dict) or not sd:
         raise VAEFTError(f"{source} holds no tensors; expected a VAE state dict")
-    families = _families()
     tensors = sd
-    probes = {k for f in families for k in f.probes}
+    probes = {k for f in FAMILIES for k in f.probes}
     for prefix in ("first_stage_model.", "vae."):  # a full checkpoint: its VAE part only
         if not probes & set(tensors) and any(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     for what, marks in _NOT_TRAINED:
         if marks(tensors):
             raise VAEFTError(f"{source} is {what}, which this version does not train. It trains the "
-                             + " and the ".join(f"{f.label} ({f.files})" for f in reversed(families)))
-    for family in families:
+                             + " and the ".join(f"{f.label} ({f.files})" for f in _LISTED))
+    for family in FAMILIES:
         if family.recognise(tensors):
             file_sd, dropped = family.file_layout(tensors, source)
             return family, file_sd, dropped
-    raise VAEFTError(f"{source} is not a " + " or a ".join(f.label for f in reversed(families))
+    raise VAEFTError(f"{source} is not a " + " or a ".join(f.label for f in _LISTED)
                      + ", the VAE families this version trains. Pass a VAE file ("
-                     + "; ".join(f.files for f in reversed(families)) + ") or a checkpoint that contains one.")
+                     + files_text() + ") or a checkpoint that contains one.")

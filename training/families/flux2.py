@@ -22,8 +22,8 @@ import re
 import torch
 
 from ..errors import VAEFTError
-from . import Family
-from . import klf8
+from . import ldm
+from .base import Family, conv_io
 
 # BFL keeps the quant convolutions inside the encoder and decoder; diffusers at the top, as kl-f8 does.
 _QUANT = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
@@ -47,7 +47,7 @@ def to_diffusers_key(key: str, encoder_levels: int, decoder_levels: int) -> str:
             return diff + key[len(bfl):]
     if key in _BN:
         return key
-    return klf8.ldm_to_diffusers_key(key, decoder_levels if key.startswith("decoder.") else encoder_levels)
+    return ldm.ldm_to_diffusers_key(key, decoder_levels if key.startswith("decoder.") else encoder_levels)
 
 
 def to_bfl_key(key: str, encoder_levels: int, decoder_levels: int) -> str:
@@ -57,8 +57,8 @@ def to_bfl_key(key: str, encoder_levels: int, decoder_levels: int) -> str:
             return bfl + key[len(diff):]
     if key in _BN:
         return key
-    key = klf8._normalise_diffusers_key(key)
-    bfl = klf8.diffusers_to_ldm_key(key, decoder_levels if key.startswith("decoder.") else encoder_levels)
+    key = ldm.normalise_diffusers_key(key)
+    bfl = ldm.diffusers_to_ldm_key(key, decoder_levels if key.startswith("decoder.") else encoder_levels)
     if to_diffusers_key(bfl, encoder_levels, decoder_levels) != key:
         raise VAEFTError(f"state dict key {key!r} is not part of a Flux.2 VAE")
     return bfl
@@ -73,12 +73,12 @@ def recognise(sd: dict) -> bool:
 
 def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tuple[dict[str, torch.Tensor], list[str]]:
     """Tensors in BFL's layout from either layout (attention as the 1x1 convolutions BFL stores)."""
-    if klf8.DIFFUSERS_PROBE in sd:
+    if ldm.DIFFUSERS_PROBE in sd:
         enc, dec = _diffusers_levels(sd, "encoder"), _diffusers_levels(sd, "decoder")
         out = {}
         for k, v in sd.items():
             bk = to_bfl_key(k, enc, dec)
-            out[bk] = v[:, :, None, None] if klf8.is_attention_weight(bk) and v.ndim == 2 else v
+            out[bk] = v[:, :, None, None] if ldm.is_attention_weight(bk) and v.ndim == 2 else v
         sd = out
     else:  # ComfyUI's layout: BFL's keys with the quant convolutions at the top
         sd = {next((b + k[len(d):] for b, d in _QUANT.items() if k.startswith(d)), k): v for k, v in sd.items()}
@@ -117,12 +117,12 @@ def config_from_file(sd: dict[str, torch.Tensor]) -> dict:
 
 def check(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Refuse halves of different VAEs and decoders this module cannot rebuild, naming what does not fit."""
-    def io(name: str) -> tuple[int, int]:
-        v = sd[f"{name}.weight"]
-        return int(v.shape[1]), int(v.shape[0])
-
-    enc, quant, post, dec = io("encoder.conv_out"), io("encoder.quant_conv"), io("decoder.post_quant_conv"), \
-        io("decoder.conv_in")
+    enc, quant, post, dec = (conv_io(sd, n) for n in ("encoder.conv_out", "encoder.quant_conv",
+                                                        "decoder.post_quant_conv", "decoder.conv_in"))
+    if None in (enc, quant, post, dec):
+        missing = [n + ".weight" for n, v in (("encoder.conv_out", enc), ("encoder.quant_conv", quant),
+                                              ("decoder.post_quant_conv", post), ("decoder.conv_in", dec)) if v is None]
+        raise VAEFTError(f"{source} is not a complete Flux.2 VAE: it lacks {', '.join(missing)}")
     z = dec[0]
     if z != 32:
         raise VAEFTError(f"{source} is laid out like a Flux.2 VAE but has {z} latent channels (decoder.conv_in); "
@@ -148,7 +148,7 @@ def check(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
 
 def build(sd: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, str]]:
     """The ``AutoencoderKLFlux2`` (meta device) for BFL-layout tensors, and file key -> module key."""
-    from diffusers import AutoencoderKLFlux2
+    from diffusers import AutoencoderKLFlux2  # only in newer diffusers: an older one still trains the other families
 
     with torch.device("meta"):
         model = AutoencoderKLFlux2(**config_from_file(sd))
@@ -163,7 +163,7 @@ def check_config(cfg) -> None:
                          "them would need a new diffusion model. Set trainable to 'decoder'")
 
 
-def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device="cpu") -> dict:
+def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device="cpu", measure=None) -> dict:
     """The base's BatchNorm statistics, which a pipeline normalises the 2x2-patchified latents with
     ((z - mean) / sqrt(var + eps) per patchified channel): the latent space is the base's."""
     if family != "auto":
@@ -181,7 +181,7 @@ def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device
 def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: str = "") -> torch.nn.Module:
     """``AutoencoderKLFlux2`` (meta device) for BFL-layout ``tensors``: its BatchNorm buffers are the
     file's ``bn.*`` (the statistics its pipelines normalise latents with)."""
-    from diffusers import AutoencoderKLFlux2
+    from diffusers import AutoencoderKLFlux2  # only in newer diffusers (as in build)
 
     with torch.device("meta"):
         return AutoencoderKLFlux2.from_config(config_from_file(tensors))
@@ -191,16 +191,19 @@ FAMILY = Family(
     name="flux2",
     label="Flux.2 VAE (FLUX.2 [dev], [klein])",
     files="flux2-vae.safetensors, FLUX.2's ae.safetensors",
-    probes=(klf8.LDM_PROBE, klf8.DIFFUSERS_PROBE),
+    short="Flux.2",
+    models="FLUX.2 [dev], [klein]",
+    diffusers_classes="AutoencoderKLFlux2",
+    probes=(ldm.LDM_PROBE, ldm.DIFFUSERS_PROBE),
     recognise=recognise,
     file_layout=file_layout,
     check=check,
     build=build,
-    decoder_block=klf8.decoder_block,
-    downsampling=klf8.downsampling,
+    decoder_block=ldm.decoder_block,
+    downsampling=ldm.downsampling,
     fused_norms=True,
-    conv_form=klf8.attention_matrices,
-    reshapable=klf8.is_attention_weight,
+    conv_form=ldm.attention_matrices,
+    reshapable=ldm.is_attention_weight,
     latents=latents,
     diffusers_model=diffusers_model,
     check_config=check_config,

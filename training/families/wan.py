@@ -20,13 +20,13 @@ import re
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKLQwenImage
+from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import VAEFTError
-from . import Family, decoder_block_of
+from .base import Family, conv_io, decoder_block_of
 
 ORIGINAL_PROBE = "decoder.middle.0.residual.0.gamma"
 DIFFUSERS_PROBE = "decoder.mid_block.resnets.0.norm1.gamma"
@@ -157,11 +157,7 @@ def config_from_file(sd: dict[str, torch.Tensor]) -> dict:
 def check(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Refuse halves of two different VAEs (the encoder's 2z moments must feed conv1 (2z -> 2z), and the
     z-channel latents conv2 (z -> z) and the decoder) and VAEs of other than RGB images."""
-    def io(name: str) -> tuple[int, int] | None:
-        v = sd.get(f"{name}.weight")
-        return (int(v.shape[1]), int(v.shape[0])) if v is not None and v.ndim >= 2 else None
-
-    head, quant, post, dec = io("encoder.head.2"), io("conv1"), io("conv2"), io("decoder.conv1")
+    head, quant, post, dec = (conv_io(sd, n) for n in ("encoder.head.2", "conv1", "conv2", "decoder.conv1"))
     if None in (head, quant, post, dec):
         missing = [n for n, v in (("encoder.head.2", head), ("conv1", quant), ("conv2", post), ("decoder.conv1", dec))
                    if v is None]
@@ -197,7 +193,6 @@ class WanImageVAE(AutoencoderKLQwenImage):
     """``AutoencoderKLQwenImage`` taking and giving BCHW images (one frame). ``image_path``: "2d" (exact at
     one frame, fast, gradient checkpointing available) or "3d" (diffusers' own forward)."""
 
-    vaeft_family = "wan2.1"
     image_path = "2d"
     checkpointing = False
 
@@ -327,10 +322,11 @@ LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3
                1.6382, 1.1253, 2.8251, 1.9160]
 
 
-def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device="cpu") -> dict:
+def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device="cpu", measure=None) -> dict:
     """{"family", "why", "latents_mean", "latents_std", "source"}: Wan 2.1's published per-channel
     statistics (decoder-only: the latent space is the base's); re-estimated per channel on the probe's
-    training patches with the trained encoder when it was trained."""
+    training patches with the trained encoder when it was trained, with ``measure`` (the latent-statistics
+    function, ``training.probe.latent_statistics``)."""
     if family != "auto":
         raise VAEFTError(f"family {family!r} is a latent family of kl-f8 VAEs; this is a Wan 2.1 VAE, whose latents "
                          "are described per channel: leave family on auto")
@@ -345,9 +341,7 @@ def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device
         if probe is None or probe.train_patches is None:
             out["source"] += "; NOT re-estimated (no training patches), though the encoder was trained"
             return out
-        from ..probe import latent_statistics
-
-        new = latent_statistics(model, probe.train_patches, device, seed=trained.config.seed, per_channel=True)
+        new = measure(model, probe.train_patches, device, seed=trained.config.seed, per_channel=True)
         out.update(latents_mean=[float(f"{v:.5g}") for v in new["channel_mean"]],
                    latents_std=[float(f"{v:.5g}") for v in new["channel_std"]],
                    source=f"re-estimated per channel on {new['patches']} training patches with the trained encoder")
@@ -358,8 +352,6 @@ def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: 
     """``AutoencoderKLQwenImage`` (for a Qwen-Image base) or ``AutoencoderKLWan`` (meta device) for
     original-layout ``tensors``, with ``scaling``'s per-channel statistics: the two share their weights'
     names and shapes, and their pipelines look for their own class."""
-    from diffusers import AutoencoderKLWan
-
     config = {**config_from_file(tensors), "latents_mean": scaling["latents_mean"],
               "latents_std": scaling["latents_std"]}
     cls = AutoencoderKLQwenImage if "qwen" in base_name.lower() or "wan" not in base_name.lower() else AutoencoderKLWan
@@ -391,6 +383,9 @@ FAMILY = Family(
     name="wan2.1",
     label="Wan 2.1 VAE (Qwen-Image, Wan 2.1)",
     files="qwen_image_vae.safetensors, wan_2.1_vae.safetensors",
+    short="Wan 2.1",
+    models="Qwen-Image, Wan 2.1",
+    diffusers_classes="AutoencoderKLQwenImage / AutoencoderKLWan",
     probes=(ORIGINAL_PROBE, DIFFUSERS_PROBE),
     recognise=recognise,
     file_layout=file_layout,
@@ -404,6 +399,8 @@ FAMILY = Family(
     check_config=check_config,
     set_up=set_up,
     raw_decode=lambda model, z: model.decode_unclamped(z),
+    latent_channels=lambda model: int(model.config.z_dim),
+    image_channels=lambda model: int(model.config.input_channels),
     frozen_what=lambda trainable: "encoder, conv1 and the temporal resampling" if trainable == "decoder"
     else "the temporal resampling",
     extra_metadata={"vaeft.trained_on": "still images (one frame): video quality not validated"},
