@@ -62,8 +62,7 @@ def test_the_node_runs_folder_being_a_file_is_named(tmp_path):
 
 
 def test_a_diffusers_model_folder_is_not_a_run(tmp_path):
-    from training.checkpoint import resume_point
-    from training.runs import is_run_folder, named_run_folder
+    from training.runs import is_run_folder, named_run_folder, resume_point
 
     model = tmp_path / "runs" / "vae-ft-x"
     model.mkdir(parents=True)

@@ -1,7 +1,7 @@
 """Checkpoints, in one place: what one holds (:func:`checkpoint_state`), how it is checked against a
-run and restored into it (:func:`load_checkpoint`, :func:`restore_checkpoint`), where a run resumes
-(:func:`resume_point`), and the files themselves, written atomically with a digest of their tensors
-and the identity of the run that wrote them.
+run and restored into it (:func:`load_checkpoint`, :func:`restore_checkpoint`), and the files
+themselves, written atomically with a digest of their tensors and the identity of the run that wrote
+them. Which checkpoint a run folder resumes from is :mod:`training.runs`' answer (it owns the folder).
 
 - Every tensor is kept by name: the trained parameters, their EMA and export_best's pick by
   parameter name, the optimizer's state by parameter name (not by torch's positional index), the
@@ -147,7 +147,7 @@ class Checkpoints:
 
         if self.folder:
             check_folder(self.target, f"checkpoint folder {self.target!r}", "choose another run folder")
-            files = self._step_files()
+            files = self.step_files()
             found = owner(files[-1]) if files else None
             if files and not self.overwrite and (found is None or found["run_id"] != run_id):
                 self.run_id = None
@@ -199,7 +199,7 @@ class Checkpoints:
             os.makedirs(self.target, exist_ok=True)
             path = os.path.join(self.target, f"step-{step:07d}.ckpt")
             write_checkpoint(path, state, overwrite=True)
-            for old in self._step_files()[:-self.keep]:
+            for old in self.step_files()[:-self.keep]:
                 try:
                     os.unlink(old)
                 except OSError:
@@ -214,11 +214,12 @@ class Checkpoints:
     def latest(self) -> str | None:
         """The newest checkpoint at ``target`` (None when there is none)."""
         if self.folder:
-            files = self._step_files()
+            files = self.step_files()
             return files[-1] if files else None
         return self.target if os.path.isfile(self.target) else None
 
-    def _step_files(self) -> list[str]:
+    def step_files(self) -> list[str]:
+        """The ``step-*.ckpt`` files of a checkpoint folder, oldest first (none when it is missing)."""
         if not os.path.isdir(self.target):
             return []
         names = [n for n in os.listdir(self.target) if _STEP_FILE.match(n)]
@@ -228,52 +229,6 @@ class Checkpoints:
 def latest_in(folder: str | os.PathLike) -> str | None:
     """The newest ``step-*.ckpt`` of a checkpoint folder, or None."""
     return Checkpoints(folder, folder=True).latest()
-
-
-# ----- where a run resumes
-
-def resume_point(path: str | os.PathLike) -> str:
-    """The checkpoint to continue from: ``path`` itself, or for a run folder its newest
-    ``checkpoints/step-*.ckpt``. Refuses a run folder without a checkpoint, naming it."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        return path
-    from .runs import is_run_folder, what_folder
-
-    if not is_run_folder(path) and not os.path.isdir(os.path.join(path, "checkpoints")):
-        raise VAEFTError(f"resume checkpoint {path!r} is not a file: it is a folder, and {what_folder(path)}; give a "
-                         ".ckpt file or a run folder")
-    file = latest_in(os.path.join(path, "checkpoints"))
-    if file is None:
-        raise VAEFTError(f"run folder {path!r} has no checkpoint yet: it stopped before its first one; start it "
-                         "again as a new run")
-    return file
-
-
-def older_whole(path: str) -> tuple[str, int] | None:
-    """For a damaged newest ``step-*.ckpt`` at ``path``: the newest older one in its folder that reads
-    whole, and its step (None when there is none)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    files = [f for f in Checkpoints(folder, folder=True)._step_files() if os.path.abspath(f) != os.path.abspath(path)]
-    for older in reversed(files):
-        try:
-            return older, int(read_checkpoint(older)["step"])
-        except VAEFTError:
-            continue
-    return None
-
-
-def explain_damaged(e: DamagedCheckpoint, path: str) -> VAEFTError:
-    """The refusal of a run folder whose newest checkpoint ``path`` is damaged: when an older one is whole,
-    it says so and how to continue from it (nothing is moved or deleted here)."""
-    older = older_whole(path)
-    if older is None:
-        return e
-    file, step = older
-    return VAEFTError(f"{e}. An older checkpoint of this run is whole: {file!r} (step {step}). To continue from it, "
-                      f"move {os.path.basename(path)!r} out of {os.path.dirname(path)!r} (keep it if you like; "
-                      f"nothing here deletes it) and continue the run again (the same --resume, or continue_run on "
-                      f"the node); the steps after {step} are then trained again")
 
 
 # ----- what a checkpoint holds, checked and restored by name

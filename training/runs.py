@@ -10,7 +10,8 @@
                           ``tensorboard`` package is importable
 
 Paths written into the folder are relative to it (a run folder can be shared or moved without
-carrying the user's directory layout); the node writes ComfyUI names instead.
+carrying the user's directory layout); the node writes ComfyUI names instead. Which checkpoint a run
+continues from (a checkpoint file, or a run folder's newest) is answered here: :func:`resume_point`.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import time
 
 import torch
 
-from .checkpoint import Checkpoints, latest_in
+from .checkpoint import Checkpoints, DamagedCheckpoint, latest_in, read_checkpoint
 from .config import TrainConfig
 from .errors import VAEFTError
+from .export import safe_name
 from .files import FolderLock, atomic_write, check_folder, describe_os_error, json_safe, write_json
+from .plot import image_grid, to_pil
 
 CONFIG_FORMAT = "vaeft-run-config-1"
 MARKER = "config.json"
@@ -85,8 +88,6 @@ def named_run_folder(root: str, run_name: str, continue_run: str | None, label: 
     """(the run folder's path, whether it continues a run) under ``root`` (the node's runs folder, called
     ``label`` in messages). A new run gets a fresh folder named after ``run_name`` (-2, -3, ... when taken);
     ``continue_run`` names a run folder there."""
-    from .export import safe_name
-
     check_folder(root, f"the runs folder {label} ({root!r})", "move or rename that file, then run again")
     if continue_run:
         path = os.path.join(root, safe_name(continue_run))
@@ -103,6 +104,50 @@ def named_run_folder(root: str, run_name: str, continue_run: str | None, label: 
     while os.path.lexists(path):
         path, k = os.path.join(root, f"{stem}-{k}"), k + 1
     return path, False
+
+
+# ----- where a run resumes
+
+def resume_point(path: str | os.PathLike) -> str:
+    """The checkpoint to continue from: ``path`` itself, or for a run folder its newest
+    ``checkpoints/step-*.ckpt``. Refuses a run folder without a checkpoint, naming it."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path
+    if not is_run_folder(path) and not os.path.isdir(os.path.join(path, "checkpoints")):
+        raise VAEFTError(f"resume checkpoint {path!r} is not a file: it is a folder, and {what_folder(path)}; give a "
+                         ".ckpt file or a run folder")
+    file = latest_in(os.path.join(path, "checkpoints"))
+    if file is None:
+        raise VAEFTError(f"run folder {path!r} has no checkpoint yet: it stopped before its first one; start it "
+                         "again as a new run")
+    return file
+
+
+def older_whole(path: str) -> tuple[str, int] | None:
+    """For a damaged newest ``step-*.ckpt`` at ``path``: the newest older one in its folder that reads
+    whole, and its step (None when there is none)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    files = [f for f in Checkpoints(folder, folder=True).step_files() if os.path.abspath(f) != os.path.abspath(path)]
+    for older in reversed(files):
+        try:
+            return older, int(read_checkpoint(older)["step"])
+        except VAEFTError:
+            continue
+    return None
+
+
+def explain_damaged(e: DamagedCheckpoint, path: str) -> VAEFTError:
+    """The refusal of a run folder whose newest checkpoint ``path`` is damaged: when an older one is whole,
+    it says so and how to continue from it (nothing is moved or deleted here)."""
+    older = older_whole(path)
+    if older is None:
+        return e
+    file, step = older
+    return VAEFTError(f"{e}. An older checkpoint of this run is whole: {file!r} (step {step}). To continue from it, "
+                      f"move {os.path.basename(path)!r} out of {os.path.dirname(path)!r} (keep it if you like; "
+                      f"nothing here deletes it) and continue the run again (the same --resume, or continue_run on "
+                      f"the node); the steps after {step} are then trained again")
 
 
 class RunFolder:
@@ -249,7 +294,7 @@ class RunFolder:
             return
         try:
             if self._tb is None:
-                try:
+                try:  # imported on first use: TensorBoard is an optional package
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError:  # not installed: optional, nothing to say
                     self._tb = False
@@ -301,8 +346,6 @@ def split_metrics(path: str | os.PathLike) -> tuple[list[dict], bytes]:
 def write_preview(folder: str, step: int, images: torch.Tensor) -> tuple[str, torch.Tensor]:
     """Write (2N, 3, H, W) [0, 1] images (inputs, then reconstructions) as ``folder``/preview-NNNNNNN.png,
     two rows, atomically. Returns (path, the grid drawn)."""
-    from .plot import image_grid, to_pil
-
     grid = image_grid(images, rows=2)
     path = os.path.join(folder, f"preview-{step:07d}.png")
     atomic_write(path, lambda f: to_pil(grid).save(f, format="PNG"), overwrite=True, what="preview")

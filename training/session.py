@@ -21,22 +21,22 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .augment import augmenter
-from .checkpoint import Checkpoints, DamagedCheckpoint, explain_damaged, load_checkpoint, resume_point
+from .checkpoint import Checkpoints, DamagedCheckpoint, load_checkpoint
 from .config import TrainConfig
 from .data import PatchDataset, preview_patches, worker_start_method
 from .device import Distributed, pick_device
 from .evaluate import evaluation_patches
 from .files import FolderLock
-from .families import family_of_model
 from .losses import load_lpips
 from .probe import make_probe
-from .runs import RunFolder, RunStatus, read_metrics
+from .runs import RunFolder, RunStatus, explain_damaged, read_metrics, resume_point
 from .trained import Trained
 from .trainer import Callbacks, LoopResult, check_run, fine_tune
 from .vae import LoadedVAE, trainable_shapes
@@ -116,24 +116,12 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
                                                       checkpoint=checkpoint, overwrite=overwrite, dist=dist)
     run_id = checkpoints.run_id if checkpoints is not None else None  # claimed: the resumed run's, or a new one
     folder = run_dir is not None and dist.is_main
-    try:
+    with _released_on_error(lock):  # (until step 3's run folder holds it)
         lpips_net = load_lpips(cfg.lpips_net, cfg.lpips_backbone) if cfg.lpips_weight > 0 else None
 
         # 2. the patches the run watches
-        _describe(data, note)
-        val, cfg, why = validation_patches(data, cfg)
-        if why:
-            warn(why)
-        cfg = check_run(cfg, dist, val)
-        general_batch = evaluation_patches(general, cfg.val_patches, cfg.seed, use_validation=False)[0] \
-            if general is not None and cfg.val_every else None
-        watched = dist.is_main and cfg.preview_every and (folder or hooks.preview is not None)
-        preview = preview_patches(data, 4, seed=cfg.seed) if watched else None
-
-    except BaseException:
-        if lock is not None:
-            lock.release(forget=True)
-        raise
+        cfg, val, general_batch, preview = _watched_patches(data, general, cfg, dist, note=note, warn=warn,
+                                                            previews=folder or hooks.preview is not None)
 
     # 3. the run folder (it holds the lock from here until run.close())
     start = int(ckpt["step"]) if ckpt is not None else 0
@@ -178,11 +166,11 @@ def _checked_start(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *, resu
     becomes ``run_dir``), the run folder, and the checkpoints' place claimed for this run. Returns
     (the checkpoint, the run folder, where checkpoints go, the lock held). A refusal lets go of the
     lock and leaves the folder as it was."""
-    family_of_model(vae.model).check_config(cfg)
+    vae.family.check_config(cfg)
     if resume is not None and run_dir is None and os.path.isdir(resume):
         run_dir = resume  # a run folder continues writing into itself
     lock = FolderLock.acquire(run_dir) if run_dir is not None and dist.is_main and os.path.isdir(run_dir) else None
-    try:
+    with _released_on_error(lock):
         ckpt = None
         if resume is not None:
             point = resume_point(resume)
@@ -197,10 +185,6 @@ def _checked_start(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *, resu
         if checkpoints is not None and dist.is_main:
             run_id = (ckpt.get("run_id") if ckpt is not None else None) or uuid.uuid4().hex
             checkpoints.claim(run_id, resumed_from=ckpt["path"] if ckpt is not None else None)
-    except BaseException:
-        if lock is not None:
-            lock.release(forget=True)
-        raise
     return ckpt, run_dir, checkpoints, lock
 
 
@@ -208,12 +192,8 @@ def _open_run(run_dir: str, ckpt: dict | None, lock: FolderLock | None, *, overw
               settings: dict, input_paths: str, base_sha256: str) -> RunFolder:
     """Step 3 of :func:`run_session`: the run folder opened (holding its lock until closed), config.json
     written, and on resume metrics.jsonl cut back to the checkpoint's step (a torn line set aside)."""
-    try:
+    with _released_on_error(lock):
         run = RunFolder.create(run_dir, resume=ckpt is not None, overwrite=overwrite, warn=warn, lock=lock)
-    except BaseException:
-        if lock is not None:
-            lock.release(forget=True)
-        raise
     try:
         run.write_config(inputs, settings, paths=input_paths, base_sha256=base_sha256)
         if ckpt is not None:
@@ -225,6 +205,18 @@ def _open_run(run_dir: str, ckpt: dict | None, lock: FolderLock | None, *, overw
         run.close()
         raise
     return run
+
+
+@contextmanager
+def _released_on_error(lock: FolderLock | None):
+    """Lets go of ``lock`` (forgetting it: the folder is left as it was) when the block raises anything,
+    a Ctrl-C included, and raises it on; the lock stays held when the block ends normally."""
+    try:
+        yield
+    except BaseException:
+        if lock is not None:
+            lock.release(forget=True)
+        raise
 
 
 def _checkpoints(run_dir, checkpoint, cfg: TrainConfig, overwrite: bool) -> Checkpoints | None:
@@ -243,6 +235,26 @@ def _describe(data: PatchDataset, note: Callable[[str], None]) -> None:
          f"skipped; train {summary.get('train_images')}, validation {summary.get('val_images')}")
     for item in summary.get("images_skipped", []):
         note(f"  skipped {item['path']}: {item['reason']}")
+
+
+def _watched_patches(data: PatchDataset, general: PatchDataset | None, cfg: TrainConfig, dist: Distributed, *,
+                     previews: bool, note: Callable[[str], None], warn: Callable[[str], None]
+                     ) -> tuple[TrainConfig, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Step 2 of :func:`run_session`: the data described to the user, then the patches the run watches:
+    held-out validation patches (off, with a warning, when the dataset has none), the optional general
+    images' patches, and fixed preview patches when someone looks at them (``previews``: a run folder or
+    a preview hook). Returns (the config to train with, checked against the processes, the validation,
+    general and preview patches)."""
+    _describe(data, note)
+    val, cfg, why = validation_patches(data, cfg)
+    if why:
+        warn(why)
+    cfg = check_run(cfg, dist, val)
+    general_batch = evaluation_patches(general, cfg.val_patches, cfg.seed, use_validation=False)[0] \
+        if general is not None and cfg.val_every else None
+    watched = dist.is_main and cfg.preview_every and previews
+    preview = preview_patches(data, 4, seed=cfg.seed) if watched else None
+    return cfg, val, general_batch, preview
 
 
 def validation_patches(data: PatchDataset, cfg: TrainConfig) -> tuple[torch.Tensor | None, TrainConfig, str | None]:
