@@ -12,6 +12,7 @@ from comfy_api.latest import io
 
 from ..training.config import MEMORY_FIELDS, RECIPES, TrainConfig
 from ..training.export import file_state_dict
+from ..training.families import models_text
 from ..training.plot import history_curves, image_grid, to_pil
 from ..training.checkpoint import latest_in
 from ..training.runs import is_run_folder, named_run_folder
@@ -57,7 +58,7 @@ class VAEFineTune(io.ComfyNode):
         return schema(
             node_id="VAEFTFineTune",
             display_name="VAE Fine-tune",
-            description="Fine-tune a VAE (SD1.x/2.x/SDXL, SD3, Flux.1; Qwen-Image / Wan 2.1) on a patch dataset "
+            description=f"Fine-tune a VAE ({models_text()}) on a patch dataset "
                         "(default: sd-vae-ft-mse recipe, "
                         "MSE + 0.1·LPIPS, decoder only, EMA). Decoder-only keeps the latent space, so "
                         "existing diffusion models work with the result. Loss weights, EMA, schedule, "

@@ -10,6 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..training.config import EXPORT_DTYPES
 from ..training.export import FORMATS, export_filename, export_vae
+from ..training.families import diffusers_text, latent_choices_text
 from ..training.probe import FAMILY_CHOICES
 from .common import Trained, schema
 
@@ -51,13 +52,11 @@ class SaveFineTunedVAE(io.ComfyNode):
                                tooltip="safetensors: one file in output/vae/ for Load VAE (and Automatic1111 for "
                                        "SD/SDXL VAEs); "
                                        "diffusers: a model folder in output/vae_diffusers/ for diffusers' "
-                                       "from_pretrained (AutoencoderKL; AutoencoderKLQwenImage / AutoencoderKLWan "
-                                       "for a Qwen-Image or Wan 2.1 VAE)"),
+                                       f"from_pretrained ({diffusers_text()})"),
                 io.Combo.Input("family", options=list(FAMILY_CHOICES), default="auto", optional=True,
-                               tooltip="SD-family VAEs: the latent family whose scaling_factor/shift_factor "
-                                       "the export records (auto: from the base file's name or its latents; "
-                                       "re-estimated when the encoder was trained). Qwen-Image / Wan 2.1 VAEs: "
-                                       "auto (their per-channel statistics)"),
+                               tooltip="the latent family whose scaling_factor/shift_factor the export "
+                                       "records (auto: from the base file's name or its latents; re-estimated "
+                                       f"when the encoder was trained). {latent_choices_text()}"),
             ],
             outputs=[io.String.Output("filename", tooltip="the saved file's name, as Load VAE lists it")],
             is_output_node=True,

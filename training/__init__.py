@@ -23,7 +23,7 @@ def project_metadata(path: str = PYPROJECT) -> dict:
     except OSError:
         return {}
     try:
-        import tomllib
+        import tomllib  # Python 3.11+; older ones read the few fields needed by hand
     except ImportError:
         return _string_fields(raw.decode("utf-8"))
     return tomllib.loads(raw.decode("utf-8"))

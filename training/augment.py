@@ -23,7 +23,7 @@ import torch
 from .errors import VAEFTError
 
 if TYPE_CHECKING:
-    from .config import DataConfig
+    from .config import DataConfig  # for annotations only
 
 _STREAM = 0xA06  # keeps augmentation's random stream apart from others seeded with the same integer
 
@@ -86,6 +86,7 @@ def dihedral(x: torch.Tensor, hflip: np.ndarray, vflip: np.ndarray, rot90: np.nd
     (rot90 must be even where H != W). Samples sharing a transform are gathered and transformed
     together: a handful of passes over the batch whatever its size, no kernel per sample; ``x`` is
     not modified."""
+    # lazy: kornia takes a second to import, and only augmented runs use it
     from kornia.geometry.transform import hflip as kflip_h
     from kornia.geometry.transform import vflip as kflip_v
 
@@ -119,7 +120,7 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor | np.ndarray) -> torch.T
     ``factors`` (B, 3) (1 = unchanged) -> same shape, clamped to [-1, 1]. Brightness scales towards
     black (a black background stays black), contrast towards the sample's mean grey, saturation
     towards each pixel's grey (Rec. 601 luminance, kornia's rgb_to_grayscale). ``x`` is not modified."""
-    from kornia.color import rgb_to_grayscale
+    from kornia.color import rgb_to_grayscale  # lazy: only augmented runs use kornia
 
     b = x.shape[0]
     if tuple(factors.shape) != (b, 3):

@@ -11,14 +11,29 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
+import signal
 import sys
+import threading
 from typing import Any
 
-from .config import TrainConfig
+from . import families, metrics
+from .checkpoint import latest_in, peek
+from .config import DataConfig, TrainConfig
+from .data import build_dataset
+from .demo import write_demo
 from .errors import VAEFTError
+from .device import Distributed, distributed, pick_device
+from .evaluate import DATA_FLAGS, compare, eval_patches, full_image_report, metric_deltas
+from .export import FORMATS, export_vae
 from .files import check_folder, json_safe
+from .imageio import ImageReadError, read_image, to_signed
 from .options import base_type, field_type, validate
-
+from .plot import curve_image, history_curves, save_png
+from .probe import FAMILY_CHOICES, half_precision_check
+from .runs import RunFolder, read_config, resume_point, write_preview
+from .session import Hooks, run_session
+from .vae import latent_channels, load_vae
 
 # ----------------------------------------------------------------------------- flags from the configs
 
@@ -59,27 +74,24 @@ def from_arguments(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
 # ----------------------------------------------------------------------------- fit
 
 def add_fit_command(sub) -> argparse.ArgumentParser:
-    from .config import DataConfig
-
     p = sub.add_parser("fit", help="fine-tune a VAE on patches of a folder of images and export it",
                        description="Fine-tune a VAE. Multi-GPU: torchrun --nproc-per-node N -m training fit ...")
     p.add_argument("--config", metavar="FILE", help="a run's config.json (or its run folder): every setting "
                                                       "and input of that run; flags given here override it")
-    p.add_argument("--vae", help="base VAE file (.safetensors/.ckpt): a kl-f8 VAE (ldm or diffusers keys) or a "
-                                 "Wan 2.1 / Qwen-Image VAE (ComfyUI or diffusers layout)")
+    p.add_argument("--vae", help=f"base VAE file (.safetensors/.ckpt; the layouts ComfyUI and diffusers use, or a "
+                                 f"checkpoint that contains one): a {families.labels_text('or')}")
     p.add_argument("--data", help="folder of training images (searched recursively)")
     p.add_argument("--out", help="output .safetensors path (the base file's layout, loadable by Load VAE); with "
                                  "--format diffusers a model folder")
-    from .export import FORMATS
-    from .probe import FAMILY_CHOICES
 
     p.add_argument("--format", choices=FORMATS, default="safetensors",
                    help="safetensors: one file in the base's layout (ComfyUI; Automatic1111 for kl-f8); diffusers: a folder that "
                         "diffusers' from_pretrained loads (config.json + diffusion_pytorch_model.safetensors: "
-                        "AutoencoderKL; AutoencoderKLQwenImage / AutoencoderKLWan for a Wan 2.1 VAE)")
+                        f"{families.diffusers_text()})")
     p.add_argument("--family", choices=FAMILY_CHOICES, default="auto",
                    help="latent family whose scaling_factor/shift_factor the export records (auto: from the base "
-                        "file's name or its latents; re-estimated when the encoder is trained)")
+                        "file's name or its latents; re-estimated when the encoder is trained). "
+                        f"{families.latent_choices_text()}")
     p.add_argument("--general", metavar="DIR", help="optional folder of other images, validated beside the "
                                                      "domain's (gen_* scores): does the fine-tune harm them?")
     p.add_argument("--run-dir", metavar="DIR", help="the run's folder: config.json, metrics.jsonl, previews/, "
@@ -140,8 +152,6 @@ def _check_outputs(args) -> None:
         raise VAEFTError(f"--loss-plot {args.loss_plot!r} is a folder; give a .png file name")
     if args.preview_dir:
         check_folder(args.preview_dir, f"--preview-dir {args.preview_dir!r}", "choose another path")
-    from .checkpoint import resume_point
-    from .runs import RunFolder
 
     if args.resume:
         resume_point(args.resume)  # a run folder without a checkpoint yet: said now
@@ -153,13 +163,6 @@ def _check_outputs(args) -> None:
 def run_fit(args) -> int:
     """Load the base VAE and the data as the flags say, run the one training session
     (:func:`training.session.run_session`) with a progress bar and Ctrl-C, then export."""
-    from .config import DataConfig
-    from .data import build_dataset
-    from .device import Distributed, distributed, pick_device
-    from .export import export_vae
-    from .plot import curve_image, history_curves, save_png
-    from .session import run_session
-    from .vae import load_vae
 
     missing = [f"--{k}" for k in ("vae", "data", "out") if not getattr(args, k)]
     if missing:
@@ -187,7 +190,7 @@ def run_fit(args) -> int:
             if args.general and cfg.val_every else None
         bar = None
         if dist.is_main and not args.no_progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # only for a progress bar (it comes with diffusers' huggingface_hub)
 
             bar = tqdm(total=cfg.steps, desc="fine-tune", unit="step", file=sys.stderr)
         hooks = _fit_hooks(args, dist, bar)
@@ -225,9 +228,7 @@ def run_fit(args) -> int:
 
 def _stopped(args) -> str:
     """What a stopped ``fit`` wrote and the exact command that continues it (or starts it again)."""
-    import shlex
 
-    from .checkpoint import latest_in, peek
 
     run_dir, checkpoint = getattr(args, "writes", (None, None))
     newest = latest_in(os.path.join(run_dir, "checkpoints")) if run_dir else \
@@ -255,8 +256,6 @@ def _stopped(args) -> str:
 def _fit_hooks(args, dist, bar):
     """The session's hooks for ``fit``: the progress bar (or one JSON line per history line without
     one), notes on stderr, previews into --preview-dir; only the main process speaks."""
-    from .runs import write_preview
-    from .session import Hooks
 
     if not dist.is_main:
         return Hooks()
@@ -300,16 +299,11 @@ class _StopOnSigint:
         print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
 
     def __enter__(self):
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def __exit__(self, *exc):
-        import signal
-
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
         return False
@@ -319,7 +313,6 @@ class _StopOnSigint:
 
 def add_patches_command(sub) -> None:
     """``patches``: inspect a dataset (summary, sample stats, preview PNG)."""
-    from .config import DataConfig
 
     p = sub.add_parser("patches", help="scan a folder, sample patches, print one JSON summary",
                        description="Scan a folder of images as training would, sample patches and "
@@ -334,10 +327,6 @@ def add_patches_command(sub) -> None:
 
 
 def run_patches(args) -> int:
-    from .config import DataConfig
-    from .data import build_dataset
-    from .plot import save_png
-
     cfg = from_arguments(DataConfig, args)
     if args.count < 1:
         raise VAEFTError(f"--count must be at least 1, got {args.count}")
@@ -368,8 +357,6 @@ def run_patches(args) -> int:
 
 def add_eval_command(sub) -> None:
     """``eval``: compare VAEs on the same seeded patches (see training/evaluate.py)."""
-    from .config import DataConfig
-    from .evaluate import DATA_FLAGS
 
     p = sub.add_parser(
         "eval", help="compare VAEs on the same seeded patches (PSNR, SSIM, LPIPS, CIEDE2000, colour shift)",
@@ -423,13 +410,6 @@ def run_eval(args) -> int:
     {"data": {...}, "general": {...}}, "data": {name: {metric: {"mean", "std"}, "patches": n, ...}},
     "general": {...} (with --general), "general_delta" / "data_delta" (with 2+ VAEs), "lpips" and
     "rfid": availability, "grid" (with --grid), "full_image": {...} (with --full-image), "notes": [...]}."""
-    from .config import DataConfig
-    from .device import pick_device
-    from .evaluate import compare, eval_patches, full_image_report, metric_deltas
-    from .imageio import ImageReadError, read_image, to_signed
-    from .metrics import load_inception, try_load_lpips
-    from .plot import save_png
-    from .vae import latent_channels, load_vae
 
     cfg = from_arguments(DataConfig, args)
     if args.count < 1:
@@ -445,8 +425,8 @@ def run_eval(args) -> int:
     names = _vae_names(args.vae)
     vaes = {name: load_vae(path).model for name, path in names.items()}
 
-    lpips_net, lpips_info = try_load_lpips(args.lpips_net, args.lpips_backbone)
-    inception, rfid_info = load_inception(args.inception)
+    lpips_net, lpips_info = metrics.try_load_lpips(args.lpips_net, args.lpips_backbone)
+    inception, rfid_info = metrics.load_inception(args.inception)
     if inception is not None:
         rfid_info["note"] = ("rFID over few patches is biased upward (it is meant for thousands); compare "
                              "values only between VAEs of this run")
@@ -477,7 +457,6 @@ def run_eval(args) -> int:
         save_png(grid, args.grid)
         out["grid"] = {"path": args.grid, "columns": ["original"] + list(vaes) + [f"|{list(vaes)[-1]} - original|"]}
     if args.half:
-        from .probe import half_precision_check
 
         out["half_precision"] = json_safe(half_precision_check(vaes, patches, device), infinity="overflow")
     if args.full_image:
@@ -509,17 +488,14 @@ def add_demo_command(sub) -> None:
 
 
 def run_demo(args) -> int:
-    from .demo import write_demo
-
     print(json.dumps(write_demo(args.out, args.images, args.size, args.latent_channels, args.seed)))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training",
-                                     description="Fine-tune a diffusion model's VAE on your own images: the kl-f8 "
-                                                 "AutoencoderKL (SD1.x/2.x/SDXL, SD3, Flux.1) or the Wan 2.1 VAE "
-                                                 "(Qwen-Image, Wan 2.1).")
+                                     description="Fine-tune a diffusion model's VAE on your own images: the "
+                                                 f"{families.labels_text('or')}.")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.fit_parser = add_fit_command(sub)
     for add in (add_demo_command, add_patches_command, add_eval_command):
@@ -537,8 +513,6 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None, args)
     """``fit --config FILE``: the run's settings and inputs become the defaults, flags override; the
     file's switches that write files are ignored (said on stderr). A config the ComfyUI node wrote
     names ComfyUI files: --vae and --data must be given."""
-    from .config import DataConfig
-    from .runs import read_config
 
     run = read_config(args.config)
     fit = parser.fit_parser

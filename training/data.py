@@ -323,7 +323,7 @@ class PatchDataset:
     def preview(self, count: int = 16, *, seed: int = 0) -> torch.Tensor:
         """(3, H, W) float32 in [0, 1]: a grid of ``count`` seeded training patches with the
         foreground mask's outline (morphological gradient) drawn in red."""
-        import kornia
+        import kornia  # lazy: kornia takes a second to import, and only the preview uses it here
 
         specs = self._sample_specs(max(1, count), seed, _PREVIEW)
         x = signed_to_unit(self._extract(specs))

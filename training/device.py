@@ -36,7 +36,7 @@ def distributed(dist: Distributed, device: torch.device):
     if dist.world_size <= 1:
         yield
         return
-    import torch.distributed
+    import torch.distributed  # only for a multi-process run (torchrun)
 
     if device.type == "cuda":
         torch.cuda.set_device(device)

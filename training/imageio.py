@@ -290,7 +290,7 @@ def _decode_16bit(data: bytes, img: Image.Image) -> Decoded | str | None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                import torchvision.io as tio
+                import torchvision.io as tio  # optional: a faster JPEG/PNG decoder where torchvision has one
         except ImportError:
             return eight_bit.format("torchvision")
         with warnings.catch_warnings():  # torchvision >= 0.29 flags its decoders as deprecated
@@ -306,7 +306,7 @@ def _decode_16bit(data: bytes, img: Image.Image) -> Decoded | str | None:
         if max(bits) <= 8 or img.mode.startswith("I"):
             return None
         try:
-            import tifffile
+            import tifffile  # optional: 16-bit TIFFs only
         except ImportError:
             return eight_bit.format("tifffile")
         try:

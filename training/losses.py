@@ -73,7 +73,7 @@ def load_lpips(net: str = "vgg", backbone_path: str | None = None, random_backbo
     """
     if net not in BACKBONE_FILES:
         raise VAEFTError(f"unknown LPIPS network {net!r}; use one of {sorted(BACKBONE_FILES)}")
-    import lpips
+    import lpips  # lazy: only runs that use LPIPS import it (it loads torchvision's models)
 
     # pnet_rand=True: build the backbone without torchvision's download; the linear
     # heads (pretrained=True) come from the lpips package itself.
