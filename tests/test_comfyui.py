@@ -341,6 +341,14 @@ def test_nodes_describe_every_input_and_output_and_are_marked_like_core_training
     assert "memory" in widgets("VAEFTFineTune")
     assert info["VAEFTFineTune"]["input"]["optional"]["options"][0] == info["VAEFTFineTuneOptions"]["output"][0]
     assert info["VAEFTPatchDataset"]["input"]["optional"]["options"][0] == info["VAEFTPatchOptions"]["output"][0]
+    # every registered family is named where users choose a file and an export format (read off the registry)
+    from training.families import FAMILIES
+
+    save = info["VAEFTSave"]["input"]["optional"]
+    for family in FAMILIES:
+        assert family.models in info["VAEFTFineTune"]["description"], family.name
+        assert family.diffusers_classes in save["format"][1]["tooltip"], family.name
+        assert family.short in save["family"][1]["tooltip"], family.name
 
 
 def test_templates_are_listed_and_served_with_their_thumbnails(comfy):
