@@ -89,7 +89,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training.config import TrainConfig  # noqa: E402
 from training.losses import load_lpips  # noqa: E402
 from training.trainer import Callbacks, fine_tune  # noqa: E402
-from training.families.klf8 import diffusers_to_ldm  # noqa: E402
+from training.families.ldm import diffusers_to_ldm  # noqa: E402
 from training.vae import build_vae  # noqa: E402
 
 SIDES = ("reference", "peer_best", "ours")

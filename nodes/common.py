@@ -80,7 +80,7 @@ def comfy_vae_to_training(vae, source_file: tuple[str, str] | None = None) -> Lo
             raise
         raise _not_built_by_this_comfyui(name, family, vae, str(e)) from None
     if family is not None and loaded.family is not family:
-        raise _not_built_by_this_comfyui(name, family, vae, f"it holds a {loaded.family.label}")
+        raise _not_built_by_this_comfyui(name, family, vae, f"it holds a {loaded.family.short} VAE")
     loaded.layout.from_file = not from_comfy  # config.json records a base digest only for a file's own weights
     return loaded
 

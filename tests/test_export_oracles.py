@@ -211,7 +211,7 @@ from vaeft_pack.training.config import TrainConfig
 from vaeft_pack.training.probe import make_probe
 from vaeft_pack.training.session import trained_result
 from vaeft_pack.training.trainer import fine_tune
-from vaeft_pack.training.families.klf8 import diffusers_to_ldm
+from vaeft_pack.training.families.ldm import diffusers_to_ldm
 from vaeft_pack.training.vae import build_vae
 sys.path.insert(0, os.path.join(pack, "tests"))
 from conftest import tiny_diffusers_vae

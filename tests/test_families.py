@@ -7,6 +7,8 @@ file, and every user-facing list names it. Family files' own tests keep only wha
 from __future__ import annotations
 
 import itertools
+import json
+import os
 
 import diffusers
 import pytest
@@ -14,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import train
+from conftest import ROOT, train
 from family_examples import EXAMPLES
 from training.cli import build_parser
 from training.config import TrainConfig
@@ -105,7 +107,9 @@ def test_its_diffusers_folder_loads_with_the_familys_own_class_holding_our_weigh
     _, _, result = _trained(family, trained_step)
     folder = tmp_path / "vae-ft-contract-1"
     export_vae(result, folder, format="diffusers", dtype="fp32")
-    cls = getattr(diffusers, family.diffusers_classes.split(" / ")[0])
+    named = json.loads((folder / "config.json").read_text())["_class_name"]  # the class the folder names
+    assert named in family.diffusers_classes.split(" / ")
+    cls = getattr(diffusers, named)
     model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
     assert not any(info.values()), info
     ours = result.model.state_dict()
@@ -141,9 +145,12 @@ def test_damaged_and_mixed_files_are_refused_naming_the_file(family, tmp_path):
 
 def test_every_user_facing_list_names_it(family):
     parser = build_parser()
-    assert family.label in " ".join(parser.format_help().split())
-    fit = " ".join(parser.fit_parser.format_help().split())
-    assert family.label in fit and family.diffusers_classes in fit
+    assert family.label in parser.description
+    helps = {a.dest: a.help for a in parser.fit_parser._actions}  # the texts as written, before argparse wraps them
+    assert family.label in helps["vae"] and family.diffusers_classes in helps["format"]
+    assert family.short in helps["family"]
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:  # the Comfy Registry's description
+        assert family.short in next(line for line in f if line.startswith("description"))
     with pytest.raises(VAEFTError) as e:  # a refusal lists what this version trains
         recognise({"unet.conv.weight": torch.zeros(1)}, "unet.safetensors")
     assert family.label in str(e.value) and family.files in str(e.value)

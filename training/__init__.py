@@ -1,5 +1,5 @@
-"""Fine-tune a diffusion model's VAE on your own images: the kl-f8 AutoencoderKL (SD1.x/2.x/SDXL, SD3,
-Flux.1) and the Wan 2.1 VAE (Qwen-Image, Wan 2.1), see training/families/.
+"""Fine-tune a diffusion model's VAE on your own images: the families in ``training.families.FAMILIES``
+(kl-f8, Flux.2, Wan 2.1 when this was written; ``python -m training --help`` lists them).
 
 A pure PyTorch library (no ComfyUI import) shared by the ComfyUI nodes, the CLI
 (``python -m training ...``) and multi-GPU runs (``torchrun ... -m training fit``).

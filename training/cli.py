@@ -163,7 +163,6 @@ def _check_outputs(args) -> None:
 def run_fit(args) -> int:
     """Load the base VAE and the data as the flags say, run the one training session
     (:func:`training.session.run_session`) with a progress bar and Ctrl-C, then export."""
-
     missing = [f"--{k}" for k in ("vae", "data", "out") if not getattr(args, k)]
     if missing:
         where = "a --config names --vae and --data, never --out" if args.config else \
@@ -228,8 +227,6 @@ def run_fit(args) -> int:
 
 def _stopped(args) -> str:
     """What a stopped ``fit`` wrote and the exact command that continues it (or starts it again)."""
-
-
     run_dir, checkpoint = getattr(args, "writes", (None, None))
     newest = latest_in(os.path.join(run_dir, "checkpoints")) if run_dir else \
         (checkpoint if checkpoint and os.path.isfile(checkpoint) and peek(checkpoint) else None)
@@ -256,7 +253,6 @@ def _stopped(args) -> str:
 def _fit_hooks(args, dist, bar):
     """The session's hooks for ``fit``: the progress bar (or one JSON line per history line without
     one), notes on stderr, previews into --preview-dir; only the main process speaks."""
-
     if not dist.is_main:
         return Hooks()
 
@@ -313,7 +309,6 @@ class _StopOnSigint:
 
 def add_patches_command(sub) -> None:
     """``patches``: inspect a dataset (summary, sample stats, preview PNG)."""
-
     p = sub.add_parser("patches", help="scan a folder, sample patches, print one JSON summary",
                        description="Scan a folder of images as training would, sample patches and "
                                    "print one JSON object: the dataset summary plus stats of "
@@ -357,7 +352,6 @@ def run_patches(args) -> int:
 
 def add_eval_command(sub) -> None:
     """``eval``: compare VAEs on the same seeded patches (see training/evaluate.py)."""
-
     p = sub.add_parser(
         "eval", help="compare VAEs on the same seeded patches (PSNR, SSIM, LPIPS, CIEDE2000, colour shift)",
         description="Encode and decode the same seeded patches with every --vae and print one JSON "
@@ -410,7 +404,6 @@ def run_eval(args) -> int:
     {"data": {...}, "general": {...}}, "data": {name: {metric: {"mean", "std"}, "patches": n, ...}},
     "general": {...} (with --general), "general_delta" / "data_delta" (with 2+ VAEs), "lpips" and
     "rfid": availability, "grid" (with --grid), "full_image": {...} (with --full-image), "notes": [...]}."""
-
     cfg = from_arguments(DataConfig, args)
     if args.count < 1:
         raise VAEFTError(f"--count must be at least 1, got {args.count}")
@@ -513,7 +506,6 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None, args)
     """``fit --config FILE``: the run's settings and inputs become the defaults, flags override; the
     file's switches that write files are ignored (said on stderr). A config the ComfyUI node wrote
     names ComfyUI files: --vae and --data must be given."""
-
     run = read_config(args.config)
     fit = parser.fit_parser
     dests = {a.dest for a in fit._actions}

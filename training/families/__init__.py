@@ -26,7 +26,7 @@ from ..errors import VAEFTError
 from . import flux2, klf8, wan
 from .base import TRAINABLE_PREFIXES, Family, family_of, has_family, trained
 
-__all__ = ["FAMILIES", "Family", "LATENT_CHOICES", "TRAINABLE_PREFIXES", "family_named", "family_of",
+__all__ = ["FAMILIES", "Family", "LATENT_CHOICES", "TRAINABLE_PREFIXES", "family_of",
            "diffusers_text", "files_text", "has_family", "labels_text", "latent_choices_text", "models_text", "recognise",
            "trained"]
 
@@ -71,14 +71,6 @@ def latent_choices_text() -> str:
 def files_text() -> str:
     """The files users have for every family, for messages: '...; ...; ...'."""
     return "; ".join(f.files for f in _LISTED)
-
-
-def family_named(name: str) -> Family:
-    """The family recorded as ``name`` (a checkpoint's, an export's ``vaeft.vae_family``)."""
-    for f in FAMILIES:
-        if f.name == name:
-            return f
-    raise VAEFTError(f"unknown VAE family {name!r}; this version trains {', '.join(f.name for f in _LISTED)}")
 
 
 # Families the pack recognises but does not train, by a key or shape that marks them: refused by name.

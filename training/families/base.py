@@ -28,7 +28,7 @@ TRAINABLE_PREFIXES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per family: compared and hashed by identity
 class Family:
     """One VAE family. ``name`` is recorded in checkpoints and exports; the functions take and return
     plain dicts of tensors (a file's, in its own layout) and modules."""
@@ -89,6 +89,9 @@ class Family:
 
     def __deepcopy__(self, memo) -> "Family":
         return self
+
+    def __repr__(self) -> str:
+        return f"Family({self.name!r})"
 
 
 def decoder_block_of(name: str, activation: str, norm_out: str) -> str | None:

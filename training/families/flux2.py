@@ -163,7 +163,7 @@ def check_config(cfg) -> None:
                          "them would need a new diffusion model. Set trainable to 'decoder'")
 
 
-def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device="cpu", measure=None) -> dict:
+def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device="cpu", *, measure) -> dict:
     """The base's BatchNorm statistics, which a pipeline normalises the 2x2-patchified latents with
     ((z - mean) / sqrt(var + eps) per patchified channel): the latent space is the base's."""
     if family != "auto":

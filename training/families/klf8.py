@@ -166,8 +166,8 @@ def pick_latent_family(base_name: str, latent_channels: int, stats: dict | None 
     return family, "a guess from the channel count alone (nothing measured); pass the family to be sure"
 
 
-def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device: torch.device | str = "cpu",
-            measure=None) -> dict:
+def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device: torch.device | str = "cpu", *,
+            measure) -> dict:
     """{"family", "why", "scaling_factor", "shift_factor", "source"} for an exported kl-f8 VAE.
 
     Decoder-only: the latent space is the base's, so the family's published factors. Full

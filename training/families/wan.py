@@ -322,7 +322,7 @@ LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3
                1.6382, 1.1253, 2.8251, 1.9160]
 
 
-def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device="cpu", measure=None) -> dict:
+def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device="cpu", *, measure) -> dict:
     """{"family", "why", "latents_mean", "latents_std", "source"}: Wan 2.1's published per-channel
     statistics (decoder-only: the latent space is the base's); re-estimated per channel on the probe's
     training patches with the trained encoder when it was trained, with ``measure`` (the latent-statistics
