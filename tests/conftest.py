@@ -12,7 +12,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (bash .ci/run: two workers) each worker computes on one thread, and so do the processes
+# its tests start (the CLI, torchrun, ComfyUI), so the workers share the cores instead of fighting over them and
+# a run a test continues in another process computes with the same thread count, bit for bit; alone, a test
+# uses up to 2.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 def tiny_diffusers_vae(latent_channels: int = 4, quant: bool = True, seed: int = 0):
@@ -116,7 +122,7 @@ def run_cli(*args, env=None, check=True):
     """``python -m training ARGS`` in a subprocess, as a user runs it; AssertionError on failure when ``check``."""
     import subprocess
 
-    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(torch.get_num_threads()))  # as this process computes
     e.update(env or {})
     p = subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=ROOT, env=e,
                        capture_output=True, text=True, timeout=600)

@@ -197,7 +197,7 @@ def test_run_folder_config_rerun_and_ctrl_c_continue(setup, tmp_path):
     assert (folder / "metrics.jsonl").read_bytes() == before
 
     # Ctrl-C during a long run: the step reached is checkpointed, exit 130, then continue
-    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(torch.get_num_threads()))  # as this process computes
     args = [str(a) for a in fit_args(setup, tmp_path / "long.safetensors", *common, "--steps", 400,
                                      "--run-dir", tmp_path / "long")]
     proc = subprocess.Popen([sys.executable, "-m", "training", *args], cwd=ROOT, env=e, stdout=subprocess.PIPE,

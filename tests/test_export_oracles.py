@@ -172,7 +172,7 @@ def test_comfyui_loads_4_and_16_channel_exports_without_missing_keys(tmp_path):
     script = tmp_path / "load_with_comfy.py"
     script.write_text(COMFY_SCRIPT)
     p = subprocess.run([sys.executable, str(script), COMFY, str(tmp_path / "jobs.json")], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stdout[-2000:] + p.stderr[-3000:]
     out = json.loads(lines[-1][len("RESULT "):])
@@ -234,7 +234,7 @@ def test_save_node_shows_the_report(tmp_path):
     script = tmp_path / "save_node.py"
     script.write_text(SAVE_SCRIPT)
     p = subprocess.run([sys.executable, str(script), COMFY, ROOT, str(tmp_path / "output")], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stdout[-2000:] + p.stderr[-3000:]
     out = json.loads(lines[-1][len("RESULT "):])

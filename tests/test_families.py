@@ -51,9 +51,13 @@ def _images(family, n=4, seed=0):
 def test_every_layout_it_reads_is_recognised_and_read_back_exactly(family):
     sd = _example(family).file(0)
     layouts = {"file": sd, "diffusers": _module_layout(family, sd), **_example(family).other_layouts(sd)}
-    # a full checkpoint: its VAE part only, whatever else it holds
-    layouts["checkpoint"] = {"model.diffusion_model.input.weight": torch.zeros(2, 2),
-                             **{f"first_stage_model.{k}": v for k, v in sd.items()}}
+    # a full checkpoint: its VAE part only, whatever else it holds (a video UNet's time_stack, a text encoder's
+    # BatchNorm, a diffusion model's own "decoder" neither mark it as another family nor get read)
+    others = {"model.diffusion_model.input_blocks.1.time_stack.0.proj_in.weight": torch.zeros(4, 4),
+              "conditioner.embedders.1.model.bn.running_mean": torch.zeros(8),
+              "model.diffusion_model.decoder.conv_in.weight": torch.zeros(2, 2)}
+    for prefix in ("first_stage_model.", "vae."):
+        layouts[f"checkpoint {prefix}"] = {**others, **{prefix + k: v for k, v in sd.items()}}
     for name, tensors in layouts.items():
         found, file_sd, dropped = recognise(tensors, f"{name}.safetensors")
         assert found is family, name

@@ -46,7 +46,7 @@ def cli(*args, timeout: float = 300):
 
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
 
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(torch.get_num_threads()))
     return subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout,
                           preexec_fn=cap if sys.platform.startswith("linux") else None)

@@ -20,7 +20,7 @@ from training.errors import VAEFTError
 from training.export import export_vae
 from training.families import wan
 from training.probe import make_probe
-from training.vae import build_vae, load_vae, model_to_file
+from training.vae import build_vae, load_vae
 
 TINY = dict(base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True])
 
@@ -62,22 +62,6 @@ def test_key_maps_are_exact_and_agree_with_diffusers_converter():
         wan.to_diffusers_key("decoder.upsamples.0.residual.9.weight")
 
 
-def test_both_layouts_load_the_same_model_and_map_back_exactly():
-    sd = tiny_wan_sd(dtype=torch.bfloat16)
-    ours = build_vae(sd, source="qwen_image_vae.safetensors")
-    assert ours.layout.family.name == "wan2.1" and ours.model.vaeft_family is ours.family
-    assert ours.model.config.base_dim == 16 and ours.model.config.dim_mult == [1, 2]
-    diffusers_sd = tiny_wan().state_dict()
-    theirs = build_vae({k: v.to(torch.bfloat16) for k, v in diffusers_sd.items()}, source="diffusers layout")
-    assert set(theirs.layout.shapes) == set(sd)  # read into the original layout, what exports are written in
-    a, b = ours.model.state_dict(), theirs.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    back = model_to_file(ours.model, ours.layout)
-    assert set(back) == set(sd) and all(torch.equal(back[k].to(torch.bfloat16), sd[k]) for k in sd)
-    prefixed = build_vae({"first_stage_model." + k: v for k, v in sd.items()}, source="full checkpoint")
-    assert prefixed.layout.family.name == "wan2.1"
-
-
 @pytest.mark.parametrize("case,expected", [
     ("wan22", "the Wan 2.2 VAE (48 latent channels"),
     ("c64", "a 64-channel VAE (Qwen-Image 2.1 or HunyuanImage 2.1)"),
@@ -105,19 +89,6 @@ def test_families_this_version_does_not_train_are_refused_by_name(case, expected
         build_vae(sd, source="x.safetensors")
     if case not in ("mixed", "rgba", "squeezed"):
         assert "Wan 2.1 VAE (Qwen-Image, Wan 2.1)" in str(e.value) and "kl-f8" in str(e.value)
-
-
-def test_a_full_checkpoint_is_read_by_its_vae_part_whatever_else_it_holds():
-    """The diffusion model's and text encoders' tensors beside the VAE (a video UNet's time_stack, a
-    BatchNorm in a text encoder) are not the VAE's: they neither mark it as another family nor get read."""
-    others = {"model.diffusion_model.input_blocks.1.time_stack.0.proj_in.weight": torch.zeros(4, 4),
-              "conditioner.embedders.1.model.bn.running_mean": torch.zeros(8),
-              "model.diffusion_model.decoder.conv_in.weight": torch.zeros(2, 2)}
-    klf8 = build_vae({**others, **{"first_stage_model." + k: v for k, v in tiny_ldm_sd().items()}},
-                     source="sd_xl_base_1.0.safetensors")
-    assert klf8.layout.family.name == "kl-f8" and set(klf8.layout.shapes) == set(tiny_ldm_sd())
-    qwen = build_vae({**others, **{"vae." + k: v for k, v in tiny_wan_sd().items()}}, source="qwen_image.safetensors")
-    assert qwen.layout.family.name == "wan2.1" and set(qwen.layout.shapes) == set(tiny_wan_sd())
 
 
 def test_the_fp16_check_watches_every_decoder_block_of_the_2d_path_and_the_unclamped_output():
@@ -350,7 +321,7 @@ def test_comfyui_and_diffusers_load_a_full_size_export_as_the_wan_vae(tmp_path):
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     (tmp_path / "load.py").write_text(COMFY_WAN)
     p = subprocess.run([sys.executable, str(tmp_path / "load.py"), comfy, str(tmp_path / "jobs.json")], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stdout[-2000:] + p.stderr[-3000:]
     out = json.loads(lines[-1][len("RESULT "):])
