@@ -134,8 +134,10 @@ def test_damaged_and_mixed_files_are_refused_naming_the_file(family, tmp_path):
     mixed = dict(sd)
     w = sd[first]
     mixed[first] = torch.cat([w, w], dim=1)  # a decoder taking twice the latent channels the encoder makes
-    cases = {"nan": (nan, "NaN or infinite"), "missing": ({k: v for k, v in sd.items() if k != last}, None),
-             "mixed": (mixed, None)}
+    bias = by_module["decoder.conv_out.bias"]
+    # a missing tensor is named as the user's file names it (not as the module does)
+    cases = {"nan": (nan, "NaN or infinite"), "missing": ({k: v for k, v in sd.items() if k != last}, last),
+             "missing-bias": ({k: v for k, v in sd.items() if k != bias}, bias), "mixed": (mixed, None)}
     for name, (tensors, says) in cases.items():
         path = tmp_path / f"{name}-{family.name}.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
@@ -158,3 +160,18 @@ def test_every_user_facing_list_names_it(family):
     with pytest.raises(VAEFTError) as e:  # a refusal lists what this version trains
         recognise({"unet.conv.weight": torch.zeros(1)}, "unet.safetensors")
     assert family.label in str(e.value) and family.files in str(e.value)
+
+
+def test_an_encoder_of_another_family_is_refused_naming_the_file(family, tmp_path):
+    """This family's decoder with another family's encoder in one file: refused with the pack's error naming
+    the file, whichever family the reader takes it for."""
+    decoder = {k: v for k, v in _example(family).file(3).items() if not k.startswith("encoder.")}
+    for other in FAMILIES:
+        if other is family:
+            continue
+        encoder = {k: v for k, v in _example(other).file(3).items() if k.startswith("encoder.")}
+        path = tmp_path / f"{other.name}-encoder-{family.name}-decoder.safetensors"
+        save_file({k: v.contiguous() for k, v in {**encoder, **decoder}.items()}, str(path))
+        with pytest.raises(VAEFTError) as e:
+            load_vae(path)
+        assert path.name in str(e.value), (other.name, str(e.value))

@@ -313,3 +313,24 @@ def test_the_node_reads_a_flux2_file_that_comfyui_holds_under_its_own_names(tmp_
     assert out["other"].startswith("VAEFTError: flux2-vae.safetensors is a Flux.2 VAE (FLUX.2 [dev], [klein]), but "
                                    "the Identity this ComfyUI's Load VAE built from it holds other tensors")
     assert out["nan"].startswith("VAEFTError: nan-sd-vae.safetensors holds NaN or infinite weights"), out["nan"]
+
+
+def test_an_affine_batchnorm_at_the_identity_is_read_and_another_refused_by_name(tmp_path):
+    """A converter that built BatchNorm2d(affine=True) saves bn.weight / bn.bias: at the identity they change
+    nothing and are left out (the export is BFL's layout, which BFL's AutoEncoder loads strictly); otherwise
+    the file is refused naming itself and the tensors, not as a kl-f8 key."""
+    from family_examples import flux2_file
+
+    sd = flux2_file(0)
+    stats = sd["bn.running_mean"]
+    identity = {**sd, "bn.weight": torch.ones_like(stats), "bn.bias": torch.zeros_like(stats)}
+    for layout in (identity, {k: v for k, v in build_vae(identity, source="a").model.state_dict().items()}
+                   | {"bn.weight": torch.ones_like(stats), "bn.bias": torch.zeros_like(stats)}):
+        loaded = build_vae(layout, source="flux2-affine.safetensors")
+        assert set(loaded.layout.shapes) == set(sd) and sorted(loaded.layout.dropped_keys) == ["bn.bias", "bn.weight"]
+    moved = {**identity, "bn.bias": torch.full_like(stats, 0.5)}
+    with pytest.raises(VAEFTError) as e:
+        build_vae(moved, source="flux2-converted.safetensors")
+    text = str(e.value)
+    assert "flux2-converted.safetensors" in text and "bn.bias" in text and "bn.weight" not in text.split("(")[1]
+    assert "kl-f8" not in text

@@ -61,9 +61,13 @@ def build_vae(sd: dict[str, torch.Tensor], source: str = "state dict", base_sha2
     model, keys = family.build(file_sd)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if set(keys.values()) != set(expected):
-        missing = sorted(set(expected) - set(keys.values()))
+        # named as the file names them, in its family's layout (the module's names appear nowhere in the file)
+        missing = sorted(family.file_key(mk, file_sd) for mk in set(expected) - set(keys.values()))
         extra = sorted(fk for fk, mk in keys.items() if mk not in expected)
-        raise VAEFTError(f"{source}: VAE layout not understood (missing {missing[:4]}, unexpected {extra[:4]})")
+        what = "; ".join(([f"it lacks {_names(missing)}"] if missing else [])
+                         + ([f"it holds {_names(extra)}, which a {family.short} VAE of this shape has not"] if extra else []))
+        raise VAEFTError(f"{source} is not a complete {family.label}: {what}. The file is damaged or mixes parts of "
+                         "different VAEs; use one complete VAE file.")
     # shapes before load_state_dict, whose size-mismatch RuntimeError names no file and no remedy;
     # a matrix stored where the module has a 1x1 convolution (or back) is the same tensor
     wrong = [f"{fk} {tuple(v.shape)} (expected {expected[keys[fk]]})" for fk, v in file_sd.items()

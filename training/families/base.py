@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ..errors import VAEFTError
+from ..tensors import listing
 
 # Module-name prefixes trained in each mode (shared by every family's module).
 TRAINABLE_PREFIXES = {
@@ -44,6 +45,8 @@ class Family:
     file_layout: Callable[[dict, str], tuple[dict, list[str]]]  # any layout it reads -> its file layout, dropped keys
     check: Callable[[dict, str], None]                      # refuse a damaged or mixed file, naming it
     build: Callable[[dict], tuple[torch.nn.Module, dict[str, str]]]  # file tensors -> model, file key -> module key
+    # the file key of a module key, in the layout of the family's file tensors given (to name what a file lacks)
+    file_key: Callable[[str, dict], str]
     decoder_block: Callable[[str], str | None]              # the decoder block of a module name (fp16 report)
     downsampling: Callable[[torch.nn.Module], int]          # pixels per latent, each side
     # how the exported latents are scaled for a diffusion model: (trained, exported model, export probe,
@@ -51,6 +54,9 @@ class Family:
     # ``measure`` is the latent-statistics function (``training.probe.latent_statistics``), handed down
     # by the caller so that no family imports from above its floor
     latents: Callable[..., dict]
+    # refuse a latent-family choice ("auto" or one of latent_choices) this VAE cannot be exported with, naming
+    # both: (model, choice) -> None; checked before training (--family) and again by ``latents``
+    check_latent_choice: Callable[[torch.nn.Module, str], None]
     # the diffusers model (meta device) that file tensors and the latents' scaling make: the export's folder
     diffusers_model: Callable[[dict, dict, str], torch.nn.Module]
     # file keys of tensors written in another form than the base stores them (kl-f8: attention matrices
@@ -126,6 +132,21 @@ def family_of(model: torch.nn.Module) -> Family:
 def has_family(model: torch.nn.Module) -> bool:
     """Whether ``model`` carries a :class:`Family` (it was built by ``training.vae.build_vae``)."""
     return isinstance(getattr(model, "vaeft_family", None), Family)
+
+
+def check_keys(sd: dict, name_of: Callable[[str], str], source: str, label: str) -> None:
+    """Refuse, naming the file and its tensors, the keys of ``sd`` that are not part of the family: those
+    ``name_of`` (a key map of the family) raises on. Such a file mixes parts of different VAEs or is no VAE."""
+    foreign = []
+    for k in sd:
+        try:
+            name_of(k)
+        except VAEFTError:
+            foreign.append(k)
+    if foreign:
+        raise VAEFTError(f"{source} is laid out like a {label} but holds {len(foreign)} tensor(s) that are not part "
+                         f"of one ({listing(sorted(foreign), 4)}): the file mixes parts of different VAEs or is another "
+                         "model; use one complete VAE file.")
 
 
 def conv_io(sd: dict, name: str) -> tuple[int, int] | None:

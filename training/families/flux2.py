@@ -23,11 +23,12 @@ import torch
 
 from ..errors import VAEFTError
 from . import ldm
-from .base import Family, conv_io
+from .base import Family, check_keys, conv_io
 
 # BFL keeps the quant convolutions inside the encoder and decoder; diffusers at the top, as kl-f8 does.
 _QUANT = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
 _BN = ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked")
+LABEL = "Flux.2 VAE (FLUX.2 [dev], [klein])"
 BN_EPS = 1e-4       # BFL's AutoEncoder.bn_eps (diffusers' batch_norm_eps default)
 PATCH = (2, 2)      # BFL's AutoEncoder.ps: the BatchNorm runs over 2x2-patchified latents
 
@@ -72,9 +73,13 @@ def recognise(sd: dict) -> bool:
 
 
 def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors in BFL's layout from either layout (attention as the 1x1 convolutions BFL stores)."""
+    """Tensors in BFL's layout from either layout (attention as the 1x1 convolutions BFL stores), and the keys
+    dropped: an affine BatchNorm's identity ``bn.weight`` / ``bn.bias`` (a converter that built
+    ``BatchNorm2d(affine=True)`` saves them; FLUX.2's normalisation has none)."""
+    sd, dropped = _without_identity_affine(sd, source)
     if ldm.DIFFUSERS_PROBE in sd:
         enc, dec = _diffusers_levels(sd, "encoder"), _diffusers_levels(sd, "decoder")
+        check_keys(sd, lambda k: to_bfl_key(k, enc, dec), source, LABEL)
         out = {}
         for k, v in sd.items():
             bk = to_bfl_key(k, enc, dec)
@@ -83,13 +88,31 @@ def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tupl
     else:  # ComfyUI's layout: BFL's keys with the quant convolutions at the top
         sd = {next((b + k[len(d):] for b, d in _QUANT.items() if k.startswith(d)), k): v for k, v in sd.items()}
     enc, dec = _levels(sd, "encoder"), _levels(sd, "decoder")
-    for k in sd:
-        to_diffusers_key(k, enc, dec)  # raises on keys of another architecture
+    check_keys(sd, lambda k: to_diffusers_key(k, enc, dec), source, LABEL)
     lacking = [k for k in ("encoder.conv_in.weight", "encoder.quant_conv.weight", "decoder.post_quant_conv.weight",
                            "decoder.conv_in.weight", "decoder.conv_out.weight", *_BN) if k not in sd]
     if lacking:
         raise VAEFTError(f"{source} is not a complete Flux.2 VAE: it lacks {', '.join(lacking)}")
-    return dict(sd), []
+    return dict(sd), dropped
+
+
+_AFFINE = {"bn.weight": 1.0, "bn.bias": 0.0}  # BatchNorm2d(affine=True)'s parameters at the identity
+
+
+def _without_identity_affine(sd: dict, source: str) -> tuple[dict, list[str]]:
+    """``sd`` without ``bn.weight`` / ``bn.bias`` when they are the identity (they change nothing); refused,
+    naming the file and the tensors, when they are not (the latents would be normalised otherwise than
+    every FLUX.2 model expects)."""
+    present = [k for k in _AFFINE if k in sd]
+    if not present:
+        return sd, []
+    moved = [k for k in present if not (isinstance(sd[k], torch.Tensor) and bool((sd[k].float() == _AFFINE[k]).all()))]
+    if moved:
+        raise VAEFTError(f"{source} is a Flux.2 VAE whose BatchNorm has affine parameters that are not the identity "
+                         f"({', '.join(moved)}): FLUX.2's latent normalisation has none (BFL's AutoEncoder, "
+                         "affine=False), so every FLUX.2 model would see these latents normalised otherwise. Use "
+                         "the original file (flux2-vae.safetensors, FLUX.2's ae.safetensors)")
+    return {k: v for k, v in sd.items() if k not in _AFFINE}, present
 
 
 def _widths(sd: dict, part: str) -> list[int]:
@@ -163,12 +186,17 @@ def check_config(cfg) -> None:
                          "them would need a new diffusion model. Set trainable to 'decoder'")
 
 
-def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device="cpu", *, measure) -> dict:
-    """The base's BatchNorm statistics, which a pipeline normalises the 2x2-patchified latents with
-    ((z - mean) / sqrt(var + eps) per patchified channel): the latent space is the base's."""
+def check_latent_choice(model: torch.nn.Module, family: str) -> None:
+    """Only "auto": Flux.2 latents are normalised by the VAE's own BatchNorm statistics."""
     if family != "auto":
         raise VAEFTError(f"family {family!r} is a latent family of kl-f8 VAEs; this is a Flux.2 VAE, whose latents "
                          "are normalised by its own BatchNorm statistics: leave family on auto")
+
+
+def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device="cpu", *, measure) -> dict:
+    """The base's BatchNorm statistics, which a pipeline normalises the 2x2-patchified latents with
+    ((z - mean) / sqrt(var + eps) per patchified channel): the latent space is the base's."""
+    check_latent_choice(model, family)
     mean = model.bn.running_mean.detach().float().cpu()
     std = torch.sqrt(model.bn.running_var.detach().float().cpu() + model.config.batch_norm_eps)
     return {"family": "flux2", "why": "the VAE family",
@@ -189,7 +217,7 @@ def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: 
 
 FAMILY = Family(
     name="flux2",
-    label="Flux.2 VAE (FLUX.2 [dev], [klein])",
+    label=LABEL,
     files="flux2-vae.safetensors, FLUX.2's ae.safetensors",
     short="Flux.2",
     models="FLUX.2 [dev], [klein]",
@@ -199,12 +227,14 @@ FAMILY = Family(
     file_layout=file_layout,
     check=check,
     build=build,
+    file_key=lambda key, sd: to_bfl_key(key, _levels(sd, "encoder"), _levels(sd, "decoder")),
     decoder_block=ldm.decoder_block,
     downsampling=ldm.downsampling,
     fused_norms=True,
     conv_form=ldm.attention_matrices,
     reshapable=ldm.is_attention_weight,
     latents=latents,
+    check_latent_choice=check_latent_choice,
     diffusers_model=diffusers_model,
     check_config=check_config,
     frozen_what=lambda trainable: "encoder with its quant_conv, and bn.*: the latent statistics",

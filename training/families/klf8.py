@@ -15,9 +15,12 @@ from diffusers import AutoencoderKL
 
 from ..errors import VAEFTError
 from ..files import last_component
-from .base import Family, conv_io
-from .ldm import (DIFFUSERS_PROBE, LDM_PROBE, attention_matrices, decoder_block, diffusers_to_ldm, downsampling,
-                  is_attention_weight, ldm_to_diffusers_key, num_levels)
+from .base import Family, check_keys, conv_io
+from .ldm import (DIFFUSERS_PROBE, LDM_PROBE, attention_matrices, decoder_block, diffusers_to_ldm, diffusers_to_ldm_key,
+                  downsampling, is_attention_weight, ldm_to_diffusers_key, normalise_diffusers_key, num_levels,
+                  num_levels_diffusers)
+
+FAMILY_LABEL = "kl-f8 VAE (AutoencoderKL: SD1.x/2.x/SDXL, SD3, Flux.1)"
 
 # LDM training checkpoints keep the loss network and the EMA copy beside the VAE: dropped on reading
 _NON_MODEL_PREFIXES = ("loss.", "model_ema.")
@@ -100,6 +103,8 @@ def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tupl
     already removed): drops LDM's loss/EMA keys, refuses anything that is not a kl-f8 AutoencoderKL with
     a message naming ``source``. Returns (state dict, dropped key names)."""
     if DIFFUSERS_PROBE in sd:
+        check_keys(sd, lambda k: diffusers_to_ldm_key(normalise_diffusers_key(k), num_levels_diffusers(sd)), source,
+                   FAMILY_LABEL)
         sd = diffusers_to_ldm(sd)
     dropped = sorted(k for k in sd if k.startswith(_NON_MODEL_PREFIXES))
     sd = {k: v for k, v in sd.items() if not k.startswith(_NON_MODEL_PREFIXES)}
@@ -111,8 +116,7 @@ def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tupl
             "Pass a VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors, sdxl_vae.safetensors, "
             "ae.safetensors) or a checkpoint that contains one.")
     levels = num_levels(sd)
-    for k in sd:
-        ldm_to_diffusers_key(k, levels)  # raises on keys of another architecture
+    check_keys(sd, lambda k: ldm_to_diffusers_key(k, levels), source, FAMILY_LABEL)
     return sd, dropped
 
 
@@ -166,6 +170,15 @@ def pick_latent_family(base_name: str, latent_channels: int, stats: dict | None 
     return family, "a guess from the channel count alone (nothing measured); pass the family to be sure"
 
 
+def check_latent_choice(model: torch.nn.Module, family: str) -> None:
+    """Refuse a latent family whose channel count is not this VAE's (checked before training: --family)."""
+    channels = int(model.config.latent_channels)
+    if family != "auto" and LATENT_FAMILIES[family]["latent_channels"] != channels:
+        raise VAEFTError(f"family {family!r} has {LATENT_FAMILIES[family]['latent_channels']} latent channels, this VAE "
+                         f"{channels}; choose one of " + ", ".join(f for f, v in LATENT_FAMILIES.items()
+                                                                  if v["latent_channels"] == channels))
+
+
 def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device: torch.device | str = "cpu", *,
             measure) -> dict:
     """{"family", "why", "scaling_factor", "shift_factor", "source"} for an exported kl-f8 VAE.
@@ -181,10 +194,7 @@ def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device
         family, why = pick_latent_family(trained.layout.base_name, channels, stats)
     else:
         why = "as given"
-        if LATENT_FAMILIES[family]["latent_channels"] != channels:
-            raise VAEFTError(f"family {family!r} has {LATENT_FAMILIES[family]['latent_channels']} latent channels, this VAE "
-                             f"{channels}; choose one of " + ", ".join(f for f, v in LATENT_FAMILIES.items()
-                                                                      if v["latent_channels"] == channels))
+        check_latent_choice(model, family)
     out = {"family": family, "why": why, "scaling_factor": LATENT_FAMILIES[family]["scaling_factor"],
            "shift_factor": LATENT_FAMILIES[family]["shift_factor"],
            "source": f"{LATENT_FAMILIES[family]['what']}'s published factors (decoder-only: the latent space is the base's)"}
@@ -212,7 +222,7 @@ def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: 
 
 FAMILY = Family(
     name="kl-f8",
-    label="kl-f8 VAE (AutoencoderKL: SD1.x/2.x/SDXL, SD3, Flux.1)",
+    label=FAMILY_LABEL,
     files="vae-ft-mse-840000-ema-pruned.safetensors, sdxl_vae.safetensors, ae.safetensors",
     short="kl-f8",
     models="SD1.x/2.x/SDXL, SD3, Flux.1",
@@ -222,12 +232,14 @@ FAMILY = Family(
     file_layout=file_layout,
     check=check_latent_channels,
     build=build,
+    file_key=lambda key, sd: diffusers_to_ldm_key(key, num_levels(sd)),
     decoder_block=decoder_block,
     downsampling=downsampling,
     fused_norms=True,
     conv_form=attention_matrices,
     reshapable=is_attention_weight,
     latents=latents,
+    check_latent_choice=check_latent_choice,
     diffusers_model=diffusers_model,
     latent_choices=tuple(LATENT_FAMILIES),
 )

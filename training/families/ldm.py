@@ -39,6 +39,11 @@ def num_levels(keys) -> int:
     return max(levels) + 1 if levels else 0
 
 
+def num_levels_diffusers(keys) -> int:
+    """Resolution levels of a diffusers-keyed state dict (its encoder's down blocks)."""
+    return len({m.group(1) for k in keys if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
+
+
 def ldm_to_diffusers_key(key: str, num_levels: int) -> str:
     """Diffusers name of one ldm AutoencoderKL key.
 
@@ -118,7 +123,7 @@ def diffusers_to_ldm(sd: dict[str, torch.Tensor], shapes: dict[str, tuple[int, .
     """
     sd = {normalise_diffusers_key(k): v for k, v in sd.items()}
     if num_levels is None:
-        num_levels = len({m.group(1) for k in sd if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
+        num_levels = num_levels_diffusers(sd)
     if shapes is None:
         ldm_keys = _standard_ldm_keys(sd, num_levels)
     else:

@@ -26,8 +26,9 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import VAEFTError
-from .base import Family, conv_io, decoder_block_of
+from .base import Family, check_keys, conv_io, decoder_block_of
 
+LABEL = "Wan 2.1 VAE (Qwen-Image, Wan 2.1)"
 ORIGINAL_PROBE = "decoder.middle.0.residual.0.gamma"
 DIFFUSERS_PROBE = "decoder.mid_block.resnets.0.norm1.gamma"
 # Still images never reach the temporal resampling convolutions (skipped at one frame): they stay frozen.
@@ -132,11 +133,17 @@ def recognise(sd: dict) -> bool:
 
 def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tuple[dict[str, torch.Tensor], list[str]]:
     """Tensors in the original layout (what ComfyUI's Load VAE reads) from either layout."""
+    if not any(re.match(r"encoder\.(downsamples|down_blocks)\.\d+\.resample\.", k) for k in sd):
+        other = sorted({k.split(".")[1] for k in sd if k.startswith("encoder.") and k.count(".") > 1})
+        why = (f"its encoder is not (encoder.{', encoder.'.join(other[:3])}: another VAE's)" if other
+               else "it has no encoder")
+        raise VAEFTError(f"{source}: its decoder is a Wan 2.1 VAE's ({ORIGINAL_PROBE if ORIGINAL_PROBE in sd else DIFFUSERS_PROBE}) "
+                         f"but {why}. The file mixes parts of different VAEs or is incomplete; use one complete VAE file.")
     per = _per_level(sd)  # read off the encoder, whose numbering both layouts share
     if DIFFUSERS_PROBE in sd:
+        check_keys(sd, lambda k: to_original_key(k, per), source, LABEL)
         sd = {to_original_key(k, per): v for k, v in sd.items()}
-    for k in sd:
-        to_diffusers_key(k, per)  # raises on keys of another architecture
+    check_keys(sd, lambda k: to_diffusers_key(k, per), source, LABEL)
     return dict(sd), []
 
 
@@ -327,9 +334,7 @@ def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device
     statistics (decoder-only: the latent space is the base's); re-estimated per channel on the probe's
     training patches with the trained encoder when it was trained, with ``measure`` (the latent-statistics
     function, ``training.probe.latent_statistics``)."""
-    if family != "auto":
-        raise VAEFTError(f"family {family!r} is a latent family of kl-f8 VAEs; this is a Wan 2.1 VAE, whose latents "
-                         "are described per channel: leave family on auto")
+    check_latent_choice(model, family)
     channels = int(model.config.z_dim)
     out = {"family": "wan2.1", "why": "the VAE family", "latents_mean": list(LATENTS_MEAN),
            "latents_std": list(LATENTS_STD),
@@ -346,6 +351,13 @@ def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device
                    latents_std=[float(f"{v:.5g}") for v in new["channel_std"]],
                    source=f"re-estimated per channel on {new['patches']} training patches with the trained encoder")
     return out
+
+
+def check_latent_choice(model: torch.nn.Module, family: str) -> None:
+    """Only "auto": Wan 2.1 latents are described per channel by the family's own statistics."""
+    if family != "auto":
+        raise VAEFTError(f"family {family!r} is a latent family of kl-f8 VAEs; this is a Wan 2.1 VAE, whose latents "
+                         "are described per channel: leave family on auto")
 
 
 def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: str = "") -> torch.nn.Module:
@@ -381,7 +393,7 @@ def set_up(model: torch.nn.Module, cfg) -> None:
 
 FAMILY = Family(
     name="wan2.1",
-    label="Wan 2.1 VAE (Qwen-Image, Wan 2.1)",
+    label=LABEL,
     files="qwen_image_vae.safetensors, wan_2.1_vae.safetensors",
     short="Wan 2.1",
     models="Qwen-Image, Wan 2.1",
@@ -391,10 +403,12 @@ FAMILY = Family(
     file_layout=file_layout,
     check=check,
     build=build,
+    file_key=lambda key, sd: to_original_key(key, _per_level(sd)),
     decoder_block=decoder_block,
     downsampling=lambda model: model.spatial_compression_ratio,
     image_frozen=IMAGE_FROZEN,
     latents=latents,
+    check_latent_choice=check_latent_choice,
     diffusers_model=diffusers_model,
     check_config=check_config,
     set_up=set_up,
