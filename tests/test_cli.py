@@ -352,6 +352,11 @@ def test_fit_config_takes_settings_never_safety_switches(setup, tmp_path):
     p = run("fit", "--config", tmp_path / "run" / "config.json", "--out", tmp_path / "b.safetensors", "--no-progress")
     assert "ignored checkpoint, overwrite from the file" in p.stderr
     assert victim.read_bytes() == b"mine"
+    # the same switches beside the settings, where no setting lives: said too, never used
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**config, "overwrite": True, "checkpoint": str(victim)}))
+    p = run("fit", "--config", tmp_path / "run" / "config.json", "--out", tmp_path / "b2.safetensors", "--no-progress")
+    assert "ignored checkpoint, overwrite from the file" in p.stderr
+    assert victim.read_bytes() == b"mine"
     # written by the node: ComfyUI names, not files here
     node = {**config, "paths": "comfyui", "inputs": {"vae": "base.safetensors", "dataset": "images",
                                                      "general": "vae_general"}}
@@ -434,3 +439,53 @@ def test_paths_with_dotdot_and_model_folders_are_checked_before_training(setup, 
         p = run(*args, *extra, check=False)
         assert p.returncode == 2 and expected in p.stderr, (extra, p.stderr[-1500:])
         assert "fine-tune" not in p.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+def test_no_output_replaces_an_input_whatever_overwrite_says(setup, tmp_path):
+    """--out (or --loss-plot, --checkpoint) that is the base VAE, or another input, is refused before anything
+    is loaded, with --overwrite too: replacing one's own input is never what --overwrite means."""
+    import shutil
+
+    base = tmp_path / "base.safetensors"
+    shutil.copy(setup / "base.safetensors", base)
+    before = base.read_bytes()
+    for flag in ("--out", "--loss-plot", "--checkpoint"):
+        args = fit_args(setup, tmp_path / "out.safetensors", "--lpips-weight", 0, "--overwrite")
+        args[args.index("--vae") + 1] = base
+        if flag == "--out":
+            args[args.index("--out") + 1] = tmp_path / "." / "base.safetensors"  # the same file, spelt otherwise
+        else:
+            args += [flag, base]
+        p = run(*args, check=False)
+        assert p.returncode == 2 and f"{flag} " in p.stderr and "is the run's own input --vae" in p.stderr, p.stderr
+        assert "with or without --overwrite" in p.stderr
+        assert base.read_bytes() == before and not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("family,choice", [("wan2.1", "sd"), ("flux2", "flux"), ("kl-f8", "sd3")])
+def test_a_latent_family_the_vae_cannot_take_is_refused_before_training(setup, tmp_path, family, choice):
+    """--family is checked when the base is read, not after the run: nothing is trained or written."""
+    from family_examples import EXAMPLES
+
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in EXAMPLES[family].file(0).items()}, str(base))
+    args = fit_args(setup, tmp_path / "out.safetensors", "--lpips-weight", 0, "--family", choice,
+                    "--run-dir", tmp_path / "run")
+    args[args.index("--vae") + 1] = base
+    p = run(*args, check=False)
+    assert p.returncode == 2 and f"family {choice!r}" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting", ["--stop-when-safe", "--export-best"])
+def test_a_setting_that_needs_held_out_images_names_the_real_cause(setup, tmp_path, setting):
+    """With one image nothing is held out: the refusal says so and how to fix it (not "set val_every > 0",
+    which is set), before anything is trained or written."""
+    write_images(tmp_path / "one", names=("retina",), size=64)
+    args = fit_args(setup, tmp_path / "out.safetensors", "--lpips-weight", 0, setting, "--run-dir", tmp_path / "run")
+    args[args.index("--data") + 1] = tmp_path / "one"
+    p = run(*args, check=False)
+    assert p.returncode == 2 and setting[2:].replace("-", "_") in p.stderr, p.stderr
+    assert "no held-out images" in p.stderr and "val_fraction" in p.stderr and "set val_every" not in p.stderr
+    assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "run").exists()

@@ -134,6 +134,7 @@ def _check_outputs(args) -> None:
         raise VAEFTError(f"--format diffusers writes a model folder; give --out a folder path, not {args.out!r}")
     if args.format == "safetensors" and os.path.isdir(args.out):
         raise VAEFTError(f"--out {args.out!r} is a folder; give a file name ending in .safetensors")
+    _check_not_an_input(args)
     if os.path.exists(args.out) and not args.overwrite and not (os.path.isdir(args.out) and not os.listdir(args.out)):
         raise VAEFTError(f"{args.out!r} already exists; choose another --out or pass --overwrite")
     for flag, path in (("--out", args.out), ("--loss-plot", args.loss_plot),
@@ -160,6 +161,27 @@ def _check_outputs(args) -> None:
         RunFolder.check(run_dir, resume=bool(args.resume), overwrite=args.overwrite)
 
 
+def _same_path(a: str, b: str) -> bool:
+    """Whether two paths name the same file (or would, for one that does not exist yet)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+
+
+def _check_not_an_input(args) -> None:
+    """No output is one of the run's own input files, whatever --overwrite says: replacing one's input (the
+    base VAE above all) is never what it means."""
+    inputs = [(flag, getattr(args, dest, None)) for flag, dest in
+              (("--vae", "vae"), ("--config", "config"), ("--resume", "resume"), ("--lpips-backbone", "lpips_backbone"))]
+    outputs = [("--out", args.out), ("--loss-plot", args.loss_plot), ("--checkpoint", getattr(args, "checkpoint", None))]
+    for out_flag, out in outputs:
+        for in_flag, path in inputs:
+            if out and path and not os.path.isdir(path) and _same_path(out, path):
+                raise VAEFTError(f"{out_flag} {out!r} is the run's own input {in_flag} {path!r}: a fine-tune never "
+                                 f"writes over its inputs, with or without --overwrite; choose another {out_flag}")
+
+
 def run_fit(args) -> int:
     """Load the base VAE and the data as the flags say, run the one training session
     (:func:`training.session.run_session`) with a progress bar and Ctrl-C, then export."""
@@ -183,6 +205,7 @@ def run_fit(args) -> int:
     with distributed(dist, device):
         base = load_vae(args.vae)
         _check_recorded_base(args, base.layout.base_sha256)
+        base.family.check_latent_choice(base.model, args.family)  # the export's --family, refused before training
         data = build_dataset(args.data, data_cfg)
         # the general images are all scored: none held out, and --mask-dir's masks belong to --data's images
         general = build_dataset(args.general, dataclasses.replace(data_cfg, mask_dir=None, val_fraction=0.0)) \
@@ -500,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
 # writes, replaces or redirects files (--out, --overwrite, --checkpoint, --run-dir, --resume, ...) comes
 # from the command line only, so a shared config can never replace a file nobody asked to replace.
 CONFIG_INPUTS = ("vae", "data", "general")
+CONFIG_FIELDS = ("format", "paths", "inputs", "settings", "base_sha256")  # what a run's config.json holds
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None, args) -> argparse.Namespace:
@@ -516,7 +540,9 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None, args)
     unknown = sorted(set(values) - dests)
     if unknown:
         raise VAEFTError(f"--config {args.config!r} has settings this version does not know: {', '.join(unknown)}")
-    ignored = sorted(k for k in values if k not in settings and k not in CONFIG_INPUTS and k != "out")
+    # switches in the settings or inputs, or beside them (a hand-edited file's own): said, never used
+    ignored = sorted({k for k in values if k not in settings and k not in CONFIG_INPUTS and k != "out"}
+                     | {k for k in run if k not in CONFIG_FIELDS})
     if ignored:
         print(f"--config {args.config!r}: ignored {', '.join(ignored)} from the file: switches that write, replace "
               "or redirect files are taken only from the command line", file=sys.stderr)

@@ -32,6 +32,7 @@ from .checkpoint import Checkpoints, DamagedCheckpoint, load_checkpoint
 from .config import TrainConfig
 from .data import PatchDataset, preview_patches, worker_start_method
 from .device import Distributed, pick_device
+from .errors import VAEFTError
 from .evaluate import evaluation_patches
 from .files import FolderLock
 from .losses import load_lpips
@@ -259,13 +260,17 @@ def _watched_patches(data: PatchDataset, general: PatchDataset | None, cfg: Trai
 
 def validation_patches(data: PatchDataset, cfg: TrainConfig) -> tuple[torch.Tensor | None, TrainConfig, str | None]:
     """Held-out patches for ``cfg.val_every``, the config to train with, and a note for the user.
-    Without held-out images validation is switched off with a note (unless export_best asks for it,
-    which stays an error naming the fix)."""
+    Without held-out images validation is switched off with a note, unless a setting needs it (export_best,
+    stop_when_safe): then the refusal names the setting, the cause and the fix."""
     if not cfg.val_every:
         return None, cfg, None
-    if not data.summary().get("val_images") and not cfg.export_best:
-        return None, cfg.replace(val_every=0), ("validation is off: the dataset has no held-out images ("
-                                                f"{data.summary().get('validation')}); add images or raise val_fraction")
+    if not data.summary().get("val_images"):
+        note = f"the dataset has no held-out images ({data.summary().get('validation')})"
+        if not (cfg.export_best or cfg.stop_when_safe):
+            return None, cfg.replace(val_every=0), f"validation is off: {note}; add images or raise val_fraction"
+        needs = "export_best" if cfg.export_best else "stop_when_safe"
+        raise VAEFTError(f"{needs} needs validation on held-out patches, but {note}: no validation images. Add "
+                         "images or raise val_fraction (validation is split by image)")
     return data.val_patches(cfg.val_patches, seed=cfg.seed), cfg, None
 
 
