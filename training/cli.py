@@ -98,7 +98,8 @@ def add_fit_command(sub) -> argparse.ArgumentParser:
                                                      "checkpoints/ (TensorBoard events when tensorboard is "
                                                      "installed). Continue a stopped run with --resume DIR")
     p.add_argument("--overwrite", action="store_true", help="replace --out, --checkpoint or --run-dir if they "
-                                                            "hold something else")
+                                                            "hold something else (never one of the run's inputs, "
+                                                            "such as --vae)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--checkpoint", help="resumable checkpoint file, written every --checkpoint-every steps or "
                                         "--checkpoint-minutes, at the end and on Ctrl-C (default: <out>.ckpt when "
