@@ -1,7 +1,8 @@
 """Long runs inside a real, headless ComfyUI: Cancel checkpoints the step reached and "continue" ends
 with the same weights as an uninterrupted run; a server killed with SIGKILL loses at most one
 checkpoint interval; the status text reaches the page's websocket; a continue with another VAE or
-other data is refused and leaves the checkpoint byte-identical.
+other data is refused and leaves the checkpoint byte-identical, and so is a continue of a run whose only
+checkpoint is truncated, with the pack's message saying what to do.
 
 Everything runs on the CPU in fp32, where a continued run is bit-identical to an uninterrupted one
 (under bf16 autocast on a GPU the same holds for the same kernels, but is not asserted here). A
@@ -188,6 +189,36 @@ def test_refused_continue_leaves_the_checkpoint_byte_identical(comfy, straight):
                                                **change)))
         assert entry["status"]["status_str"] == "error" and expected in messages(entry), messages(entry)
         assert [open(p, "rb").read() for p in kept] == before  # the run folder is left as it was
+    assert comfy.healthy()
+
+
+def test_continue_of_a_run_whose_only_checkpoint_is_truncated_is_refused_with_advice(comfy):
+    """A run whose only checkpoint was cut short (a full disk, a copy broken off): continuing it is refused
+    with the pack's message and what to do (there is no older whole checkpoint), not a library exception;
+    the damaged file is left byte-identical."""
+    prompt = _prompt(comfy, run_name="truncated", save="truncated")
+    prompt["3"]["inputs"]["steps"] = 2
+    entry = comfy.wait(comfy.queue(prompt))
+    assert entry["status"]["status_str"] == "success", messages(entry)
+    ckpts = _checkpoints(comfy, "truncated")
+    assert len(ckpts) == 1, ckpts
+    path = os.path.join(_run_dir(comfy, "truncated"), "checkpoints", ckpts[0])
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    kept = [path, os.path.join(_run_dir(comfy, "truncated"), "config.json"),
+            os.path.join(_run_dir(comfy, "truncated"), "metrics.jsonl")]
+    before = [open(p, "rb").read() for p in kept]
+    again = _prompt(comfy, run_name="x", save="truncated-continued", continue_run="truncated")
+    again["3"]["inputs"]["steps"] = 4
+    entry = comfy.wait(comfy.queue(again))
+    assert entry["status"]["status_str"] == "error", messages(entry)
+    error = next(data for kind, data in entry["status"]["messages"] if kind == "execution_error")
+    text = error["exception_message"]
+    assert "unreadable or corrupt" in text and ckpts[0] in text, text
+    assert "No older checkpoint of this run is whole" in text and "start it again as a new run" in text, text
+    assert error["node_type"] == "VAEFTFineTune", error["node_type"]
+    assert error["exception_type"].endswith(".VAEFTError"), error["exception_type"]  # the pack's error, not a subclass
+    assert [open(p, "rb").read() for p in kept] == before  # the run folder, damaged checkpoint included, as it was
     assert comfy.healthy()
 
 

@@ -138,11 +138,15 @@ def older_whole(path: str) -> tuple[str, int] | None:
 
 
 def explain_damaged(e: DamagedCheckpoint, path: str) -> VAEFTError:
-    """The refusal of a run folder whose newest checkpoint ``path`` is damaged: when an older one is whole,
-    it says so and how to continue from it (nothing is moved or deleted here)."""
+    """The refusal of a run folder whose newest checkpoint ``path`` is damaged, with what to do: when an older
+    one is whole, it says so and how to continue from it; when none is, that the run cannot be continued and
+    how to start it again (nothing is moved or deleted here)."""
     older = older_whole(path)
     if older is None:
-        return e
+        return VAEFTError(f"{e}. No older checkpoint of this run is whole, so it cannot be continued: start it again "
+                          "as a new run (continue_run 'new run' on the node; on the command line, without --resume "
+                          f"and with another --run-dir). {os.path.basename(path)!r} was not changed (nothing here "
+                          "moves or deletes it)")
     file, step = older
     return VAEFTError(f"{e}. An older checkpoint of this run is whole: {file!r} (step {step}). To continue from it, "
                       f"move {os.path.basename(path)!r} out of {os.path.dirname(path)!r} (keep it if you like; "
