@@ -478,3 +478,119 @@ def test_the_status_text_shows_the_fp16_figures_beside_the_base_even_read_back_f
     text = read_back.text()
     assert "val_fp16_peak 512" in text and "val_fp16_psnr 75.3/7" in text and "None" not in text
     assert read_back.fields()["val_fp16_psnr"] == "75.3 (base 7)"
+
+
+# ----- resuming and export_best (issue 32, item 7)
+
+
+def _fix_line(report) -> str:
+    return next(line for line in report.text().splitlines() if line.startswith("note: fp16-fix: "))
+
+
+def _stopped_after(n: int):
+    """Callbacks that stop the run before step n + 1 (should_stop is polled before every micro-batch)."""
+    from training.trainer import Callbacks
+
+    done = []
+    return Callbacks(on_step=lambda step, total, losses: done.append(step), should_stop=lambda: len(done) >= n)
+
+
+def _interrupted(tmp_path, cfg, **kw):
+    """The overflowing kl-f8 VAE trained with ``cfg`` uninterrupted, and stopped after 2 steps with a checkpoint:
+    (vae, batches(start), the train() keywords, the uninterrupted result, the checkpoint's path)."""
+    vae = build_vae(overflowing_ldm_sd(), source="bad.safetensors")
+    x = images()
+    kw = {"device": "cpu", "val_batch": x[2:], "probe": make_probe(vae, x[2:]), **kw}
+
+    def batches(start):
+        return itertools.repeat(x[:2])
+
+    full = train(vae, batches, cfg, **kw)
+    ckpt = tmp_path / "run.ckpt"
+    stopped = train(vae, batches, cfg, checkpoints=ckpt, callbacks=_stopped_after(2), **kw)
+    assert stopped.stopped_early and stopped.steps_done == 2
+    return vae, batches, kw, full, ckpt
+
+
+def _exported(tmp_path, name, result):
+    """(the export's vaeft.fp16_fix metadata, parsed; its report's fp16-fix line)."""
+    report = export_vae(result, tmp_path / f"{name}.safetensors")
+    with safe_open(report.path, "pt") as f:
+        return json.loads(f.metadata()["vaeft.fp16_fix"]), _fix_line(report)
+
+
+def test_a_resumed_fp16_fix_run_exports_the_rescaling_record_of_the_uninterrupted_run(tmp_path):
+    """Stopped after 2 of 4 steps with a checkpoint, resumed: the weights, the vaeft.fp16_fix record (the exact
+    rescaling applied before the first step, which the resumed run does not redo) and the report's fp16-fix line
+    are the uninterrupted run's. (The penalty moves the weights: the resumed run's teacher is the rescaled base,
+    as the uninterrupted run's, or its rounding differences would move them elsewhere.)"""
+    cfg = _cfg(steps=4, act_threshold=16.0, act_weight=0.01)
+    vae, batches, kw, full, ckpt = _interrupted(tmp_path, cfg)
+    resumed = train(vae, batches, cfg, resume=ckpt, **kw)
+    assert resumed.steps_done == 4 and resumed.history == full.history
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in vae.model.state_dict().items())  # it trained
+    assert full.fp16_fix["rescale"]["exact"] and full.fp16_fix["rescale"]["segments"] >= 1
+    assert resumed.fp16_fix == full.fp16_fix
+    (meta_full, line_full), (meta, line) = _exported(tmp_path, "full", full), _exported(tmp_path, "resumed", resumed)
+    assert meta == meta_full and meta["rescale"]["exact"] is True
+    assert line == line_full and "exact rescaling first" in line
+
+
+def test_an_fp16_fix_checkpoint_without_the_rescaling_record_resumes_and_says_the_record_is_unknown(tmp_path):
+    """A checkpoint written before checkpoints kept the rescaling's record resumes; the export says the
+    rescaling is unknown (not null, as if none had happened), in the metadata and the report."""
+    from training import checkpoint as C
+
+    cfg = _cfg(steps=4, act_threshold=16.0, act_weight=0.01)
+    vae, batches, kw, full, ckpt = _interrupted(tmp_path, cfg)
+    body = {k: v for k, v in C.read_checkpoint(ckpt).items() if k not in ("digest", "fp16_fix")}
+    old = tmp_path / "older.ckpt"
+    C.write_checkpoint(old, body, overwrite=False)  # as the version before the record wrote it
+    resumed = train(vae, batches, cfg, resume=old, **kw)
+    assert resumed.steps_done == 4 and resumed.fp16_fix == {**full.fp16_fix, "rescale": "unknown"}
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # exact_rescale is on: the teacher is rescaled as before
+    meta, line = _exported(tmp_path, "resumed", resumed)
+    assert meta["rescale"] == "unknown"
+    assert "exact rescaling: unknown (resumed from a checkpoint written before checkpoints kept its record" in line
+    assert "exact rescaling first" not in line
+
+
+def test_export_best_with_the_fp16_fix_recipe_picks_by_the_fp16_decode_against_the_base(tmp_path):
+    """target 'base': export_best picks the step whose fp16 decode of the held-out patches is closest to the base's
+    fp32 decode (val_fp16_psnr), not the one with the lowest error against the images (val_mse here: they differ
+    in this run), and the export records what it picked by. A pick of an older checkpoint (made by val_mse) is
+    scored again by val_fp16_psnr on resume."""
+    from training import checkpoint as C
+
+    sd = {k: v * 3 if k.startswith("decoder.") and "norm" not in k else v for k, v in tiny_ldm_sd(seed=1).items()}
+    vae = build_vae(sd, source="loud.safetensors")
+    x = images(6)
+
+    def batches(start):
+        return (x[i % 2 * 2:i % 2 * 2 + 2] for i in itertools.count(start))
+
+    cfg = _cfg(steps=4, val_every=2, log_every=2, exact_rescale=False, act_threshold=16.0, act_weight=0.01,
+               export_best=True)
+    kw = {"device": "cpu", "val_batch": x[4:]}
+    result = train(vae, batches, cfg, **kw)
+    vals = [h for h in result.history if h["step"] > 0 and "val_mse" in h]
+    by_psnr = max(vals, key=lambda h: h["val_fp16_psnr"])["step"]
+    by_images = min(vals, key=lambda h: h["val_mse"])["step"]
+    assert by_psnr != by_images  # the two criteria pick different steps here
+    assert result.best_step == by_psnr and result.fp16_fix["best_by"] == "val_fp16_psnr"
+    meta, line = _exported(tmp_path, "best", result)
+    assert meta["best_by"] == "val_fp16_psnr" and "export_best picked by val_fp16_psnr" in line
+    # a checkpoint of the version before: its pick (step 2) made by val_mse, its score that
+    ckpt = tmp_path / "run.ckpt"
+    train(vae, batches, cfg, checkpoints=ckpt, callbacks=_stopped_after(2), **kw)
+    body = {k: v for k, v in C.read_checkpoint(ckpt).items() if k not in ("digest", "fp16_fix")}
+    best = body["loop"]["best"]
+    assert best["step"] == 2 and best["by"] == "val_fp16_psnr"
+    del best["by"]
+    best["score"] = next(h["val_mse"] for h in body["loop"]["history"] if h["step"] == 2 and "val_mse" in h)
+    old = tmp_path / "older.ckpt"
+    C.write_checkpoint(old, body, overwrite=False)
+    assert train(vae, batches, cfg, resume=old, **kw).best_step == by_psnr

@@ -7,6 +7,9 @@ them. Which checkpoint a run folder resumes from is :mod:`training.runs`' answer
   parameter name, the optimizer's state by parameter name (not by torch's positional index), the
   discriminator by its state-dict names. A resume checks the key set and the shapes and refuses a
   mismatch, naming the first differing key; nothing is restored by position.
+- What a run did before its first step and a resumed run does not redo is kept by name too: the
+  fp16-fix settings' record (``fp16_fix``: the exact rescaling's report, for the export's report and
+  metadata); a checkpoint written before it was kept resumes with that record unknown.
 
 - A damaged file (truncated, bits flipped, a block zeroed) is refused on reading: the digest of
   its tensors no longer matches the one written with them.
@@ -31,6 +34,7 @@ import torch
 from .config import TrainConfig
 from .errors import VAEFTError
 from .files import atomic_write, check_folder
+from .fp16fix import UNKNOWN
 from .tensors import sha256
 from .vae import FileLayout
 
@@ -236,11 +240,13 @@ def latest_in(folder: str | os.PathLike) -> str | None:
 def checkpoint_state(*, cfg: TrainConfig, layout: FileLayout, step: int, params: dict[str, torch.Tensor],
                      opt: torch.optim.Optimizer, ema=None, disc: torch.nn.Module | None = None,
                      disc_opt: torch.optim.Optimizer | None = None, loop: dict, world_size: int,
-                     data_signature: dict | None) -> dict:
+                     data_signature: dict | None, fp16_fix: dict | None = None) -> dict:
     """The checkpoint of a run at ``step``: the trained ``params`` ({name: parameter}), the optimizers'
     and EMA's state and the discriminator, all keyed by name; ``loop``: the loop's own state (a dict
-    of tensors and plain values); what the run's data order depends on. :func:`restore_checkpoint`
-    is its inverse."""
+    of tensors and plain values); what the run's data order depends on; ``fp16_fix``: what the fp16-fix
+    settings did before the first step (``FP16Fix.record``: the exact rescaling's report, which a resumed
+    run does not redo), None without them. :func:`restore_checkpoint` and :func:`fp16_fix_record` are its
+    inverse."""
     return {
         "format": CHECKPOINT_FORMAT,
         "step": step,
@@ -254,7 +260,17 @@ def checkpoint_state(*, cfg: TrainConfig, layout: FileLayout, step: int, params:
         "loop": loop,
         "world_size": world_size,
         "data_signature": data_signature,
+        "fp16_fix": fp16_fix,
     }
+
+
+def fp16_fix_record(ckpt: dict) -> dict:
+    """The fp16-fix record a checkpoint carries (``FP16Fix.record``; {"rescale": None} for a run without the
+    fp16-fix settings: nothing was rescaled). A checkpoint written before checkpoints kept it says
+    {"rescale": "unknown"}: whether and how its run rescaled is not known."""
+    if "fp16_fix" not in ckpt:
+        return {"rescale": UNKNOWN}
+    return ckpt["fp16_fix"] or {"rescale": None}
 
 
 def optimizer_state(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict:

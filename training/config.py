@@ -209,7 +209,9 @@ class TrainConfig:
                                  "dataset has no held-out images)", min=0)
     val_patches: int = option(16, "held-out patches used for validation", min=1, max=4096)
     export_best: bool = option(False, "export the weights with the best validation LPIPS (validation MSE "
-                                      "when LPIPS is off) instead of the last ones")
+                                      "when LPIPS is off) instead of the last ones; with target 'base' (the "
+                                      "fp16-fix recipe): the best val_fp16_psnr, the fp16 decode of the held-out "
+                                      "patches against the base's fp32 decode")
     checkpoint_every: int = option(500, "steps between resumable checkpoints (0: by time only). Written where "
                                       "a run folder, --checkpoint or --resume says; always at the last step "
                                       "and when the run is stopped", min=0)

@@ -328,6 +328,12 @@ def base_decode(model: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
                                             latents.float()).float().clamp(-1, 1)
 
 
+# the rescaling's record of a run resumed from a checkpoint written before checkpoints kept it
+UNKNOWN = "unknown"
+# export_best's score with target 'base' (FP16Fix.best_by)
+BEST_BY = "val_fp16_psnr"
+
+
 def fp16_fix_note(fix: dict) -> str:
     """One line for the export report: what the fp16-fix settings did (``Trained.fp16_fix``)."""
     parts = []
@@ -336,7 +342,10 @@ def fp16_fix_note(fix: dict) -> str:
     if fix.get("act_weight"):
         parts.append(f"activations above {fix['act_threshold']:g} penalised (weight {fix['act_weight']:g})")
     r = fix.get("rescale")
-    if r:
+    if r == UNKNOWN:
+        parts.append("exact rescaling: unknown (resumed from a checkpoint written before checkpoints kept its "
+                     "record; the weights carry whatever rescaling the run did before its first step)")
+    elif r:
         if r["exact"]:
             pinned = r.get("pinned", 0)
             kept = (f" ({pinned} kept as they are: they feed a 3D upsampler's time_conv, which video decoding "
@@ -346,6 +355,11 @@ def fp16_fix_note(fix: dict) -> str:
                          f"changed by at most {r['max_change']:.2g}")
         else:
             parts.append(f"exact rescaling NOT applied: the decode changed by {r['max_change']:.2g}")
+    if fix.get("best_by") == BEST_BY:
+        parts.append(f"export_best picked by {BEST_BY}: the step whose fp16 decode of the held-out patches is "
+                     "closest to the base's fp32 decode")
+    elif fix.get("best_by"):
+        parts.append(f"export_best picked by {fix['best_by']} (against the images)")
     if fix.get("safe_step") == 0:
         parts.append("fp16-safe on the held-out patches before the first step: not trained")
     elif fix.get("safe_step") is not None:
@@ -375,11 +389,16 @@ class FP16Fix:
     @classmethod
     @torch.no_grad()
     def set_up(cls, base: torch.nn.Module, model: torch.nn.Module, cfg, device: torch.device,
-               sample: torch.Tensor | None, resumed: bool) -> FP16Fix | None:
+               sample: torch.Tensor | None, resumed: dict | None = None) -> FP16Fix | None:
         """None when no fp16-fix setting is on. Else taken on the training copy ``model`` before anything
         else changes it: the base's fp16 figures on ``sample``'s latents (cropped as the export's probe is),
-        the teacher (target 'base'), the exact rescaling to act_threshold / RESCALE_MARGIN (not on resume: the
-        checkpoint's weights replace it; on ``sample``'s latents, or standard-normal ones without)."""
+        the teacher (target 'base'), the exact rescaling to act_threshold / RESCALE_MARGIN (on ``sample``'s
+        latents, or standard-normal ones without).
+
+        ``resumed``: the :meth:`record` of the checkpoint the run continues (None: a fresh run). The training
+        copy is then not rescaled (the checkpoint's weights replace it); the rescaling's report is the
+        record's (:data:`UNKNOWN` for a checkpoint written before checkpoints kept it), and the teacher is
+        rescaled as the uninterrupted run's was, so that the resumed run trains towards the same decode."""
         if not (cfg.target == "base" or cfg.act_weight > 0 or cfg.stop_when_safe or cfg.exact_rescale):
             return None
         fix, family = cls(cfg), family_of(model)
@@ -396,21 +415,44 @@ class FP16Fix:
             fix.ref = (z, base_decode(model, z))
             fix.base_figures = fp16_figures(model, *fix.ref)
             fix.shadow = copy_of_base()
-        if cfg.exact_rescale and not resumed:
+
+        def rescale(m: torch.nn.Module) -> dict:
+            nonlocal z
             if z is None:
                 down = family.downsampling(model)
                 z = torch.randn(2, latent_channels(model), 64 // down, 64 // down,
                                 generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-            fix.rescale = exact_rescale(model, z, cfg.act_threshold / RESCALE_MARGIN)
+            return exact_rescale(m, z, cfg.act_threshold / RESCALE_MARGIN)
+
+        if resumed is None and cfg.exact_rescale:
+            fix.rescale = rescale(model)
             if fix.ref is not None:  # what stop_when_safe looks at before the first step
                 fix.start_figures = fp16_figures(model, *fix.ref)
+        elif resumed is not None:
+            fix.rescale = resumed.get("rescale")
         if cfg.target == "base":
             # the base's function in the weights the training starts from (rescaled: equal within the checked
             # tolerance) and in train mode, as the trained copy is (diffusers' attention decodes differently in
             # eval mode, by ~1e-6): at the start the decode then equals the target exactly, the loss and its
             # gradient are 0 and nothing moves, where AdamW would scale rounding noise up to full-size steps
-            fix.teacher = copy.deepcopy(model).requires_grad_(False).train()
+            fix.teacher = copy.deepcopy(model).requires_grad_(False)
+            if resumed is not None and fix.rescaled(cfg):
+                # the uninterrupted run's teacher is the rescaled base, which the checkpoint does not hold: the
+                # same rescaling on the same latents gives it again
+                rescale(fix.teacher)
+            fix.teacher.train()
         return fix
+
+    def rescaled(self, cfg) -> bool:
+        """Whether the weights the run trains started from the exact rescaling (a record of unknown
+        rescaling: when exact_rescale is on now, the likely case)."""
+        r = self.rescale
+        return bool(r["exact"]) if isinstance(r, dict) else (r == UNKNOWN and cfg.exact_rescale)
+
+    def record(self) -> dict:
+        """What a checkpoint keeps for a resumed run to report what this run did before its first step:
+        {"rescale": the exact rescaling's report (None: not rescaled)}; :meth:`set_up`'s ``resumed``."""
+        return {"rescale": self.rescale}
 
     @torch.no_grad()
     def target(self, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
@@ -445,10 +487,20 @@ class FP16Fix:
             out["latent_drift"] = latent_drift(z, self.ref[0])
         return out
 
-    def summary(self, safe_step: int | None) -> dict:
-        """What the run did, for the export's report and metadata (``Trained.fp16_fix``)."""
-        return {"rescale": self.rescale, "safe_step": safe_step, "target": self.cfg.target,
-                "act_weight": self.cfg.act_weight, "act_threshold": self.cfg.act_threshold}
+    def summary(self, safe_step: int | None, best_by: str | None = None) -> dict:
+        """What the run did, for the export's report and metadata (``Trained.fp16_fix``); ``best_by``: with
+        export_best, the validation score its pick was made by (:meth:`best_by`)."""
+        out = {"rescale": self.rescale, "safe_step": safe_step, "target": self.cfg.target,
+               "act_weight": self.cfg.act_weight, "act_threshold": self.cfg.act_threshold}
+        if best_by is not None:
+            out["best_by"] = best_by
+        return out
+
+    def best_by(self) -> str | None:
+        """export_best's score when the recipe's target is the base's decode: ``val_fp16_psnr``, the fp16
+        decode of the held-out patches against the base's fp32 decode of them (higher is better), not the
+        error against the images; None otherwise (or without held-out patches)."""
+        return BEST_BY if self.teacher is not None and self.ref is not None else None
 
     @staticmethod
     def precision(cfg, amp: str, why: str) -> tuple[str, str]:

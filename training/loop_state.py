@@ -23,7 +23,8 @@ class LoopState:
     skipped: torch.Tensor | None = None    # non-finite steps skipped so far
     bad_run: torch.Tensor | None = None    # current streak of skipped steps
     worst_run: torch.Tensor | None = None  # the longest streak since the last log line
-    best: dict = field(default_factory=lambda: {"score": float("inf"), "params": None, "step": 0})  # params by name
+    # export_best's pick: params by name; "by": the validation score it was picked by (see trainer._best_by)
+    best: dict = field(default_factory=lambda: {"score": float("inf"), "params": None, "step": 0, "by": None})
 
     loss_scale: torch.Tensor | None = None   # fp16: dynamic loss scale (GradScaler's rule, on the device)
     scale_growth: torch.Tensor | None = None  # fp16: good steps since the scale last changed
@@ -56,12 +57,12 @@ class LoopState:
         self.running, self.counts = {}, {}
         return line
 
-    def consider_best(self, score: float, weights: dict[str, torch.Tensor]) -> None:
+    def consider_best(self, score: float, weights: dict[str, torch.Tensor], by: str | None = None) -> None:
         """export_best: keep a CPU copy of ``weights`` ({name: tensor}) when ``score`` (lower is better)
-        is the best yet."""
+        is the best yet; ``by``: the validation score it is (recorded with the pick)."""
         if score < self.best["score"]:
             self.best = {"score": score, "params": {k: t.detach().cpu().clone() for k, t in weights.items()},
-                         "step": self.step}
+                         "step": self.step, "by": by}
 
     def state_dict(self) -> dict:
         return {f.name: to_cpu(getattr(self, f.name)) for f in dataclasses.fields(self)}

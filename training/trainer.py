@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from . import amp
-from .checkpoint import Checkpoints, checkpoint_state, load_checkpoint, restore_checkpoint
+from .checkpoint import Checkpoints, checkpoint_state, fp16_fix_record, load_checkpoint, restore_checkpoint
 from .config import TrainConfig
 from .device import Distributed, pick_device, resolve_precision
 from .ema import EMA
 from .errors import VAEFTError
-from .fp16fix import ActivationPenalty, FP16Fix
+from .fp16fix import BEST_BY, ActivationPenalty, FP16Fix
 from .fused_blocks import autocast_group_norms, fuse_vae_blocks
 from .fused_norm import triton_available
 from .imageio import signed_to_unit
@@ -149,11 +149,14 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         resume = load_checkpoint(resume, vae.layout, cfg, trainable_shapes(vae.model, cfg.trainable), dist.world_size,
                                  data_signature)
     s = _set_up(vae, cfg, device, dist, lpips_net, augment, callbacks,
-                sample=val_batch if val_batch is not None else preview_batch, resumed=resume is not None)
+                sample=val_batch if val_batch is not None else preview_batch,
+                resumed=fp16_fix_record(resume) if resume is not None else None)
     state = LoopState.new(device, loss_scaling=s.amp == "fp16")
     if resume is not None:
         loop = restore_checkpoint(resume, params=s.params, opt=s.opt, ema=s.ema, disc=s.disc, disc_opt=s.disc_opt)
         state = LoopState.from_state_dict(loop, device, loss_scaling=s.amp == "fp16")
+        if cfg.export_best:
+            _rescore_best(state, _best_by(s))
     run_id = (resume.get("run_id") if resume is not None else None) or run_id or uuid.uuid4().hex
     if checkpoints is not None and not isinstance(checkpoints, Checkpoints):
         checkpoints = Checkpoints(checkpoints, every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes)
@@ -169,7 +172,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     def save(step: int) -> None:
         path = checkpoints.write(step, checkpoint_state(
             cfg=cfg, layout=vae.layout, step=step, params=s.params, opt=s.opt, ema=s.ema, disc=s.disc,
-            disc_opt=s.disc_opt, loop=state.state_dict(), world_size=dist.world_size, data_signature=data_signature))
+            disc_opt=s.disc_opt, loop=state.state_dict(), world_size=dist.world_size, data_signature=data_signature,
+            fp16_fix=s.fix.record() if s.fix is not None else None))
         if callbacks.on_checkpoint:
             callbacks.on_checkpoint(step, path)
 
@@ -251,7 +255,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         latent_cache_hits=s.cache.hits if s.cache is not None else 0,
         rank_digests=_check_ranks_agree(s.model, cfg.trainable, dist) if dist.world_size > 1 else None,
         run_id=run_id, checkpoint=checkpoints.written[-1] if checkpoints is not None and checkpoints.written else None,
-        fp16_fix=s.fix.summary(safe_step) if s.fix is not None else None)
+        fp16_fix=s.fix.summary(safe_step, _best_by(s) if cfg.export_best else None) if s.fix is not None else None)
 
 
 def check_run(cfg: TrainConfig, dist: Distributed, val_batch: torch.Tensor | None) -> TrainConfig:
@@ -327,9 +331,10 @@ class _Run:
 
 def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distributed,
              lpips_net: torch.nn.Module | None, augment, callbacks: Callbacks,
-             sample: torch.Tensor | None = None, resumed: bool = False) -> _Run:
+             sample: torch.Tensor | None = None, resumed: dict | None = None) -> _Run:
     """A private fp32 copy of the model set up for training (trainable set, precision, fused norms,
-    memory layout, DDP, compile) with its loss, optimizers, EMA, and the fp16-fix parts (``sample``: patches)."""
+    memory layout, DDP, compile) with its loss, optimizers, EMA, and the fp16-fix parts (``sample``: patches;
+    ``resumed``: the fp16-fix record of the checkpoint the run continues, None for a fresh run)."""
     model = copy.deepcopy(vae.model).to(device)  # build_vae made it fp32: the master weights
     family = vae.family
     params = {name: p for name, p in model.named_parameters()
@@ -552,8 +557,35 @@ def _scores(s: _Run, state: LoopState, val_batch: torch.Tensor, general_batch: t
         if s.fix is not None and s.fix.ref is not None:
             scores.update({f"val_{k}": v for k, v in s.fix.scores(s.params, state.step).items()})
         if s.cfg.export_best and state.step > 0:
-            state.consider_best(scores.get("val_lpips", scores["val_mse"]), s.params)
+            by = _best_by(s)
+            state.consider_best(_best_score(by, scores), s.params, by=by)
     return scores
+
+
+def _best_by(s: _Run) -> str:
+    """The validation score export_best picks by: with target 'base' (the fp16-fix recipe) ``val_fp16_psnr``,
+    the fp16 decode of the held-out patches against the base's fp32 decode (the recipe's goal); else the error
+    against the images, ``val_lpips`` (``val_mse`` when LPIPS is off)."""
+    by = s.fix.best_by() if s.fix is not None else None
+    return by or ("val_lpips" if s.lpips_net is not None else "val_mse")
+
+
+def _best_score(by: str, scores: dict) -> float:
+    """``scores``' value of ``by`` as export_best compares it: lower is better (a PSNR is negated)."""
+    return -scores[by] if by == BEST_BY else scores[by]
+
+
+def _rescore_best(state: LoopState, by: str) -> None:
+    """A resumed export_best pick made by another score than ``by`` (a checkpoint written before picks
+    recorded theirs: by the images' error, also with target 'base') is scored again by ``by`` from its
+    step's history line (worst when that line lacks it), so that the steps after the resume compete with it."""
+    best = state.best
+    if best["params"] is None:
+        return
+    line = next((h for h in reversed(state.history) if h["step"] == best["step"] and "val_mse" in h), {})
+    was = best.get("by") or ("val_lpips" if "val_lpips" in line else "val_mse")
+    if was != by:
+        state.best = {**best, "score": _best_score(by, line) if by in line else float("inf"), "by": by}
 
 
 @torch.no_grad()
