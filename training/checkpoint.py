@@ -73,6 +73,12 @@ class DamagedCheckpoint(VAEFTError):
     """A checkpoint file that cannot be read whole (truncated, corrupt, its digest wrong)."""
 
 
+def _first_line(text: str, limit: int = 300) -> str:
+    """A library's error, short: its first line, cut at a word under ``limit`` characters ("…" where cut)."""
+    line = text.strip().splitlines()[0] if text.strip() else "no reason given"
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " …"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint of this tool and verify its digest; refuse anything else with the reason.
     The file is only read."""
@@ -85,7 +91,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         with open(path, "rb") as f:  # a file object: torch.load would treat a *.safetensors name as safetensors
             state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign file: same answer
-        raise DamagedCheckpoint(f"resume checkpoint {path!r} is unreadable or corrupt: {str(e)[:300]}") from None
+        raise DamagedCheckpoint(f"resume checkpoint {path!r} is unreadable or corrupt: {_first_line(str(e))}") from None
     old = _OLD_FORMATS.get(state.get("format")) if isinstance(state, dict) else None
     if old:
         raise VAEFTError(f"resume checkpoint {path!r} was written by version {old} of this tool, which kept weights "
@@ -95,8 +101,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise VAEFTError(f"{path!r} is not a checkpoint written by this tool ({CHECKPOINT_FORMAT})")
     if state.get("digest") != sha256({k: v for k, v in state.items() if k != "digest"}):
         raise DamagedCheckpoint(f"resume checkpoint {path!r} is damaged: its tensors do not match the digest written "
-                                "with them (a disk or copy error). Resume from an earlier checkpoint; this file was "
-                                "not changed")
+                                "with them (a disk or copy error); this file was not changed")
     return state
 
 

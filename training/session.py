@@ -179,7 +179,9 @@ def _checked_start(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *, resu
                 ckpt = load_checkpoint(point, vae.layout, cfg, trainable_shapes(vae.model, cfg.trainable),
                                        dist.world_size, data.order_signature())
             except DamagedCheckpoint as e:
-                raise (explain_damaged(e, point) if os.path.isdir(resume) else e) from None
+                raise (explain_damaged(e, point) if os.path.isdir(resume) else
+                       VAEFTError(f"{e}. Resume from an earlier checkpoint of the run if you have one, or start it "
+                                  "again")) from None
         if run_dir is not None and dist.is_main:
             RunFolder.check(run_dir, resume=ckpt is not None, overwrite=overwrite)
         checkpoints = _checkpoints(run_dir, checkpoint, cfg, overwrite)
