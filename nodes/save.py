@@ -9,6 +9,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..training.config import EXPORT_DTYPES
+from ..training.errors import VAEFTError
 from ..training.export import FORMATS, export_filename, export_vae
 from ..training.families import diffusers_text, latent_choices_text
 from ..training.probe import FAMILY_CHOICES
@@ -24,6 +25,16 @@ def vae_output_folder(sub: str = "vae") -> str:
     folder = os.path.join(folder_paths.get_output_directory(), sub)
     os.makedirs(folder, exist_ok=True)
     return folder
+
+
+def _check_not_the_base(trained, path: str, filename: str) -> None:
+    """The file a fine-tune started from (a VAE Load VAE lists from output/vae/, say) is never written over,
+    whatever overwrite says: replacing one's own input is never what it means."""
+    base = folder_paths.get_full_path("vae", trained.layout.base_name) if trained.layout.base_name else None
+    if base and os.path.exists(path) and os.path.samefile(base, path):
+        raise VAEFTError(f"{filename} is the VAE this fine-tune started from ({trained.layout.base_name!r} in Load "
+                         "VAE's list): a fine-tune never writes over its base, with or without overwrite; choose "
+                         "another name")
 
 
 class SaveFineTunedVAE(io.ComfyNode):
@@ -73,6 +84,7 @@ class SaveFineTunedVAE(io.ComfyNode):
             path = os.path.join(vae_output_folder("vae_diffusers"), filename)
         else:
             path = os.path.join(vae_output_folder(), filename)
+            _check_not_the_base(trained, path, filename)
         report = export_vae(trained, path, dtype=dtype, overwrite=overwrite, device=mm.get_torch_device(),
                             format=format, family=family)
         for warning in report.warnings:

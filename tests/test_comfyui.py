@@ -199,6 +199,24 @@ def test_save_refuses_an_existing_file_and_a_bad_name(comfy):
     assert "plain file name" in _messages(entry)
     assert not any("evil" in name for _, _, files in os.walk(base) for name in files)
 
+    # a fine-tune of a VAE Load VAE lists from output/vae/, saved under that VAE's own name with overwrite on:
+    # refused, the base left as it was
+    import shutil
+
+    own = os.path.join(base, "output", "vae", "vae-ft-self-2.safetensors")
+    shutil.copy(os.path.join(base, "models", "vae", "random_sd_vae.safetensors"), own)
+    with open(own, "rb") as f:
+        before = f.read()
+    prompt = _example("vae-ft-self-2.safetensors", "vae_train", seed=3)
+    save = next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]
+    save.update(name="self", overwrite=True)
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "error", _messages(entry)
+    assert "never writes over its base" in _messages(entry)
+    with open(own, "rb") as f:
+        assert f.read() == before
+    os.remove(own)
+
 
 def test_interrupt_stops_training_and_server_stays_healthy(comfy):
     server, base, _ = comfy
