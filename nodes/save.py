@@ -11,8 +11,7 @@ from comfy_api.latest import io, ui
 from ..training.config import EXPORT_DTYPES
 from ..training.errors import VAEFTError
 from ..training.export import FORMATS, export_filename, export_vae
-from ..training.families import diffusers_text, latent_choices_text
-from ..training.probe import FAMILY_CHOICES
+from ..training.families import LATENT_CHOICES, diffusers_text, latent_choices_text
 from .common import Trained, schema
 
 log = logging.getLogger("vaeft")
@@ -64,7 +63,7 @@ class SaveFineTunedVAE(io.ComfyNode):
                                        "SD/SDXL VAEs); "
                                        "diffusers: a model folder in output/vae_diffusers/ for diffusers' "
                                        f"from_pretrained ({diffusers_text()})"),
-                io.Combo.Input("family", options=list(FAMILY_CHOICES), default="auto", optional=True,
+                io.Combo.Input("family", options=list(LATENT_CHOICES), default="auto", optional=True,
                                tooltip="the latent family whose scaling_factor/shift_factor the export "
                                        "records (auto: from the base file's name or its latents; re-estimated "
                                        f"when the encoder was trained). {latent_choices_text()}"),

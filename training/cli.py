@@ -30,7 +30,7 @@ from .files import check_folder, json_safe
 from .imageio import ImageReadError, read_image, to_signed
 from .options import base_type, field_type, validate
 from .plot import curve_image, history_curves, save_png
-from .probe import FAMILY_CHOICES, half_precision_check
+from .probe import half_precision_check
 from .runs import RunFolder, read_config, resume_point, write_preview
 from .session import Hooks, run_session
 from .vae import latent_channels, load_vae
@@ -88,7 +88,7 @@ def add_fit_command(sub) -> argparse.ArgumentParser:
                    help="safetensors: one file in the base's layout (ComfyUI; Automatic1111 for kl-f8); diffusers: a folder that "
                         "diffusers' from_pretrained loads (config.json + diffusion_pytorch_model.safetensors: "
                         f"{families.diffusers_text()})")
-    p.add_argument("--family", choices=FAMILY_CHOICES, default="auto",
+    p.add_argument("--family", choices=families.LATENT_CHOICES, default="auto",
                    help="latent family whose scaling_factor/shift_factor the export records (auto: from the base "
                         "file's name or its latents; re-estimated when the encoder is trained). "
                         f"{families.latent_choices_text()}")

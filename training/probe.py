@@ -307,16 +307,12 @@ def half_precision_check(vaes: dict[str, torch.nn.Module], patches: torch.Tensor
     return out
 
 
-# The latent families a user may name (--family, the Save node's family), or auto: read off the families.
-FAMILY_CHOICES = LATENT_CHOICES
-
-
 def latent_scaling(trained, model: torch.nn.Module, probe: ExportProbe | None,
                    family: str = "auto", device: torch.device | str = "cpu") -> dict:
     """How the exported VAE's latents are scaled for a diffusion model, as its VAE family says (see
     ``Family.latents``) for ``trained`` (a :class:`training.trained.Trained`): {"family", "why", "source"}
     and either "scaling_factor" / "shift_factor" (kl-f8) or per-channel "latents_mean" / "latents_std"
-    (Wan 2.1, Flux.2). ``family``: a latent family the VAE's family knows (FAMILY_CHOICES) or "auto"."""
-    if family not in FAMILY_CHOICES:
-        raise VAEFTError(f"family must be one of {', '.join(FAMILY_CHOICES)}; got {family!r}")
+    (Wan 2.1, Flux.2). ``family``: a latent family the VAE's family knows (``families.LATENT_CHOICES``) or "auto"."""
+    if family not in LATENT_CHOICES:
+        raise VAEFTError(f"family must be one of {', '.join(LATENT_CHOICES)}; got {family!r}")
     return trained.layout.family.latents(trained, model, probe, family, device, measure=latent_statistics)

@@ -1,7 +1,7 @@
 """The ``Family`` type: what the rest of the library asks of a VAE, answered once per family.
 
 The ground of :mod:`training.families`: the type and the helpers every family module shares. It imports
-nothing above the ground floor (errors); the families and the registry (``training.families``) build on it.
+nothing above the ground floor (errors, tensors); the families and the registry (``training.families``) build on it.
 
 Every family's model is a diffusers module with the same image interface: ``encode(x)`` of BCHW
 images in [-1, 1] gives ``.latent_dist`` (``mean``, ``logvar``, ``mode()``, ``sample(g)``) of BCHW
@@ -136,12 +136,13 @@ def has_family(model: torch.nn.Module) -> bool:
 
 def check_keys(sd: dict, name_of: Callable[[str], str], source: str, label: str) -> None:
     """Refuse, naming the file and its tensors, the keys of ``sd`` that are not part of the family: those
-    ``name_of`` (a key map of the family) raises on. Such a file mixes parts of different VAEs or is no VAE."""
+    ``name_of`` (a key map of the family) raises on, or cannot parse (too few parts, a block number that is
+    not one). Such a file mixes parts of different VAEs or is no VAE."""
     foreign = []
     for k in sd:
         try:
             name_of(k)
-        except VAEFTError:
+        except (VAEFTError, IndexError, ValueError):
             foreign.append(k)
     if foreign:
         raise VAEFTError(f"{source} is laid out like a {label} but holds {len(foreign)} tensor(s) that are not part "

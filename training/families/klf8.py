@@ -103,8 +103,8 @@ def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tupl
     already removed): drops LDM's loss/EMA keys, refuses anything that is not a kl-f8 AutoencoderKL with
     a message naming ``source``. Returns (state dict, dropped key names)."""
     if DIFFUSERS_PROBE in sd:
-        check_keys(sd, lambda k: diffusers_to_ldm_key(normalise_diffusers_key(k), num_levels_diffusers(sd)), source,
-                   FAMILY_LABEL)
+        n = num_levels_diffusers(sd)
+        check_keys(sd, lambda k: _diffusers_key_back(normalise_diffusers_key(k), n), source, FAMILY_LABEL)
         sd = diffusers_to_ldm(sd)
     dropped = sorted(k for k in sd if k.startswith(_NON_MODEL_PREFIXES))
     sd = {k: v for k, v in sd.items() if not k.startswith(_NON_MODEL_PREFIXES)}
@@ -118,6 +118,15 @@ def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tupl
     levels = num_levels(sd)
     check_keys(sd, lambda k: ldm_to_diffusers_key(k, levels), source, FAMILY_LABEL)
     return sd, dropped
+
+
+def _diffusers_key_back(key: str, n: int) -> str:
+    """The ldm name of a diffusers key, checked by mapping it forward again (the inverse map passes unknown
+    names through unchanged; the forward one refuses them)."""
+    ldm = diffusers_to_ldm_key(key, n)
+    if ldm_to_diffusers_key(ldm, n) != key:
+        raise VAEFTError(f"state dict key {key!r} is not part of a kl-f8 AutoencoderKL")
+    return ldm
 
 
 def build(ldm: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, str]]:
