@@ -37,6 +37,37 @@ def wan_file(seed: int) -> dict[str, torch.Tensor]:
     return {wan.to_original_key(k, per): v.detach().to(torch.bfloat16).clone() for k, v in dsd.items()}
 
 
+WAN22_TINY = dict(base_dim=16, decoder_base_dim=24, z_dim=48, dim_mult=[1, 2, 2], num_res_blocks=1,
+                  temperal_downsample=[False, True], is_residual=True)
+
+
+def wan22_file(seed: int) -> dict[str, torch.Tensor]:
+    """Wan 2.2 in the original (ComfyUI) layout in bf16: 48 latent channels, RGB patchified 2x2 into 12
+    channels, causal 3D convolutions (a decoder wider than the encoder, as the released 160/256)."""
+    from diffusers import AutoencoderKLWan
+
+    from training.families import wan22
+
+    torch.manual_seed(seed)
+    dsd = AutoencoderKLWan(**WAN22_TINY, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=8).state_dict()
+    return {wan22.to_original_key(k, WAN22_TINY["num_res_blocks"]): v.detach().to(torch.bfloat16).clone()
+            for k, v in dsd.items()}
+
+
+def qwen21_file(seed: int) -> dict[str, torch.Tensor]:
+    """Qwen-Image 2.1 in the original (ComfyUI) layout in bf16: 64 latent channels, RGBA, every causal
+    convolution 5D with temporal size 1 (diffusers' class holds them as 4D)."""
+    from diffusers import AutoencoderKLQwenImage21
+
+    from training.families import wan22
+
+    torch.manual_seed(seed)
+    dsd = AutoencoderKLQwenImage21(**{**WAN22_TINY, "z_dim": 64}, in_channels=4, out_channels=4,
+                                   scale_factor_spatial=4).state_dict()
+    sd, _ = wan22.file_layout({k: v.detach().to(torch.bfloat16).clone() for k, v in dsd.items()})
+    return sd
+
+
 def flux2_file(seed: int) -> dict[str, torch.Tensor]:
     """Black Forest Labs' layout in bf16 (the batch counter int64), with non-trivial BatchNorm statistics."""
     from diffusers import AutoencoderKLFlux2
@@ -65,10 +96,13 @@ class Example:
     file: Callable[[int], dict[str, torch.Tensor]]
     other_layouts: Callable[[dict], dict[str, dict]] = field(default=lambda sd: {})
     image_size: int = 32  # a patch side the family's downsampling divides
+    channels: int = 3  # image channels (Qwen-Image 2.1: RGBA)
 
 
 EXAMPLES: dict[str, Example] = {
     "kl-f8": Example(klf8_file),
     "wan2.1": Example(wan_file),
     "flux2": Example(flux2_file, flux2_comfyui),
+    "wan2.2": Example(wan22_file),
+    "qwen-image-2.1": Example(qwen21_file, channels=4),
 }

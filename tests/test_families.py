@@ -44,8 +44,8 @@ def _module_layout(family, sd: dict) -> dict:
 
 
 def _images(family, n=4, seed=0):
-    size = _example(family).image_size
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    size, channels = _example(family).image_size, _example(family).channels
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 def test_every_layout_it_reads_is_recognised_and_read_back_exactly(family):

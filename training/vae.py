@@ -97,17 +97,15 @@ def build_vae(sd: dict[str, torch.Tensor], source: str = "state dict", base_sha2
 
 def _fits(shape: tuple[int, ...], expected: tuple[int, ...], reshapable: bool) -> bool:
     """Whether a file tensor of ``shape`` is the module's ``expected`` one: equal, or for the family's
-    reshapable keys equal but for trailing 1s ((C, C, 1, 1) and (C, C) are the same weight)."""
+    reshapable keys equal but for dimensions of size 1, which never change the order of the values
+    ((C, C, 1, 1) and (C, C) are the same weight; so are Qwen-Image 2.1's (O, I, 1, 3, 3) and (O, I, 3, 3))."""
     if not reshapable:
         return tuple(shape) == tuple(expected)
     return _squeezed(shape) == _squeezed(expected)
 
 
 def _squeezed(shape) -> tuple[int, ...]:
-    shape = tuple(int(s) for s in shape)
-    while len(shape) > 1 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
+    return tuple(int(s) for s in shape if int(s) != 1)
 
 
 def load_vae(path: str | os.PathLike) -> LoadedVAE:

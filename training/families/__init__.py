@@ -10,7 +10,11 @@ kl-f8 and Flux.2 share), one module per family:
 - :mod:`training.families.flux2`: the Flux.2 VAE (32 latent channels, BatchNorm latent statistics, a
   decoder possibly narrower than the encoder), files in Black Forest Labs' layout or diffusers';
 - :mod:`training.families.wan`: the Wan 2.1 VAE that Qwen-Image and Wan 2.1/2.2-14B use (16 latent
-  channels, causal 3D convolutions, RMSNorm), files in the original (ComfyUI) layout or diffusers'.
+  channels, causal 3D convolutions, RMSNorm), files in the original (ComfyUI) layout or diffusers';
+- :mod:`training.families.wan22`: the Wan 2.2 layout (residual levels, 16x), two families: Wan 2.2 (48 latent
+  channels, 2x2 patchify; Wan2.2-TI2V-5B) and Qwen-Image 2.1 (64 latent channels, RGBA, temporal kernel 1),
+  files in the original (ComfyUI) layout or diffusers';
+- :mod:`training.families.wan2d`: what the Wan-layout families share (key grammar, the one-frame path).
 
 A loaded VAE carries its :class:`Family` (``LoadedVAE.family``, ``family_of(model)``): nothing outside
 this package looks a family up by name.
@@ -23,16 +27,16 @@ from typing import Callable
 import torch
 
 from ..errors import VAEFTError
-from . import flux2, klf8, wan
+from . import flux2, klf8, wan, wan22
 from .base import TRAINABLE_PREFIXES, Family, family_of, has_family, trained
 
 __all__ = ["FAMILIES", "Family", "LATENT_CHOICES", "TRAINABLE_PREFIXES", "family_of",
            "diffusers_text", "files_text", "has_family", "labels_text", "latent_choices_text", "models_text", "recognise",
            "trained"]
 
-# Every family this version trains, the most specific recogniser first (kl-f8's takes any encoder/decoder
-# tensors and then says precisely what is missing).
-FAMILIES: tuple[Family, ...] = (wan.FAMILY, flux2.FAMILY, klf8.FAMILY)
+# Every family this version trains, the most specific recogniser first (Wan 2.1's takes any Wan-layout
+# file, kl-f8's any encoder/decoder tensors and then says precisely what is missing).
+FAMILIES: tuple[Family, ...] = (wan22.QWEN21, wan22.WAN22, wan.FAMILY, flux2.FAMILY, klf8.FAMILY)
 
 # In messages and help texts the families are listed oldest first.
 _LISTED: tuple[Family, ...] = tuple(reversed(FAMILIES))
@@ -75,11 +79,9 @@ def files_text() -> str:
 
 # Families the pack recognises but does not train, by a key or shape that marks them: refused by name.
 _NOT_TRAINED: list[tuple[str, Callable[[dict], bool]]] = [
-    ("the Wan 2.2 VAE (48 latent channels, 16x; Wan2.2-TI2V-5B)",
-     lambda sd: any(k.startswith(("decoder.upsamples.0.upsamples.", "decoder.up_blocks.0.upsampler.")) for k in sd)
-     or _channels(sd, ("conv2.weight", "post_quant_conv.weight")) == 48),
-    ("a 64-channel VAE (Qwen-Image 2.1 or HunyuanImage 2.1)",
-     lambda sd: _channels(sd, ("conv2.weight", "post_quant_conv.weight", "decoder.conv_in.weight")) == 64),
+    ("a 64-channel VAE of another layout than the Wan one (HunyuanImage 2.1's, 32x)",
+     lambda sd: not wan.recognise(sd)
+     and _channels(sd, ("conv2.weight", "post_quant_conv.weight", "decoder.conv_in.weight")) == 64),
     ("a video VAE with a temporal decoder (Stable Video Diffusion)",
      lambda sd: "decoder.mid.block_1.mix_factor" in sd or any(".time_stack." in k for k in sd)),
 ]

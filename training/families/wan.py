@@ -19,14 +19,16 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
-from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
-from diffusers.models.modeling_outputs import AutoencoderKLOutput
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import VAEFTError
 from .base import Family, check_keys, conv_io, decoder_block_of
+from .wan2d import HEAD as _HEAD
+from .wan2d import RESIDUAL as _RESIDUAL
+from .wan2d import REV_HEAD as _REV_HEAD
+from .wan2d import REV_RESIDUAL as _REV_RESIDUAL
+from .wan2d import TOP as _TOP
+from .wan2d import OneFrame
 
 LABEL = "Wan 2.1 VAE (Qwen-Image, Wan 2.1)"
 ORIGINAL_PROBE = "decoder.middle.0.residual.0.gamma"
@@ -36,13 +38,6 @@ IMAGE_FROZEN = (r"^(encoder\.down_blocks\.\d+|decoder\.up_blocks\.\d+\.upsampler
 
 # ----- keys: the original (ComfyUI) layout <-> diffusers'
 
-_RESIDUAL = {"residual.0.gamma": "norm1.gamma", "residual.2.weight": "conv1.weight", "residual.2.bias": "conv1.bias",
-             "residual.3.gamma": "norm2.gamma", "residual.6.weight": "conv2.weight", "residual.6.bias": "conv2.bias",
-             "shortcut.weight": "conv_shortcut.weight", "shortcut.bias": "conv_shortcut.bias"}
-_HEAD = {"head.0.gamma": "norm_out.gamma", "head.2.weight": "conv_out.weight", "head.2.bias": "conv_out.bias"}
-_TOP = {"conv1": "quant_conv", "conv2": "post_quant_conv"}
-_REV_RESIDUAL = {v: k for k, v in _RESIDUAL.items()}
-_REV_HEAD = {v: k for k, v in _HEAD.items()}
 
 
 def _sub(rest: str, table: dict[str, str], key: str) -> str:
@@ -193,132 +188,11 @@ def decoder_block(name: str) -> str | None:
     return decoder_block_of(name, "nonlinearity", "norm_out")
 
 
-# ----- the module: diffusers' AutoencoderKLQwenImage, images in and out
+# ----- the module: diffusers' AutoencoderKLQwenImage, images in and out (the 2D path: .wan2d)
 
 
-class WanImageVAE(AutoencoderKLQwenImage):
-    """``AutoencoderKLQwenImage`` taking and giving BCHW images (one frame). ``image_path``: "2d" (exact at
-    one frame, fast, gradient checkpointing available) or "3d" (diffusers' own forward)."""
-
-    image_path = "2d"
-    checkpointing = False
-
-    def encode(self, x: torch.Tensor, return_dict: bool = True):
-        if self.image_path == "3d":
-            h = self._encode(x[:, :, None])[:, :, 0]
-        else:
-            h = _conv(self.quant_conv, _encoder_2d(self.encoder, x, self.checkpointing))
-        posterior = DiagonalGaussianDistribution(h)
-        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
-
-    def decode(self, z: torch.Tensor, return_dict: bool = True):
-        """Images in [-1, 1]: the decoder's output clamped, as diffusers' and ComfyUI's decode do."""
-        if self.image_path == "3d":
-            out = self._decode(z[:, :, None]).sample[:, :, 0]
-        else:
-            out = self.decode_unclamped(z).clamp(-1.0, 1.0)
-        return DecoderOutput(sample=out) if return_dict else (out,)
-
-    def decode_unclamped(self, z: torch.Tensor) -> torch.Tensor:
-        """The decoder's output before the clamp (the 2D path; exact at one frame), every layer's forward
-        hooks run: the export's fp16/bf16 check watches activations and pixels past white or black."""
-        return _decoder_2d(self.decoder, _conv(self.post_quant_conv, z), self.checkpointing)
-
-    def enable_gradient_checkpointing(self, *args, **kwargs) -> None:
-        """Recompute each block in the backward pass (the 2D path only: the 3D path caches features)."""
-        if self.image_path != "2d":
-            raise VAEFTError("gradient checkpointing of a Wan 2.1 VAE needs its 2D path (wan_2d on)")
-        self.checkpointing = True
-
-    def disable_gradient_checkpointing(self) -> None:
-        self.checkpointing = False
-
-
-# ----- the 2D path: each block's forward at one frame
-
-
-def _hooked(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``y``, computed from ``x`` for ``module`` without calling it, passed through the module's forward
-    hooks as a call would (the export's fp16/bf16 check watches each layer's output through them)."""
-    for hook in module._forward_hooks.values():
-        out = hook(module, (x,), y)
-        y = y if out is None else out
-    return y
-
-
-def _conv(conv, x: torch.Tensor) -> torch.Tensor:
-    """A causal 3D convolution at one frame: its last temporal tap as a 2D convolution (the zero
-    padding in front in time meets every other tap)."""
-    pad = conv._padding  # (w, w, h, h, 2t, 0)
-    return _hooked(conv, x, F.conv2d(x, conv.weight[:, :, -1], conv.bias, stride=conv.stride[1:],
-                                     padding=(pad[2], pad[0])))
-
-
-def _rms(norm, x: torch.Tensor) -> torch.Tensor:
-    half = x.dtype in (torch.float16, torch.bfloat16)
-    y = F.normalize(x.float() if half else x, dim=1).to(x.dtype)
-    bias = norm.bias.reshape(-1, 1, 1) if isinstance(norm.bias, torch.Tensor) else norm.bias
-    return _hooked(norm, x, y * norm.scale * norm.gamma.reshape(-1, 1, 1) + bias)
-
-
-def _residual(block, x: torch.Tensor) -> torch.Tensor:
-    h = _conv(block.conv_shortcut, x) if isinstance(block.conv_shortcut, torch.nn.Conv3d) else x
-    x = _conv(block.conv1, block.nonlinearity(_rms(block.norm1, x)))
-    x = _conv(block.conv2, block.dropout(block.nonlinearity(_rms(block.norm2, x))))
-    return x + h
-
-
-def _attention(block, x: torch.Tensor) -> torch.Tensor:
-    b, c, h, w = x.shape
-    qkv = block.to_qkv(_rms(block.norm, x)).reshape(b, 1, c * 3, -1).permute(0, 1, 3, 2).contiguous()
-    q, k, v = qkv.chunk(3, dim=-1)
-    y = F.scaled_dot_product_attention(q, k, v).squeeze(1).permute(0, 2, 1).reshape(b, c, h, w)
-    return block.proj(y) + x
-
-
-def _block(block, x: torch.Tensor) -> torch.Tensor:
-    kind = type(block).__name__
-    if kind.endswith("ResidualBlock"):
-        return _residual(block, x)
-    if kind.endswith("AttentionBlock"):
-        return _attention(block, x)
-    if kind.endswith("Resample"):  # at one frame only its 2D resampling runs (time_conv is skipped)
-        return block.resample(x)
-    raise VAEFTError(f"internal error: no 2D forward for {kind}")
-
-
-def _run(block, x: torch.Tensor, ckpt: bool) -> torch.Tensor:
-    """One block at one frame, its own forward hooks run on its output (a residual block's output is the
-    stream's sum, which neither of its layers' outputs shows: the fp16/bf16 check and the fp16-fix
-    recipe watch it)."""
-    if ckpt and torch.is_grad_enabled():
-        return _hooked(block, x, checkpoint(_block, block, x, use_reentrant=False))
-    return _hooked(block, x, _block(block, x))
-
-
-def _mid(mid, x: torch.Tensor, ckpt: bool) -> torch.Tensor:
-    x = _run(mid.resnets[0], x, ckpt)
-    for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
-        x = _run(resnet, _run(attn, x, ckpt), ckpt)
-    return x
-
-
-def _encoder_2d(enc, x: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
-    x = _conv(enc.conv_in, x)
-    for layer in enc.down_blocks:
-        x = _run(layer, x, ckpt)
-    x = _mid(enc.mid_block, x, ckpt)
-    return _conv(enc.conv_out, enc.nonlinearity(_rms(enc.norm_out, x)))
-
-
-def _decoder_2d(dec, x: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
-    x = _mid(dec.mid_block, _conv(dec.conv_in, x), ckpt)
-    for up in dec.up_blocks:
-        for resnet in up.resnets:
-            x = _run(resnet, x, ckpt)
-        if up.upsamplers is not None:
-            x = _run(up.upsamplers[0], x, ckpt)
-    return _conv(dec.conv_out, dec.nonlinearity(_rms(dec.norm_out, x)))
+class WanImageVAE(OneFrame, AutoencoderKLQwenImage):
+    """``AutoencoderKLQwenImage`` taking and giving BCHW images (one frame): see :class:`.wan2d.OneFrame`."""
 
 
 # The published per-channel statistics of Wan 2.1's latents (diffusers' AutoencoderKLWan /

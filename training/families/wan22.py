@@ -1,0 +1,363 @@
+"""The Wan 2.2 layout: two families of one architecture, residual levels (each level's blocks plus a
+shortcut of its input averaged down / duplicated up onto its output), 16x spatial, RMSNorm, causal
+convolutions.
+
+- **Wan 2.2** (Wan2.2-TI2V-5B, Bria FIBO / FIBO-Edit): 48 latent channels, a 2x2 patchify of RGB pixels into
+  12 channels before the encoder (and back after the decoder), causal 3D convolutions (temporal kernel 3).
+  Files: ComfyUI's ``wan2.2_vae.safetensors`` (the original layout, which ComfyUI's Load VAE reads) or
+  diffusers' ``AutoencoderKLWan(is_residual=True, z_dim=48, patch_size=2)``.
+- **Qwen-Image 2.1**: 64 latent channels, RGBA pixels (4 channels in and out), no patchify, temporal kernel 1
+  (every causal convolution is a 2D one). Files: ComfyUI's ``qwen_image_2.1_vae*.safetensors`` (the original
+  layout with 5D weights of temporal size 1) or diffusers' ``AutoencoderKLQwenImage21`` (4D weights).
+
+Which of the two a file is, is read off its convolutions' temporal size (3 or 1). Exports are written in the
+original layout in the base's dtype (5D, as ComfyUI loads them); ``--format diffusers`` writes the family's
+diffusers class. The module is the diffusers class with the image interface of :mod:`training.families` and
+the exact one-frame path of :mod:`.wan2d`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import torch
+from diffusers import AutoencoderKLQwenImage21, AutoencoderKLWan
+
+from ..errors import VAEFTError
+from .base import Family, check_keys, conv_io, decoder_block_of
+from .wan2d import HEAD, RESIDUAL, REV_HEAD, REV_RESIDUAL, TOP, OneFrame
+
+WAN22_LABEL = "Wan 2.2 VAE (48 latent channels, 16x; Wan2.2-TI2V-5B, FIBO)"
+QWEN21_LABEL = "Qwen-Image 2.1 VAE (64 latent channels, 16x, RGBA)"
+ORIGINAL_MARK = re.compile(r"^(encoder\.downsamples\.\d+\.downsamples|decoder\.upsamples\.\d+\.upsamples)\.\d+\.")
+# (diffusers' kl-f8 and Flux.2 name their levels alike, but their norms have no gamma and their up blocks
+# a list of upsamplers; Wan 2.1's levels are flat lists with no resnets)
+DIFFUSERS_MARK = re.compile(r"^(encoder\.down_blocks\.\d+\.resnets\.\d+\.norm1\.gamma$|decoder\.up_blocks\.\d+\.upsampler\.)")
+ORIGINAL_PROBE = "decoder.upsamples.0.upsamples.0.residual.0.gamma"
+DIFFUSERS_PROBE = "encoder.down_blocks.0.resnets.0.norm1.gamma"
+# Still images never reach the temporal resampling convolutions (skipped at one frame): they stay frozen.
+IMAGE_FROZEN = (r"^(encoder\.down_blocks\.\d+\.downsampler|decoder\.up_blocks\.\d+\.upsampler)\.time_conv\.",)
+
+
+# ----- keys: the original (ComfyUI) layout <-> diffusers'
+
+def _foreign(key: str) -> VAEFTError:
+    return VAEFTError(f"state dict key {key!r} is not part of a Wan 2.2-layout VAE")
+
+
+def _sub(rest: str, table: dict[str, str], key: str) -> str:
+    if rest not in table:
+        raise _foreign(key)
+    return table[rest]
+
+
+def _resampler(sub: str) -> bool:
+    return sub.startswith(("resample.", "time_conv."))
+
+
+def to_diffusers_key(key: str) -> str:
+    """diffusers' name of one original-layout key."""
+    head, _, rest = key.partition(".")
+    if head in TOP:
+        return f"{TOP[head]}.{rest}"
+    if head not in ("encoder", "decoder"):
+        raise _foreign(key)
+    if rest.startswith("conv1."):
+        return f"{head}.conv_in.{rest[6:]}"
+    if rest.startswith("head."):
+        return f"{head}.{_sub(rest, HEAD, key)}"
+    m = re.fullmatch(r"middle\.([012])\.(.+)", rest)
+    if m:
+        if m.group(1) == "1":  # the attention: the same names under attentions.0
+            return f"{head}.mid_block.attentions.0.{m.group(2)}"
+        return f"{head}.mid_block.resnets.{int(m.group(1)) // 2}.{_sub(m.group(2), RESIDUAL, key)}"
+    outer, blocks, sampler = (("downsamples", "down_blocks", "downsampler") if head == "encoder"
+                              else ("upsamples", "up_blocks", "upsampler"))
+    m = re.fullmatch(rf"{outer}\.(\d+)\.{outer}\.(\d+)\.(.+)", rest)
+    if not m:
+        raise _foreign(key)
+    level, j, sub = int(m.group(1)), int(m.group(2)), m.group(3)
+    if _resampler(sub):
+        return f"{head}.{blocks}.{level}.{sampler}.{sub}"
+    return f"{head}.{blocks}.{level}.resnets.{j}.{_sub(sub, RESIDUAL, key)}"
+
+
+def to_original_key(key: str, res: int) -> str:
+    """The original-layout name of one diffusers key (inverse of :func:`to_diffusers_key`). ``res``: the
+    encoder's residual blocks per level (its resampler follows them; the decoder has one block more)."""
+    head, _, rest = key.partition(".")
+    for orig, diff in TOP.items():
+        if head == diff:
+            return f"{orig}.{rest}"
+    if head not in ("encoder", "decoder"):
+        raise _foreign(key)
+    if rest.startswith("conv_in."):
+        return f"{head}.conv1.{rest[8:]}"
+    if rest in REV_HEAD:
+        return f"{head}.{REV_HEAD[rest]}"
+    m = re.fullmatch(r"mid_block\.(attentions\.0|resnets\.([01]))\.(.+)", rest)
+    if m:
+        if m.group(2) is None:
+            return f"{head}.middle.1.{m.group(3)}"
+        return f"{head}.middle.{2 * int(m.group(2))}.{_sub(m.group(3), REV_RESIDUAL, key)}"
+    outer, blocks, sampler, n = (("downsamples", "down_blocks", "downsampler", res) if head == "encoder"
+                                 else ("upsamples", "up_blocks", "upsampler", res + 1))
+    m = re.fullmatch(rf"{blocks}\.(\d+)\.(?:{sampler}\.(.+)|resnets\.(\d+)\.(.+))", rest)
+    if not m:
+        raise _foreign(key)
+    level = int(m.group(1))
+    if m.group(2) is not None:
+        return f"{head}.{outer}.{level}.{outer}.{n}.{m.group(2)}"
+    return f"{head}.{outer}.{level}.{outer}.{m.group(3)}.{_sub(m.group(4), REV_RESIDUAL, key)}"
+
+
+def _res_blocks(keys) -> int:
+    """Residual blocks per encoder level, read off level 0 (either layout)."""
+    ids = {int(m.group(1)) for k in keys
+           if (m := re.match(r"encoder\.(?:downsamples\.0\.downsamples|down_blocks\.0\.resnets)\.(\d+)\.(?:residual|norm1)", k))}
+    if not ids:
+        raise VAEFTError("a Wan 2.2-layout VAE state dict without encoder residual blocks")
+    return max(ids) + 1
+
+
+# The causal convolutions' weights in the original layout (5D there; Qwen-Image 2.1's diffusers layout
+# stores them as 4D 2D-convolution weights)
+_CAUSAL = re.compile(r"(^conv[12]|\.conv1|\.head\.2|\.residual\.[26]|\.shortcut|\.time_conv)\.weight$")
+
+
+def _temporal_kernel(sd: dict) -> int:
+    """The temporal size of the encoder's first convolution (3: Wan 2.2; 1: Qwen-Image 2.1, whose diffusers
+    weights are 4D)."""
+    w = sd.get("encoder.conv1.weight", sd.get("encoder.conv_in.weight"))
+    if not isinstance(w, torch.Tensor) or w.ndim not in (4, 5):
+        raise VAEFTError("a Wan 2.2-layout VAE state dict without its encoder's first convolution")
+    return 1 if w.ndim == 4 else int(w.shape[2])
+
+
+# ----- recognising and reading a file
+
+def _layout(sd: dict) -> bool:
+    return any(ORIGINAL_MARK.match(k) or DIFFUSERS_MARK.match(k) for k in sd)
+
+
+def recognise_wan22(sd: dict) -> bool:
+    return _layout(sd) and _temporal_kernel_or_none(sd) not in (1, None)
+
+
+def recognise_qwen21(sd: dict) -> bool:
+    return _layout(sd) and _temporal_kernel_or_none(sd) == 1
+
+
+def _temporal_kernel_or_none(sd: dict) -> int | None:
+    try:
+        return _temporal_kernel(sd)
+    except VAEFTError:
+        return 3  # no encoder: the Wan 2.2 family's file_layout then says what is missing
+
+
+def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors in the original layout (what ComfyUI's Load VAE reads) from either layout: diffusers' names
+    mapped back, and Qwen-Image 2.1's 4D diffusers convolution weights given their temporal size 1."""
+    if not any(k.startswith(("encoder.downsamples.", "encoder.down_blocks.")) for k in sd):
+        raise VAEFTError(f"{source}: its decoder is laid out like a Wan 2.2 VAE's but it has no encoder (or an "
+                         "other VAE's). The file mixes parts of different VAEs or is incomplete; use one complete "
+                         "VAE file.")
+    if any(DIFFUSERS_MARK.match(k) for k in sd):
+        res = _res_blocks(sd)
+        check_keys(sd, lambda k: to_original_key(k, res), source, WAN22_LABEL)
+        flat = _temporal_kernel(sd) == 1 and sd.get("encoder.conv_in.weight") is not None
+        sd = {to_original_key(k, res): v for k, v in sd.items()}
+        if flat:
+            sd = {k: (v.unsqueeze(2) if v.ndim == 4 and _CAUSAL.search(k) else v) for k, v in sd.items()}
+    check_keys(sd, to_diffusers_key, source, WAN22_LABEL)
+    return dict(sd), []
+
+
+def config_from_file(sd: dict[str, torch.Tensor]) -> dict:
+    """The diffusers class and its config read off original-layout shapes (so a narrower test model needs
+    no preset): ``(cls, config)``."""
+    res = _res_blocks(sd)
+    levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.downsamples\.(\d+)\.", k)))
+    base = int(sd["encoder.conv1.weight"].shape[0])
+    widths = [int(sd[f"encoder.downsamples.{i}.downsamples.0.residual.2.weight"].shape[0]) for i in range(levels)]
+    temporal = [f"encoder.downsamples.{i}.downsamples.{res}.time_conv.weight" in sd for i in range(levels - 1)]
+    kernel = _temporal_kernel(sd)
+    patch = 2 if kernel != 1 else 1
+    mult = [w // base for w in widths]
+    pixels = int(sd["encoder.conv1.weight"].shape[1])
+    # read off the decoder where it has them (a tensor it lacks is then named by build_vae, not a KeyError here)
+    dec = sd.get("decoder.conv1.weight")
+    dec_base = int(dec.shape[0]) // mult[-1] if isinstance(dec, torch.Tensor) else base
+    out = sd.get("decoder.head.2.weight")
+    config = dict(base_dim=base, decoder_base_dim=dec_base,
+                  z_dim=int(sd["conv2.weight"].shape[0]), dim_mult=mult, num_res_blocks=res,
+                  attn_scales=[], temperal_downsample=temporal, dropout=0.0, is_residual=True,
+                  in_channels=pixels, out_channels=int(out.shape[0]) if isinstance(out, torch.Tensor) else pixels,
+                  patch_size=patch if patch > 1 else None, scale_factor_spatial=2 ** (levels - 1) * patch)
+    return (AutoencoderKLWan if kernel != 1 else AutoencoderKLQwenImage21), config
+
+
+def check(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Refuse halves of two different VAEs (the encoder's 2z moments must feed conv1 (2z -> 2z), the z-channel
+    latents conv2 (z -> z) and the decoder; every causal convolution of one temporal size; the encoder taking
+    the images the decoder makes) and VAEs of other than RGB or RGBA images."""
+    head, quant, post, dec = (conv_io(sd, n) for n in ("encoder.head.2", "conv1", "conv2", "decoder.conv1"))
+    if None in (head, quant, post, dec):
+        missing = [n for n, v in (("encoder.head.2", head), ("conv1", quant), ("conv2", post), ("decoder.conv1", dec))
+                   if v is None]
+        raise VAEFTError(f"{source} is not a complete Wan 2.2-layout VAE: it lacks "
+                         f"{', '.join(m + '.weight' for m in missing)}")
+    if not (head[1] == quant[0] == quant[1] == 2 * post[0] and post[1] == dec[0]):
+        raise VAEFTError(f"{source}: the encoder and decoder do not fit together (encoder.head makes {head[1]} channels, "
+                         f"conv1 {quant[0]} -> {quant[1]}, conv2 {post[0]} -> {post[1]}, decoder.conv1 takes {dec[0]}). "
+                         "The file mixes parts of different VAEs; use one complete VAE file.")
+    kernels = {}
+    for k, v in sd.items():
+        if _CAUSAL.search(k) and v.ndim == 5 and not k.endswith("time_conv.weight") and v.shape[-1] == 3:
+            kernels.setdefault(int(v.shape[2]), k)
+    if len(kernels) > 1:
+        (a, ka), (b, kb) = sorted(kernels.items())[:2]
+        raise VAEFTError(f"{source} mixes causal convolutions of temporal size {a} ({ka}: Qwen-Image 2.1's) and {b} "
+                         f"({kb}: Wan 2.2's): the file mixes parts of different VAEs; use one complete VAE file.")
+    patch = 1 if _temporal_kernel(sd) == 1 else 2
+    pixels_in = int(sd["encoder.conv1.weight"].shape[1])
+    pixels_out = int(sd["decoder.head.2.weight"].shape[0]) if "decoder.head.2.weight" in sd else pixels_in
+    if pixels_in != pixels_out or pixels_in % (patch * patch):
+        raise VAEFTError(f"{source}: the encoder takes {pixels_in} channels but the decoder makes {pixels_out} "
+                         f"(patch {patch}x{patch}): the file mixes parts of different VAEs; use one complete VAE file.")
+    channels = pixels_in // (patch * patch)
+    if channels not in (3, 4):
+        raise VAEFTError(f"{source} is a Wan 2.2-layout VAE of {channels}-channel images; this version trains VAEs of "
+                         "RGB or RGBA images")
+
+
+def build(sd: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The image-interface module (meta device) for original-layout tensors, and file key -> module key."""
+    cls, config = config_from_file(sd)
+    with torch.device("meta"):
+        model = (Wan22ImageVAE if cls is AutoencoderKLWan else Qwen21ImageVAE)(**config)
+    return model, {k: to_diffusers_key(k) for k in sd}
+
+
+class Wan22ImageVAE(OneFrame, AutoencoderKLWan):
+    """``AutoencoderKLWan`` (residual levels, 2x2 patchify) taking and giving BCHW images (one frame)."""
+
+
+class Qwen21ImageVAE(OneFrame, AutoencoderKLQwenImage21):
+    """``AutoencoderKLQwenImage21`` taking and giving BCHW RGBA images (one frame)."""
+
+
+# ----- latents
+
+# The published per-channel statistics of Wan 2.2's latents (ComfyUI's latent_formats.Wan22, the Wan2.2
+# repository's VAE): a pipeline uses (z - mean) / std.
+WAN22_MEAN = [-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+              0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+              -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+              -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667]
+WAN22_STD = [0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+             0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+             0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+             0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744]
+
+
+def _published(cls) -> tuple[list[float], list[float]]:
+    """Qwen-Image 2.1's published statistics: ``AutoencoderKLQwenImage21``'s own defaults (its released config)."""
+    params = inspect.signature(cls.__init__).parameters
+    return list(params["latents_mean"].default), list(params["latents_std"].default)
+
+
+def _latents_for(family: "Family"):
+    def latents(trained, model: torch.nn.Module, probe, choice: str = "auto", device="cpu", *, measure) -> dict:
+        """{"family", "why", "latents_mean", "latents_std", "source"}: the family's published per-channel
+        statistics (decoder-only: the latent space is the base's); re-estimated per channel on the probe's
+        training patches with the trained encoder when it was trained, with ``measure``."""
+        family.check_latent_choice(model, choice)
+        channels = int(model.config.z_dim)
+        mean, std = (WAN22_MEAN, WAN22_STD) if family is WAN22 else _published(AutoencoderKLQwenImage21)
+        out = {"family": family.name, "why": "the VAE family", "latents_mean": list(mean), "latents_std": list(std),
+               "source": f"{family.short}'s published per-channel statistics (decoder-only: the latent space is the base's)"}
+        if channels != len(mean):
+            out.update(latents_mean=[0.0] * channels, latents_std=[1.0] * channels,
+                       source=f"no published statistics for {channels} channels: mean 0, std 1")
+        if trained.config.trainable == "full":
+            if probe is None or probe.train_patches is None:
+                out["source"] += "; NOT re-estimated (no training patches), though the encoder was trained"
+                return out
+            new = measure(model, probe.train_patches, device, seed=trained.config.seed, per_channel=True)
+            out.update(latents_mean=[float(f"{v:.5g}") for v in new["channel_mean"]],
+                       latents_std=[float(f"{v:.5g}") for v in new["channel_std"]],
+                       source=f"re-estimated per channel on {new['patches']} training patches with the trained encoder")
+        return out
+    return latents
+
+
+def _check_latent_choice_for(short: str):
+    def check_latent_choice(model: torch.nn.Module, choice: str) -> None:
+        """Only "auto": these latents are described per channel by the family's own statistics."""
+        if choice != "auto":
+            raise VAEFTError(f"family {choice!r} is a latent family of kl-f8 VAEs; this is a {short} VAE, whose "
+                             "latents are described per channel: leave family on auto")
+    return check_latent_choice
+
+
+def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: str = "") -> torch.nn.Module:
+    """``AutoencoderKLWan`` (Wan 2.2) or ``AutoencoderKLQwenImage21`` (meta device) for original-layout
+    ``tensors``, with ``scaling``'s per-channel statistics."""
+    cls, config = config_from_file(tensors)
+    config.update(latents_mean=scaling["latents_mean"], latents_std=scaling["latents_std"])
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
+def _check_config_for(short: str, temporal_taps: bool):
+    def check_config(cfg) -> None:
+        """Settings this family cannot train with, refused by name before anything is written."""
+        if temporal_taps and cfg.weight_decay > 0:
+            # AdamW's decay would shrink the causal convolutions' other temporal taps, which still images
+            # never train (no gradient reaches them at one frame), and so change the VAE's video behaviour
+            raise VAEFTError(f"weight_decay {cfg.weight_decay} with a {short} VAE: its 3D convolutions' earlier "
+                             "temporal taps get no gradient from still images, and weight decay would shrink them "
+                             "(harming video decoding); set weight_decay to 0")
+        if cfg.grad_checkpointing and not cfg.wan_2d:
+            raise VAEFTError(f"grad_checkpointing with a {short} VAE needs its 2D path (wan_2d on): diffusers' 3D "
+                             "forward caches features between calls and cannot recompute them")
+    return check_config
+
+
+def set_up(model: torch.nn.Module, cfg) -> None:
+    model.image_path = "2d" if cfg.wan_2d else "3d"
+
+
+def decoder_block(name: str) -> str | None:
+    """'post_quant_conv', 'conv_in', 'mid_block', 'up_blocks.N', 'norm_out' or 'conv_out' of a module name."""
+    return decoder_block_of(name, "nonlinearity", "norm_out")
+
+
+def _family(name: str, label: str, short: str, files: str, models: str, classes: str, recognise,
+            temporal_taps: bool, **extra) -> Family:
+    return Family(
+        name=name, label=label, files=files, short=short, models=models, diffusers_classes=classes,
+        probes=(ORIGINAL_PROBE, DIFFUSERS_PROBE), recognise=recognise, file_layout=file_layout, check=check,
+        build=build, file_key=lambda key, sd: to_original_key(key, _res_blocks(sd)), decoder_block=decoder_block,
+        downsampling=lambda model: int(model.config.scale_factor_spatial), image_frozen=IMAGE_FROZEN,
+        latents=lambda *a, **k: _LATENTS[name](*a, **k),
+        check_latent_choice=_check_latent_choice_for(short), diffusers_model=diffusers_model,
+        check_config=_check_config_for(short, temporal_taps), set_up=set_up,
+        raw_decode=lambda model, z: model.decode_unclamped(z),
+        latent_channels=lambda model: int(model.config.z_dim),
+        image_channels=lambda model: int(model.config.in_channels) // int(model.config.patch_size or 1) ** 2,
+        frozen_what=lambda trainable: ("encoder, conv1 and the temporal resampling" if trainable == "decoder"
+                                       else "the temporal resampling"),
+        reshapable=lambda key: True, **extra)
+
+
+WAN22 = _family(
+    "wan2.2", WAN22_LABEL, "Wan 2.2", "wan2.2_vae.safetensors", "Wan 2.2 TI2V-5B, FIBO", "AutoencoderKLWan",
+    recognise_wan22, temporal_taps=True,
+    extra_metadata={"vaeft.trained_on": "still images (one frame): video quality not validated"})
+QWEN21 = _family(
+    "qwen-image-2.1", QWEN21_LABEL, "Qwen-Image 2.1", "qwen_image_2.1_vae.safetensors", "Qwen-Image 2.1",
+    "AutoencoderKLQwenImage21", recognise_qwen21, temporal_taps=False)
+_LATENTS = {f.name: _latents_for(f) for f in (WAN22, QWEN21)}
