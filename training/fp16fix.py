@@ -114,9 +114,13 @@ def _stream_plan(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]] | 
             plan.append(("attention", attn))
         resnet(r)
     for up in dec.up_blocks:
+        if getattr(up, "avg_shortcut", None) is not None:
+            # a residual level (the Wan 2.2 layout): its shortcut adds the level's input, duplicated up, to
+            # the upsampler's output, two segments' sum this plan does not scale: the stream stays as it is
+            raise _NotExact
         for r in up.resnets:
             resnet(r)
-        for u in (up.upsamplers or []):
+        for u in (getattr(up, "upsamplers", None) or []):
             if getattr(u, "time_conv", None) is not None:  # the Wan family's upsample3d
                 plan.append(("pinned", None))
             conv = getattr(u, "conv", None) if hasattr(u, "conv") else _last_conv(getattr(u, "resample", None))
