@@ -6,6 +6,7 @@ against diffusers' own forward, the refusals that are the layout's own, and the 
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -176,3 +177,180 @@ def test_fit_from_the_command_line_with_a_wan22_vae_and_its_diffusers_folder(tmp
     theirs = AutoencoderKLWan.from_pretrained(str(folder), local_files_only=True)
     ours = load_vae(out).model  # the same seed and steps: the same decoder
     assert torch.equal(theirs.decoder.conv_out.weight.float(), ours.decoder.conv_out.weight)
+
+
+# ----- oracles: ComfyUI's own loader on a full-size export (its Wan 2.2 branch builds the released size only)
+
+COMFY_WAN22 = r'''
+out = {}
+jobs = json.load(open(jobs_path))
+image = torch.load(jobs["image"])
+for name, path in jobs["files"].items():
+    messages.clear()
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(path))
+    vae.throw_exception_if_invalid()
+    latent = vae.encode(image)
+    decoded = vae.decode(latent)
+    torch.save({"latent": latent.float(), "decoded": decoded.float()}, path + ".comfy.pt")
+    out[name] = {"messages": list(messages), "model": type(vae.first_stage_model).__module__ + "."
+                 + type(vae.first_stage_model).__name__, "latent_channels": vae.latent_channels}
+    del vae
+print("RESULT " + json.dumps(out))
+'''
+
+
+def released_wan22() -> dict[str, torch.Tensor]:
+    """A random full-size Wan 2.2 VAE (705 M parameters) in ComfyUI's layout, bf16 as the released file: drawn
+    directly in bf16 (diffusers' own initialisation of this size takes minutes on a CPU)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AutoencoderKLWan(**WAN22_RELEASED).state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    for k, shape in shapes.items():
+        fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
+        sd[wan22.to_original_key(k, 2)] = (torch.ones(shape) if k.endswith("gamma") else
+                                           torch.randn(shape, generator=g) / fan_in ** 0.5).to(torch.bfloat16)
+    return sd
+
+
+@pytest.mark.integration
+def test_comfyuis_load_vae_reads_a_full_size_wan22_export_with_the_base_latents(tmp_path):
+    """The released size, ComfyUI's layout, bf16: ComfyUI's Load VAE code builds its Wan 2.2 WanVAE
+    (comfy.ldm.wan.vae2_2) from the export with no missing or leftover keys; its latents of an image equal the
+    base's (the latent space kept) and its decode is finite and is our module's decode of those latents."""
+    import os
+    import subprocess
+    import sys
+
+    from comfy_server import COMFY_LOADER_PREAMBLE, comfyui_path
+    from training.export import export_vae
+    from training.trained import Trained
+    from training.vae import frozen_sha256
+
+    comfy = comfyui_path()
+    if comfy is None:
+        pytest.skip("set COMFYUI_PATH to a ComfyUI checkout to load exports with its loader")
+    sd = released_wan22()
+    save_file(sd, str(tmp_path / "wan2.2_vae.safetensors"))
+    base = build_vae(sd, source="wan2.2_vae.safetensors")
+    del sd
+    before = frozen_sha256(base.model, "decoder")
+    with torch.no_grad():  # a decoder moved away from the base, as training would (minutes on a CPU otherwise)
+        for name, p in base.model.named_parameters():
+            if name.startswith("decoder.") and ".time_conv." not in name:
+                p.add_(torch.randn_like(p) * 1e-3)
+    result = Trained(model=base.model, layout=base.layout, config=TrainConfig(steps=1), history=[], steps_done=1,
+                     base_frozen_sha256=before)
+    report = export_vae(result, tmp_path / "vae-ft-wan22-1.safetensors")
+    assert report.frozen_identical is True
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    torch.save(image, tmp_path / "image.pt")
+    jobs = {"image": str(tmp_path / "image.pt"),
+            "files": {"base": str(tmp_path / "wan2.2_vae.safetensors"), "tuned": report.path}}
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "load.py").write_text(COMFY_LOADER_PREAMBLE + COMFY_WAN22)
+    p = subprocess.run([sys.executable, str(tmp_path / "load.py"), comfy, str(tmp_path / "jobs.json")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, p.stdout[-2000:] + p.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    for name in ("base", "tuned"):
+        assert out[name]["model"] == "comfy.ldm.wan.vae2_2.WanVAE" and out[name]["latent_channels"] == 48, out[name]
+        assert not [m for m in out[name]["messages"] if "Missing VAE keys" in m or "Leftover VAE keys" in m], out
+    base_out = torch.load(jobs["files"]["base"] + ".comfy.pt")
+    tuned_out = torch.load(report.path + ".comfy.pt")
+    assert tuned_out["latent"].shape[:2] == (1, 48)
+    assert torch.equal(tuned_out["latent"], base_out["latent"])  # the encoder is the base's, bit for bit
+    assert torch.isfinite(tuned_out["decoded"]).all() and not torch.equal(tuned_out["decoded"], base_out["decoded"])
+    z = tuned_out["latent"].reshape(1, 48, 4, 4)
+    with torch.no_grad():
+        ours = load_vae(report.path).model.decode(z).sample  # our one-frame path, the exported weights
+    comfy_image = tuned_out["decoded"].reshape(1, 64, 64, 3)  # ComfyUI: [0, 1], channels last
+    assert (((ours + 1) / 2).clamp(0, 1).movedim(1, -1) - comfy_image).abs().max() < 2e-3
+
+
+# ComfyUI's newest Wan 2.2-layout module, which builds the Qwen-Image 2.1 VAE (temporal_kernel, image_channels,
+# patch_size): comfy/ldm/wan/vae2_2.py of a ComfyUI newer than 0.28.2, kept outside the repository (never
+# committed) and run on top of COMFYUI_PATH's comfy package, as that ComfyUI's Load VAE does.
+QWEN21_ORACLE = os.environ.get("VAEFT_COMFY_VAE2_2_NEWEST", os.path.expanduser("~/ComfyUI-newest-wan/vae2_2.py"))
+
+COMFY_QWEN21 = r'''
+import importlib.util
+jobs = json.load(open(jobs_path))
+spec = importlib.util.spec_from_file_location("comfy.ldm.wan.vae2_2_newest", jobs["oracle"])
+newest = importlib.util.module_from_spec(spec)
+newest.__package__ = "comfy.ldm.wan"
+sys.modules[spec.name] = newest
+spec.loader.exec_module(newest)
+image = torch.load(jobs["image"])
+out = {}
+for name, path in jobs["files"].items():
+    sd = comfy.utils.load_torch_file(path)
+    head = sd["decoder.head.2.weight"]
+    # comfy/sd.py's Qwen Image 2.1 branch: the Wan 2.2 layout with a 5D head of temporal size 1
+    assert "decoder.upsamples.0.upsamples.0.residual.2.weight" in sd and head.ndim == 5 and head.shape[2] == 1
+    model = newest.WanVAE(dim=sd["encoder.conv1.weight"].shape[0], dec_dim=sd["decoder.head.0.gamma"].shape[0],
+                          z_dim=64, dim_mult=[1, 2, 4, 8, 8], num_res_blocks=2, attn_scales=[],
+                          temperal_downsample=[False, True, True, True], dropout=0.0, image_channels=head.shape[0],
+                          patch_size=1, temporal_kernel=1)
+    result = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    with torch.no_grad():
+        latent = model.encode(image)
+        decoded = model.decode(latent)
+    torch.save({"latent": latent, "decoded": decoded}, path + ".comfy.pt")
+    out[name] = {"keys": len(sd)}
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.mark.integration
+def test_comfyuis_newest_qwen_image_21_loader_reads_the_export_strictly_with_the_base_latents(tmp_path):
+    """ComfyUI's newest loader code for the Qwen-Image 2.1 VAE (its vae2_2.WanVAE with temporal_kernel 1, RGBA,
+    built as its comfy/sd.py does, strict load): the export of one training step on RGBA images loads with no
+    missing or unexpected key; its latents of an RGBA image equal the base's bit for bit; its decode is ours."""
+    import os
+    import subprocess
+    import sys
+
+    from diffusers import AutoencoderKLQwenImage21
+
+    from comfy_server import COMFY_LOADER_PREAMBLE, comfyui_path
+    from conftest import train
+    from training.export import export_vae
+
+    comfy = comfyui_path()
+    if comfy is None or not os.path.isfile(QWEN21_ORACLE):
+        pytest.skip("needs COMFYUI_PATH and ComfyUI's newest comfy/ldm/wan/vae2_2.py at "
+                    f"{QWEN21_ORACLE} (VAEFT_COMFY_VAE2_2_NEWEST): see docs/testing.md")
+    torch.manual_seed(6)  # ComfyUI's fixed levels and blocks, narrow widths (its branch reads them off the file)
+    model = AutoencoderKLQwenImage21(base_dim=8, decoder_base_dim=12)
+    sd, _ = wan22.file_layout({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    save_file(sd, str(tmp_path / "qwen_image_2.1_vae.safetensors"))
+    base = build_vae(sd, source="qwen_image_2.1_vae.safetensors")
+    x = _images(2, 4, size=32, seed=3)
+    result = train(base, iter(lambda: x, None), TrainConfig(steps=1, lr=1e-3, batch_size=2, lpips_weight=0.0,
+                                                            preview_every=0))
+    report = export_vae(result, tmp_path / "vae-ft-qwen21-1.safetensors")
+    assert report.frozen_identical is True
+    image = _images(1, 4, size=32, seed=4)  # RGBA in [-1, 1]
+    torch.save(image, tmp_path / "image.pt")
+    jobs = {"image": str(tmp_path / "image.pt"), "oracle": QWEN21_ORACLE,
+            "files": {"base": str(tmp_path / "qwen_image_2.1_vae.safetensors"), "tuned": report.path}}
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "load.py").write_text(COMFY_LOADER_PREAMBLE + COMFY_QWEN21)
+    p = subprocess.run([sys.executable, str(tmp_path / "load.py"), comfy, str(tmp_path / "jobs.json")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, p.stdout[-2000:] + p.stderr[-3000:]
+    base_out = torch.load(jobs["files"]["base"] + ".comfy.pt")
+    tuned_out = torch.load(report.path + ".comfy.pt")
+    assert tuned_out["latent"].shape == (1, 64, 2, 2)
+    assert torch.equal(tuned_out["latent"], base_out["latent"])  # the encoder is the base's, bit for bit
+    with torch.no_grad():
+        ours = base.model.encode(image).latent_dist.mean
+        decoded = load_vae(report.path).model.decode(tuned_out["latent"]).sample
+    assert (ours - tuned_out["latent"]).abs().max() < 1e-4
+    assert tuned_out["decoded"].shape == (1, 4, 32, 32) and not torch.equal(tuned_out["decoded"], base_out["decoded"])
+    assert (tuned_out["decoded"].clamp(-1, 1) - decoded).abs().max() < 1e-4
