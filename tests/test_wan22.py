@@ -354,3 +354,34 @@ def test_comfyuis_newest_qwen_image_21_loader_reads_the_export_strictly_with_the
     assert (ours - tuned_out["latent"]).abs().max() < 1e-4
     assert tuned_out["decoded"].shape == (1, 4, 32, 32) and not torch.equal(tuned_out["decoded"], base_out["decoded"])
     assert (tuned_out["decoded"].clamp(-1, 1) - decoded).abs().max() < 1e-4
+
+
+def test_a_memory_preset_too_small_for_the_decoder_is_refused_before_anything_is_written(tmp_path):
+    """Wan 2.2's decoder is 555 M parameters: its weights, gradients, AdamW moments and EMA alone are ~10.7 GiB, so
+    the 6GB-12GB presets (sized on kl-f8) are refused by name with what fits; Qwen-Image 2.1's (259 M) fits 8GB.
+    Counted on the released configurations (meta device, nothing allocated)."""
+    from training.config import check_preset_holds
+
+    def sizes(model):
+        params = [(p.numel(), trained(k, "decoder", wan22.WAN22)) for k, p in model.named_parameters()]
+        return sum(n for n, t in params if t), sum(n for n, t in params if not t)
+
+    with torch.device("meta"):
+        wan, qwen = sizes(AutoencoderKLWan(**WAN22_RELEASED)), sizes(AutoencoderKLQwenImage21())
+    assert 535e6 < wan[0] < 550e6 and 250e6 < qwen[0] < 262e6  # decoders but their time_conv
+    with pytest.raises(VAEFTError, match=r"memory preset 12GB cannot train the Wan 2\.2 VAE: .* alone take 10\.7 GiB.*"
+                                         r"Choose 24GB\+.*or turn ema off"):
+        check_preset_holds(TrainConfig(memory="12GB"), *wan, "the Wan 2.2 VAE")
+    check_preset_holds(TrainConfig(memory="24GB+"), *wan, "the Wan 2.2 VAE")
+    check_preset_holds(TrainConfig(memory="8GB"), *qwen, "the Qwen-Image 2.1 VAE")
+    for ema in (True, False):  # 5.1 GiB with EMA, 4.1 without: either way over 6 GB with the context
+        with pytest.raises(VAEFTError, match="memory preset 6GB cannot train .* Choose 8GB or 12GB or 24GB"):
+            check_preset_holds(TrainConfig(memory="6GB", ema=ema), *qwen, "the Qwen-Image 2.1 VAE")
+    # through the CLI: refused before the run folder or the output exists
+    save_file(wan22_file(5), str(tmp_path / "wan2.2_vae.safetensors"))
+    write_images(tmp_path / "images", names=("astronaut",), size=64)
+    p = cli_main("fit", "--vae", tmp_path / "wan2.2_vae.safetensors", "--data", tmp_path / "images",
+                 "--out", tmp_path / "out.safetensors", "--run-dir", tmp_path / "run", "--steps", 1, "--patch-size", 32,
+                 "--batch-size", 1, "--lpips-weight", 0, "--no-progress", "--memory", "6GB", check=False)
+    assert p.returncode == 0  # the tiny example fits any card
+    assert (tmp_path / "out.safetensors").exists()

@@ -105,6 +105,7 @@ class MemoryPreset:
     patches_512: int | None
     grad_checkpointing: bool
     latent_cache_mb: int
+    gib: float | None = None  # the card's memory (None: auto, whatever the device has)
 
 
 # Sized from bench/RESULTS.md (H100, SD kl-f8, decoder + EMA + LPIPS-VGG, bf16, fused GroupNorm, 512²):
@@ -113,12 +114,36 @@ class MemoryPreset:
 # the CUDA context and, without Triton, PyTorch's GroupNorm (~1.3x the memory).
 MEMORY_PRESETS: dict[str, MemoryPreset] = {
     "auto": MemoryPreset(None, False, 2048),
-    "6GB": MemoryPreset(1, True, 256),
-    "8GB": MemoryPreset(2, True, 512),
-    "12GB": MemoryPreset(4, True, 1024),
-    "24GB+": MemoryPreset(4, False, 2048),
+    "6GB": MemoryPreset(1, True, 256, 6),
+    "8GB": MemoryPreset(2, True, 512, 8),
+    "12GB": MemoryPreset(4, True, 1024, 12),
+    "24GB+": MemoryPreset(4, False, 2048, 24),
 }
 MEMORY_FIELDS = ("micro_batch", "grad_checkpointing", "latent_cache_mb")
+# Bytes per parameter a run holds before any activation: fp32 master weights, and for each trained one its
+# gradient and AdamW's two moments (and the EMA copy when on); the CUDA context takes about 1 GiB besides, and
+# one checkpointed patch's activations at least another.
+_TRAINED_BYTES, _EMA_BYTES, _FROZEN_BYTES, _CONTEXT_GIB = 16, 4, 4, 2.0
+
+
+def check_preset_holds(cfg: "TrainConfig", trained_params: int, frozen_params: int, what: str) -> None:
+    """Refuse a memory preset whose card cannot even hold the run's weights and optimizer state (a family
+    whose decoder is ten times kl-f8's, like Wan 2.2's), naming the preset, what it holds and the way out,
+    before anything is written. The presets' micro-batches were sized on kl-f8 (bench/RESULTS.md)."""
+    preset = MEMORY_PRESETS.get(cfg.memory)
+    if preset is None or preset.gib is None:
+        return
+    held = (trained_params * (_TRAINED_BYTES + (_EMA_BYTES if cfg.ema else 0)) + frozen_params * _FROZEN_BYTES) / 2 ** 30
+    if held + _CONTEXT_GIB > preset.gib:
+        fits = [name for name, p in MEMORY_PRESETS.items() if p.gib is not None and held + _CONTEXT_GIB <= p.gib]
+        raise VAEFTError(f"memory preset {cfg.memory} cannot train {what}: its weights, the trained tensors' "
+                         f"gradients and AdamW moments{' and the EMA copy' if cfg.ema else ''} alone take "
+                         f"{held:.1f} GiB, and with the CUDA context and one patch's activations (~{_CONTEXT_GIB:g} GiB) that "
+                         f"is over a {preset.gib:g} GB card. "
+                         + (f"Choose {' or '.join(fits)} (or auto on a larger card)" if fits else
+                            "No preset fits: use auto on a card with more memory")
+                         + (", or turn ema off (saves " f"{trained_params * _EMA_BYTES / 2 ** 30:.1f} GiB)" if cfg.ema else "")
+                         + ".")
 
 
 def memory_settings(preset: str, batch_size: int, patch_size: int) -> dict:

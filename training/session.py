@@ -29,11 +29,12 @@ import torch
 
 from .augment import augmenter
 from .checkpoint import Checkpoints, DamagedCheckpoint, load_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, check_preset_holds
 from .data import PatchDataset, preview_patches, worker_start_method
 from .device import Distributed, pick_device
 from .errors import VAEFTError
 from .evaluate import evaluation_patches
+from .families import trained
 from .files import FolderLock
 from .losses import load_lpips
 from .probe import make_probe
@@ -168,6 +169,10 @@ def _checked_start(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *, resu
     (the checkpoint, the run folder, where checkpoints go, the lock held). A refusal lets go of the
     lock and leaves the folder as it was."""
     vae.family.check_config(cfg)
+    sizes = [(p.numel(), trained(k, cfg.trainable, vae.family)) for k, p in vae.model.named_parameters()]
+    check_preset_holds(cfg, sum(n for n, t in sizes if t), sum(n for n, t in sizes if not t),
+                       f"this {vae.family.short} VAE ({sum(n for n, _ in sizes) / 1e6:.0f} M parameters, "
+                       f"{'decoder' if cfg.trainable == 'decoder' else 'all'} trained)")
     if resume is not None and run_dir is None and os.path.isdir(resume):
         run_dir = resume  # a run folder continues writing into itself
     lock = FolderLock.acquire(run_dir) if run_dir is not None and dist.is_main and os.path.isdir(run_dir) else None
