@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
 # writes, replaces or redirects files (--out, --overwrite, --checkpoint, --run-dir, --resume, ...) comes
 # from the command line only, so a shared config can never replace a file nobody asked to replace.
 CONFIG_INPUTS = ("vae", "data", "general")
-CONFIG_FIELDS = ("format", "paths", "inputs", "settings", "base_sha256")  # what a run's config.json holds
+CONFIG_FIELDS = ("format", "paths", "inputs", "settings", "base_sha256", "images")  # what a run's config.json holds
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None, args) -> argparse.Namespace:

@@ -133,7 +133,8 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     start = int(ckpt["step"]) if ckpt is not None else 0
     run = _open_run(run_dir, ckpt, lock, overwrite=overwrite, warn=warn, inputs=inputs or {},
                     settings={**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)}, input_paths=input_paths,
-                    base_sha256=vae.layout.base_sha256 if vae.layout.from_file else None) if folder else None
+                    base_sha256=vae.layout.base_sha256 if vae.layout.from_file else None,
+                    images={"channels": data.channels, "alpha": data.summary()["alpha"]}) if folder else None
     # 4. training
     try:
         status = RunStatus(cfg.steps, start, read_metrics(run.path) if run is not None and ckpt is not None else None)
@@ -197,13 +198,13 @@ def _checked_start(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *, resu
 
 
 def _open_run(run_dir: str, ckpt: dict | None, lock: FolderLock | None, *, overwrite: bool, warn, inputs: dict,
-              settings: dict, input_paths: str, base_sha256: str) -> RunFolder:
+              settings: dict, input_paths: str, base_sha256: str, images: dict | None = None) -> RunFolder:
     """Step 3 of :func:`run_session`: the run folder opened (holding its lock until closed), config.json
     written, and on resume metrics.jsonl cut back to the checkpoint's step (a torn line set aside)."""
     with _released_on_error(lock):
         run = RunFolder.create(run_dir, resume=ckpt is not None, overwrite=overwrite, warn=warn, lock=lock)
     try:
-        run.write_config(inputs, settings, paths=input_paths, base_sha256=base_sha256)
+        run.write_config(inputs, settings, paths=input_paths, base_sha256=base_sha256, images=images)
         if ckpt is not None:
             aside = run.rewind(int(ckpt["step"]))
             if aside:
