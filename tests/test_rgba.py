@@ -195,6 +195,13 @@ def test_previews_and_comparison_grids_show_transparency_over_a_checkerboard(rgb
     y = x.clone()
     y[:, 3] = -y[:, 3]
     assert comparison_grid(x, [y])[:, :, 2 * P:].mean() > comparison_grid(x, [x])[:, :, 2 * P:].mean() + 0.1
+    # the live previews of a run (written to previews/, shown on the node): inputs over the checkerboard too
+    from training.trainer import _preview
+
+    vae = build_vae(wan_file(channels=4)).model
+    shown = _preview(vae, x, "cpu", torch.autocast("cpu", enabled=False))
+    assert shown.shape == (4, 3, P, P)
+    assert torch.allclose(shown[:2, :, :, : P // 2], cb[:, :, : P // 2].expand(2, 3, -1, -1))
     # the dataset's preview: the transparent corners of the astronaut over the checkerboard
     ds = build_dataset(rgba_folder, DataConfig(patch_size=P, foreground_threshold=0, val_fraction=0))
     grey = ds.preview(16, seed=0)
