@@ -68,7 +68,8 @@ def test_key_maps_are_exact_and_agree_with_diffusers_converter():
     ("svd", "a video VAE with a temporal decoder"),
     ("mixed", "the encoder and decoder do not fit together"),
     ("5ch", "a Wan 2.1 VAE of 5-channel images; this version trains Wan 2.1 VAEs of RGB images (3 channels: "
-            "qwen_image_vae.safetensors, wan_2.1_vae.safetensors) and of RGBA images (4 channels: Qwen-Image-Layered's"),
+            "qwen_image_vae.safetensors, wan_2.1_vae.safetensors) and of RGBA images (4 channels: "
+            "Qwen-Image-Layered's"),
     ("squeezed", "decoder.middle.1.to_qkv.weight (96, 32) (expected (96, 32, 1, 1))"),
 ])
 def test_families_this_version_does_not_train_are_refused_by_name(case, expected):

@@ -49,8 +49,7 @@ class Callbacks:
     on_step(step, total_steps, losses) after each optimizer step; ``losses`` is a dict of
         floats only on logging steps (every ``log_every``), else None, so no host sync
         happens on other steps.
-    on_preview(step, images) with images (2N, 3, H, W) in [0, 1]: inputs, then reconstructions (RGBA
-        ones over a grey checkerboard, so that transparency shows).
+    on_preview(step, images) with images (2N, 3, H, W) in [0, 1]: inputs, then recons (RGBA over a checkerboard).
     on_log(line) for every line added to the history (training terms at logging steps,
         validation scores, and the base VAE's scores at step 0), as it is added.
     on_checkpoint(step, path) after a checkpoint was written.
@@ -112,8 +111,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     """Fine-tune a copy of ``vae.model``; the input model is never modified.
 
     batches: ``start_step -> iterator`` (needed to resume) or an iterator; each item is this
-        process's share of one optimizer step: (batch_size / world_size, C, P, P) in [-1, 1] (C: the VAE's
-        image channels, 3 or 4 for RGBA with straight alpha), or a
+        process's share of one optimizer step: (batch_size / world_size, C, P, P) in [-1, 1] (C = 3, RGBA 4), or a
         (patches, keys) pair where keys (int64 per patch, or None) are stable patch ids: with no
         ``augment`` and the encoder frozen, the encoder's output is then cached per id
         (``cfg.latent_cache_mb``) and reused instead of encoding the patch again.
