@@ -150,7 +150,10 @@ def test_rgb_images_get_opaque_alpha_and_rgba_images_are_composited_for_an_rgb_v
     plain = build_dataset(rgba_folder, cfg)
     assert plain.channels == 3 and plain.alpha_images == 1
     four = plain.for_channels(4)
-    assert four is not plain and plain.for_channels(3) is plain and four.for_channels(4) is four
+    assert four is not plain and four.for_channels(4) is four and plain.for_channels(3).for_channels(3).chosen
+    assert plain.alpha_note() is None and "1 of 2 images have transparency" in plain.summary()["alpha"]
+    assert "a VAE of RGB images on the images composited over black" in plain.summary()["alpha"]
+    plain = plain.for_channels(3)  # chosen for an RGB VAE
     assert re.fullmatch(r"1 of 2 images have no alpha channel: given alpha 1\.0 \(opaque\).*", four.alpha_note())
     assert "1 of 2 images have an alpha channel: composited over black" in plain.alpha_note()
     s4, s3 = four.summary(), plain.summary()

@@ -60,10 +60,11 @@ class PatchDataset:
     """Scanned images, a by-image train/validation split and a deterministic patch stream.
 
     Build with :func:`build_dataset`. Picklable (loader workers get a copy). Patches have
-    :attr:`channels` channels (3 unless made with :meth:`for_channels`).
+    :attr:`channels` channels: 3 until a VAE's are chosen with :meth:`for_channels`.
     """
 
-    channels = 3  # the patches' channels: 3 (RGB) or 4 (RGBA, straight alpha)
+    channels = 3     # the patches' channels: 3 (RGB) or 4 (RGBA, straight alpha)
+    chosen = False   # whether they were chosen for a VAE (for_channels); before that the summary speaks of both
 
     def __init__(self, cfg: DataConfig, source: str, images: list[ImageRecord], skipped: list[dict],
                  notes: list[dict]):
@@ -83,13 +84,13 @@ class PatchDataset:
         """This dataset (images, split, patch stream) giving ``channels``-channel patches, as a VAE of that
         many image channels takes them: 3, transparent images composited over black (RGB × alpha); 4, RGBA
         with straight alpha, images without transparency opaque (alpha 1, as ComfyUI pads them). Itself
-        when it gives those already, else a copy sharing the images."""
+        when it was chosen for those already, else a copy sharing the images."""
         if channels not in (3, 4):
             raise VAEFTError(f"a VAE of {channels}-channel images: patches are RGB (3 channels) or RGBA (4)")
-        if channels == self.channels:
+        if channels == self.channels and self.chosen:
             return self
         out = copy.copy(self)
-        out.channels, out._summary, out._epoch_cache = channels, None, {}
+        out.channels, out.chosen, out._summary, out._epoch_cache = channels, True, None, {}
         return out
 
     @property
@@ -98,9 +99,12 @@ class PatchDataset:
         return sum(r.alpha for r in self._images)
 
     def alpha_note(self) -> str | None:
-        """What the patches' channels do to the images, said once to the user (None when nothing): for RGBA
-        patches the images without alpha made opaque, for RGB patches the transparent ones composited."""
+        """What the patches' channels do to the images, said once to the user (None when nothing, or before
+        they were chosen for a VAE): for RGBA patches the images without alpha made opaque, for RGB patches
+        the transparent ones composited."""
         n, k = len(self._images), self.alpha_images
+        if not self.chosen:
+            return None
         if self.channels == 4 and k < n:
             return (f"{n - k} of {n} images have no alpha channel: given alpha 1.0 (opaque) for this VAE of RGBA "
                     "images, as ComfyUI pads them")
@@ -377,7 +381,7 @@ class PatchDataset:
         import kornia  # lazy: kornia takes a second to import, and only the preview uses it here
 
         specs = self._sample_specs(max(1, count), seed, _PREVIEW)
-        x = signed_to_unit(self.for_channels(4 if self.alpha_images else self.channels)._extract(specs))
+        x = signed_to_unit((self.for_channels(4) if self.alpha_images else self)._extract(specs))
         masks = self._patch_masks(specs, _over_black01(x))
         x = on_checkerboard(x)
         if masks is not None:
@@ -460,6 +464,10 @@ class PatchDataset:
 
     def _alpha_text(self) -> str:
         """The summary's "alpha": the convention, and what happened to this dataset's images."""
+        if not self.chosen:  # no VAE yet (the dataset node, `patches`): what either kind of VAE will get
+            k, n = self.alpha_images, len(self._images)
+            return (f"{k} of {n} images have transparency, kept as {STRAIGHT}: a VAE of RGBA images trains on it "
+                    f"(images without it get alpha 1.0), a VAE of RGB images on the images {ALPHA_POLICY}")
         if self.channels == 4:
             text = f"RGBA patches: {STRAIGHT}"
         else:
