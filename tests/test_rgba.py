@@ -95,6 +95,13 @@ def test_alpha_is_read_straight_from_png_webp_and_tiff(tmp_path):
     pre = ((deep[..., :3].astype(np.uint64) * a + 32767) // 65535).astype(np.uint16)
     tifffile.imwrite(tmp_path / "premultiplied.tiff", np.dstack([pre, deep[..., 3]]), photometric="rgb",
                      extrasamples=["assocalpha"])
+    from test_data import png16  # a 16-bit PNG writer (PIL cannot write one)
+
+    (tmp_path / "deep.png").write_bytes(png16(deep))
+    (tmp_path / "grey.png").write_bytes(png16(deep[..., [1, 3]]))
+    want16 = torch.from_numpy(deep).permute(2, 0, 1)
+    assert torch.equal(tio.read_image(tmp_path / "deep.png", alpha=True).pixels, want16)
+    assert torch.equal(tio.read_image(tmp_path / "grey.png", alpha=True).pixels, want16[[1, 1, 1, 3]])
     straight = tio.read_image(tmp_path / "straight.tiff", alpha=True).pixels
     assert straight.dtype == torch.uint16 and torch.equal(straight, torch.from_numpy(deep).permute(2, 0, 1))
     unpre = tio.read_image(tmp_path / "premultiplied.tiff", alpha=True).pixels.int()
