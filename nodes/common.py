@@ -36,10 +36,11 @@ PatchOptions = io.Custom("VAEFT_PATCH_OPTIONS")
 
 
 def image_to_training(images: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE (B, H, W, C) in [0, 1] -> (B, 3, H, W) in [0, 1], a normal (non-inference) tensor."""
+    """ComfyUI IMAGE (B, H, W, C) in [0, 1] -> (B, 3, H, W) in [0, 1], a normal (non-inference) tensor;
+    a 4-channel IMAGE (RGBA, straight alpha: JoinImageWithAlpha's) keeps its alpha, (B, 4, H, W)."""
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
         raise VAEFTError(f"expected an IMAGE batch (B, H, W, C); got shape {tuple(images.shape)}")
-    x = images[..., :3] if images.shape[-1] >= 3 else images.expand(-1, -1, -1, 3)
+    x = images if images.shape[-1] >= 3 else images.expand(-1, -1, -1, 3)
     return x.movedim(-1, 1).float().clone()
 
 

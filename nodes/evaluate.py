@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
-from ..training.evaluate import compare, evaluation_patches, format_table
+from ..training.evaluate import compare, evaluation_patches, format_table, image_channels_of
 from ..training.metrics import try_load_lpips
 from .common import Dataset, comfy_vae_to_training, schema, training_to_image
 
@@ -47,11 +47,12 @@ class VAEEvaluate(io.ComfyNode):
         device = mm.get_torch_device()
         with torch.inference_mode(False):
             models = {name: comfy_vae_to_training(v).model for name, v in given.items() if v is not None}
-            x, info = evaluation_patches(dataset, patches, seed)
+            x, info = evaluation_patches(dataset, patches, seed, channels=image_channels_of(models))  # RGB or RGBA
             net, availability = try_load_lpips(lpips_net)
             lpips = {"lpips_net": net} if net is not None else {"lpips_unavailable": availability["reason"]}
             results, grid = compare(models, x, rows=rows, device=device, **lpips)
         source = "validation images" if info["split"] == "validation" else \
             "all images (the dataset has no validation split)"
-        table = f"{len(x)} patches from {source}\n" + format_table(results)
+        table = f"{len(x)} patches from {source}\n" + (f"alpha: {info['alpha']}\n" if "alpha" in info else "") \
+            + format_table(results)
         return io.NodeOutput(table, training_to_image(grid), ui=ui.PreviewText(table))

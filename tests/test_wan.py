@@ -66,7 +66,9 @@ def test_key_maps_are_exact_and_agree_with_diffusers_converter():
     ("c64", "a 64-channel VAE of another layout than the Wan one (HunyuanImage 2.1's, 32x)"),
     ("svd", "a video VAE with a temporal decoder"),
     ("mixed", "the encoder and decoder do not fit together"),
-    ("rgba", "a Wan 2.1 VAE of 4-channel images (Qwen-Image-Layered's RGBA VAE); this version trains VAEs of RGB"),
+    ("5ch", "a Wan 2.1 VAE of 5-channel images; this version trains Wan 2.1 VAEs of RGB images (3 channels: "
+            "qwen_image_vae.safetensors, wan_2.1_vae.safetensors) and of RGBA images (4 channels: "
+            "Qwen-Image-Layered's"),
     ("squeezed", "decoder.middle.1.to_qkv.weight (96, 32) (expected (96, 32, 1, 1))"),
 ])
 def test_families_this_version_does_not_train_are_refused_by_name(case, expected):
@@ -75,8 +77,8 @@ def test_families_this_version_does_not_train_are_refused_by_name(case, expected
         sd["decoder.conv_in.weight"] = torch.zeros(64, 64, 3, 3)
     elif case == "svd":
         sd = {**tiny_ldm_sd(), "decoder.mid.block_1.mix_factor": torch.zeros(1)}
-    elif case == "rgba":
-        sd = tiny_wan_sd(input_channels=4)
+    elif case == "5ch":  # RGB and RGBA (Qwen-Image-Layered's, tests/test_rgba.py) train; other counts do not
+        sd = tiny_wan_sd(input_channels=5)
     elif case == "squeezed":  # only kl-f8's attention weights may be stored without their trailing 1s
         sd = tiny_wan_sd()
         sd["decoder.middle.1.to_qkv.weight"] = sd["decoder.middle.1.to_qkv.weight"][:, :, 0, 0]
@@ -85,7 +87,7 @@ def test_families_this_version_does_not_train_are_refused_by_name(case, expected
         sd = {k: (other[k] if k.startswith(("encoder.", "conv1.")) else v) for k, v in tiny_wan_sd().items()}
     with pytest.raises(VAEFTError, match=re.escape(expected)) as e:
         build_vae(sd, source="x.safetensors")
-    if case not in ("mixed", "rgba", "squeezed"):
+    if case not in ("mixed", "5ch", "squeezed"):
         assert "Wan 2.1 VAE (Qwen-Image, Wan 2.1)" in str(e.value) and "kl-f8" in str(e.value)
 
 

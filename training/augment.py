@@ -1,6 +1,8 @@
 """Augmentation of training patches: random dihedral transforms and mild colour jitter.
 
-Tensors are (B, 3, H, W) float in [-1, 1], on any device. Kornia-style: small pure functions
+Tensors are (B, 3, H, W) float in [-1, 1], or (B, 4, H, W) RGBA with straight alpha last
+(:mod:`training.alpha`), on any device. The geometric transforms move alpha with the colours; colour
+jitter changes the colours only, never alpha. Kornia-style: small pure functions
 with explicit per-sample parameters (:func:`dihedral`, :func:`color_jitter`), plus
 :func:`sample_params`, which draws those parameters, and :func:`augment`, which does both.
 
@@ -140,18 +142,22 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor | np.ndarray) -> torch.T
 def augment(batch: torch.Tensor, cfg: DataConfig, seed: int) -> torch.Tensor:
     """Random dihedral transforms and colour jitter per sample, on ``batch``'s device.
 
-    batch: (B, 3, H, W) float in [-1, 1] -> same shape and range (a new tensor, or ``batch``
+    batch: (B, 3, H, W) float in [-1, 1], or (B, 4, H, W) RGBA (alpha moves with the geometry and is never
+    jittered) -> same shape and range (a new tensor, or ``batch``
     itself when nothing applies). ``cfg``: a DataConfig (flip, rotate90, color_jitter); ``seed``:
     an integer >= 0, the same seed giving the same result (see :func:`sample_params`). Reads no
     device value on the host.
     """
-    if batch.ndim != 4 or batch.shape[1] != 3:
-        raise VAEFTError(f"augment expects (B, 3, H, W), got {tuple(batch.shape)}")
-    b, _, h, w = batch.shape
+    if batch.ndim != 4 or batch.shape[1] not in (3, 4):
+        raise VAEFTError(f"augment expects (B, 3, H, W) or RGBA (B, 4, H, W), got {tuple(batch.shape)}")
+    b, c, h, w = batch.shape
     p = sample_params(b, h, w, cfg, seed)
     x = dihedral(batch, p.hflip, p.vflip, p.rot90)
     if p.jitter is not None:
-        x = color_jitter(x, p.jitter)
+        if c == 4:  # the colours only: alpha is not a colour
+            x = torch.cat([color_jitter(x[:, :3], p.jitter), x[:, 3:]], dim=1)
+        else:
+            x = color_jitter(x, p.jitter)
     return x
 
 

@@ -24,7 +24,8 @@ from .data import build_dataset
 from .demo import write_demo
 from .errors import VAEFTError
 from .device import Distributed, distributed, pick_device
-from .evaluate import DATA_FLAGS, compare, eval_patches, full_image_report, metric_deltas
+from .alpha import to_channels
+from .evaluate import DATA_FLAGS, compare, eval_patches, full_image_report, image_channels_of, metric_deltas
 from .export import FORMATS, export_vae
 from .files import check_folder, json_safe
 from .imageio import ImageReadError, read_image, to_signed
@@ -459,12 +460,14 @@ def run_eval(args) -> int:
                      "decodes its own latents, so these reconstruction metrics are comparable, but their "
                      "latents are not interchangeable and cannot be compared with each other")
 
-    patches, out["sources"]["data"] = eval_patches(args.data, cfg, args.count, use_validation=True)
+    channels = image_channels_of(vaes)  # RGB or RGBA patches, as the VAEs take them (all alike)
+    patches, out["sources"]["data"] = eval_patches(args.data, cfg, args.count, use_validation=True,
+                                                   channels=channels)
     out["data"], grid = compare(vaes, patches, rows=4 if args.grid else 0, **common)
     if args.general:
         # the masks of --mask-dir belong to --data's images
         gpatches, out["sources"]["general"] = eval_patches(args.general, dataclasses.replace(cfg, mask_dir=None),
-                                                           args.count, use_validation=False)
+                                                           args.count, use_validation=False, channels=channels)
         out["general"], _ = compare(vaes, gpatches, **common)
         if len(vaes) > 1:
             out["general_delta"] = metric_deltas(out["general"], next(iter(vaes)))
@@ -478,7 +481,7 @@ def run_eval(args) -> int:
         out["half_precision"] = json_safe(half_precision_check(vaes, patches, device), infinity="overflow")
     if args.full_image:
         try:
-            image = to_signed(read_image(args.full_image).pixels)[None]
+            image = to_channels(to_signed(read_image(args.full_image, alpha=channels == 4).pixels)[None], channels)
         except ImageReadError as e:
             raise VAEFTError(f"--full-image {args.full_image!r}: {e}") from None
         out["full_image"] = full_image_report(vaes, image, args.full_image, args.tile, args.overlap, device)
@@ -524,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
 # writes, replaces or redirects files (--out, --overwrite, --checkpoint, --run-dir, --resume, ...) comes
 # from the command line only, so a shared config can never replace a file nobody asked to replace.
 CONFIG_INPUTS = ("vae", "data", "general")
-CONFIG_FIELDS = ("format", "paths", "inputs", "settings", "base_sha256")  # what a run's config.json holds
+CONFIG_FIELDS = ("format", "paths", "inputs", "settings", "base_sha256", "images")  # what a run's config.json holds
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None, args) -> argparse.Namespace:

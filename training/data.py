@@ -1,6 +1,10 @@
 """Patch sampling and streaming over scanned images (:mod:`training.scan`).
 
-Tensors here are BCHW float32 in [-1, 1] unless stated.
+Tensors here are BCHW float32 in [-1, 1] unless stated, with C = :attr:`PatchDataset.channels`: 3 (RGB)
+by default, 4 (RGBA, straight alpha: :mod:`training.alpha`) for a VAE of RGBA images
+(:meth:`PatchDataset.for_channels`). Images keep their transparency from the file to the patch; for RGB
+patches a transparent image is composited over black (RGB × alpha), for RGBA patches an image without
+transparency gets alpha 1 (opaque).
 
 - Split: whole images go to validation (``val_fraction``, seeded), so no validation pixel is
   ever trained on.
@@ -16,6 +20,7 @@ Augmentation is separate (:mod:`training.augment`), applied by the trainer on th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import multiprocessing
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .alpha import STRAIGHT, on_checkerboard, over_black_pixels, resize
 from .config import CELL, DataConfig
 from .errors import VAEFTError
 from .files import FolderLock
@@ -53,8 +59,12 @@ class _Spec(NamedTuple):
 class PatchDataset:
     """Scanned images, a by-image train/validation split and a deterministic patch stream.
 
-    Build with :func:`build_dataset`. Picklable (loader workers get a copy).
+    Build with :func:`build_dataset`. Picklable (loader workers get a copy). Patches have
+    :attr:`channels` channels: 3 until a VAE's are chosen with :meth:`for_channels`.
     """
+
+    channels = 3     # the patches' channels: 3 (RGB) or 4 (RGBA, straight alpha)
+    chosen = False   # whether they were chosen for a VAE (for_channels); before that the summary speaks of both
 
     def __init__(self, cfg: DataConfig, source: str, images: list[ImageRecord], skipped: list[dict],
                  notes: list[dict]):
@@ -67,6 +77,41 @@ class PatchDataset:
         self._build_grid_index()
         self._summary: dict | None = None
         self._epoch_cache: dict[int, np.ndarray] = {}
+
+    # -- channels ----------------------------------------------------------------------------
+
+    def for_channels(self, channels: int) -> "PatchDataset":
+        """This dataset (images, split, patch stream) giving ``channels``-channel patches, as a VAE of that
+        many image channels takes them: 3, transparent images composited over black (RGB × alpha); 4, RGBA
+        with straight alpha, images without transparency opaque (alpha 1, as ComfyUI pads them). Itself
+        when it was chosen for those already, else a copy sharing the images."""
+        if channels not in (3, 4):
+            raise VAEFTError(f"a VAE of {channels}-channel images: patches are RGB (3 channels) or RGBA (4)")
+        if channels == self.channels and self.chosen:
+            return self
+        out = copy.copy(self)
+        out.channels, out.chosen, out._summary, out._epoch_cache = channels, True, None, {}
+        return out
+
+    @property
+    def alpha_images(self) -> int:
+        """How many of the images have transparency (an alpha channel)."""
+        return sum(r.alpha for r in self._images)
+
+    def alpha_note(self) -> str | None:
+        """What the patches' channels do to the images, said once to the user (None when nothing, or before
+        they were chosen for a VAE): for RGBA patches the images without alpha made opaque, for RGB patches
+        the transparent ones composited."""
+        n, k = len(self._images), self.alpha_images
+        if not self.chosen:
+            return None
+        if self.channels == 4 and k < n:
+            return (f"{n - k} of {n} images have no alpha channel: given alpha 1.0 (opaque) for this VAE of RGBA "
+                    "images, as ComfyUI pads them")
+        if self.channels == 3 and k:
+            return (f"{k} of {n} images have an alpha channel: {ALPHA_POLICY} for this VAE of RGB images (the "
+                    "transparency is not trained)")
+        return None
 
     # -- split -------------------------------------------------------------------------------
 
@@ -108,7 +153,7 @@ class PatchDataset:
         if rec.pixels is not None:
             return rec.pixels
         try:
-            t = read_image(rec.path, min_side=self.cfg.patch_size if rec.upscale else 0).pixels
+            t = read_image(rec.path, min_side=self.cfg.patch_size if rec.upscale else 0, alpha=True).pixels
         except ImageMemoryError as e:
             raise VAEFTError(f"{rec.name}: {e}") from None
         except ImageReadError as e:
@@ -129,13 +174,16 @@ class PatchDataset:
         return mask
 
     def _extract(self, specs: list[_Spec]) -> torch.Tensor:
-        """Specs -> (n, 3, P, P) float32 in [-1, 1]; each uncached image is read once."""
-        p = self.cfg.patch_size
+        """Specs -> (n, C, P, P) float32 in [-1, 1] (C = :attr:`channels`); each uncached image is read once.
+        A crop is composited over black (RGB patches of a transparent image: integer arithmetic, as when the
+        pack composited right after decoding) or made opaque (RGBA patches of an image without alpha), and
+        resized where the patch was scaled (RGBA premultiplied, see :func:`training.alpha.resize`)."""
+        p, c = self.cfg.patch_size, self.channels
         what = f"building a batch of {len(specs)} patches of {p}×{p}"
         hint = "use fewer patches at a time (batch_size, val_patches or --count) or a smaller patch_size"
-        check_cpu_memory(len(specs) * 3 * p * p * 4, what, hint)
+        check_cpu_memory(len(specs) * c * p * p * 4, what, hint)
         with out_of_memory_named(what, hint):
-            out = torch.empty((len(specs), 3, p, p), dtype=torch.float32)
+            out = torch.empty((len(specs), c, p, p), dtype=torch.float32)
         for i in sorted(set(s.img for s in specs)):
             with out_of_memory_named(f"reading {self._images[i].name}", "close other programs or lower cache_mb"):
                 pix = self._pixels(i)
@@ -143,12 +191,16 @@ class PatchDataset:
                 if s.img != i:
                     continue
                 crop = pix[:, s.top:s.top + s.size, s.left:s.left + s.size]
+                if crop.shape[0] > c:
+                    crop = over_black_pixels(crop)
+                dst = out[j, :crop.shape[0]]
                 if s.size != p:
-                    crop = F.interpolate(to_unit(crop)[None], size=(p, p), mode="bilinear", align_corners=False,
-                                         antialias=True)[0].clamp_(0, 1)
-                    torch.addcmul(torch.tensor(-1.0), crop, torch.tensor(2.0), out=out[j])
+                    crop = resize(to_unit(crop)[None], (p, p), mode="bilinear", antialias=True)[0].clamp_(0, 1)
+                    torch.addcmul(torch.tensor(-1.0), crop, torch.tensor(2.0), out=dst)
                 else:  # in place: integer -> float copy, scale, shift (max / (max / 2) is exactly 2)
-                    out[j].copy_(crop).div_(PIXEL_MAX[pix.dtype] / 2).sub_(1.0)
+                    dst.copy_(crop).div_(PIXEL_MAX[pix.dtype] / 2).sub_(1.0)
+                if crop.shape[0] < c:
+                    out[j, 3] = 1.0  # no alpha in the image: opaque
         return out
 
     # -- sampling ----------------------------------------------------------------------------
@@ -247,6 +299,8 @@ class PatchDataset:
         sig = {f.name: getattr(self.cfg, f.name) for f in dataclasses.fields(self.cfg)
                if f.name not in self._ORDER_FREE}
         sig["masked"] = self.cfg.mask_dir is not None
+        if self.channels != 3:  # (absent for RGB patches: checkpoints written before RGBA existed still resume)
+            sig["image_channels"] = self.channels
         sig["train_images"] = [f"{self._images[i].name} {self._images[i].width}x{self._images[i].height}"
                                for i in self._train]
         return sig
@@ -254,7 +308,7 @@ class PatchDataset:
     def train_batches(self, batch_size: int, *, start_batch: int = 0, rank: int = 0, world_size: int = 1,
                       num_workers: int | None = None, pin_memory: bool = False,
                       with_keys: bool = False, start_method: str | None = None) -> Iterator:
-        """Endless stream of training batches, (batch_size, 3, P, P) float32 in [-1, 1], CPU, not augmented.
+        """Endless stream of training batches, (batch_size, C, P, P) float32 in [-1, 1], CPU, not augmented.
         With ``with_keys``: (batch, keys) pairs, keys an int64 id per patch in grid mode (the same
         patch has the same id all run: the trainer's latent cache uses it) and None in random mode.
 
@@ -287,21 +341,21 @@ class PatchDataset:
 
     def patches_at(self, batch: int, count: int) -> torch.Tensor:
         """Training batch ``batch`` at batch size ``count`` (the ``batch``-th item of
-        ``train_batches(count)``): (count, 3, P, P) float32 in [-1, 1], not augmented, read here
+        ``train_batches(count)``): (count, C, P, P) float32 in [-1, 1], not augmented, read here
         (no loader workers)."""
         return self._train_batch(batch, count)
 
     def inspect_batch(self, batch: int, count: int) -> dict:
         """Training batch ``batch`` at batch size ``count`` with what each patch was cut from:
-        {"patches": (n, 3, P, P) in [-1, 1], "foreground": (n, P, P) bool or None when masking is
+        {"patches": (n, C, P, P) in [-1, 1], "foreground": (n, P, P) bool or None when masking is
         off, "images": relative name per patch}."""
         specs = self._batch_specs(batch, count)
         x = self._extract(specs)
-        return {"patches": x, "foreground": self._patch_masks(specs, signed_to_unit(x)),
+        return {"patches": x, "foreground": self._patch_masks(specs, _over_black01(signed_to_unit(x))),
                 "images": [self._images[s.img].name for s in specs]}
 
     def val_patches(self, count: int, *, seed: int | None = None) -> torch.Tensor:
-        """(n, 3, P, P) float32 in [-1, 1] from validation images only, n <= count.
+        """(n, C, P, P) float32 in [-1, 1] from validation images only, n <= count.
 
         Random mode: a seeded sample (``seed`` defaults to ``cfg.seed``), images in turn, no
         scale jitter. Grid mode: evenly spaced grid patches of the validation images.
@@ -322,12 +376,14 @@ class PatchDataset:
 
     def preview(self, count: int = 16, *, seed: int = 0) -> torch.Tensor:
         """(3, H, W) float32 in [0, 1]: a grid of ``count`` seeded training patches with the
-        foreground mask's outline (morphological gradient) drawn in red."""
+        foreground mask's outline (morphological gradient) drawn in red. When images have transparency
+        it is shown over a grey checkerboard (what the files hold; an RGB VAE trains on them over black)."""
         import kornia  # lazy: kornia takes a second to import, and only the preview uses it here
 
         specs = self._sample_specs(max(1, count), seed, _PREVIEW)
-        x = signed_to_unit(self._extract(specs))
-        masks = self._patch_masks(specs, x)
+        x = signed_to_unit((self.for_channels(4) if self.alpha_images else self)._extract(specs))
+        masks = self._patch_masks(specs, _over_black01(x))
+        x = on_checkerboard(x)
         if masks is not None:
             edge = kornia.morphology.gradient(masks[:, None].float(), torch.ones(3, 3))[:, 0] > 0
             red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
@@ -335,7 +391,8 @@ class PatchDataset:
         return image_grid(x, pad=2, margin=2)
 
     def _patch_masks(self, specs: list[_Spec], x01: torch.Tensor) -> torch.Tensor | None:
-        """(n, P, P) bool foreground of extracted patches, or None when masking is off."""
+        """(n, P, P) bool foreground of extracted patches (``x01``: RGB in [0, 1], transparent ones over
+        black), or None when masking is off."""
         if self.cfg.mask_dir:
             p = self.cfg.patch_size
             out = torch.zeros((len(specs), p, p), dtype=torch.bool)
@@ -353,7 +410,8 @@ class PatchDataset:
     def summary(self) -> dict:
         """JSON-serialisable description of what will be trained on (a fresh copy each call).
 
-        Keys: source, patch_size, sampling, alpha (how transparency is handled), masking,
+        Keys: source, patch_size, sampling, image_channels (of the patches: 3 RGB, 4 RGBA), alpha (how
+        transparency is handled, in words), alpha_images (how many have it), masking,
         images_used (relative paths), images_skipped ([{path, reason}]), notes ([{path, note}]:
         orientation, ICC conversion, alpha, upscaling), train_images / val_images (counts),
         train_paths / val_paths, validation (why that many), patches_per_epoch (+ _definition),
@@ -382,7 +440,9 @@ class PatchDataset:
             "source": self.source,
             "patch_size": p,
             "sampling": cfg.sampling,
-            "alpha": f"transparent images are {ALPHA_POLICY}",
+            "image_channels": self.channels,
+            "alpha": self._alpha_text(),
+            "alpha_images": self.alpha_images,
             "masking": masking,
             "images_used": [r.name for r in self._images],
             "images_skipped": list(self._skipped),
@@ -401,6 +461,19 @@ class PatchDataset:
             "seed": cfg.seed,
         }
         return self.summary()
+
+    def _alpha_text(self) -> str:
+        """The summary's "alpha": the convention, and what happened to this dataset's images."""
+        if not self.chosen:  # no VAE yet (the dataset node, `patches`): what either kind of VAE will get
+            k, n = self.alpha_images, len(self._images)
+            return (f"{k} of {n} images have transparency, kept as {STRAIGHT}: a VAE of RGBA images trains on it "
+                    f"(images without it get alpha 1.0), a VAE of RGB images on the images {ALPHA_POLICY}")
+        if self.channels == 4:
+            text = f"RGBA patches: {STRAIGHT}"
+        else:
+            text = f"RGB patches: transparent images are {ALPHA_POLICY}"
+        note = self.alpha_note()
+        return f"{text}; {note}" if note else text
 
     def __repr__(self) -> str:
         return (f"PatchDataset({self.source!r}, {len(self._train)} train + {len(self._val)} val images, "
@@ -481,8 +554,13 @@ def build_dataset(source: str | os.PathLike | torch.Tensor, cfg: DataConfig) -> 
     raise VAEFTError(f"data source must be a folder path or an image tensor, got {type(source).__name__}")
 
 
+def _over_black01(x01: torch.Tensor) -> torch.Tensor:
+    """(n, 3 or 4, H, W) in [0, 1] -> RGB, RGBA composited over black (what foreground is judged on)."""
+    return x01[:, :3] * x01[:, 3:] if x01.shape[1] == 4 else x01
+
+
 def preview_patches(data: PatchDataset, count: int = 4, seed: int = 0) -> torch.Tensor:
-    """Fixed patches to watch during training, (n, 3, P, P) in [-1, 1]: held-out ones when the dataset
+    """Fixed patches to watch during training, (n, C, P, P) in [-1, 1]: held-out ones when the dataset
     has validation images, else patches from far along the training stream (rarely trained on early)."""
     if data.summary().get("val_images"):
         return data.val_patches(count, seed=seed)

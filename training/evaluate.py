@@ -9,6 +9,10 @@ on images it was not trained on); when the folder has no validation split (fewer
 images, or val_fraction 0) they come from all images, and the JSON says so. ``--general``
 is a folder of other images, none of them trained on, used whole to measure harm: metric
 changes of each VAE relative to the first ``--vae`` (the base).
+
+VAEs of RGBA images (4 image channels) are scored on RGBA patches (straight alpha; images without
+transparency opaque), with the alpha counted as :mod:`training.metrics` says, and shown over a
+checkerboard; VAEs of RGB and of RGBA images are not compared with each other (refused by name).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .alpha import on_checkerboard
 from .data import build_dataset
 from .device import model_place
 from .errors import VAEFTError
@@ -25,12 +30,13 @@ from .imageio import signed_to_unit
 from .metrics import evaluate_vaes, image_metrics
 from .plot import image_grid
 from .tiling import reconstruct_tiled, seam_error
-from .vae import reconstruct
+from .families import has_family
+from .vae import image_channels, reconstruct
 
 # Metrics in tables and deltas: (key, label, higher is better?)
 METRICS = (("psnr", "PSNR dB", True), ("ssim", "SSIM", True), ("lpips", "LPIPS", False),
            ("delta_e2000", "dE2000", False), ("shift_r", "shift R", None), ("shift_g", "shift G", None),
-           ("shift_b", "shift B", None))
+           ("shift_b", "shift B", None), ("alpha_psnr", "alpha PSNR dB", True))
 # Data settings the eval command exposes (the rest keep DataConfig's defaults).
 DATA_FLAGS = ("patch_size", "seed", "val_fraction", "foreground_threshold", "min_foreground", "mask_dir",
               "upscale_small", "recursive")
@@ -59,10 +65,11 @@ def comparison_grid(original: torch.Tensor, recons: list[torch.Tensor], heat_max
                     gap: int = 0) -> torch.Tensor:
     """Rows of original | recon 1 | recon 2 | ... | error heat map, as one image.
 
-    original: (B, 3, H, W) or (3, H, W) in [-1, 1]; recons: same shape each, in [-1, 1]
-    (clipped). The heat map shows |last recon − original| averaged over RGB in [0, 1] units,
-    black = 0 and pale yellow = ``heat_max`` or more (0.1 ≈ 26/255). ``gap`` px of white
-    between cells. Returns (3, B·H + (B−1)·gap, (len(recons)+2)·W + (len(recons)+1)·gap) in [0, 1].
+    original: (B, C, H, W) or (C, H, W) in [-1, 1]; recons: same shape each, in [-1, 1]
+    (clipped). The heat map shows |last recon − original| averaged over the channels (RGBA: alpha
+    too) in [0, 1] units, black = 0 and pale yellow = ``heat_max`` or more (0.1 ≈ 26/255). RGBA
+    images are shown over a grey checkerboard. ``gap`` px of white between cells.
+    Returns (3, B·H + (B−1)·gap, (len(recons)+2)·W + (len(recons)+1)·gap) in [0, 1].
     """
     if not recons:
         raise VAEFTError("comparison_grid needs at least one reconstruction")
@@ -78,6 +85,7 @@ def comparison_grid(original: torch.Tensor, recons: list[torch.Tensor], heat_max
     orig = signed_to_unit(original.detach().float().cpu())
     cells = [orig] + [signed_to_unit(r.detach().float().cpu()) for r in recons]
     err = (cells[-1] - orig).abs().mean(1) / heat_max
+    cells = [on_checkerboard(c) for c in cells]
     cells.append(heat_map(err))
     return image_grid(torch.stack(cells, 1).flatten(0, 1), rows=orig.shape[0], pad=gap)
 
@@ -89,7 +97,7 @@ def _fmt(v: Any, key: str) -> str:
         return "-"
     if "mean" not in v:
         return "n/a"
-    digits = {"psnr": 2, "ssim": 4, "lpips": 4, "delta_e2000": 3}.get(key, 2)
+    digits = {"psnr": 2, "alpha_psnr": 2, "ssim": 4, "lpips": 4, "delta_e2000": 3}.get(key, 2)
     return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
 
 
@@ -148,14 +156,30 @@ def format_table(results: dict) -> str:
 
 # ----------------------------------------------------------------------------- patches, scores, rows
 
-def evaluation_patches(ds, count: int, seed: int, use_validation: bool = True) -> tuple[torch.Tensor, dict]:
+def image_channels_of(vaes: dict[str, torch.nn.Module]) -> int:
+    """The image channels the VAEs take (3 RGB, 4 RGBA), the same for all of them: refused, naming each,
+    when they differ (an RGB and an RGBA VAE cannot be scored on the same patches). Models that belong to
+    no family (an identity baseline) take whatever they are given, 3 when nothing else says."""
+    channels = {name: image_channels(m) for name, m in vaes.items() if has_family(m)}
+    if len(set(channels.values())) > 1:
+        raise VAEFTError("these VAEs take images of different channels ("
+                         + ", ".join(f"{n}: {c}" for n, c in channels.items())
+                         + "): VAEs of RGB and of RGBA images cannot be scored on the same patches; compare "
+                           "them in separate runs")
+    return next(iter(channels.values()), 3)
+
+
+def evaluation_patches(ds, count: int, seed: int, use_validation: bool = True, channels: int | None = None
+                       ) -> tuple[torch.Tensor, dict]:
     """Seeded patches of a PatchDataset to score VAEs on, and where they came from.
 
     use_validation: from the held-out validation images (as ``fit`` splits them) when the dataset
-    has any, else from all images (and the info says so); False: from all images.
-    Returns ((n, 3, P, P) in [-1, 1], {"split": "validation" | "all", "images", "image_names",
-    "note", "patches"}).
+    has any, else from all images (and the info says so); False: from all images. channels: 3 or 4
+    (:meth:`training.data.PatchDataset.for_channels`; None: the dataset's own).
+    Returns ((n, C, P, P) in [-1, 1], {"split": "validation" | "all", "images", "image_names",
+    "note", "patches"}, and "alpha" when the images' transparency changed for these channels).
     """
+    ds = ds.for_channels(channels) if channels is not None else ds
     summary = ds.summary()
     info: dict[str, Any] = {}
     if use_validation and summary["val_images"] > 0:
@@ -169,16 +193,19 @@ def evaluation_patches(ds, count: int, seed: int, use_validation: bool = True) -
                         "which a fine-tuned VAE may have been trained on") if use_validation else \
             "all images of the folder (none of them held out for, or trained on, by design)"
     info["patches"] = int(x.shape[0])
+    if ds.alpha_note():
+        info["alpha"] = ds.alpha_note()
     return x, info
 
 
-def eval_patches(folder: str, cfg, count: int, use_validation: bool = True) -> tuple[torch.Tensor, dict]:
-    """:func:`evaluation_patches` of a folder read with DataConfig ``cfg``; the info also names the
-    folder and the files skipped."""
+def eval_patches(folder: str, cfg, count: int, use_validation: bool = True, channels: int = 3
+                 ) -> tuple[torch.Tensor, dict]:
+    """:func:`evaluation_patches` of a folder read with DataConfig ``cfg`` (``channels``-channel patches);
+    the info also names the folder and the files skipped."""
     if not use_validation:
         cfg = dataclasses.replace(cfg, val_fraction=0.0)
     ds = build_dataset(folder, cfg)
-    x, info = evaluation_patches(ds, count, cfg.seed, use_validation)
+    x, info = evaluation_patches(ds, count, cfg.seed, use_validation, channels)
     summary = ds.summary()
     return x, {"folder": folder, "images_used": len(summary["images_used"]),
                "images_skipped": summary["images_skipped"], **info}
@@ -221,8 +248,8 @@ def metric_deltas(per_vae: dict, reference: str) -> dict:
 
 def full_image_report(vaes: dict[str, torch.nn.Module], image: torch.Tensor, path: str, tile: int, overlap: int,
                       device: torch.device | str) -> dict:
-    """Each VAE on a whole (1, 3, H, W) [-1, 1] image in tiles: PSNR/SSIM/... and the seam error
-    along tile borders."""
+    """Each VAE on a whole (1, C, H, W) [-1, 1] image in tiles (C: the VAEs' image channels): PSNR/SSIM/...
+    and the seam error along tile borders."""
     out: dict[str, Any] = {"path": path, "size": list(image.shape[-2:]), "tile": tile, "overlap": overlap,
                            "vaes": {}}
     for name, m in vaes.items():

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save
 
+from .alpha import STRAIGHT
 from .config import EXPORT_DTYPES
 from .errors import VAEFTError
 from .files import atomic_write, atomic_write_dir
@@ -292,6 +293,8 @@ def export_vae(trained: Trained, path: str | os.PathLike, dtype: str | None = No
         report.notes.append(f"the base stores {report.converted_attention} attention weights as matrices; they are "
                             "written as 1x1 convolutions (same values), the form Automatic1111 and ComfyUI load")
     model = exported_model(trained, tensors)
+    if trained.layout.family.image_channels(model) == 4:
+        report.notes.append(f"a VAE of RGBA images: {STRAIGHT}, in [-1, 1] like the colours (recorded as vaeft.alpha)")
     if trained.fp16_fix is not None:
         report.notes.append(fp16_fix_note(trained.fp16_fix))
     if trained.probe is not None:

@@ -12,8 +12,8 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .alpha import over_black_pixels, resize
 from .config import CELL
 from .imageio import PIXEL_MAX, to_unit
 
@@ -26,10 +26,13 @@ def luminance(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def foreground_mask(pixels: torch.Tensor, threshold: float, rows: int = 512) -> torch.Tensor:
-    """(3, H, W) uint8/uint16 -> (H, W) bool, luminance > threshold. Row blocks bound the float copy."""
+    """(3, H, W) uint8/uint16 -> (H, W) bool, luminance > threshold. RGBA (4, H, W), straight alpha: the
+    luminance of the image over black (as the pack always judged transparent images). Row blocks bound
+    the float copy."""
     out = torch.empty(pixels.shape[1:], dtype=torch.bool)
     for y in range(0, pixels.shape[1], rows):
-        out[y:y + rows] = luminance(to_unit(pixels[:, y:y + rows])) > threshold
+        block = pixels[:, y:y + rows]
+        out[y:y + rows] = luminance(to_unit(over_black_pixels(block) if block.shape[0] == 4 else block)) > threshold
     return out
 
 
@@ -70,8 +73,8 @@ def grid_positions(length: int, patch: int, overlap: int) -> list[int]:
 
 
 def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of a (3, H, W) uint8/uint16 image to ``size``, same dtype."""
+    """Bicubic resize of a (3, H, W) uint8/uint16 image to ``size``, same dtype (RGBA (4, H, W), straight
+    alpha: interpolated premultiplied, see :func:`training.alpha.resize`)."""
     maxval = PIXEL_MAX[pixels.dtype]
-    x = F.interpolate(pixels.to(torch.float32)[None], size=size, mode="bicubic", align_corners=False,
-                      antialias=True)[0]
+    x = resize(pixels.to(torch.float32)[None], size, mode="bicubic", antialias=True, maxval=maxval)[0]
     return x.clamp(0, maxval).round().to(pixels.dtype)

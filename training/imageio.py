@@ -1,11 +1,14 @@
-"""Read one image file into a 3-channel CHW integer tensor, fully decoded and validated.
+"""Read one image file into a CHW integer tensor (RGB, or RGBA with ``alpha``), fully decoded and validated.
 
 Handles PNG, JPEG, WebP, TIFF and BMP; 8- and 16-bit samples; grayscale, palette, RGBA;
 EXIF orientation; embedded ICC profiles (converted to sRGB). Pure PIL/numpy/torch
 (torchvision and tifffile, when installed, keep 16 bits of RGB PNG and TIFF files).
 
-Alpha: images with transparency are composited over black (RGB × alpha), which suits
-photographs on a dark background such as fundus images; the alpha channel is then dropped.
+Alpha: by default images with transparency are composited over black (RGB × alpha), which suits
+photographs on a dark background such as fundus images, and the alpha channel is dropped. With
+``alpha=True`` (how the training data is read) it is kept as a 4th channel, **straight** (not
+premultiplied: the convention of :mod:`training.alpha`): PNG, WebP, GIF-like palettes with transparency,
+grey + alpha, and TIFF, whose premultiplied ("associated") alpha is un-premultiplied.
 
 Hostile files: only regular files are opened (a named pipe would block ``open`` forever, a
 link to ``/dev/zero`` would be read until memory runs out), and an image's size is read
@@ -30,6 +33,7 @@ from .memory import is_out_of_memory
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".webp", ".tif", ".tiff", ".bmp")
 ALPHA_POLICY = "composited over black (RGB × alpha), then dropped"
+ALPHA_KEPT = "kept as the 4th channel (straight, not premultiplied)"
 
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -73,7 +77,8 @@ def check_regular_file(path: str | os.PathLike) -> os.stat_result:
 
 @dataclass
 class Decoded:
-    """A decoded image: ``pixels`` (3, H, W) uint8 or uint16, plus what was done to it."""
+    """A decoded image: ``pixels`` (3, H, W) uint8 or uint16 (4, H, W: RGBA, straight alpha, when read with
+    ``alpha`` from a file that has transparency), plus what was done to it."""
 
     pixels: torch.Tensor
     bits: int
@@ -129,10 +134,11 @@ def check_size(width: int, height: int, min_side: int = 0, max_pixels: int = MAX
                              "extreme shape, or turn off upscale_small to skip small images")
 
 
-def read_image(path: str | os.PathLike, min_side: int = 0) -> Decoded:
+def read_image(path: str | os.PathLike, min_side: int = 0, alpha: bool = False) -> Decoded:
     """Decode ``path`` completely (so a corrupt file fails here, not mid-training).
 
-    Returns (3, H, W) uint8 or uint16 in display orientation and sRGB. Raises
+    Returns (3, H, W) uint8 or uint16 in display orientation and sRGB; with ``alpha``, an image that has
+    transparency as (4, H, W), straight alpha last (without it: composited over black). Raises
     :class:`ImageReadError` with a short reason on any failure: not a regular file, too large
     (checked from the header, before decoding: :func:`check_size` with ``min_side``, the short
     side it will be upscaled to), unreadable, corrupt; :class:`ImageMemoryError` when the
@@ -148,10 +154,10 @@ def read_image(path: str | os.PathLike, min_side: int = 0) -> Decoded:
         raise ImageReadError(f"cannot read the file ({e.strerror or e})") from None
     if not data:
         raise ImageReadError("empty file (0 bytes)")
-    return decode_image(data, min_side)
+    return decode_image(data, min_side, alpha)
 
 
-def decode_image(data: bytes, min_side: int = 0) -> Decoded:
+def decode_image(data: bytes, min_side: int = 0, alpha: bool = False) -> Decoded:
     """Decode encoded image bytes; see :func:`read_image`."""
     try:
         img = Image.open(io.BytesIO(data))  # lazy: reads the header only
@@ -165,7 +171,7 @@ def decode_image(data: bytes, min_side: int = 0) -> Decoded:
     try:
         img.load()  # full decode: truncated or corrupt data raises here
         # 16-bit RGB(A) PNG and TIFF: PIL would reduce them to 8 bits.
-        wide = _decode_16bit(data, img)
+        wide = _decode_16bit(data, img, alpha)
     except Exception as e:
         if is_out_of_memory(e):
             raise ImageMemoryError(_oom_text(img)) from None
@@ -173,7 +179,7 @@ def decode_image(data: bytes, min_side: int = 0) -> Decoded:
     if isinstance(wide, Decoded):
         return wide
     try:
-        out = _from_pil(img)
+        out = _from_pil(img, alpha)
     except ImageReadError:
         raise
     except Exception as e:
@@ -196,7 +202,7 @@ def _short(e: Exception) -> str:
     return msg[:160]
 
 
-def _from_pil(img: Image.Image) -> Decoded:
+def _from_pil(img: Image.Image, keep_alpha: bool = False) -> Decoded:
     notes: list[str] = []
     orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
     if orientation not in (None, 1):
@@ -226,9 +232,13 @@ def _from_pil(img: Image.Image) -> Decoded:
         if note:
             notes.append(note)
     if has_alpha:
-        rgba = np.array(img.convert("RGBA"))
-        rgb = _over_black(rgba[..., :3], rgba[..., 3:], 255)
-        notes.append("alpha " + ALPHA_POLICY)
+        rgba = np.array(img.convert("RGBA"))  # straight alpha (PIL un-premultiplies an associated one)
+        if keep_alpha:
+            rgb = rgba
+            notes.append("alpha " + ALPHA_KEPT)
+        else:
+            rgb = _over_black(rgba[..., :3], rgba[..., 3:], 255)
+            notes.append("alpha " + ALPHA_POLICY)
     else:
         rgb = np.array(img.convert("RGB"))
     t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
@@ -239,6 +249,13 @@ def _over_black(rgb: np.ndarray, alpha: np.ndarray, maxval: int) -> np.ndarray:
     """RGB × alpha / max, rounded, in the input's integer dtype."""
     out = (rgb.astype(np.uint64) * alpha + maxval // 2) // maxval
     return out.astype(rgb.dtype)
+
+
+def _unpremultiply(colour: np.ndarray, alpha: np.ndarray, maxval: int) -> np.ndarray:
+    """Straight colour from premultiplied: colour × max / alpha, rounded and clipped (0 where alpha is 0)."""
+    a = alpha.astype(np.uint64)
+    out = (colour.astype(np.uint64) * maxval + a // 2) // np.maximum(a, 1)
+    return np.where(a > 0, np.minimum(out, maxval), 0).astype(colour.dtype)
 
 
 def _to_srgb(img: Image.Image, icc: bytes, has_alpha: bool) -> tuple[Image.Image, str | None]:
@@ -274,14 +291,16 @@ def _to_srgb(img: Image.Image, icc: bytes, has_alpha: bool) -> tuple[Image.Image
     return out, f"ICC profile '{desc}' converted to sRGB"
 
 
-def _decode_16bit(data: bytes, img: Image.Image) -> Decoded | str | None:
-    """16-bit RGB(A)/gray+alpha PNG or multi-channel TIFF at full precision.
+def _decode_16bit(data: bytes, img: Image.Image, keep_alpha: bool = False) -> Decoded | str | None:
+    """16-bit RGB(A)/gray+alpha PNG or multi-channel TIFF at full precision (alpha kept straight with
+    ``keep_alpha``, else composited over black).
 
     None when the file is not such an image (PIL reads it exactly); a note (str) when it is
     but the 16-bit reader is missing, so PIL's 8-bit reading is used and reported.
     """
     eight_bit = "16-bit file read at 8-bit precision (install {} to keep 16 bits)"
     arr = None
+    associated = False  # premultiplied alpha (TIFF's ExtraSamples = 1); PNG's is always straight
     fmt = img.format
     if fmt == "PNG" and data[:8] == _PNG_SIGNATURE and len(data) >= 26:
         depth, color_type = data[24], data[25]
@@ -317,6 +336,8 @@ def _decode_16bit(data: bytes, img: Image.Image) -> Decoded | str | None:
             return None
         if arr.ndim == 3 and arr.shape[0] in (1, 2, 3, 4) and arr.shape[-1] not in (1, 2, 3, 4):
             arr = np.moveaxis(arr, 0, -1)  # planar TIFF
+        extra = img.tag_v2.get(338, ())
+        associated = 1 in (extra if isinstance(extra, tuple) else (extra,))
     else:
         return None
 
@@ -325,11 +346,19 @@ def _decode_16bit(data: bytes, img: Image.Image) -> Decoded | str | None:
     c = arr.shape[-1]
     notes: list[str] = []
     if c in (2, 4):
-        arr = _over_black(arr[..., :c - 1], arr[..., c - 1:], 65535)
-        notes.append("alpha " + ALPHA_POLICY)
+        colour, a = arr[..., :c - 1], arr[..., c - 1:]
+        if keep_alpha:
+            if associated:
+                colour = _unpremultiply(colour, a, 65535)
+            arr = np.concatenate([np.repeat(colour, 3, axis=-1) if c == 2 else colour, a], axis=-1)
+            notes.append("alpha " + ALPHA_KEPT + (" (un-premultiplied from the file's associated alpha)"
+                                                  if associated else ""))
+        else:  # over black: a premultiplied colour already is
+            arr = colour if associated else _over_black(colour, a, 65535)
+            notes.append("alpha " + ALPHA_POLICY)
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
-    if arr.shape[-1] != 3:
+    if c not in (1, 2, 3, 4):
         raise ImageReadError(f"{c}-channel 16-bit images are not supported")
     t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
     orientation = img.getexif().get(_EXIF_ORIENTATION, 1)

@@ -15,6 +15,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .alpha import has_alpha, over_black_and_white
 from .errors import VAEFTError
 
 # torchvision's file names for the ImageNet weights lpips uses (VGG16_Weights.IMAGENET1K_V1,
@@ -108,6 +109,10 @@ class ReconstructionLoss(torch.nn.Module):
     The LPIPS term is computed with gradient flowing into the reconstruction (the
     network's own weights stay frozen). Returns (total, parts) where parts holds
     detached per-term scalars for logging.
+
+    RGBA images (C = 4, straight alpha, :mod:`training.alpha`): MSE and L1 over all four channels (alpha
+    trains like a colour), LPIPS on the RGB composited over black and over white, the mean of both (the
+    network takes 3 channels; an alpha error shows against at least one of the two backgrounds).
     """
 
     def __init__(self, mse_weight: float = 1.0, l1_weight: float = 0.0, lpips_weight: float = 0.1,
@@ -132,7 +137,10 @@ class ReconstructionLoss(torch.nn.Module):
             total = total + self.l1_weight * l1
         if self.lpips is not None:
             # LPIPS runs in the autocast dtype when one is active; its mean is taken in fp32.
-            p = self.lpips(recon, target).float().mean()
+            if has_alpha(recon):
+                p = self.lpips(over_black_and_white(recon), over_black_and_white(target)).float().mean()
+            else:
+                p = self.lpips(recon, target).float().mean()
             parts["lpips"] = p.detach()
             total = total + self.lpips_weight * p
         parts["total"] = total.detach()

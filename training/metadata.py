@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .files import json_safe, last_component
+from .alpha import STRAIGHT
+from .families import has_family
 from .options import to_metadata
-from .vae import latent_channels
+from .vae import image_channels, latent_channels
 
 if TYPE_CHECKING:
     from .trained import Trained  # for annotations only
@@ -25,6 +27,7 @@ def build_metadata(trained: Trained, extra: dict[str, str] | None = None) -> dic
     """The ``vaeft.*`` metadata of what was trained, from what and how (the export adds what it
     wrote, see :func:`export_metadata`). Private: no value holds an absolute path."""
     cfg = trained.config
+    channels = image_channels(trained.model) if has_family(trained.model) else 3
     meta = {
         "vaeft.version": __version__,
         "vaeft.recipe": cfg.recipe_label(),
@@ -36,9 +39,13 @@ def build_metadata(trained: Trained, extra: dict[str, str] | None = None) -> dic
         "vaeft.base_name": last_component(trained.layout.base_name),
         "vaeft.vae_family": trained.layout.family.name,
         "vaeft.latent_channels": str(latent_channels(trained.model)),
+        "vaeft.image_channels": str(channels),
         "vaeft.train_seconds": f"{trained.seconds:.1f}",
         **to_metadata(cfg, "vaeft.config"),
     }
+    if channels == 4:  # what its pixels mean: the convention it was trained in
+        meta["vaeft.alpha"] = (f"RGBA: {STRAIGHT}, in [-1, 1] like the colours, as ComfyUI's 4-channel IMAGE and "
+                               "diffusers' QwenImageLayeredPipeline give it")
     if trained.history:
         last = trained.history[-1]
         meta["vaeft.final_losses"] = json.dumps(json_safe({k: round(v, 6) for k, v in last.items() if k != "step"}))
@@ -119,7 +126,7 @@ def dataset_digest(summary: dict) -> dict:
         if isinstance(summary.get(count_of), list):
             out[key] = len(summary[count_of])
     for key in ("train_images", "val_images", "patch_size", "sampling", "masking", "patches_per_epoch",
-                "mean_foreground", "bit_depth", "seed"):
+                "mean_foreground", "bit_depth", "seed", "image_channels", "alpha", "alpha_images"):
         if key in summary:
             out[key] = summary[key]
     if isinstance(out.get("masking"), str):  # "mask folder /abs/masks (...)": the folder by name only

@@ -6,6 +6,12 @@ report mean ± std over patches. Values outside [-1, 1] (a VAE's decoder output 
 unclamped) are clipped first, as they would be when the image is saved; all metrics
 except LPIPS are computed on the [0, 1] image ``(x + 1) / 2``.
 
+RGBA images (C = 4, straight alpha: :mod:`training.alpha`) count their alpha: PSNR and SSIM are taken
+over all four channels (an image whose alpha alone differs scores lower), ``alpha_psnr`` over alpha
+alone; LPIPS, ΔE2000 and the channel shift, which are about colour as seen, are taken on the RGB
+composited over black and over white, averaged over the two (an alpha error shows against at least one
+background whatever the colour; LPIPS networks take 3 channels).
+
 =========================  =====================================================
 psnr                       dB, data range 1 (higher is better)
 ssim                       Gaussian window 11, sigma 1.5, on RGB (1 = identical)
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 
 from .device import model_place, pick_device
 from .errors import VAEFTError
+from .alpha import has_alpha, over_black_and_white, pair_mean
 from .imageio import signed_to_unit
 from .losses import load_lpips
 from .vae import latent_channels, reconstruct
@@ -41,9 +48,18 @@ INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d.pth", "inception_v3_google-
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
-    if x.ndim != 4 or x.shape[1] != 3 or x.shape != y.shape:
-        raise VAEFTError(f"metrics need two BCHW RGB images of the same shape, got {tuple(x.shape)} "
+    if x.ndim != 4 or x.shape[1] not in (3, 4) or x.shape != y.shape:
+        raise VAEFTError(f"metrics need two BCHW RGB (or RGBA) images of the same shape, got {tuple(x.shape)} "
                          f"and {tuple(y.shape)}")
+
+
+def _seen(recon: torch.Tensor, original: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The colours as seen: RGB as they are; RGBA over black and over white (2B images, average the
+    scores with :func:`training.alpha.pair_mean`). Returns (recon, original, whether composited)."""
+    _check_pair(recon, original)
+    if has_alpha(recon):
+        return over_black_and_white(recon.clamp(-1, 1)), over_black_and_white(original.clamp(-1, 1)), True
+    return recon, original, False
 
 
 def _colour_dtype(x: torch.Tensor) -> torch.dtype:
@@ -53,9 +69,9 @@ def _colour_dtype(x: torch.Tensor) -> torch.dtype:
 def psnr(recon: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     """Peak signal-to-noise ratio per image, in dB.
 
-    recon, original: (B, 3, H, W) in [-1, 1]. Returns (B,) float32: ``10·log10(1 / MSE)``
-    with MSE over C, H, W of the [0, 1] images (data range 1, so it equals the usual
-    8-bit PSNR up to quantisation). Identical images give :data:`PSNR_MAX_DB`.
+    recon, original: (B, C, H, W) in [-1, 1], C = 3 or 4 (RGBA: alpha counts as a fourth channel).
+    Returns (B,) float32: ``10·log10(1 / MSE)`` with MSE over C, H, W of the [0, 1] images (data range 1,
+    so it equals the usual 8-bit PSNR up to quantisation). Identical images give :data:`PSNR_MAX_DB`.
     """
     _check_pair(recon, original)
     dt = _colour_dtype(recon)
@@ -66,7 +82,8 @@ def psnr(recon: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
 def ssim(recon: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     """Structural similarity per image (Wang et al. 2004), in [-1, 1] (1 = identical).
 
-    recon, original: (B, 3, H, W) in [-1, 1], H and W at least 11. Returns (B,) float32.
+    recon, original: (B, C, H, W) in [-1, 1] (C = 3, or 4: RGBA, alpha a channel like the others), H and W
+    at least 11. Returns (B,) float32.
     Gaussian window 11×11, sigma 1.5, K1 = 0.01, K2 = 0.03 on the [0, 1] images, averaged
     over channels and the "valid" part of the SSIM map (5 px from each border are left
     out, which is what scikit-image's ``structural_similarity(gaussian_weights=True,
@@ -87,12 +104,19 @@ def ssim(recon: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
 def lpips_distance(lpips_net: torch.nn.Module, recon: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     """LPIPS distance per image; lpips_net from :func:`training.losses.load_lpips`.
 
-    recon, original: (B, 3, H, W) in [-1, 1] (clipped). Returns (B,) float32, >= 0.
+    recon, original: (B, 3, H, W) in [-1, 1] (clipped), or RGBA (B, 4, H, W): the mean of the distances
+    over black and over white. Returns (B,) float32, >= 0.
     """
-    _check_pair(recon, original)
     with torch.no_grad():
-        d = lpips_net(recon.float().clamp(-1, 1), original.float().clamp(-1, 1))
-    return d.flatten(1).mean(1).float()
+        return lpips_per_image(lpips_net, recon.float().clamp(-1, 1), original.float().clamp(-1, 1)).float()
+
+
+def lpips_per_image(lpips_net: torch.nn.Module, recon: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """(B,) LPIPS of BCHW images in [-1, 1] as they are (gradients and autocast as the caller has them);
+    RGBA: the mean over the composites over black and over white (the networks take 3 channels)."""
+    recon, original, pairs = _seen(recon, original)
+    d = lpips_net(recon, original).flatten(1).mean(1)
+    return pair_mean(d) if pairs else d
 
 
 def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
@@ -163,34 +187,41 @@ def ciede2000(lab1: torch.Tensor, lab2: torch.Tensor, kL: float = 1.0, kC: float
 
 
 def delta_e2000(recon: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """Mean CIEDE2000 ΔE per image. (B, 3, H, W) in [-1, 1] sRGB -> (B,) float32.
+    """Mean CIEDE2000 ΔE per image. (B, 3, H, W) in [-1, 1] sRGB -> (B,) float32 (RGBA: the mean over
+    the composites over black and over white).
 
     Both images go to CIELAB (D65) with :func:`rgb_to_lab`; ΔE00 is averaged over pixels.
     """
-    _check_pair(recon, original)
-    return ciede2000(rgb_to_lab(recon), rgb_to_lab(original)).flatten(1).mean(1).float()
+    recon, original, pairs = _seen(recon, original)
+    d = ciede2000(rgb_to_lab(recon), rgb_to_lab(original)).flatten(1).mean(1).float()
+    return pair_mean(d) if pairs else d
 
 
 def channel_shift(recon: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     """Mean signed colour shift per channel, recon − original, in 0..255 units.
 
     (B, 3, H, W) in [-1, 1] -> (B, 3) float32 (columns R, G, B). Positive = the
-    reconstruction is brighter in that channel (a red cast shows as R > 0).
+    reconstruction is brighter in that channel (a red cast shows as R > 0). RGBA: the mean over the
+    composites over black and over white.
     """
-    _check_pair(recon, original)
+    recon, original, pairs = _seen(recon, original)
     dt = _colour_dtype(recon)
-    return ((signed_to_unit(recon.to(dt)) - signed_to_unit(original.to(dt))).mean((2, 3)) * 255.0).float()
+    d = ((signed_to_unit(recon.to(dt)) - signed_to_unit(original.to(dt))).mean((2, 3)) * 255.0).float()
+    return pair_mean(d) if pairs else d
 
 
 def image_metrics(recon: torch.Tensor, original: torch.Tensor, lpips_net: torch.nn.Module | None = None
                   ) -> dict[str, torch.Tensor]:
     """All per-image metrics at once: {"psnr", "ssim", "delta_e2000", "shift_r", "shift_g",
-    "shift_b"[, "lpips"]} -> (B,) float32 CPU tensors. Inputs (B, 3, H, W) in [-1, 1]."""
+    "shift_b"[, "lpips"]} -> (B,) float32 CPU tensors. Inputs (B, 3, H, W) in [-1, 1]; RGBA (B, 4, H, W)
+    adds "alpha_psnr" (PSNR of the alpha channel alone)."""
     out = {
         "psnr": psnr(recon, original),
         "ssim": ssim(recon, original),
         "delta_e2000": delta_e2000(recon, original),
     }
+    if has_alpha(recon):
+        out["alpha_psnr"] = psnr(recon[:, 3:].expand(-1, 3, -1, -1), original[:, 3:].expand(-1, 3, -1, -1))
     shift = channel_shift(recon, original)
     for i, c in enumerate("rgb"):
         out[f"shift_{c}"] = shift[:, i]
@@ -331,7 +362,8 @@ def evaluate_vaes(vaes: dict[str, torch.nn.Module], patches: torch.Tensor, *,
     vaes: name -> diffusers ``AutoencoderKL`` (anything with ``.encode(x).latent_dist.mode()``
     and ``.decode(z).sample``); each encodes and decodes the patches itself (posterior mode),
     so VAEs with different latent layouts can be compared on reconstruction quality.
-    patches: (N, 3, P, P) in [-1, 1], P a multiple of 8. lpips_net: from :func:`try_load_lpips`;
+    patches: (N, C, P, P) in [-1, 1] (C = 3, or 4: RGBA, for VAEs of RGBA images), P a multiple of 8.
+    lpips_net: from :func:`try_load_lpips`;
     when None, "lpips" is reported as ``{"available": False, "reason": lpips_unavailable}``.
     inception: from :func:`load_inception`, for rFID (else unavailable with ``rfid_unavailable``).
     device: default CUDA when available; each model is moved there and back.
@@ -342,8 +374,8 @@ def evaluate_vaes(vaes: dict[str, torch.nn.Module], patches: torch.Tensor, *,
     """
     if not vaes:
         raise VAEFTError("evaluate_vaes needs at least one VAE")
-    if patches.ndim != 4 or patches.shape[1] != 3 or patches.shape[0] == 0:
-        raise VAEFTError(f"patches must be (N, 3, P, P) with N >= 1, got {tuple(patches.shape)}")
+    if patches.ndim != 4 or patches.shape[1] not in (3, 4) or patches.shape[0] == 0:
+        raise VAEFTError(f"patches must be (N, 3, P, P) (RGBA: N, 4, P, P) with N >= 1, got {tuple(patches.shape)}")
     if patches.shape[-1] % 8 or patches.shape[-2] % 8:
         raise VAEFTError(f"patch size must be a multiple of 8, got {tuple(patches.shape[-2:])}")
     if batch_size < 1:
@@ -355,7 +387,7 @@ def evaluate_vaes(vaes: dict[str, torch.nn.Module], patches: torch.Tensor, *,
     ref_feats = None
     if inception is not None:
         inception = inception.to(dev)
-        ref_feats = torch.cat([inception(patches[i:i + batch_size].to(dev)).cpu()
+        ref_feats = torch.cat([inception(_fid_images(patches[i:i + batch_size].to(dev))).cpu()
                                for i in range(0, n, batch_size)])
 
     results: dict[str, dict] = {}
@@ -371,7 +403,7 @@ def evaluate_vaes(vaes: dict[str, torch.nn.Module], patches: torch.Tensor, *,
                 for k, v in image_metrics(recon, x, lpips_net).items():
                     per.setdefault(k, []).append(v)
                 if inception is not None:
-                    feats.append(inception(recon).cpu())
+                    feats.append(inception(_fid_images(recon)).cpu())
         finally:
             if home is not None:
                 model.to(home)
@@ -391,10 +423,16 @@ def evaluate_vaes(vaes: dict[str, torch.nn.Module], patches: torch.Tensor, *,
     return results
 
 
+def _fid_images(x: torch.Tensor) -> torch.Tensor:
+    """What Inception sees of patches: RGB as they are, RGBA over black and over white (both sets)."""
+    return over_black_and_white(x.clamp(-1, 1)) if has_alpha(x) else x
+
+
 @torch.no_grad()
 def validation_scores(model, batch: torch.Tensor, device, autocast, lpips_net) -> dict[str, float]:
     """Mean MSE / PSNR / LPIPS of the posterior-mode reconstruction of held-out patches, scored
-    with the weights the model holds now."""
+    with the weights the model holds now (RGBA: MSE and PSNR over the four channels, LPIPS on the
+    composites over black and white, as :func:`lpips_per_image`)."""
     was_training = model.training
     model.eval()
     try:
@@ -411,7 +449,7 @@ def validation_scores(model, batch: torch.Tensor, device, autocast, lpips_net) -
             out["psnr"] += float(psnr(recon, x).sum())
             if lpips_net is not None:
                 with autocast:
-                    out["lpips"] += float(lpips_net(recon, x).float().sum())
+                    out["lpips"] += float(lpips_per_image(lpips_net, recon, x).float().sum())
             n += x.shape[0]
         return {k: v / n for k, v in out.items()}
     finally:

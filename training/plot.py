@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .alpha import on_checkerboard
+
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 # History keys worth drawing as curves, in legend order.
 HISTORY_CURVES = ("total", "mse", "l1", "lpips", "kl", "latent", "g_loss", "d_loss", "val_mse", "val_lpips",
@@ -107,8 +109,9 @@ def image_grid(images: torch.Tensor, rows: int | None = None, pad: int = 2, marg
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
-    """A (3, H, W) [0, 1] tensor as an 8-bit RGB Pillow image."""
-    arr = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    """A (3, H, W) [0, 1] tensor as an 8-bit RGB Pillow image (RGBA, (4, H, W): over a grey checkerboard,
+    so that transparency shows)."""
+    arr = (on_checkerboard(image.detach().clamp(0, 1)).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
     return Image.fromarray(arr)
 
 
@@ -117,5 +120,5 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def save_png(image: torch.Tensor, path: str) -> None:
-    """Write a (3, H, W) [0, 1] tensor as PNG."""
+    """Write a (3, H, W) [0, 1] tensor as PNG (RGBA over a checkerboard, see :func:`to_pil`)."""
     to_pil(image).save(path)

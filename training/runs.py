@@ -237,16 +237,20 @@ class RunFolder:
 
     # ----- writing
 
-    def write_config(self, inputs: dict, settings: dict, *, paths: str = "relative", base_sha256: str | None = None
-                     ) -> str:
+    def write_config(self, inputs: dict, settings: dict, *, paths: str = "relative", base_sha256: str | None = None,
+                     images: dict | None = None) -> str:
         """config.json. ``inputs``: {"vae", "data", "out", ...}: file paths (written relative to
         this folder) when ``paths`` is "relative", ComfyUI names when it is "comfyui". ``base_sha256``:
-        the base VAE's digest (``fit --config`` checks that the file it is given is still that one)."""
+        the base VAE's digest (``fit --config`` checks that the file it is given is still that one).
+        ``images``: what the patches were ({"channels": 3 or 4, "alpha": how transparency was handled}),
+        a record only (``fit --config`` reads no setting from it)."""
         if paths == "relative":
             inputs = {k: portable_path(v, self.path) for k, v in inputs.items()}
         body = {"format": CONFIG_FORMAT, "paths": paths, "inputs": inputs, "settings": settings}
         if base_sha256:
             body["base_sha256"] = base_sha256
+        if images:
+            body["images"] = images
         return write_json(os.path.join(self.path, MARKER), body, what="run config")
 
     def log(self, line: dict, step_time: float | None = None) -> dict:

@@ -24,7 +24,7 @@ from .config import DataConfig, check_config
 from .errors import VAEFTError
 from .files import check_folder
 from .foreground import cell_counts, foreground_mask, grid_positions, integral, resize_pixels, valid_positions
-from .imageio import (ALPHA_POLICY, IMAGE_EXTENSIONS, Decoded, ImageMemoryError, ImageReadError, check_regular_file,
+from .imageio import (ALPHA_KEPT, IMAGE_EXTENSIONS, Decoded, ImageMemoryError, ImageReadError, check_regular_file,
                       check_size, is_image_name, read_image, to_unit, upscaled_size)
 from .memory import check_cpu_memory, out_of_memory_named
 
@@ -52,11 +52,12 @@ class ImageRecord:
     width: int
     bits: int
     upscale: tuple[int, int] | None  # size the decoded image is resized to, if it was too small
-    pixels: torch.Tensor | None      # cached (3, H, W) uint8/uint16
+    pixels: torch.Tensor | None      # cached (3, H, W) uint8/uint16, or (4, H, W) with straight alpha
     counts: np.ndarray | None = None  # (H//8, W//8) uint8 foreground per cell; None = masking off
     valid: np.ndarray | None = None   # random mode: bool map of foreground-valid patch corners
     grid: np.ndarray | None = None    # grid mode: (N, 2) int64 kept (top, left) in pixels
     grid_fg: np.ndarray | None = None  # grid mode: (N,) foreground fraction of each kept patch
+    alpha: bool = False               # the image has transparency: its pixels carry alpha as a 4th channel
 
 
 def read_mask(path: str, min_side: int = 0) -> torch.Tensor:
@@ -98,7 +99,7 @@ def image_record(name: str, path: str | None, dec: Decoded, mask_path: str | Non
             mask = F.interpolate(mask[None, None].float(), size=upscale, mode="nearest")[0, 0] > 0.5
         notes.append(f"upscaled from {w}×{h} to {upscale[1]}×{upscale[0]}")
         h, w = upscale
-    rec = ImageRecord(name, path, mask_path, h, w, dec.bits, upscale, pixels)
+    rec = ImageRecord(name, path, mask_path, h, w, dec.bits, upscale, pixels, alpha=pixels.shape[0] == 4)
 
     if mask is None and cfg.foreground_threshold > 0:
         mask = foreground_mask(pixels, cfg.foreground_threshold)
@@ -223,7 +224,7 @@ def scan_folder(path: str | os.PathLike, cfg: DataConfig) -> Scan:
     def load(item: tuple[str, str]):
         rel, full = item
         try:
-            dec = read_image(full, min_side)
+            dec = read_image(full, min_side, alpha=True)  # kept; each VAE takes what it can (PatchDataset)
         except ImageMemoryError as e:  # the machine's state, not the file's: stop, do not skip
             raise VAEFTError(f"{rel}: {e}") from None
         except ImageReadError as e:
@@ -263,8 +264,8 @@ def scan_folder(path: str | os.PathLike, cfg: DataConfig) -> Scan:
 
 
 def scan_tensor(images: torch.Tensor, cfg: DataConfig) -> Scan:
-    """An in-memory batch, (B, C, H, W) float in [0, 1] with C = 1, 3 or 4 (RGBA composited over
-    black), as images ``image_0000``, ... (stored as uint16, all kept in memory)."""
+    """An in-memory batch, (B, C, H, W) float in [0, 1] with C = 1, 3 or 4 (RGBA with straight alpha, as
+    ComfyUI's IMAGE holds it: kept), as images ``image_0000``, ... (stored as uint16, all kept in memory)."""
     check_config(cfg)
     if cfg.mask_dir:
         raise VAEFTError("mask_dir works with a folder of images only, not with an image batch")
@@ -291,8 +292,7 @@ def scan_tensor(images: torch.Tensor, cfg: DataConfig) -> Scan:
     for b in range(x.shape[0]):
         img, note = x[b], []
         if img.shape[0] == 4:
-            img = img[:3] * img[3:]
-            note.append("alpha " + ALPHA_POLICY)
+            note.append("alpha " + ALPHA_KEPT)
         elif img.shape[0] == 1:
             img = img.expand(3, -1, -1)
         name = f"image_{b:04d}"

@@ -7,6 +7,8 @@ status text) each load the base VAE and build the dataset in their own way, then
 1. check, reading but never writing: the resumed checkpoint against this run (base VAE, settings,
    every tensor by name, data), the run folder, the checkpoints' place (claimed for this run), the
    LPIPS weights, the settings against the number of processes;
+   The data gives patches of the VAE's image channels (RGB, or RGBA with straight alpha: what changed in
+   the images for them is said once, and recorded in the dataset summary the export's metadata keeps);
 2. held-out patches for validation (off, with a note, when the dataset has none), patches of the
    optional general images, fixed preview patches;
 3. only then the run folder: config.json, metrics.jsonl cut back to the checkpoint's step on resume;
@@ -41,7 +43,7 @@ from .probe import make_probe
 from .runs import RunFolder, RunStatus, explain_damaged, read_metrics, resume_point
 from .trained import Trained
 from .trainer import Callbacks, LoopResult, check_run, fine_tune
-from .vae import LoadedVAE, trainable_shapes
+from .vae import LoadedVAE, image_channels, trainable_shapes
 
 
 @dataclass
@@ -112,6 +114,9 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     device = torch.device(device) if device is not None else pick_device(None, dist)
     note = hooks.note or (lambda text: None)
     warn = hooks.warn or note
+    # patches as the VAE takes them: RGB, or RGBA (straight alpha; images without one opaque)
+    data = data.for_channels(image_channels(vae.model))
+    general = general.for_channels(data.channels) if general is not None else None
 
     # 1. every check before any file changes (an existing run folder is locked first: one writer)
     ckpt, run_dir, checkpoints, lock = _checked_start(vae, data, cfg, resume=resume, run_dir=run_dir,
@@ -129,7 +134,8 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     start = int(ckpt["step"]) if ckpt is not None else 0
     run = _open_run(run_dir, ckpt, lock, overwrite=overwrite, warn=warn, inputs=inputs or {},
                     settings={**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)}, input_paths=input_paths,
-                    base_sha256=vae.layout.base_sha256 if vae.layout.from_file else None) if folder else None
+                    base_sha256=vae.layout.base_sha256 if vae.layout.from_file else None,
+                    images={"channels": data.channels, "alpha": data.summary()["alpha"]}) if folder else None
     # 4. training
     try:
         status = RunStatus(cfg.steps, start, read_metrics(run.path) if run is not None and ckpt is not None else None)
@@ -197,13 +203,13 @@ def _checked_start(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *, resu
 
 
 def _open_run(run_dir: str, ckpt: dict | None, lock: FolderLock | None, *, overwrite: bool, warn, inputs: dict,
-              settings: dict, input_paths: str, base_sha256: str) -> RunFolder:
+              settings: dict, input_paths: str, base_sha256: str, images: dict | None = None) -> RunFolder:
     """Step 3 of :func:`run_session`: the run folder opened (holding its lock until closed), config.json
     written, and on resume metrics.jsonl cut back to the checkpoint's step (a torn line set aside)."""
     with _released_on_error(lock):
         run = RunFolder.create(run_dir, resume=ckpt is not None, overwrite=overwrite, warn=warn, lock=lock)
     try:
-        run.write_config(inputs, settings, paths=input_paths, base_sha256=base_sha256)
+        run.write_config(inputs, settings, paths=input_paths, base_sha256=base_sha256, images=images)
         if ckpt is not None:
             aside = run.rewind(int(ckpt["step"]))
             if aside:
@@ -243,6 +249,8 @@ def _describe(data: PatchDataset, note: Callable[[str], None]) -> None:
          f"skipped; train {summary.get('train_images')}, validation {summary.get('val_images')}")
     for item in summary.get("images_skipped", []):
         note(f"  skipped {item['path']}: {item['reason']}")
+    if data.alpha_note():  # once per run: an RGBA VAE's opaque RGB images, an RGB VAE's composited RGBA ones
+        note(f"alpha: {data.alpha_note()}")
 
 
 def _watched_patches(data: PatchDataset, general: PatchDataset | None, cfg: TrainConfig, dist: Distributed, *,

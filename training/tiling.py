@@ -88,18 +88,18 @@ def reconstruct_tiled(model, image: torch.Tensor, tile: int = 512, overlap: int 
     """Encode + decode an image of any size tile by tile, blending the overlaps.
 
     model: diffusers ``AutoencoderKL`` (or anything with ``.encode(x).latent_dist.mode()`` and
-    ``.decode(z).sample``); posterior mode, no sampling. image: (B, 3, H, W) in [-1, 1], any
-    H, W >= 1. tile: tile side in px, a multiple of 8; overlap: px shared by neighbouring
-    tiles (0 <= overlap < tile). Returns (B, 3, H, W) float32 on the image's device,
+    ``.decode(z).sample``); posterior mode, no sampling. image: (B, C, H, W) in [-1, 1], C = 3 or
+    4 (RGBA, for a VAE of RGBA images), any H, W >= 1. tile: tile side in px, a multiple of 8; overlap:
+    px shared by neighbouring tiles (0 <= overlap < tile). Returns (B, C, H, W) float32 on the image's device,
     unclamped like :func:`training.vae.reconstruct`. Tiles are processed one at a time on the
     model's device (memory grows with ``tile``, not with H·W).
     """
     _check(tile, overlap)
-    if image.ndim != 4 or image.shape[1] != 3:
-        raise VAEFTError(f"reconstruct_tiled needs a (B, 3, H, W) image, got {tuple(image.shape)}")
+    if image.ndim != 4 or image.shape[1] not in (3, 4):
+        raise VAEFTError(f"reconstruct_tiled needs a (B, 3, H, W) image (RGBA: B, 4, H, W), got {tuple(image.shape)}")
     dev = model_place(model)[0] or image.device
-    b, _, h, w = image.shape
-    out = torch.zeros(b, 3, h, w, dtype=torch.float32, device=image.device)
+    b, c, h, w = image.shape
+    out = torch.zeros(b, c, h, w, dtype=torch.float32, device=image.device)
     norm = torch.zeros(1, 1, h, w, dtype=torch.float32, device=image.device)
     ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
     for yi, y0 in enumerate(ys):
@@ -134,7 +134,7 @@ def seam_error(original: torch.Tensor, recon: torch.Tensor, tile: int = 512, ove
                band: int = 4) -> dict:
     """Reconstruction error along tile borders vs inside tiles, in 0..255 units.
 
-    original, recon: (B, 3, H, W) in [-1, 1] (recon clipped), with the tile layout of
+    original, recon: (B, C, H, W) in [-1, 1] (recon clipped; RGBA: alpha counts), with the tile layout of
     :func:`reconstruct_tiled` (same ``tile``, ``overlap``). Seam pixels are those within
     ``band`` px of a tile edge (:func:`seam_mask`); the rest are interior. Returns
     {"seam_mae", "interior_mae", "ratio" (seam / interior; None when undefined),
@@ -142,7 +142,7 @@ def seam_error(original: torch.Tensor, recon: torch.Tensor, tile: int = 512, ove
     tiles join invisibly; clearly above 1 means seams.
     """
     if original.shape != recon.shape or original.ndim != 4:
-        raise VAEFTError(f"seam_error needs two (B, 3, H, W) images of one shape, got "
+        raise VAEFTError(f"seam_error needs two (B, C, H, W) images of one shape, got "
                          f"{tuple(original.shape)} and {tuple(recon.shape)}")
     if band < 1:
         raise VAEFTError(f"band must be at least 1 px, got {band}")

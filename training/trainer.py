@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import amp
+from .alpha import on_checkerboard
 from .checkpoint import Checkpoints, checkpoint_state, fp16_fix_record, load_checkpoint, restore_checkpoint
 from .config import TrainConfig
 from .device import Distributed, pick_device, resolve_precision
@@ -48,7 +49,7 @@ class Callbacks:
     on_step(step, total_steps, losses) after each optimizer step; ``losses`` is a dict of
         floats only on logging steps (every ``log_every``), else None, so no host sync
         happens on other steps.
-    on_preview(step, images) with images BCHW in [0, 1]: inputs, then reconstructions.
+    on_preview(step, images) with images (2N, 3, H, W) in [0, 1]: inputs, then recons (RGBA over a checkerboard).
     on_log(line) for every line added to the history (training terms at logging steps,
         validation scores, and the base VAE's scores at step 0), as it is added.
     on_checkpoint(step, path) after a checkpoint was written.
@@ -110,7 +111,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     """Fine-tune a copy of ``vae.model``; the input model is never modified.
 
     batches: ``start_step -> iterator`` (needed to resume) or an iterator; each item is this
-        process's share of one optimizer step: (batch_size / world_size, 3, P, P) in [-1, 1], or a
+        process's share of one optimizer step: (batch_size / world_size, C, P, P) in [-1, 1] (C = 3, RGBA 4), or a
         (patches, keys) pair where keys (int64 per patch, or None) are stable patch ids: with no
         ``augment`` and the encoder frozen, the encoder's output is then cached per id
         (``cfg.latent_cache_mb``) and reused instead of encoding the patch again.
@@ -385,7 +386,7 @@ def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distri
     if cfg.gan_weight > 0:
         with torch.random.fork_rng(devices=[]):  # the same init on every rank, the caller's RNG untouched
             torch.manual_seed(cfg.seed)
-            s.disc = PatchDiscriminator().to(device)
+            s.disc = PatchDiscriminator(in_channels=image_channels(model)).to(device)  # RGBA: alpha is judged too
         s.disc_opt = torch.optim.AdamW(s.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0,
                                        fused=True)
     s.fix, s.penalty = fix, penalty
@@ -596,7 +597,7 @@ def _preview(model, batch: torch.Tensor, device, autocast) -> torch.Tensor:
     with autocast:
         recon = reconstruct(model, x).float()
     model.train(was_training)
-    return signed_to_unit(torch.cat([x, recon])).cpu()
+    return on_checkerboard(signed_to_unit(torch.cat([x, recon]))).cpu()
 
 
 def _finish(s: _Run, state: LoopState) -> bool:

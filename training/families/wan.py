@@ -2,8 +2,9 @@
 Wan 2.2-14B video: 16 latent channels, 8x spatial, causal 3D convolutions, RMSNorm, a single-head mid
 attention. Files come in the original layout, which ComfyUI's Load VAE reads (``qwen_image_vae.safetensors``,
 ``wan_2.1_vae.safetensors``), or in diffusers' (``AutoencoderKLWan`` / ``AutoencoderKLQwenImage``, the
-same 194 tensors); exports are written in the original layout. RGB VAEs only (Qwen-Image-Layered's RGBA
-VAE, 4 image channels, is refused by name).
+same 194 tensors); exports are written in the original layout. VAEs of RGB images and of RGBA images
+(Qwen-Image-Layered's VAE: ``encoder.conv1`` takes 4 channels, the decoder's head gives 4; straight
+alpha, see :mod:`training.alpha`); other channel counts are refused by name.
 
 The module is diffusers' ``AutoencoderKLQwenImage`` with the image interface of :mod:`training.families`
 (BCHW in and out: one frame, T = 1). At one frame a causal 3D convolution, whose input is padded with
@@ -33,6 +34,8 @@ from .wan2d import OneFrame
 LABEL = "Wan 2.1 VAE (Qwen-Image, Wan 2.1)"
 ORIGINAL_PROBE = "decoder.middle.0.residual.0.gamma"
 DIFFUSERS_PROBE = "decoder.mid_block.resnets.0.norm1.gamma"
+# Image channels of the Wan 2.1 VAEs this version trains: RGB (Qwen-Image, Wan 2.1), RGBA (Qwen-Image-Layered).
+IMAGE_CHANNELS = {3: "RGB", 4: "RGBA: Qwen-Image-Layered's VAE"}
 # Still images never reach the temporal resampling convolutions (skipped at one frame): they stay frozen.
 IMAGE_FROZEN = (r"^(encoder\.down_blocks\.\d+|decoder\.up_blocks\.\d+\.upsamplers\.0)\.time_conv\.",)
 
@@ -158,7 +161,8 @@ def config_from_file(sd: dict[str, torch.Tensor]) -> dict:
 
 def check(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Refuse halves of two different VAEs (the encoder's 2z moments must feed conv1 (2z -> 2z), and the
-    z-channel latents conv2 (z -> z) and the decoder) and VAEs of other than RGB images."""
+    z-channel latents conv2 (z -> z) and the decoder) and VAEs of other than RGB or RGBA images (or whose
+    decoder gives other channels than the encoder takes)."""
     head, quant, post, dec = (conv_io(sd, n) for n in ("encoder.head.2", "conv1", "conv2", "decoder.conv1"))
     if None in (head, quant, post, dec):
         missing = [n for n, v in (("encoder.head.2", head), ("conv1", quant), ("conv2", post), ("decoder.conv1", dec))
@@ -168,11 +172,15 @@ def check(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
         raise VAEFTError(f"{source}: the encoder and decoder do not fit together (encoder.head makes {head[1]} channels, "
                          f"conv1 {quant[0]} -> {quant[1]}, conv2 {post[0]} -> {post[1]}, decoder.conv1 takes {dec[0]}). "
                          "The file mixes parts of different VAEs; use one complete VAE file.")
-    channels = int(sd["encoder.conv1.weight"].shape[1]) if "encoder.conv1.weight" in sd else 3
-    if channels != 3:
-        what = " (Qwen-Image-Layered's RGBA VAE)" if channels == 4 else ""
-        raise VAEFTError(f"{source} is a Wan 2.1 VAE of {channels}-channel images{what}; this version trains VAEs "
-                         "of RGB images (qwen_image_vae.safetensors, wan_2.1_vae.safetensors)")
+    taken = int(sd["encoder.conv1.weight"].shape[1]) if "encoder.conv1.weight" in sd else 3
+    given = int(sd["decoder.head.2.weight"].shape[0]) if "decoder.head.2.weight" in sd else taken
+    trains = ("this version trains Wan 2.1 VAEs of RGB images (3 channels: qwen_image_vae.safetensors, "
+              "wan_2.1_vae.safetensors) and of RGBA images (4 channels: Qwen-Image-Layered's VAE)")
+    if taken not in IMAGE_CHANNELS:
+        raise VAEFTError(f"{source} is a Wan 2.1 VAE of {taken}-channel images; {trains}")
+    if given != taken:
+        raise VAEFTError(f"{source} is a Wan 2.1 VAE whose encoder takes {taken}-channel images but whose decoder "
+                         f"(decoder.head.2) gives {given}-channel ones; {trains}, each giving back what it takes")
 
 
 def build(sd: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, str]]:
