@@ -294,3 +294,44 @@ def test_a_memory_preset_too_small_for_the_decoder_is_refused_before_anything_is
                  "--batch-size", 1, "--lpips-weight", 0, "--no-progress", "--memory", "6GB", check=False)
     assert p.returncode == 0  # the tiny example fits any card
     assert (tmp_path / "out.safetensors").exists()
+
+
+def test_fit_from_the_command_line_trains_a_qwen_image_21_vae_on_rgba_images(tmp_path):
+    """Qwen-Image 2.1 (RGBA) through `fit` on a transparent PNG and an opaque one: a drop-in file in ComfyUI's
+    layout (5D weights of temporal size 1, bf16) whose alpha output trained, the encoder byte for byte, and the
+    straight-alpha convention recorded; its diffusers folder is AutoencoderKLQwenImage21 with 4D weights."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    from test_rgba import astronaut_rgba
+
+    base = tmp_path / "qwen_image_2.1_vae.safetensors"
+    save_file(qwen21_file(7), str(base))
+    (tmp_path / "images").mkdir()
+    Image.fromarray(astronaut_rgba()).save(tmp_path / "images" / "astronaut.png")
+    write_images(tmp_path / "images", names=("coffee",), size=96)
+    out = tmp_path / "vae-ft-qwen21-3.safetensors"
+    common = ("--data", tmp_path / "images", "--steps", 3, "--patch-size", 32, "--batch-size", 2, "--lr", 1e-3,
+              "--lpips-weight", 0, "--foreground-threshold", 0, "--no-progress", "--val-every", 3, "--val-patches", 2,
+              "--seed", 2)
+    p = cli_main("fit", "--vae", base, "--out", out, "--run-dir", tmp_path / "run", *common)
+    assert json.loads(p.stdout.strip().splitlines()[-1])["final"]["val_mse"] > 0
+    assert "given alpha 1.0 (opaque)" in p.stderr  # the RGB photo, told once
+    src, got = load_file(base), load_file(out)
+    assert set(got) == set(src) and all(got[k].shape == src[k].shape and got[k].dtype == src[k].dtype for k in src)
+    assert got["decoder.head.2.weight"].shape == (4, 24, 1, 3, 3)
+    assert not torch.equal(got["decoder.head.2.weight"][3], src["decoder.head.2.weight"][3])  # alpha trained
+    assert not torch.equal(got["decoder.head.2.bias"][3], src["decoder.head.2.bias"][3])
+    assert all(torch.equal(got[k], src[k]) for k in src if k.startswith(("encoder.", "conv1.")) or ".time_conv." in k)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["vaeft.vae_family"] == "qwen-image-2.1" and meta["vaeft.image_channels"] == "4"
+    assert "straight (not premultiplied) alpha" in meta["vaeft.alpha"]
+    folder = tmp_path / "vae-ft-qwen21-folder"
+    cli_main("fit", "--vae", base, "--out", folder, "--format", "diffusers", "--run-dir", tmp_path / "run2", *common)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKLQwenImage21" and config["in_channels"] == 4
+    assert config["latents_std"][0] == 3.2001  # its own published statistics, 64 of them
+    theirs = AutoencoderKLQwenImage21.from_pretrained(str(folder), local_files_only=True)
+    assert theirs.decoder.conv_out.weight.shape == (4, 24, 3, 3)
+    assert torch.equal(theirs.decoder.conv_out.weight.float(), load_vae(out).model.decoder.conv_out.weight)
