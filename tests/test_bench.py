@@ -178,3 +178,18 @@ def test_bench_wan_refuses_the_kl_f8_only_sides():
         _bench_module().main([*SMOKE, "--family", "wan2.1", "--sides", "reference,ours"])
     assert e.value.code == 2 and "--sides: unknown ['reference']" in err.getvalue()
     assert "diffusers_3d,ours" in err.getvalue()
+
+
+def test_family_cost_bench_measures_one_case_per_process():
+    """bench/family_cost.py from the command line: one JSON line per case with the released kl-f8 size, a
+    positive step time and the process's peak memory (each case in its own process)."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "family_cost.py"), "--families", "kl-f8",
+                        "--patch", "16", "--steps", "1", "--warmup", "1", "--checkpointing", "on"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error" not in lines[0], lines
+    case = lines[0]
+    assert case["family"] == "kl-f8" and case["grad_checkpointing"] is True and case["decoder_params_M"] == 49.5
+    assert case["s_per_step"] > 0 and case["peak_GiB"] > 0.3
