@@ -239,12 +239,14 @@ def drop_workflow(pg, name: str, workflow: dict | None = None) -> None:
 
 def graph_state(pg) -> list[dict]:
     """Per node: type, registered?, size, bounding box (title bar included), the size the frontend needs,
-    its serialised widget values, and each visible widget's bottom edge."""
+    its serialised widget values, its widgets' names (all, and the settings: those saved with the workflow),
+    and each visible widget's bottom edge."""
     return pg.evaluate(f"""() => {APP}.graph.nodes.map(n => ({{
         id: Number(n.id), type: n.type, registered: n.type in LiteGraph.registered_node_types,
         size: Array.from(n.size), box: Array.from(n.boundingRect), needs: Array.from(n.computeSize()),
         widgets_values: n.serialize().widgets_values ?? [],
         widget_names: (n.widgets ?? []).map(w => w.name),
+        settings: (n.widgets ?? []).filter(w => w.serialize !== false && w.options?.serialize !== false).map(w => w.name),
         widget_bottoms: (n.widgets ?? []).filter(w => n.isWidgetVisible(w))
             .map(w => [w.name, (w.y ?? 0) + (w.computedHeight ?? LiteGraph.NODE_WIDGET_HEIGHT)]),
     }}))""")
@@ -253,6 +255,25 @@ def graph_state(pg) -> list[dict]:
 def open_dialogs(pg) -> list[str]:
     """Texts of visible dialogs and error toasts (a missing-node or load error shows one of these)."""
     return [t.strip()[:300] for t in pg.locator(".p-dialog:visible, .p-toast-message-error:visible").all_inner_texts()]
+
+
+def status_box(pg, node_id=3) -> dict:
+    """VAE Fine-tune's status box (web/vaeft.js): its text, whether all of it is in view (no line cut off or
+    scrolled out, nothing wider than the box) and the box on screen inside its node."""
+    return pg.evaluate(f"""() => {{ const app = {APP}, n = {node_js(node_id)};
+        const w = n.widgets.find(w => w.name === "status"), el = w?.inputEl ?? w?.element;
+        if (!el) return {{fits: false, why: "no status box"}};
+        const r = el.getBoundingClientRect(), c = app.canvas.canvas.getBoundingClientRect();
+        const [x0, y0] = app.canvas.ds.convertOffsetToCanvas([n.pos[0], n.pos[1]]);
+        const [x1, y1] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+        const inside = r.left >= c.left + x0 - 1 && r.top >= c.top + y0 - 1 && r.right <= c.left + x1 + 1
+            && r.bottom <= c.top + y1 + 1;
+        const visible = el.checkVisibility ? el.checkVisibility() : el.offsetParent !== null;
+        const whole = el.scrollHeight <= el.clientHeight + 1 && el.scrollWidth <= el.clientWidth + 1;
+        return {{text: el.value, fits: visible && inside && whole && r.height > 0, visible, inside, whole,
+                 scroll: [el.scrollWidth, el.scrollHeight], client: [el.clientWidth, el.clientHeight],
+                 box: [r.left, r.top, r.right, r.bottom], node: [c.left + x0, c.top + y0, c.left + x1, c.top + y1]}};
+    }}""")
 
 
 def overlaps(state: list[dict]) -> list[tuple]:
@@ -359,7 +380,9 @@ def test_template_loads_clean_and_matches_the_api_example(page, name):
     assert hidden_widgets(state) == [], f"widgets cut off (see {shot})"
     assert grown(state, template) == [], f"the template's sizes are too small (see {shot})"
     fine_tune = next(n for n in state if n["type"] == "VAEFTFineTune")
-    assert len(fine_tune["widget_names"]) <= 10, fine_tune["widget_names"]
+    assert len(fine_tune["settings"]) <= 10, fine_tune["settings"]
+    assert "status" in fine_tune["widget_names"] and "status" not in fine_tune["settings"]  # the status box, shown
+    assert status_box(page)["fits"], status_box(page)  # (empty, a placeholder) and never saved
     if name != "vae_finetune" and page.frontend == "pinned" and os.environ.get("VAEFT_WRITE_THUMBNAILS") == "1":
         write_thumbnail(page, name)
 
@@ -382,7 +405,8 @@ def test_a_template_whose_vae_is_missing_says_which_file_and_where_it_goes(page)
 
 def test_the_layout_checks_catch_an_overlap_and_a_too_small_node(page):
     """The checks above can fail: the same template with the previews moved onto VAE Fine-tune and the
-    Save node squeezed shorter than its widgets (the frontend grows it back on load)."""
+    Save node squeezed shorter than its widgets (the frontend grows it back on load), and a status text longer
+    than the status box shows."""
     bad = _template("vae_finetune")
     nodes = {n["id"]: n for n in bad["nodes"]}
     nodes[7]["pos"] = list(nodes[3]["pos"])
@@ -391,6 +415,10 @@ def test_the_layout_checks_catch_an_overlap_and_a_too_small_node(page):
     state = graph_state(page)
     assert (3, "VAEFTFineTune", 7, "PreviewImage") in overlaps(state)
     assert [g[0] for g in grown(state, bad)] == [4]
+    page.evaluate(f"() => {{ {node_js(3)}.widgets.find(w => w.name === 'status').value = "
+                  f"{json.dumps(chr(10).join(f'line {i}' for i in range(12)))}; }}")
+    box = status_box(page)
+    assert box["text"].startswith("line 0") and not box["whole"] and not box["fits"], box
 
 
 def test_run_from_the_page_shows_where_the_file_went_and_load_vae_lists_it(page, server):
@@ -407,14 +435,27 @@ def test_run_from_the_page_shows_where_the_file_went_and_load_vae_lists_it(page,
             }}
         }}
         app.graph.setDirtyCanvas(true, true); }}""", {str(k): v for k, v in {**SHORT_RUN, 4: {"name": save_name}}.items()})
-    # the status text the node gets while it trains (ComfyUI's progress-text messages for node 3)
+    # the status texts the node sends while it trains (nodes/finetune.py STATUS_EVENT, for node 3), and whether
+    # its status box showed each in full once the page had drawn it
     page.evaluate(f"""() => {{ window.__vaeftStatus = [];
-        window.comfyAPI.api.api.addEventListener("progress_text", e => {{
-            if (String(e.detail?.nodeId) === "3") window.__vaeftStatus.push([e.detail.text, {APP}.graph.nodes
-                .find(n => String(n.id) === "3").widgets.some(w => String(w.value ?? "").includes(e.detail.text))]);
+        window.comfyAPI.api.api.addEventListener("vaeft.status", e => {{
+            if (String(e.detail?.node) !== "3") return;
+            const entry = [e.detail.text, null];
+            window.__vaeftStatus.push(entry);
+            requestAnimationFrame(() => requestAnimationFrame(() => {{
+                const el = {node_js(3)}.widgets.find(w => w.name === "status")?.inputEl;
+                entry[1] = !!el && el.value === e.detail.text && el.scrollHeight <= el.clientHeight + 1
+                    && el.scrollWidth <= el.clientWidth + 1;
+            }}));
         }}); }}""")
     before = set(server.get("/history").json())
-    page.get_by_role("button", name="Run", exact=True).click()
+    # Run: the queue button (1.27 wraps it in a split button; 1.45 has a second "Run" button beside it, the
+    # queue-mode menu)
+    queue = page.get_by_test_id("queue-button")
+    run = page.get_by_role("button", name="Run", exact=True).and_(queue).or_(
+        queue.get_by_role("button", name="Run", exact=True))
+    assert run.count() == 1, [run.nth(i).evaluate("e => e.outerHTML.slice(0, 200)") for i in range(run.count())]
+    run.click()
     deadline = time.time() + 600
     entry = None
     while time.time() < deadline:
@@ -429,13 +470,13 @@ def test_run_from_the_page_shows_where_the_file_went_and_load_vae_lists_it(page,
     out_file = os.path.join(server.base, "output", "vae", f"vae-ft-{save_name}-2.safetensors")
     assert os.path.isfile(out_file)
 
-    # while it trained, the node showed its status text: the run, the step, the losses
+    # while it trained, the node's status box showed each status text in full: the run, the step, the losses,
+    # and at the end validation beside the base
     status = page.evaluate("() => window.__vaeftStatus")
     assert status and all(t.startswith("run ") for t, _ in status), status
     assert any("step" in t and "loss" in t.lower() for t, _ in status), status
-    if page.frontend == "pinned":  # 1.27 keeps it in a text-preview widget (newer ones draw it: see the screenshot)
-        page.wait_for_function(f"() => {node_js(3)}.widgets.some(w => String(w.value ?? '')"
-                               f".includes({json.dumps(status[-1][0])}))", timeout=10_000)
+    assert "validation (now / base)" in status[-1][0], status[-1]
+    assert all(in_full for _, in_full in status), status
 
     # the Save node shows where the file went, in a box the page draws
     page.wait_for_function(f"() => ({node_js(4)}.widgets.find(w => w.name === 'result')?.value ?? '')"
@@ -446,6 +487,9 @@ def test_run_from_the_page_shows_where_the_file_went_and_load_vae_lists_it(page,
     bb = shown[0].bounding_box()
     assert bb and bb["width"] > 50 and bb["height"] > 20, (bb, shot)
     assert shown[0].get_attribute("readonly") is not None
+    # the last status stays on the node after the run, all of it in view inside the node (the screenshot)
+    box = status_box(page)
+    assert box["text"] == status[-1][0] and box["fits"], (box, shot)
     # previews drawn after the run (live reconstructions on VAE Fine-tune, the loss curve, sampled
     # patches) fit the room the template left: no node grew, nothing overlaps
     state = graph_state(page)
