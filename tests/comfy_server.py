@@ -56,6 +56,7 @@ def prepare_base(base: str, settings: dict | None = None) -> dict[str, torch.Ten
     # LPIPS runs for real, on an explicitly random VGG backbone (no weights can be downloaded here).
     feats = {k: v for k, v in torchvision.models.vgg16().state_dict().items() if k.startswith("features.")}
     torch.save(feats, os.path.join(base, "vgg16-random.pth"))
+    os.makedirs(os.path.join(base, "user"))  # where ComfyUI 0.28 keeps its database (it logs an error without it)
     write_images(os.path.join(base, "input", "vae_train"), size=96)
     write_images(os.path.join(base, "input"), names=("astronaut",), size=64)
     if settings:
