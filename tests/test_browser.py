@@ -4,11 +4,12 @@ Playwright, on a real headless ComfyUI (COMFYUI_PATH) with this pack installed.
 Each template is dropped onto the canvas (a synthesised drop event with a File: a native drag cannot
 be scripted); then no node may be missing or flagged, no error dialog open, every widget must hold the file's
 value, Load VAE must offer the file the template names and carry its models entry (the server's models/vae has
-a random VAE under each name: vae-ft-mse-840000-ema-pruned.safetensors, and a full-size random
-qwen_image_vae.safetensors), ``app.graphToPrompt()`` must equal the API example, and no two nodes (title bars
-included) may overlap or hide a widget. A template naming a VAE the server lacks must make the page name the
-file and its folder. The simple template is then run from the page: short-run values typed into the
-widgets, Run pressed, the status text must reach VAE Fine-tune while it trains, the Save node must show where
+a random VAE under each name: vae-ft-mse-840000-ema-pruned.safetensors, and full-size random
+qwen_image_vae.safetensors and flux2-vae.safetensors), ``app.graphToPrompt()`` must equal the API example, and
+no two nodes (title bars included) may overlap or hide a widget. A template naming a VAE the server lacks must
+make the page name the file and its folder. The simple template is then run from the page: short-run values
+typed into the widgets, Run pressed, VAE Fine-tune's status box must show the status text while it trains and
+all of the last one after the run (no line cut off or scrolled out of view), the Save node must show where
 the file went, and after a refresh (R) Load VAE must list it. Screenshots go to .artifacts/browser/ (or $VAEFT_ARTIFACTS);
 with VAEFT_WRITE_THUMBNAILS=1 the run also rewrites the templates' .jpg thumbnails from the pinned frontend (the simple one's after
 its run, the others' as loaded).
@@ -36,7 +37,7 @@ import time
 import pytest
 
 from comfy_server import (PACK, TEMPLATE_SD_VAE, TEMPLATES, Server, api_example, comfyui_path, messages, prepare_base,
-                          write_qwen_image_vae)
+                          write_flux2_vae, write_qwen_image_vae)
 from conftest import ROOT
 
 pytestmark = pytest.mark.integration  # a real ComfyUI and a browser: -m "not integration" skips it
@@ -53,7 +54,9 @@ if not os.path.isfile(CHROMIUM):
 
 ARTIFACTS = os.environ.get("VAEFT_ARTIFACTS") or os.path.join(ROOT, ".artifacts", "browser")
 APP = "window.comfyAPI.app.app"
-TEMPLATE_NAMES = ("vae_finetune", "vae_finetune_advanced", "vae_finetune_qwen_image")
+TEMPLATE_NAMES = ("vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image")
+# The VAE files the templates' Load VAE name, all in the server's models/vae (the base fixture)
+TEMPLATE_VAES = (TEMPLATE_SD_VAE, "qwen_image_vae.safetensors", "flux2-vae.safetensors")
 # What a user types for a run that takes seconds on a CPU (the Save name gets the frontend's name: both
 # frontends' servers share one base folder, and Save never overwrites).
 SHORT_RUN = {2: {"patch_size": 32, "foreground_threshold": 0.0}, 3: {"steps": 2, "batch_size": 1}}
@@ -103,10 +106,13 @@ def base(tmp_path_factory):
         os.makedirs(os.path.join(base, "user", "default", folder), exist_ok=True)
     qwen = os.path.join(base, "models", "vae", "qwen_image_vae.safetensors")
     write_qwen_image_vae(qwen)
+    flux2 = os.path.join(base, "models", "vae", "flux2-vae.safetensors")
+    write_flux2_vae(flux2)
     try:
         yield base
     finally:
-        os.unlink(qwen)  # ~250 MB: not kept in pytest's last three temp folders
+        os.unlink(qwen)  # ~250 MB and ~170 MB: not kept in pytest's last three temp folders
+        os.unlink(flux2)
 
 
 def _frontend_version(static: str) -> str:
@@ -403,7 +409,7 @@ def test_template_loads_clean_and_matches_the_api_example(page, name):
     # Load VAE offers the file the template names, and carries the model's description
     (loader,) = [n for n in template["nodes"] if n["type"] == "VAELoader"]
     named = loader["widgets_values"][0]
-    assert named in (TEMPLATE_SD_VAE, "qwen_image_vae.safetensors"), named
+    assert named in TEMPLATE_VAES, named
     offered = page.evaluate(f"() => {node_js(loader['id'])}.widgets[0].options.values")
     assert named in offered, (name, offered)
     models = page.evaluate(f"() => {node_js(loader['id'])}.properties.models")
