@@ -4,10 +4,11 @@
     python example_workflows/build_ui_workflow.py http://127.0.0.1:8188
 
 Each node's size is computed from its live input/output/widget counts the way the frontend sizes a node
-(LGraphNode.computeSize in ComfyUI frontend 1.27), plus room for what it shows after a run (images, our
-result text), and nodes are laid out in columns by their depth in the graph, so none overlaps another
-before or after a run. The integration tests rebuild every template against a real ComfyUI and compare
-with the committed files; the browser test checks the sizes and the layout in a real page.
+(LGraphNode.computeSize in ComfyUI frontend 1.27), plus room for what it shows during and after a run (images,
+our status and result text), and nodes are laid out in columns by their depth in the graph, so none overlaps
+another before or after a run. The integration tests rebuild every template against a real ComfyUI (0.3.64 and
+0.28.2 give the same files) and compare with the committed files; the browser test checks the sizes and the
+layout in a real page.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ SLOT_H, WIDGET_H, WIDGET_GAP, WIDGETS_PAD, NODE_PAD, TITLE_H = 20, 20, 4, 8, 6, 
 NODE_W = 400
 # The read-only box web/vaeft.js adds to this pack's output nodes (a multi-line text widget).
 RESULT_BOX_H = 80
+# VAE Fine-tune's status box (web/vaeft.js STATUS_H: seven 14 px lines and padding, a fixed height).
+STATUS_NODE, STATUS_BOX_H = "VAEFTFineTune", 110
 # Room for images drawn on a node (the frontend's image-preview widget needs at least 220 px):
-# preview nodes show the picture, VAE Fine-tune its live reconstructions while it trains, above them
-# its status text (up to 5 lines: run, step/ETA, losses, validation vs base, peak GPU memory; ~80 px).
-IMAGE_H = {"PreviewImage": 320, "SaveImage": 320, "VAEFTFineTune": 240 + 80}
+# preview nodes show the picture, VAE Fine-tune its live reconstructions while it trains.
+IMAGE_H = {"PreviewImage": 320, "SaveImage": 320, "VAEFTFineTune": 240}
 GAP_X, GAP_Y, ORIGIN = 60, 40, (40, 80)
 # The VAE file a template's Load VAE names, and its public source. The node carries it as
 # properties.models ({name, url, directory}), the shape ComfyUI's own templates use, so a frontend that
@@ -40,6 +42,9 @@ TEMPLATE_VAES = {
                                                 "resolve/main/vae-ft-mse-840000-ema-pruned.safetensors?download=true",
     "qwen_image_vae.safetensors": "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/"
                                   "resolve/main/split_files/vae/qwen_image_vae.safetensors",
+    # the FLUX.2 VAE as ComfyUI's own FLUX.2 templates name it and where they fetch it from
+    "flux2-vae.safetensors": "https://huggingface.co/Comfy-Org/flux2-dev/resolve/main/split_files/vae/"
+                             "flux2-vae.safetensors",
 }
 
 
@@ -62,15 +67,17 @@ def _shows_result_text(info: dict, pack_module: str | None) -> bool:
     return bool(info.get("output_node")) and pack_module is not None and info.get("python_module") == pack_module
 
 
-def node_size(class_type: str, info: dict, widget_rows: int, socket_inputs: int, pack_module: str | None
-              ) -> list[int]:
+def node_size(class_type: str, info: dict, widget_rows: int, socket_inputs: int, outputs: int,
+              pack_module: str | None) -> list[int]:
     """[width, height] of a node's body (the title bar sits above it), as the frontend computes it plus
-    the room its images and result text take after a run."""
-    rows = max(socket_inputs, len(info["output"]), 1)
+    the room its images, status and result text take during and after a run."""
+    rows = max(socket_inputs, outputs, 1)
     h = rows * SLOT_H
     widgets = widget_rows * (WIDGET_H + WIDGET_GAP)
     if _shows_result_text(info, pack_module):
         widgets += RESULT_BOX_H + WIDGET_GAP
+    if class_type == STATUS_NODE and info.get("python_module") == pack_module:
+        widgets += STATUS_BOX_H + WIDGET_GAP
     if class_type in IMAGE_H:
         widgets += IMAGE_H[class_type] + WIDGET_GAP
     if widgets:
@@ -153,7 +160,14 @@ def build(api: dict, object_info: dict) -> dict:
                     links[link - 1][4] = len(inputs) - 1
         outputs = [{"name": oname, "type": otype, "links": out_links.get((nid, i), []), "slot_index": i}
                    for i, (oname, otype) in enumerate(zip(info["output_name"], info["output"]))]
-        size = node_size(node["class_type"], info, widget_rows, len(inputs), pack_module)
+        if info.get("python_module") != pack_module:
+            # A core node's outputs after the last one the template links are left out: ComfyUI adds outputs
+            # to its own nodes from one version to the next (0.28 gave Preview Image an IMAGE output), and
+            # the frontend gives a loaded node the outputs its live definition has. This pack's nodes keep
+            # every output: their names are the same on every ComfyUI (nodes/common.py schema).
+            while outputs and not outputs[-1]["links"]:
+                outputs.pop()
+        size = node_size(node["class_type"], info, widget_rows, len(inputs), len(outputs), pack_module)
         c = columns[nid]
         pos = [col_x[c], col_y[c]]
         col_y[c] += size[1] + TITLE_H + GAP_Y

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import typing
 
 import torch
@@ -16,16 +17,31 @@ from ..training.vae import LoadedVAE, build_vae
 
 log = logging.getLogger("vaeft")
 
-CATEGORY = "training/vae"  # beside core's own "training" nodes (Train LoRA, Loss Graph)
+CORE_TRAINING = "training"  # where ComfyUI 0.3.48 to 0.3.64 file its own training nodes (Train LoRA, Loss Graph)
+
+
+def category() -> str:
+    """<core's training category>/vae: beside core's own training nodes, wherever this ComfyUI files them
+    ("training" in 0.3.64, "model/training" in 0.28.2). ComfyUI loads its own nodes before custom ones, so its
+    nodes module already holds Train LoRA; without it (not loaded, or not ComfyUI) "training"."""
+    mappings = getattr(sys.modules.get("nodes"), "NODE_CLASS_MAPPINGS", None) or {}
+    found = getattr(mappings.get("TrainLoraNode"), "CATEGORY", None)
+    return (found if isinstance(found, str) and found.split("/")[-1] == "training" else CORE_TRAINING) + "/vae"
 
 
 def schema(**kwargs) -> io.Schema:
     """io.Schema with the pack's category, marked experimental as core marks its training nodes.
-    ``search_aliases`` is passed on only where this ComfyUI's Schema has the field (0.3.64 has not)."""
+    ``search_aliases`` is passed on only where this ComfyUI's Schema has the field (0.3.64 has not).
+    Every output is named by its id ("fine_tuned_vae", not "VAE"): 0.28 names an output without a display
+    name by its id, 0.3.64 by its type, and a socket should read the same on every ComfyUI (and so should
+    the templates, which hold the names)."""
     aliases = kwargs.pop("search_aliases", None)
     if aliases and "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}:
         kwargs["search_aliases"] = aliases
-    return io.Schema(category=CATEGORY, is_experimental=True, **kwargs)
+    for output in kwargs.get("outputs", []):
+        if not output.display_name:
+            output.display_name = output.id
+    return io.Schema(category=category(), is_experimental=True, **kwargs)
 
 # Our own socket types: plain names, like ComfyUI's LORA_MODEL / LOSS_MAP.
 Dataset = io.Custom("VAEFT_DATASET")

@@ -158,7 +158,7 @@ class _NodeHooks:
             self.cancelled = True
 
     def show(self, status, force: bool = False) -> None:
-        """Status text on the node (ComfyUI's progress-text channel), at most every 2 s."""
+        """Status text on the node (STATUS_EVENT), at most every 2 s."""
         if force or time.monotonic() - self.shown >= 2.0:
             self.shown = time.monotonic()
             _send_text(f"run {self.run}\n{status.text()}", self.node_id)
@@ -177,15 +177,24 @@ class _NodeHooks:
         self.progress(step, self.pbar.total, ("JPEG", to_pil(image_grid(images, rows=2)), 768))
 
 
+# The websocket event that carries the status text to the page: {"node": the node's id, "text": the lines}.
+# Our own event, not ComfyUI's progress-text channel: newer frontends draw that in a generic box that gets
+# what room the node's images leave it (frontend 1.45 cut our four to six lines at the node's edge), while
+# web/vaeft.js shows this one in the node's own status box, made with the node and sized for the whole text.
+STATUS_EVENT = "vaeft.status"
+
+
 def _send_text(text: str, node_id) -> None:
-    """Text under the node while it runs (the frontend draws ComfyUI's progress-text messages)."""
+    """The node's status text, to the page that queued the prompt (every page when it came without a client id,
+    as ComfyUI's own progress messages go)."""
     try:
         from server import PromptServer
 
-        if PromptServer.instance is not None and node_id is not None:
-            PromptServer.instance.send_progress_text(text, str(node_id))
+        server = PromptServer.instance
+        if server is not None and node_id is not None:
+            server.send_sync(STATUS_EVENT, {"node": str(node_id), "text": text}, getattr(server, "client_id", None))
     except Exception as e:  # noqa: BLE001 - a status line must never stop a run
-        log.debug("progress text not sent: %s", e)
+        log.debug("status text not sent: %s", e)
 
 
 def _input_name(source: str) -> str:

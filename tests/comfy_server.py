@@ -29,6 +29,35 @@ def comfyui_path() -> str | None:
     return path if path and os.path.isfile(os.path.join(path, "main.py")) else None
 
 
+def comfyui_version(path: str | None = None) -> str:
+    """The checkout's version (comfyui_version.py), e.g. "0.28.2"; "" when it does not say."""
+    import re
+
+    try:
+        with open(os.path.join(path or comfyui_path() or "", "comfyui_version.py")) as f:
+            found = re.search(r'__version__\s*=\s*"([^"]+)"', f.read())
+    except OSError:
+        return ""
+    return found.group(1) if found else ""
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".") if p.isdigit())
+
+
+def flux2_unreadable(path: str | None = None) -> str | None:
+    """Why this ComfyUI's Load VAE cannot read a Flux.2 VAE, or None when it can: one that reads Flux.2 takes
+    ``bn.running_mean`` for its BatchNorm over the patchified latents (comfy/sd.py's kl-f8 branch, 0.28); an
+    older one builds another family's 32-channel VAE from the file (tests/test_comfyui.py shows 0.3.64's)."""
+    root = path or comfyui_path() or ""
+    with open(os.path.join(root, "comfy", "sd.py")) as f:
+        if "bn.running_mean" in f.read():
+            return None
+    return (f"ComfyUI {comfyui_version(root) or 'at ' + root} has no Flux.2 reader in its Load VAE (comfy/sd.py never "
+            "reads bn.running_mean, the BatchNorm of Flux.2's latents): a Flux.2 fine-tune needs a newer ComfyUI "
+            "(0.28.2 reads it)")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,6 +85,7 @@ def prepare_base(base: str, settings: dict | None = None) -> dict[str, torch.Ten
     # LPIPS runs for real, on an explicitly random VGG backbone (no weights can be downloaded here).
     feats = {k: v for k, v in torchvision.models.vgg16().state_dict().items() if k.startswith("features.")}
     torch.save(feats, os.path.join(base, "vgg16-random.pth"))
+    os.makedirs(os.path.join(base, "user"))  # where ComfyUI 0.28 keeps its database (it logs an error without it)
     write_images(os.path.join(base, "input", "vae_train"), size=96)
     write_images(os.path.join(base, "input"), names=("astronaut",), size=64)
     if settings:
@@ -76,6 +106,26 @@ def write_qwen_image_vae(path: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(3)
     sd = {wan.to_original_key(k): v.to(torch.bfloat16).contiguous()
           for k, v in AutoencoderKLQwenImage().state_dict().items()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(sd, path)
+    return sd
+
+
+def write_flux2_vae(path: str) -> dict[str, torch.Tensor]:
+    """A random-init, full-size Flux.2 VAE at ``path`` as ComfyUI's FLUX.2 templates fetch flux2-vae.safetensors:
+    Black Forest Labs' layout, bf16 (~170 MB), with non-trivial BatchNorm statistics (ComfyUI reads only the
+    full-size architecture: four levels of 128-512 channels). Returns its state dict."""
+    from diffusers import AutoencoderKLFlux2
+    from safetensors.torch import save_file
+
+    from training.families import flux2
+
+    torch.manual_seed(5)
+    m = AutoencoderKLFlux2()
+    m.bn.running_mean.normal_(0, 0.5)
+    m.bn.running_var.uniform_(0.25, 2.25)
+    sd, _ = flux2.file_layout({k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()
+                               for k, v in m.state_dict().items()})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file(sd, path)
     return sd

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from comfy_server import PACK, TEMPLATES, api_example, comfyui_path
+from comfy_server import PACK, TEMPLATES, api_example, comfyui_path, comfyui_version, flux2_unreadable, write_flux2_vae
 from comfy_server import messages as _messages
 from conftest import remove_run_folders, write_images
 
@@ -76,6 +76,8 @@ def test_nodes_are_registered(comfy):
         assert node in info, f"{node} missing; server log:\n{server.read_log()[-3000:]}"
     ft = info["VAEFTFineTune"]
     assert ft["output"] == ["VAE", "LOSS_MAP", "VAEFT_TRAINED"]
+    # sockets named alike on every ComfyUI (0.3.x would name them by type, 0.28 by id)
+    assert ft["output_name"] == ["fine_tuned_vae", "loss", "trained"]
     assert info["VAEFTFineTuneOptions"]["input"]["required"]["lpips_weight"][1]["default"] == 0.1
 
 
@@ -323,8 +325,7 @@ def test_ui_examples_match_the_live_node_definitions(comfy):
     info = requests.get(server.url + "/object_info", timeout=30).json()
     examples = builder.api_examples()
     # every template, each built from its API example
-    assert set(examples) == {n[:-5] for n in os.listdir(TEMPLATES) if n.endswith(".json")} == \
-        {"vae_finetune", "vae_finetune_advanced", "vae_finetune_qwen_image"}
+    assert set(examples) == {n[:-5] for n in os.listdir(TEMPLATES) if n.endswith(".json")} == set(TEMPLATE_NAMES)
     for name, path in examples.items():
         with open(path) as f:
             api = json.load(f)
@@ -336,18 +337,27 @@ def test_ui_examples_match_the_live_node_definitions(comfy):
 
 OUR_NODES = ("VAEFTPatchDataset", "VAEFTPatchOptions", "VAEFTFineTune", "VAEFTFineTuneOptions", "VAEFTSave",
              "VAEFTLossGraph", "VAEFTEvaluate")
+TEMPLATE_NAMES = ("vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image")
+# Where core files its training nodes (Train LoRA, Loss Graph), in the ComfyUI versions the tests run on
+CORE_TRAINING_CATEGORY = {"0.3.48": "training", "0.3.64": "training", "0.28.2": "model/training"}
 
 
 def test_nodes_describe_every_input_and_output_and_are_marked_like_core_training_nodes(comfy):
     server, _, _ = comfy
     info = requests.get(server.url + "/object_info", timeout=30).json()
     core_training = info["TrainLoraNode"]
+    # core files its training nodes under "training" (0.3.x) or "model/training" (0.28): ours go in a "vae"
+    # folder beside them, wherever that is
+    version = comfyui_version()
+    if version in CORE_TRAINING_CATEGORY:
+        assert core_training["category"] == CORE_TRAINING_CATEGORY[version], (version, core_training["category"])
+    assert core_training["category"].split("/")[-1] == "training", core_training["category"]
     for node in OUR_NODES:
         spec = info[node]
         assert spec["description"], node
-        # core marks its training nodes experimental, under "training"
+        # core marks its training nodes experimental, and so are ours, in a folder beside them
         assert spec["experimental"] is core_training["experimental"] is True, node
-        assert spec["category"].split("/")[0] == core_training["category"] == "training", node
+        assert spec["category"] == core_training["category"] + "/vae", (node, spec["category"])
         inputs = {**spec["input"]["required"], **spec["input"].get("optional", {})}
         for name, s in inputs.items():
             assert len(s) > 1 and s[1].get("tooltip"), f"{node}.{name} has no tooltip"
@@ -375,7 +385,7 @@ def test_templates_are_listed_and_served_with_their_thumbnails(comfy):
     server, _, _ = comfy
     listed = requests.get(server.url + "/workflow_templates", timeout=30).json()
     names = sorted(n[:-5] for n in os.listdir(TEMPLATES) if n.endswith(".json"))
-    assert sorted(listed[PACK]) == names == ["vae_finetune", "vae_finetune_advanced", "vae_finetune_qwen_image"]
+    assert sorted(listed[PACK]) == names == sorted(TEMPLATE_NAMES)
     for name in names:
         r = requests.get(f"{server.url}/api/workflow_templates/{PACK}/{name}.jpg", timeout=30)
         assert r.ok and r.headers["Content-Type"] == "image/jpeg" and r.content[:3] == b"\xff\xd8\xff", name
@@ -522,10 +532,93 @@ def test_a_qwen_image_vae_from_load_vae_trains_saves_and_round_trips(comfy):
     os.unlink(os.path.join(base, "models", "vae", "qwen_image_vae.safetensors"))
 
 
+# ComfyUI's own Load VAE on a file (the preamble's job path), its log at DEBUG (missing and leftover keys).
+COMFY_READS_FLUX2 = r'''
+from safetensors.torch import load_file
+sd = load_file(jobs_path)
+vae = comfy.sd.VAE(sd=sd)
+bn = vae.first_stage_model.bn
+print("RESULT " + json.dumps({
+    "latent_channels": vae.latent_channels, "downscale": vae.downscale_ratio,
+    "bn_stats": bool(torch.equal(bn.running_mean.float(), sd["bn.running_mean"].float())
+                     and torch.equal(bn.running_var.float(), sd["bn.running_var"].float())),
+    "keys": [m for m in messages if "VAE keys" in m]}))
+'''
+
+
+def test_the_flux2_template_trains_and_load_vae_reads_the_result_with_the_base_latents(comfy):
+    """The Flux.2 template's graph (examples/api/vae_finetune_flux2_api.json, with a short run's values) on a
+    full-size random FLUX.2 VAE in Black Forest Labs' layout, bf16, as flux2-vae.safetensors. The saved file is
+    read by ComfyUI's own Load VAE as a Flux.2 VAE (every key used, its BatchNorm statistics among them; 128
+    patchified latent channels, 16x down) and encodes an image to exactly the base's latents (decoder-only: the
+    encoder and the statistics are the base's, byte for byte), while its decoder changed and decodes."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from comfy_server import COMFY_LOADER_PREAMBLE
+
+    why = flux2_unreadable()
+    if why:
+        pytest.skip(why)
+    server, base, _ = comfy
+    src = os.path.join(base, "models", "vae", "flux2-vae.safetensors")
+    sd = write_flux2_vae(src)
+    out_file = os.path.join(base, "output", "vae", "vae-ft-flux2-2.safetensors")
+    try:
+        prompt = api_example("vae_finetune_flux2")
+        assert prompt["1"]["inputs"]["vae_name"] == "flux2-vae.safetensors"
+        prompt["2"]["inputs"].update(patch_size=32, foreground_threshold=0.0)
+        prompt["3"]["inputs"].update(steps=2, batch_size=1)
+        prompt["4"]["inputs"]["name"] = "flux2"
+        entry = server.wait(server.queue(prompt))
+        assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-4000:]
+        assert any(out_file in t for t in entry["outputs"]["4"]["text"])  # the Save node says where
+
+        exported = load_file(out_file)
+        assert set(exported) == set(sd)
+        for k in sd:
+            assert exported[k].dtype == sd[k].dtype and exported[k].shape == sd[k].shape, k
+            if k.startswith(("encoder.", "bn.")):
+                assert torch.equal(exported[k], sd[k]), k
+        assert not torch.equal(exported["decoder.conv_out.weight"], sd["decoder.conv_out.weight"])
+
+        # stock Load VAE -> VAE Encode -> Save Latent with the base and the fine-tune; the fine-tune's decode
+        vaes = {"base": "flux2-vae.safetensors", "tuned": "vae-ft-flux2-2.safetensors"}
+        graph = {"0": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}}}
+        for i, (tag, name) in enumerate(vaes.items(), start=1):
+            graph[f"{i}1"] = {"class_type": "VAELoader", "inputs": {"vae_name": name}}
+            graph[f"{i}2"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["0", 0], "vae": [f"{i}1", 0]}}
+            graph[f"{i}3"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"{i}2", 0],
+                                                                     "filename_prefix": f"latents/flux2-{tag}"}}
+        graph["24"] = {"class_type": "VAEDecode", "inputs": {"samples": ["22", 0], "vae": ["21", 0]}}
+        graph["25"] = {"class_type": "SaveImage", "inputs": {"images": ["24", 0], "filename_prefix": "flux2-decoded"}}
+        entry = server.wait(server.queue(graph))
+        assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-4000:]
+        latents = {}
+        for i, tag in enumerate(vaes, start=1):
+            (saved,) = entry["outputs"][f"{i}3"]["latents"]
+            latents[tag] = load_file(os.path.join(base, "output", saved["subfolder"], saved["filename"]))["latent_tensor"]
+        assert latents["base"].shape == (1, 128, 4, 4), latents["base"].shape  # 64x64 pixels, 16x down, 4 x 32 channels
+        assert latents["base"].std() > 0 and torch.equal(latents["tuned"], latents["base"])
+        assert entry["outputs"]["25"]["images"]
+        assert "Missing VAE keys" not in server.read_log()
+
+        # every tensor of the saved file is used by ComfyUI's reader (nothing left over), the statistics too
+        p = subprocess.run([sys.executable, "-c", COMFY_LOADER_PREAMBLE + COMFY_READS_FLUX2, comfyui_path(), out_file],
+                           capture_output=True, text=True, timeout=300)
+        lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+        assert lines, p.stdout[-3000:] + p.stderr[-3000:]
+        assert json.loads(lines[0][7:]) == {"latent_channels": 128, "downscale": 16, "bn_stats": True, "keys": []}
+    finally:
+        os.unlink(src)
+
+
 def test_what_comfyui_0_3_64_does_with_a_flux2_vae(comfy):
-    """What the README says of Flux.2 in ComfyUI: this ComfyUI predates FLUX.2, so its own Load VAE fails on
-    the file (it builds another family's 32-channel VAE) before the pack's nodes run; the command line is the
-    way. A ComfyUI that loads BFL's layout would pass it on; that one is not available here."""
+    """What the README says of Flux.2 in ComfyUI 0.3.64: it predates FLUX.2, so its own Load VAE fails on the
+    file (it builds another family's 32-channel VAE) before the pack's nodes run; the command line is the way
+    there. A ComfyUI that reads Flux.2 (0.28.2) runs the Flux.2 template: the test above."""
     from safetensors.torch import save_file
 
     from test_flux2 import tiny_diffusers

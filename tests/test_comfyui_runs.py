@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import signal
-import struct
 import time
 import uuid
 
@@ -132,12 +131,12 @@ def _queue_watched(server, prompt: dict) -> list[str]:
                 deadline = time.time() + 600
                 while time.time() < deadline:
                     msg = await ws.receive(timeout=600)
-                    if msg.type == aiohttp.WSMsgType.BINARY and struct.unpack(">I", msg.data[:4])[0] == 3:
-                        n = struct.unpack(">I", msg.data[4:8])[0]
-                        texts.append(msg.data[8 + n:].decode())
-                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                    if msg.type == aiohttp.WSMsgType.TEXT:
                         data = json.loads(msg.data)
-                        if data["type"] in ("execution_success", "execution_error"):
+                        if data["type"] == "vaeft.status":  # nodes/finetune.py STATUS_EVENT, for node 3
+                            assert data["data"]["node"] == "3", data
+                            texts.append(data["data"]["text"])
+                        elif data["type"] in ("execution_success", "execution_error"):
                             return texts
                     elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                         return texts

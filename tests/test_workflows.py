@@ -33,7 +33,7 @@ def _api_names():
 
 def test_api_examples_list_every_input():
     examples = {name: _api(name) for name in _api_names()}
-    assert {"vae_finetune", "vae_finetune_advanced", "vae_finetune_qwen_image"} <= set(examples)
+    assert {"vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image"} <= set(examples)
     simple, advanced = examples["vae_finetune"], examples["vae_finetune_advanced"]
     for name, prompt in examples.items():
         assert all(n["_meta"]["title"] for n in prompt.values()), name
@@ -60,21 +60,23 @@ def test_api_examples_list_every_input():
     # the simple example is the advanced one without the options, Evaluate and its preview
     for k, node in simple.items():
         assert {n: v for n, v in advanced[k]["inputs"].items() if n != "options"} == node["inputs"], k
-    # the Qwen-Image template is the simple one for a Qwen-Image / Wan 2.1 VAE: the same graph and settings,
-    # its own base file, run and save names, and titles that say what it is for
-    qwen = examples["vae_finetune_qwen_image"]
-    assert {k: (n["class_type"], set(n["inputs"])) for k, n in qwen.items()} == \
-        {k: (n["class_type"], set(n["inputs"])) for k, n in simple.items()}
-    assert {(k, i) for k, n in qwen.items() for i, v in n["inputs"].items() if simple[k]["inputs"][i] != v} == \
-        {("1", "vae_name"), ("3", "run_name"), ("4", "name")}
-    assert qwen["1"]["inputs"]["vae_name"] == "qwen_image_vae.safetensors"
-    assert all("Qwen-Image" in qwen[k]["_meta"]["title"] for k in ("1", "3", "4"))
+    # a family's template is the simple one for that family's VAE: the same graph and settings, its own base
+    # file (the name ComfyUI's own templates give it), run and save names, and titles that say what it is for
+    for name, vae, label in (("vae_finetune_qwen_image", "qwen_image_vae.safetensors", "Qwen-Image"),
+                             ("vae_finetune_flux2", "flux2-vae.safetensors", "Flux.2")):
+        family = examples[name]
+        assert {k: (n["class_type"], set(n["inputs"])) for k, n in family.items()} == \
+            {k: (n["class_type"], set(n["inputs"])) for k, n in simple.items()}, name
+        assert {(k, i) for k, n in family.items() for i, v in n["inputs"].items() if simple[k]["inputs"][i] != v} == \
+            {("1", "vae_name"), ("3", "run_name"), ("4", "name")}, name
+        assert family["1"]["inputs"]["vae_name"] == vae
+        assert all(label in family[k]["_meta"]["title"] for k in ("1", "3", "4")), name
 
 
 def test_ui_templates_match_the_api_examples_and_have_jpeg_thumbnails():
     names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(TEMPLATES, "*.json")))
     assert names == _api_names()
-    assert {"vae_finetune", "vae_finetune_advanced", "vae_finetune_qwen_image"} <= set(names)
+    assert {"vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image"} <= set(names)
     for name in names:
         with open(os.path.join(TEMPLATES, name + ".json")) as f:
             ui = json.load(f)
