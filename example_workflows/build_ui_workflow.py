@@ -45,6 +45,11 @@ TEMPLATE_VAES = {
     # the FLUX.2 VAE as ComfyUI's own FLUX.2 templates name it and where they fetch it from
     "flux2-vae.safetensors": "https://huggingface.co/Comfy-Org/flux2-dev/resolve/main/split_files/vae/"
                              "flux2-vae.safetensors",
+    # Wan 2.2 (TI2V-5B) and Qwen-Image 2.1 as Comfy-Org's repackaged releases name them
+    "wan2.2_vae.safetensors": "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/"
+                              "split_files/vae/wan2.2_vae.safetensors",
+    "qwen_image_2.1_vae_bf16.safetensors": "https://huggingface.co/Comfy-Org/Qwen-Image-2.1/resolve/main/vae/"
+                                           "qwen_image_2.1_vae_bf16.safetensors",
 }
 
 

@@ -54,9 +54,11 @@ if not os.path.isfile(CHROMIUM):
 
 ARTIFACTS = os.environ.get("VAEFT_ARTIFACTS") or os.path.join(ROOT, ".artifacts", "browser")
 APP = "window.comfyAPI.app.app"
-TEMPLATE_NAMES = ("vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image")
+TEMPLATE_NAMES = ("vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image",
+                  "vae_finetune_qwen_image21", "vae_finetune_wan22")
 # The VAE files the templates' Load VAE name, all in the server's models/vae (the base fixture)
-TEMPLATE_VAES = (TEMPLATE_SD_VAE, "qwen_image_vae.safetensors", "flux2-vae.safetensors")
+TEMPLATE_VAES = (TEMPLATE_SD_VAE, "qwen_image_vae.safetensors", "flux2-vae.safetensors", "wan2.2_vae.safetensors",
+                 "qwen_image_2.1_vae_bf16.safetensors")
 # What a user types for a run that takes seconds on a CPU (the Save name gets the frontend's name: both
 # frontends' servers share one base folder, and Save never overwrites).
 SHORT_RUN = {2: {"patch_size": 32, "foreground_threshold": 0.0}, 3: {"steps": 2, "batch_size": 1}}
@@ -97,7 +99,8 @@ COMFY_REGISTRY = "https://api.comfy.org/"
 def base(tmp_path_factory):
     """One base folder for both frontends' servers (one after the other): the random SD VAE under the name
     the generic templates' Load VAE holds, and the family templates' qwen_image_vae.safetensors and
-    flux2-vae.safetensors (full-size random ones), so every template's named VAE is installed."""
+    flux2-vae.safetensors (full-size random ones), wan2.2_vae.safetensors and qwen_image_2.1_vae_bf16.safetensors
+    (small ones), so every template's named VAE is installed."""
     base = str(tmp_path_factory.mktemp("comfy-browser"))
     # A returning user: the first-run template gallery would otherwise cover the canvas.
     prepare_base(base, settings={"Comfy.TutorialCompleted": True})
@@ -108,6 +111,14 @@ def base(tmp_path_factory):
     write_qwen_image_vae(qwen)
     flux2 = os.path.join(base, "models", "vae", "flux2-vae.safetensors")
     write_flux2_vae(flux2)
+    # the Wan 2.2 and Qwen-Image 2.1 templates' files: listed by Load VAE, never loaded here (only the simple
+    # template runs from the page), so small examples of each family under the names the templates hold
+    from safetensors.torch import save_file
+
+    from family_examples import qwen21_file, wan22_file
+
+    save_file(wan22_file(0), os.path.join(base, "models", "vae", "wan2.2_vae.safetensors"))
+    save_file(qwen21_file(0), os.path.join(base, "models", "vae", "qwen_image_2.1_vae_bf16.safetensors"))
     try:
         yield base
     finally:

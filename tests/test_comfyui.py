@@ -33,10 +33,11 @@ def comfy(comfyui_server):
     remove_run_folders(comfyui_server[1])
 
 
-def _example(vae_name: str, folder: str, **train) -> dict:
-    """The simple API example with a short run: VAE Fine-tune's own widgets from ``train`` where it has
-    them, every other setting through a VAE Fine-tune Options node (its defaults from the advanced example)."""
-    prompt = api_example("vae_finetune")
+def _example(vae_name: str, folder: str, template: str = "vae_finetune", **train) -> dict:
+    """The simple API example (or ``template``'s, same graph) with a short run: VAE Fine-tune's own widgets from
+    ``train`` where it has them, every other setting through a VAE Fine-tune Options node (its defaults from
+    the advanced example)."""
+    prompt = api_example(template)
     nodes = {n["class_type"]: n for n in prompt.values()}
     nodes["VAELoader"]["inputs"]["vae_name"] = vae_name
     ds = nodes["VAEFTPatchDataset"]["inputs"]
@@ -337,7 +338,8 @@ def test_ui_examples_match_the_live_node_definitions(comfy):
 
 OUR_NODES = ("VAEFTPatchDataset", "VAEFTPatchOptions", "VAEFTFineTune", "VAEFTFineTuneOptions", "VAEFTSave",
              "VAEFTLossGraph", "VAEFTEvaluate")
-TEMPLATE_NAMES = ("vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image")
+TEMPLATE_NAMES = ("vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image",
+                  "vae_finetune_qwen_image21", "vae_finetune_wan22")
 # Where core files its training nodes (Train LoRA, Loss Graph), in the ComfyUI versions the tests run on
 CORE_TRAINING_CATEGORY = {"0.3.48": "training", "0.3.64": "training", "0.28.2": "model/training"}
 

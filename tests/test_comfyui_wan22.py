@@ -71,7 +71,7 @@ def comfy(comfyui_server):
 
 
 def test_a_full_size_wan22_vae_from_load_vae_trains_saves_and_keeps_its_latents_in_comfyui(comfy):
-    """Through the API: the saved file keeps every key, shape and dtype, the encoder, conv1 and the temporal
+    """Through the API, the Wan 2.2 template's graph: the saved file keeps every key, shape and dtype, the encoder, conv1 and the temporal
     resampling byte for byte, and has a new decoder; Load VAE lists it and builds it with no missing or leftover
     keys; ComfyUI's VAE Encode of an image with it gives the base's latents bit for bit (Save Latent's files), and
     its VAE Decode of them is our module's decode of the exported weights (to 8-bit PNG rounding)."""
@@ -90,7 +90,8 @@ def test_a_full_size_wan22_vae_from_load_vae_trains_saves_and_keeps_its_latents_
     del sd  # read back from the file below: the test process holds nothing while ComfyUI trains
     try:
         # EMA off: 2 GiB less of a ~13 GiB run on the CPU
-        prompt = _example("wan2.2_vae.safetensors", "vae_train", steps=1, batch_size=1, preview_every=0, ema=False)
+        prompt = _example("wan2.2_vae.safetensors", "vae_train", template="vae_finetune_wan22", steps=1, batch_size=1,
+                          preview_every=0, ema=False)  # the Wan 2.2 template's graph, a short run
         next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "wan22"
         entry = server.wait(server.queue(prompt), timeout=1200)
         assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-4000:]
