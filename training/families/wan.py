@@ -23,13 +23,11 @@ import torch
 from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
 
 from ..errors import VAEFTError
-from .base import Family, check_keys, conv_io, decoder_block_of
-from .wan2d import HEAD as _HEAD
+from .base import Family, check_keys, conv_io
 from .wan2d import RESIDUAL as _RESIDUAL
-from .wan2d import REV_HEAD as _REV_HEAD
 from .wan2d import REV_RESIDUAL as _REV_RESIDUAL
-from .wan2d import TOP as _TOP
-from .wan2d import OneFrame
+from .wan2d import (OneFrame, check_settings, decoder_block, foreign, per_channel_latents, refuse_latent_choice,
+                    set_up, shared_to_diffusers, shared_to_original, sub)
 
 LABEL = "Wan 2.1 VAE (Qwen-Image, Wan 2.1)"
 ORIGINAL_PROBE = "decoder.middle.0.residual.0.gamma"
@@ -44,70 +42,45 @@ IMAGE_FROZEN = (r"^(encoder\.down_blocks\.\d+|decoder\.up_blocks\.\d+\.upsampler
 
 
 def _sub(rest: str, table: dict[str, str], key: str) -> str:
-    if rest not in table:
-        raise VAEFTError(f"state dict key {key!r} is not part of a Wan 2.1 VAE")
-    return table[rest]
+    return sub(rest, table, key, "Wan 2.1 VAE")
 
 
 def to_diffusers_key(key: str, per_level: int = 4) -> str:
     """diffusers name of one original-layout key. ``per_level``: decoder blocks per resolution level in
     the original's flat list (num_res_blocks + 1 residual blocks and one upsampler: 4 in Wan 2.1)."""
-    head, _, rest = key.partition(".")
-    if head in _TOP:
-        return f"{_TOP[head]}.{rest}"
-    if head not in ("encoder", "decoder"):
-        raise VAEFTError(f"state dict key {key!r} is not part of a Wan 2.1 VAE")
-    if rest.startswith("conv1."):
-        return f"{head}.conv_in.{rest[6:]}"
-    if rest.startswith("head."):
-        return f"{head}.{_sub(rest, _HEAD, key)}"
-    m = re.fullmatch(r"middle\.([012])\.(.+)", rest)
-    if m:
-        if m.group(1) == "1":  # the attention: the same names under attentions.0
-            return f"{head}.mid_block.attentions.0.{m.group(2)}"
-        return f"{head}.mid_block.resnets.{int(m.group(1)) // 2}.{_sub(m.group(2), _RESIDUAL, key)}"
+    head, rest, name = shared_to_diffusers(key, "Wan 2.1 VAE")
+    if name is not None:
+        return name
     m = re.fullmatch(r"(downsamples|upsamples)\.(\d+)\.(.+)", rest)
     if not m:
-        raise VAEFTError(f"state dict key {key!r} is not part of a Wan 2.1 VAE")
-    n, sub = int(m.group(2)), m.group(3)
-    resampler = sub.startswith(("resample.", "time_conv."))
+        raise foreign(key, "Wan 2.1 VAE")
+    n, part = int(m.group(2)), m.group(3)
+    resampler = part.startswith(("resample.", "time_conv."))
     if head == "encoder":  # one flat list in both layouts
-        return f"encoder.down_blocks.{n}.{sub if resampler else _sub(sub, _RESIDUAL, key)}"
+        return f"encoder.down_blocks.{n}.{part if resampler else _sub(part, _RESIDUAL, key)}"
     level, i = divmod(n, per_level)
     if resampler:
-        return f"decoder.up_blocks.{level}.upsamplers.0.{sub}"
-    return f"decoder.up_blocks.{level}.resnets.{i}.{_sub(sub, _RESIDUAL, key)}"
+        return f"decoder.up_blocks.{level}.upsamplers.0.{part}"
+    return f"decoder.up_blocks.{level}.resnets.{i}.{_sub(part, _RESIDUAL, key)}"
 
 
 def to_original_key(key: str, per_level: int = 4) -> str:
     """The original-layout name of one diffusers key (inverse of :func:`to_diffusers_key`)."""
-    head, _, rest = key.partition(".")
-    for orig, diff in _TOP.items():
-        if head == diff:
-            return f"{orig}.{rest}"
-    if head not in ("encoder", "decoder"):
-        raise VAEFTError(f"state dict key {key!r} is not part of a Wan 2.1 VAE")
-    if rest.startswith("conv_in."):
-        return f"{head}.conv1.{rest[8:]}"
-    if rest in _REV_HEAD:
-        return f"{head}.{_REV_HEAD[rest]}"
-    m = re.fullmatch(r"mid_block\.(attentions\.0|resnets\.([01]))\.(.+)", rest)
-    if m:
-        if m.group(2) is None:
-            return f"{head}.middle.1.{m.group(3)}"
-        return f"{head}.middle.{2 * int(m.group(2))}.{_sub(m.group(3), _REV_RESIDUAL, key)}"
+    head, rest, name = shared_to_original(key, "Wan 2.1 VAE")
+    if name is not None:
+        return name
     m = re.fullmatch(r"down_blocks\.(\d+)\.(.+)", rest)
     if m and head == "encoder":
-        sub = m.group(2)
-        resampler = sub.startswith(("resample.", "time_conv."))
-        return f"encoder.downsamples.{m.group(1)}.{sub if resampler else _sub(sub, _REV_RESIDUAL, key)}"
+        part = m.group(2)
+        resampler = part.startswith(("resample.", "time_conv."))
+        return f"encoder.downsamples.{m.group(1)}.{part if resampler else _sub(part, _REV_RESIDUAL, key)}"
     m = re.fullmatch(r"up_blocks\.(\d+)\.(?:upsamplers\.0\.(.+)|resnets\.(\d+)\.(.+))", rest)
     if m and head == "decoder":
         level = int(m.group(1))
         if m.group(2) is not None:
             return f"decoder.upsamples.{level * per_level + per_level - 1}.{m.group(2)}"
         return f"decoder.upsamples.{level * per_level + int(m.group(3))}.{_sub(m.group(4), _REV_RESIDUAL, key)}"
-    raise VAEFTError(f"state dict key {key!r} is not part of a Wan 2.1 VAE")
+    raise foreign(key, "Wan 2.1 VAE")
 
 
 def _per_level(keys) -> int:
@@ -191,11 +164,6 @@ def build(sd: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, str]]
     return model, {k: to_diffusers_key(k, per) for k in sd}
 
 
-def decoder_block(name: str) -> str | None:
-    """'post_quant_conv', 'conv_in', 'mid_block', 'up_blocks.N', 'norm_out' or 'conv_out' of a module name."""
-    return decoder_block_of(name, "nonlinearity", "norm_out")
-
-
 # ----- the module: diffusers' AutoencoderKLQwenImage, images in and out (the 2D path: .wan2d)
 
 
@@ -212,34 +180,14 @@ LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3
 
 
 def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device="cpu", *, measure) -> dict:
-    """{"family", "why", "latents_mean", "latents_std", "source"}: Wan 2.1's published per-channel
-    statistics (decoder-only: the latent space is the base's); re-estimated per channel on the probe's
-    training patches with the trained encoder when it was trained, with ``measure`` (the latent-statistics
-    function, ``training.probe.latent_statistics``)."""
+    """Wan 2.1's published per-channel statistics, or re-estimated (:func:`.wan2d.per_channel_latents`)."""
     check_latent_choice(model, family)
-    channels = int(model.config.z_dim)
-    out = {"family": "wan2.1", "why": "the VAE family", "latents_mean": list(LATENTS_MEAN),
-           "latents_std": list(LATENTS_STD),
-           "source": "Wan 2.1's published per-channel statistics (decoder-only: the latent space is the base's)"}
-    if channels != len(LATENTS_MEAN):
-        out.update(latents_mean=[0.0] * channels, latents_std=[1.0] * channels,
-                   source=f"no published statistics for {channels} channels: mean 0, std 1")
-    if trained.config.trainable == "full":
-        if probe is None or probe.train_patches is None:
-            out["source"] += "; NOT re-estimated (no training patches), though the encoder was trained"
-            return out
-        new = measure(model, probe.train_patches, device, seed=trained.config.seed, per_channel=True)
-        out.update(latents_mean=[float(f"{v:.5g}") for v in new["channel_mean"]],
-                   latents_std=[float(f"{v:.5g}") for v in new["channel_std"]],
-                   source=f"re-estimated per channel on {new['patches']} training patches with the trained encoder")
-    return out
+    return per_channel_latents("wan2.1", "Wan 2.1", LATENTS_MEAN, LATENTS_STD, trained, model, probe, device, measure)
 
 
 def check_latent_choice(model: torch.nn.Module, family: str) -> None:
     """Only "auto": Wan 2.1 latents are described per channel by the family's own statistics."""
-    if family != "auto":
-        raise VAEFTError(f"family {family!r} is a latent family of kl-f8 VAEs; this is a Wan 2.1 VAE, whose latents "
-                         "are described per channel: leave family on auto")
+    refuse_latent_choice("Wan 2.1", family)
 
 
 def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: str = "") -> torch.nn.Module:
@@ -257,20 +205,8 @@ def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: 
 
 
 def check_config(cfg) -> None:
-    """Settings this family cannot train with, refused by name before anything is written."""
-    if cfg.weight_decay > 0:
-        # AdamW's decay would shrink the causal convolutions' other temporal taps, which still images
-        # never train (no gradient reaches them at one frame), and so change the VAE's video behaviour
-        raise VAEFTError(f"weight_decay {cfg.weight_decay} with a Wan 2.1 VAE: its 3D convolutions' earlier "
-                         "temporal taps get no gradient from still images, and weight decay would shrink them "
-                         "(harming video decoding); set weight_decay to 0")
-    if cfg.grad_checkpointing and not cfg.wan_2d:
-        raise VAEFTError("grad_checkpointing with a Wan 2.1 VAE needs its 2D path (wan_2d on): diffusers' 3D "
-                         "forward caches features between calls and cannot recompute them")
-
-
-def set_up(model: torch.nn.Module, cfg) -> None:
-    model.image_path = "2d" if cfg.wan_2d else "3d"
+    """Settings this family cannot train with (weight decay; checkpointing off the 2D path), refused by name."""
+    check_settings("Wan 2.1", cfg, temporal_taps=True)
 
 
 FAMILY = Family(

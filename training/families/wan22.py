@@ -25,8 +25,9 @@ import torch
 from diffusers import AutoencoderKLQwenImage21, AutoencoderKLWan
 
 from ..errors import VAEFTError
-from .base import Family, check_keys, conv_io, decoder_block_of
-from .wan2d import HEAD, RESIDUAL, REV_HEAD, REV_RESIDUAL, TOP, OneFrame
+from .base import Family, check_keys, conv_io
+from .wan2d import (RESIDUAL, REV_RESIDUAL, OneFrame, check_settings, decoder_block, foreign, per_channel_latents,
+                    refuse_latent_choice, set_up, shared_to_diffusers, shared_to_original, sub)
 
 WAN22_LABEL = "Wan 2.2 VAE (48 latent channels, 16x; Wan2.2-TI2V-5B, FIBO)"
 QWEN21_LABEL = "Qwen-Image 2.1 VAE (64 latent channels, 16x, RGBA)"
@@ -42,74 +43,44 @@ IMAGE_FROZEN = (r"^(encoder\.down_blocks\.\d+\.downsampler|decoder\.up_blocks\.\
 
 # ----- keys: the original (ComfyUI) layout <-> diffusers'
 
-def _foreign(key: str) -> VAEFTError:
-    return VAEFTError(f"state dict key {key!r} is not part of a Wan 2.2-layout VAE")
+LAYOUT = "Wan 2.2-layout VAE"
 
 
-def _sub(rest: str, table: dict[str, str], key: str) -> str:
-    if rest not in table:
-        raise _foreign(key)
-    return table[rest]
-
-
-def _resampler(sub: str) -> bool:
-    return sub.startswith(("resample.", "time_conv."))
+def _resampler(part: str) -> bool:
+    return part.startswith(("resample.", "time_conv."))
 
 
 def to_diffusers_key(key: str) -> str:
     """diffusers' name of one original-layout key."""
-    head, _, rest = key.partition(".")
-    if head in TOP:
-        return f"{TOP[head]}.{rest}"
-    if head not in ("encoder", "decoder"):
-        raise _foreign(key)
-    if rest.startswith("conv1."):
-        return f"{head}.conv_in.{rest[6:]}"
-    if rest.startswith("head."):
-        return f"{head}.{_sub(rest, HEAD, key)}"
-    m = re.fullmatch(r"middle\.([012])\.(.+)", rest)
-    if m:
-        if m.group(1) == "1":  # the attention: the same names under attentions.0
-            return f"{head}.mid_block.attentions.0.{m.group(2)}"
-        return f"{head}.mid_block.resnets.{int(m.group(1)) // 2}.{_sub(m.group(2), RESIDUAL, key)}"
+    head, rest, name = shared_to_diffusers(key, LAYOUT)
+    if name is not None:
+        return name
     outer, blocks, sampler = (("downsamples", "down_blocks", "downsampler") if head == "encoder"
                               else ("upsamples", "up_blocks", "upsampler"))
     m = re.fullmatch(rf"{outer}\.(\d+)\.{outer}\.(\d+)\.(.+)", rest)
     if not m:
-        raise _foreign(key)
-    level, j, sub = int(m.group(1)), int(m.group(2)), m.group(3)
-    if _resampler(sub):
-        return f"{head}.{blocks}.{level}.{sampler}.{sub}"
-    return f"{head}.{blocks}.{level}.resnets.{j}.{_sub(sub, RESIDUAL, key)}"
+        raise foreign(key, LAYOUT)
+    level, j, part = int(m.group(1)), int(m.group(2)), m.group(3)
+    if _resampler(part):
+        return f"{head}.{blocks}.{level}.{sampler}.{part}"
+    return f"{head}.{blocks}.{level}.resnets.{j}.{sub(part, RESIDUAL, key, LAYOUT)}"
 
 
 def to_original_key(key: str, res: int) -> str:
     """The original-layout name of one diffusers key (inverse of :func:`to_diffusers_key`). ``res``: the
     encoder's residual blocks per level (its resampler follows them; the decoder has one block more)."""
-    head, _, rest = key.partition(".")
-    for orig, diff in TOP.items():
-        if head == diff:
-            return f"{orig}.{rest}"
-    if head not in ("encoder", "decoder"):
-        raise _foreign(key)
-    if rest.startswith("conv_in."):
-        return f"{head}.conv1.{rest[8:]}"
-    if rest in REV_HEAD:
-        return f"{head}.{REV_HEAD[rest]}"
-    m = re.fullmatch(r"mid_block\.(attentions\.0|resnets\.([01]))\.(.+)", rest)
-    if m:
-        if m.group(2) is None:
-            return f"{head}.middle.1.{m.group(3)}"
-        return f"{head}.middle.{2 * int(m.group(2))}.{_sub(m.group(3), REV_RESIDUAL, key)}"
+    head, rest, name = shared_to_original(key, LAYOUT)
+    if name is not None:
+        return name
     outer, blocks, sampler, n = (("downsamples", "down_blocks", "downsampler", res) if head == "encoder"
                                  else ("upsamples", "up_blocks", "upsampler", res + 1))
     m = re.fullmatch(rf"{blocks}\.(\d+)\.(?:{sampler}\.(.+)|resnets\.(\d+)\.(.+))", rest)
     if not m:
-        raise _foreign(key)
+        raise foreign(key, LAYOUT)
     level = int(m.group(1))
     if m.group(2) is not None:
         return f"{head}.{outer}.{level}.{outer}.{n}.{m.group(2)}"
-    return f"{head}.{outer}.{level}.{outer}.{m.group(3)}.{_sub(m.group(4), REV_RESIDUAL, key)}"
+    return f"{head}.{outer}.{level}.{outer}.{m.group(3)}.{sub(m.group(4), REV_RESIDUAL, key, LAYOUT)}"
 
 
 def _res_blocks(keys) -> int:
@@ -270,36 +241,11 @@ def _published(cls) -> tuple[list[float], list[float]]:
 
 def _latents_for(family: "Family"):
     def latents(trained, model: torch.nn.Module, probe, choice: str = "auto", device="cpu", *, measure) -> dict:
-        """{"family", "why", "latents_mean", "latents_std", "source"}: the family's published per-channel
-        statistics (decoder-only: the latent space is the base's); re-estimated per channel on the probe's
-        training patches with the trained encoder when it was trained, with ``measure``."""
+        """The family's published per-channel statistics, or re-estimated (:func:`.wan2d.per_channel_latents`)."""
         family.check_latent_choice(model, choice)
-        channels = int(model.config.z_dim)
         mean, std = (WAN22_MEAN, WAN22_STD) if family is WAN22 else _published(AutoencoderKLQwenImage21)
-        out = {"family": family.name, "why": "the VAE family", "latents_mean": list(mean), "latents_std": list(std),
-               "source": f"{family.short}'s published per-channel statistics (decoder-only: the latent space is the base's)"}
-        if channels != len(mean):
-            out.update(latents_mean=[0.0] * channels, latents_std=[1.0] * channels,
-                       source=f"no published statistics for {channels} channels: mean 0, std 1")
-        if trained.config.trainable == "full":
-            if probe is None or probe.train_patches is None:
-                out["source"] += "; NOT re-estimated (no training patches), though the encoder was trained"
-                return out
-            new = measure(model, probe.train_patches, device, seed=trained.config.seed, per_channel=True)
-            out.update(latents_mean=[float(f"{v:.5g}") for v in new["channel_mean"]],
-                       latents_std=[float(f"{v:.5g}") for v in new["channel_std"]],
-                       source=f"re-estimated per channel on {new['patches']} training patches with the trained encoder")
-        return out
+        return per_channel_latents(family.name, family.short, mean, std, trained, model, probe, device, measure)
     return latents
-
-
-def _check_latent_choice_for(short: str):
-    def check_latent_choice(model: torch.nn.Module, choice: str) -> None:
-        """Only "auto": these latents are described per channel by the family's own statistics."""
-        if choice != "auto":
-            raise VAEFTError(f"family {choice!r} is a latent family of kl-f8 VAEs; this is a {short} VAE, whose "
-                             "latents are described per channel: leave family on auto")
-    return check_latent_choice
 
 
 def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: str = "") -> torch.nn.Module:
@@ -311,30 +257,6 @@ def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: 
         return cls.from_config(config)
 
 
-def _check_config_for(short: str, temporal_taps: bool):
-    def check_config(cfg) -> None:
-        """Settings this family cannot train with, refused by name before anything is written."""
-        if temporal_taps and cfg.weight_decay > 0:
-            # AdamW's decay would shrink the causal convolutions' other temporal taps, which still images
-            # never train (no gradient reaches them at one frame), and so change the VAE's video behaviour
-            raise VAEFTError(f"weight_decay {cfg.weight_decay} with a {short} VAE: its 3D convolutions' earlier "
-                             "temporal taps get no gradient from still images, and weight decay would shrink them "
-                             "(harming video decoding); set weight_decay to 0")
-        if cfg.grad_checkpointing and not cfg.wan_2d:
-            raise VAEFTError(f"grad_checkpointing with a {short} VAE needs its 2D path (wan_2d on): diffusers' 3D "
-                             "forward caches features between calls and cannot recompute them")
-    return check_config
-
-
-def set_up(model: torch.nn.Module, cfg) -> None:
-    model.image_path = "2d" if cfg.wan_2d else "3d"
-
-
-def decoder_block(name: str) -> str | None:
-    """'post_quant_conv', 'conv_in', 'mid_block', 'up_blocks.N', 'norm_out' or 'conv_out' of a module name."""
-    return decoder_block_of(name, "nonlinearity", "norm_out")
-
-
 def _family(name: str, label: str, short: str, files: str, models: str, classes: str, recognise,
             temporal_taps: bool, **extra) -> Family:
     return Family(
@@ -343,8 +265,9 @@ def _family(name: str, label: str, short: str, files: str, models: str, classes:
         build=build, file_key=lambda key, sd: to_original_key(key, _res_blocks(sd)), decoder_block=decoder_block,
         downsampling=lambda model: int(model.config.scale_factor_spatial), image_frozen=IMAGE_FROZEN,
         latents=lambda *a, **k: _LATENTS[name](*a, **k),
-        check_latent_choice=_check_latent_choice_for(short), diffusers_model=diffusers_model,
-        check_config=_check_config_for(short, temporal_taps), set_up=set_up,
+        check_latent_choice=lambda model, choice: refuse_latent_choice(short, choice),
+        diffusers_model=diffusers_model,
+        check_config=lambda cfg: check_settings(short, cfg, temporal_taps), set_up=set_up,
         raw_decode=lambda model, z: model.decode_unclamped(z),
         latent_channels=lambda model: int(model.config.z_dim),
         image_channels=lambda model: int(model.config.in_channels) // int(model.config.patch_size or 1) ** 2,

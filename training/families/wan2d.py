@@ -16,6 +16,8 @@ the residual stream through them), as do the hooks of every layer the path compu
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
@@ -23,6 +25,7 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import VAEFTError
+from .base import decoder_block_of
 
 
 # ----- the key grammar every Wan-layout family shares: the original (ComfyUI) names <-> diffusers'
@@ -35,6 +38,58 @@ HEAD = {"head.0.gamma": "norm_out.gamma", "head.2.weight": "conv_out.weight", "h
 TOP = {"conv1": "quant_conv", "conv2": "post_quant_conv"}
 REV_RESIDUAL = {v: k for k, v in RESIDUAL.items()}
 REV_HEAD = {v: k for k, v in HEAD.items()}
+
+
+def foreign(key: str, label: str) -> VAEFTError:
+    return VAEFTError(f"state dict key {key!r} is not part of a {label}")
+
+
+def sub(rest: str, table: dict[str, str], key: str, label: str) -> str:
+    """``table[rest]``, or the refusal naming ``key`` as no part of a ``label``."""
+    if rest not in table:
+        raise foreign(key, label)
+    return table[rest]
+
+
+def shared_to_diffusers(key: str, label: str) -> tuple[str, str, str | None]:
+    """(head, rest, diffusers' name) of an original-layout key of the parts every Wan layout names alike (the
+    quant convolutions, conv1, the head, the middle blocks); the name is None for a level's key, which each
+    family maps itself. Refused, naming ``label``, for a key of no Wan-layout VAE."""
+    head, _, rest = key.partition(".")
+    if head in TOP:
+        return head, rest, f"{TOP[head]}.{rest}"
+    if head not in ("encoder", "decoder"):
+        raise foreign(key, label)
+    if rest.startswith("conv1."):
+        return head, rest, f"{head}.conv_in.{rest[6:]}"
+    if rest.startswith("head."):
+        return head, rest, f"{head}.{sub(rest, HEAD, key, label)}"
+    m = re.fullmatch(r"middle\.([012])\.(.+)", rest)
+    if m:
+        if m.group(1) == "1":  # the attention: the same names under attentions.0
+            return head, rest, f"{head}.mid_block.attentions.0.{m.group(2)}"
+        return head, rest, f"{head}.mid_block.resnets.{int(m.group(1)) // 2}.{sub(m.group(2), RESIDUAL, key, label)}"
+    return head, rest, None
+
+
+def shared_to_original(key: str, label: str) -> tuple[str, str, str | None]:
+    """The inverse of :func:`shared_to_diffusers`: (head, rest, original name or None for a level's key)."""
+    head, _, rest = key.partition(".")
+    for orig, diff in TOP.items():
+        if head == diff:
+            return head, rest, f"{orig}.{rest}"
+    if head not in ("encoder", "decoder"):
+        raise foreign(key, label)
+    if rest.startswith("conv_in."):
+        return head, rest, f"{head}.conv1.{rest[8:]}"
+    if rest in REV_HEAD:
+        return head, rest, f"{head}.{REV_HEAD[rest]}"
+    m = re.fullmatch(r"mid_block\.(attentions\.0|resnets\.([01]))\.(.+)", rest)
+    if m:
+        if m.group(2) is None:
+            return head, rest, f"{head}.middle.1.{m.group(3)}"
+        return head, rest, f"{head}.middle.{2 * int(m.group(2))}.{sub(m.group(3), REV_RESIDUAL, key, label)}"
+    return head, rest, None
 
 
 # ----- the image interface and the one-frame path
@@ -204,3 +259,60 @@ def decoder_2d(dec, x: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
         if shortcut is not None:  # the first frame of a chunk: only the last temporal copy is kept
             x = hooked(up, x0, x + _one_frame(shortcut, x0, first_chunk=True))
     return conv(dec.conv_out, dec.nonlinearity(rms(dec.norm_out, x)))
+
+
+# ----- what the Wan-layout families answer alike: their latents' description, settings, set-up
+
+
+def per_channel_latents(name: str, short: str, mean: list[float], std: list[float], trained, model, probe,
+                        device, measure) -> dict:
+    """{"family", "why", "latents_mean", "latents_std", "source"} of a Wan-layout export: the family's published
+    per-channel statistics (``mean``/``std``; decoder-only keeps the base's latent space), mean 0 / std 1 for a
+    channel count they do not describe, re-estimated per channel on the probe's training patches with the
+    trained encoder when it was trained, with ``measure`` (``training.probe.latent_statistics``)."""
+    channels = int(model.config.z_dim)
+    out = {"family": name, "why": "the VAE family", "latents_mean": list(mean), "latents_std": list(std),
+           "source": f"{short}'s published per-channel statistics (decoder-only: the latent space is the base's)"}
+    if channels != len(mean):
+        out.update(latents_mean=[0.0] * channels, latents_std=[1.0] * channels,
+                   source=f"no published statistics for {channels} channels: mean 0, std 1")
+    if trained.config.trainable == "full":
+        if probe is None or probe.train_patches is None:
+            out["source"] += "; NOT re-estimated (no training patches), though the encoder was trained"
+            return out
+        new = measure(model, probe.train_patches, device, seed=trained.config.seed, per_channel=True)
+        out.update(latents_mean=[float(f"{v:.5g}") for v in new["channel_mean"]],
+                   latents_std=[float(f"{v:.5g}") for v in new["channel_std"]],
+                   source=f"re-estimated per channel on {new['patches']} training patches with the trained encoder")
+    return out
+
+
+def refuse_latent_choice(short: str, choice: str) -> None:
+    """Only "auto": Wan-layout latents are described per channel by the family's own statistics."""
+    if choice != "auto":
+        raise VAEFTError(f"family {choice!r} is a latent family of kl-f8 VAEs; this is a {short} VAE, whose latents "
+                         "are described per channel: leave family on auto")
+
+
+def check_settings(short: str, cfg, temporal_taps: bool) -> None:
+    """Settings a Wan-layout family cannot train with, refused by name before anything is written.
+    ``temporal_taps``: its convolutions have temporal taps still images never train (Wan 2.1, Wan 2.2)."""
+    if temporal_taps and cfg.weight_decay > 0:
+        # AdamW's decay would shrink the causal convolutions' other temporal taps, which still images
+        # never train (no gradient reaches them at one frame), and so change the VAE's video behaviour
+        raise VAEFTError(f"weight_decay {cfg.weight_decay} with a {short} VAE: its 3D convolutions' earlier "
+                         "temporal taps get no gradient from still images, and weight decay would shrink them "
+                         "(harming video decoding); set weight_decay to 0")
+    if cfg.grad_checkpointing and not cfg.wan_2d:
+        raise VAEFTError(f"grad_checkpointing with a {short} VAE needs its 2D path (wan_2d on): diffusers' 3D "
+                         "forward caches features between calls and cannot recompute them")
+
+
+def set_up(model, cfg) -> None:
+    """The training copy's path: 2D (exact at one frame) or diffusers' 3D forward (``wan_2d`` off)."""
+    model.image_path = "2d" if cfg.wan_2d else "3d"
+
+
+def decoder_block(name: str) -> str | None:
+    """'post_quant_conv', 'conv_in', 'mid_block', 'up_blocks.N', 'norm_out' or 'conv_out' of a module name."""
+    return decoder_block_of(name, "nonlinearity", "norm_out")
