@@ -63,7 +63,9 @@ def test_api_examples_list_every_input():
     # a family's template is the simple one for that family's VAE: the same graph and settings, its own base
     # file (the name ComfyUI's own templates give it), run and save names, and titles that say what it is for
     for name, vae, label in (("vae_finetune_qwen_image", "qwen_image_vae.safetensors", "Qwen-Image"),
-                             ("vae_finetune_flux2", "flux2-vae.safetensors", "Flux.2")):
+                             ("vae_finetune_flux2", "flux2-vae.safetensors", "Flux.2"),
+                             ("vae_finetune_wan22", "wan2.2_vae.safetensors", "Wan 2.2"),
+                             ("vae_finetune_qwen_image21", "qwen_image_2.1_vae_bf16.safetensors", "Qwen-Image 2.1")):
         family = examples[name]
         assert {k: (n["class_type"], set(n["inputs"])) for k, n in family.items()} == \
             {k: (n["class_type"], set(n["inputs"])) for k, n in simple.items()}, name
@@ -76,7 +78,8 @@ def test_api_examples_list_every_input():
 def test_ui_templates_match_the_api_examples_and_have_jpeg_thumbnails():
     names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(TEMPLATES, "*.json")))
     assert names == _api_names()
-    assert {"vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image"} <= set(names)
+    assert {"vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image",
+            "vae_finetune_wan22", "vae_finetune_qwen_image21"} <= set(names)
     for name in names:
         with open(os.path.join(TEMPLATES, name + ".json")) as f:
             ui = json.load(f)

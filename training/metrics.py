@@ -14,7 +14,8 @@ background whatever the colour; LPIPS networks take 3 channels).
 
 =========================  =====================================================
 psnr                       dB, data range 1 (higher is better)
-ssim                       Gaussian window 11, sigma 1.5, on RGB (1 = identical)
+ssim                       Gaussian window 11, sigma 1.5, on every channel (1 = identical)
+alpha_psnr                 dB, alpha alone (VAEs of RGBA images)
 lpips_distance             LPIPS (AlexNet by default; lower is better)
 delta_e2000                mean CIEDE2000 ΔE over pixels, CIELAB D65 (lower is better;
                            ~1 is the just-noticeable difference)
@@ -39,7 +40,7 @@ from .errors import VAEFTError
 from .alpha import has_alpha, over_black_and_white, pair_mean
 from .imageio import signed_to_unit
 from .losses import load_lpips
-from .vae import latent_channels, reconstruct
+from .vae import check_patch_side, latent_channels, reconstruct
 
 PSNR_MAX_DB = 100.0  # PSNR of identical images (MSE floor 1e-10) instead of +inf
 SSIM_WINDOW = 11
@@ -378,6 +379,8 @@ def evaluate_vaes(vaes: dict[str, torch.nn.Module], patches: torch.Tensor, *,
         raise VAEFTError(f"patches must be (N, 3, P, P) (RGBA: N, 4, P, P) with N >= 1, got {tuple(patches.shape)}")
     if patches.shape[-1] % 8 or patches.shape[-2] % 8:
         raise VAEFTError(f"patch size must be a multiple of 8, got {tuple(patches.shape[-2:])}")
+    for model in vaes.values():  # a 16x family needs multiples of 16
+        check_patch_side(model, int(patches.shape[-1]), "patch size")
     if batch_size < 1:
         raise VAEFTError(f"batch_size must be at least 1, got {batch_size}")
     dev = torch.device(device) if device is not None else pick_device()

@@ -43,7 +43,7 @@ from .probe import make_probe
 from .runs import RunFolder, RunStatus, explain_damaged, read_metrics, resume_point
 from .trained import Trained
 from .trainer import Callbacks, LoopResult, check_run, fine_tune
-from .vae import LoadedVAE, image_channels, trainable_shapes
+from .vae import LoadedVAE, check_patch_side, image_channels, trainable_shapes
 
 
 @dataclass
@@ -175,6 +175,7 @@ def _checked_start(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *, resu
     (the checkpoint, the run folder, where checkpoints go, the lock held). A refusal lets go of the
     lock and leaves the folder as it was."""
     vae.family.check_config(cfg)
+    check_patch_side(vae.model, data.cfg.patch_size)
     sizes = [(p.numel(), trained(k, cfg.trainable, vae.family)) for k, p in vae.model.named_parameters()]
     check_preset_holds(cfg, sum(n for n, t in sizes if t), sum(n for n, t in sizes if not t),
                        f"this {vae.family.short} VAE ({sum(n for n, _ in sizes) / 1e6:.0f} M parameters, "

@@ -4,8 +4,8 @@ Tile layout (shared by :func:`reconstruct_tiled` and :func:`seam_error`), along 
 of length ``size``: tiles of ``tile`` px start at 0, ``tile − overlap``, ``2·(tile −
 overlap)``, … and the last one is aligned to the image's end, so every tile lies inside the
 image (neighbours overlap by at least ``overlap`` px) and no padding is needed. An axis
-shorter than ``tile`` is one tile: it is reflect-padded up to a multiple of 8 for the
-VAE and cropped back.
+shorter than ``tile`` is one tile: it is reflect-padded up to a multiple of the VAE's pixels per latent
+(8 or 16) for the VAE and cropped back.
 
 In the overlaps, tiles are blended with complementary raised-cosine weights (each tile's
 weight ramps from ~0 at its inner edge to 1 over ``overlap`` px; at the image border
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .device import model_place
 from .errors import VAEFTError
-from .vae import reconstruct
+from .vae import check_patch_side, pixels_per_latent, reconstruct
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -74,9 +74,10 @@ def _ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool, device, d
     return w
 
 
-def _pad_to_8(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def _pad_to(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int, int]:
+    """``x`` padded at the bottom and right to multiples of ``n`` (the VAE's pixels per latent)."""
     h, w = x.shape[-2:]
-    ph, pw = (-h) % 8, (-w) % 8
+    ph, pw = (-h) % n, (-w) % n
     if ph or pw:
         mode = "reflect" if ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
@@ -95,6 +96,7 @@ def reconstruct_tiled(model, image: torch.Tensor, tile: int = 512, overlap: int 
     model's device (memory grows with ``tile``, not with H·W).
     """
     _check(tile, overlap)
+    check_patch_side(model, tile, "tile")
     if image.ndim != 4 or image.shape[1] not in (3, 4):
         raise VAEFTError(f"reconstruct_tiled needs a (B, 3, H, W) image (RGBA: B, 4, H, W), got {tuple(image.shape)}")
     dev = model_place(model)[0] or image.device
@@ -109,7 +111,7 @@ def reconstruct_tiled(model, image: torch.Tensor, tile: int = 512, overlap: int 
             tw = min(tile, w)
             wx = _ramp(tw, overlap, xi > 0, xi < len(xs) - 1, image.device, torch.float32)
             crop = image[:, :, y0:y0 + th, x0:x0 + tw]
-            padded, ch, cw = _pad_to_8(crop)
+            padded, ch, cw = _pad_to(crop, pixels_per_latent(model))
             rec = reconstruct(model, padded.to(dev))
             rec = rec[:, :, :ch, :cw].to(image.device, torch.float32)
             weight = (wy[:, None] * wx[None, :])[None, None]

@@ -126,6 +126,23 @@ def latent_channels(model: torch.nn.Module) -> int | None:
     return family_of(model).latent_channels(model) if has_family(model) else None
 
 
+def pixels_per_latent(model: torch.nn.Module) -> int:
+    """Pixels per latent, each side, of a family's module (8 for kl-f8 and Wan 2.1, 16 for Flux.2, Wan 2.2 and
+    Qwen-Image 2.1); 8 for a model that is no VAE family's (an evaluation's identity baseline)."""
+    return int(family_of(model).downsampling(model)) if has_family(model) else 8
+
+
+def check_patch_side(model: torch.nn.Module, side: int, what: str = "patch_size") -> None:
+    """Refuse a patch (or tile) side the model cannot encode and decode back to the same size, naming the
+    setting, the family and the nearest sides that work."""
+    n = pixels_per_latent(model)
+    if side % n:
+        family = f"a {family_of(model).short} VAE" if has_family(model) else "this VAE"
+        lower, upper = max(n, side // n * n), (side // n + 1) * n
+        raise VAEFTError(f"{what} {side} is not a multiple of {n}: {family} makes one latent of {n}x{n} pixels; "
+                         f"use {lower} or {upper}")
+
+
 def image_channels(model: torch.nn.Module) -> int:
     """Channels of the images a family's module takes (built by :func:`build_vae`)."""
     return family_of(model).image_channels(model)

@@ -80,7 +80,7 @@ def files_text() -> str:
 # Families the pack recognises but does not train, by a key or shape that marks them: refused by name.
 _NOT_TRAINED: list[tuple[str, Callable[[dict], bool]]] = [
     ("a 64-channel VAE of another layout than the Wan one (HunyuanImage 2.1's, 32x)",
-     lambda sd: not wan.recognise(sd)
+     lambda sd: not (wan.recognise(sd) or wan22.recognise_layout(sd))
      and _channels(sd, ("conv2.weight", "post_quant_conv.weight", "decoder.conv_in.weight")) == 64),
     ("a video VAE with a temporal decoder (Stable Video Diffusion)",
      lambda sd: "decoder.mid.block_1.mix_factor" in sd or any(".time_stack." in k for k in sd)),

@@ -83,65 +83,74 @@ def to_original_key(key: str, res: int) -> str:
     return f"{head}.{outer}.{level}.{outer}.{m.group(3)}.{sub(m.group(4), REV_RESIDUAL, key, LAYOUT)}"
 
 
-def _res_blocks(keys) -> int:
+def _res_blocks(keys, source: str = "state dict") -> int:
     """Residual blocks per encoder level, read off level 0 (either layout)."""
     ids = {int(m.group(1)) for k in keys
            if (m := re.match(r"encoder\.(?:downsamples\.0\.downsamples|down_blocks\.0\.resnets)\.(\d+)\.(?:residual|norm1)", k))}
     if not ids:
-        raise VAEFTError("a Wan 2.2-layout VAE state dict without encoder residual blocks")
+        raise VAEFTError(f"{source} is laid out like a Wan 2.2-layout VAE but has no encoder residual blocks: the file "
+                         "is damaged or incomplete; use one complete VAE file")
     return max(ids) + 1
 
 
 # The causal convolutions' weights in the original layout (5D there; Qwen-Image 2.1's diffusers layout
 # stores them as 4D 2D-convolution weights)
 _CAUSAL = re.compile(r"(^conv[12]|\.conv1|\.head\.2|\.residual\.[26]|\.shortcut|\.time_conv)\.weight$")
+# the 3x3 convolutions that say which family a file is, in either layout, the encoder's first
+_KERNEL_KEYS = ("encoder.conv1.weight", "encoder.conv_in.weight", "decoder.conv1.weight", "decoder.conv_in.weight",
+                "decoder.head.2.weight", "decoder.conv_out.weight", "encoder.head.2.weight", "encoder.conv_out.weight")
 
 
-def _temporal_kernel(sd: dict) -> int:
-    """The temporal size of the encoder's first convolution (3: Wan 2.2; 1: Qwen-Image 2.1, whose diffusers
-    weights are 4D)."""
-    w = sd.get("encoder.conv1.weight", sd.get("encoder.conv_in.weight"))
-    if not isinstance(w, torch.Tensor) or w.ndim not in (4, 5):
-        raise VAEFTError("a Wan 2.2-layout VAE state dict without its encoder's first convolution")
-    return 1 if w.ndim == 4 else int(w.shape[2])
+def _temporal_kernel(sd: dict, source: str = "state dict") -> int:
+    """The temporal size of the VAE's convolutions (3: Wan 2.2; 1: Qwen-Image 2.1, whose diffusers weights
+    are 4D), read off the first of its outer convolutions the file has."""
+    for k in _KERNEL_KEYS:
+        w = sd.get(k)
+        if isinstance(w, torch.Tensor) and w.ndim in (4, 5):
+            return 1 if w.ndim == 4 else int(w.shape[2])
+    raise VAEFTError(f"{source} is laid out like a Wan 2.2-layout VAE but has none of its outer convolutions "
+                     f"({', '.join(_KERNEL_KEYS[:4])}, ...): the file is damaged or incomplete; use one complete VAE file")
 
 
 # ----- recognising and reading a file
 
-def _layout(sd: dict) -> bool:
+def recognise_layout(sd: dict) -> bool:
+    """Whether the tensors are laid out like the Wan 2.2 layout's (either family, either naming)."""
     return any(ORIGINAL_MARK.match(k) or DIFFUSERS_MARK.match(k) for k in sd)
 
 
-def recognise_wan22(sd: dict) -> bool:
-    return _layout(sd) and _temporal_kernel_or_none(sd) not in (1, None)
-
-
-def recognise_qwen21(sd: dict) -> bool:
-    return _layout(sd) and _temporal_kernel_or_none(sd) == 1
-
-
-def _temporal_kernel_or_none(sd: dict) -> int | None:
+def _kernel_or_none(sd: dict) -> int | None:
     try:
         return _temporal_kernel(sd)
     except VAEFTError:
-        return 3  # no encoder: the Wan 2.2 family's file_layout then says what is missing
+        return None
 
 
-def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> tuple[dict[str, torch.Tensor], list[str]]:
+def recognise_wan22(sd: dict) -> bool:
+    # no outer convolution at all: Wan 2.2's file_layout says what is missing
+    return recognise_layout(sd) and _kernel_or_none(sd) != 1
+
+
+def recognise_qwen21(sd: dict) -> bool:
+    return recognise_layout(sd) and _kernel_or_none(sd) == 1
+
+
+def file_layout(sd: dict[str, torch.Tensor], source: str = "state dict", label: str = WAN22_LABEL
+                ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Tensors in the original layout (what ComfyUI's Load VAE reads) from either layout: diffusers' names
-    mapped back, and Qwen-Image 2.1's 4D diffusers convolution weights given their temporal size 1."""
+    mapped back, and Qwen-Image 2.1's 4D diffusers convolution weights given their temporal size 1.
+    ``label``: the family's, for refusals."""
     if not any(k.startswith(("encoder.downsamples.", "encoder.down_blocks.")) for k in sd):
-        raise VAEFTError(f"{source}: its decoder is laid out like a Wan 2.2 VAE's but it has no encoder (or an "
-                         "other VAE's). The file mixes parts of different VAEs or is incomplete; use one complete "
-                         "VAE file.")
+        raise VAEFTError(f"{source}: its decoder is laid out like a {label}'s but it has no encoder (or another "
+                         "VAE's). The file mixes parts of different VAEs or is incomplete; use one complete VAE file.")
     if any(DIFFUSERS_MARK.match(k) for k in sd):
-        res = _res_blocks(sd)
-        check_keys(sd, lambda k: to_original_key(k, res), source, WAN22_LABEL)
-        flat = _temporal_kernel(sd) == 1 and sd.get("encoder.conv_in.weight") is not None
+        res = _res_blocks(sd, source)
+        check_keys(sd, lambda k: to_original_key(k, res), source, label)
+        flat = _temporal_kernel(sd, source) == 1  # Qwen-Image 2.1: its 4D diffusers weights become 5D (T = 1)
         sd = {to_original_key(k, res): v for k, v in sd.items()}
         if flat:
             sd = {k: (v.unsqueeze(2) if v.ndim == 4 and _CAUSAL.search(k) else v) for k, v in sd.items()}
-    check_keys(sd, to_diffusers_key, source, WAN22_LABEL)
+    check_keys(sd, to_diffusers_key, source, label)
     return dict(sd), []
 
 
@@ -169,20 +178,33 @@ def config_from_file(sd: dict[str, torch.Tensor]) -> dict:
     return (AutoencoderKLWan if kernel != 1 else AutoencoderKLQwenImage21), config
 
 
-def check(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Refuse halves of two different VAEs (the encoder's 2z moments must feed conv1 (2z -> 2z), the z-channel
-    latents conv2 (z -> z) and the decoder; every causal convolution of one temporal size; the encoder taking
-    the images the decoder makes) and VAEs of other than RGB or RGBA images."""
-    head, quant, post, dec = (conv_io(sd, n) for n in ("encoder.head.2", "conv1", "conv2", "decoder.conv1"))
-    if None in (head, quant, post, dec):
-        missing = [n for n, v in (("encoder.head.2", head), ("conv1", quant), ("conv2", post), ("decoder.conv1", dec))
-                   if v is None]
-        raise VAEFTError(f"{source} is not a complete Wan 2.2-layout VAE: it lacks "
-                         f"{', '.join(m + '.weight' for m in missing)}")
+def check(sd: dict[str, torch.Tensor], source: str = "state dict", label: str = WAN22_LABEL) -> None:
+    """Refuse, naming ``source`` and the family's ``label``, an incomplete file, halves of two different VAEs
+    (the encoder's 2z moments must feed conv1 (2z -> 2z), the z-channel latents conv2 (z -> z) and the decoder;
+    every causal convolution of one temporal size; the encoder's temporal resampling mirrored by the decoder's;
+    the encoder taking the images the decoder makes) and VAEs of other than RGB or RGBA images."""
+    first, head, quant, post, dec = (conv_io(sd, n) for n in ("encoder.conv1", "encoder.head.2", "conv1", "conv2",
+                                                                "decoder.conv1"))
+    res = _res_blocks(sd, source)
+    levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.downsamples\.(\d+)\.", k)))
+    needed = ["encoder.conv1.weight", "encoder.head.2.weight", "conv1.weight", "conv2.weight", "decoder.conv1.weight"]
+    needed += [f"encoder.downsamples.{i}.downsamples.0.residual.2.weight" for i in range(levels)]
+    missing = [k for k in needed if not isinstance(sd.get(k), torch.Tensor)]
+    if missing:
+        raise VAEFTError(f"{source} is not a complete {label}: it lacks {', '.join(missing[:4])}"
+                         + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
     if not (head[1] == quant[0] == quant[1] == 2 * post[0] and post[1] == dec[0]):
         raise VAEFTError(f"{source}: the encoder and decoder do not fit together (encoder.head makes {head[1]} channels, "
                          f"conv1 {quant[0]} -> {quant[1]}, conv2 {post[0]} -> {post[1]}, decoder.conv1 takes {dec[0]}). "
                          "The file mixes parts of different VAEs; use one complete VAE file.")
+    # the temporal levels: the encoder's downsamplers with a time_conv, mirrored by the decoder's upsamplers
+    down = [f"encoder.downsamples.{i}.downsamples.{res}.time_conv.weight" in sd for i in range(levels - 1)]
+    up = [f"decoder.upsamples.{i}.upsamples.{res + 1}.time_conv.weight" in sd for i in range(levels - 1)]
+    if up != down[::-1]:
+        name = lambda flags: ", ".join(str(i) for i, f in enumerate(flags) if f) or "none"  # noqa: E731
+        raise VAEFTError(f"{source}: its temporal resampling does not mirror itself (encoder levels with a time_conv: "
+                         f"{name(down)}; decoder levels: {name(up)}, expected {name(down[::-1])}): the file is damaged "
+                         "or mixes parts of different VAEs; use one complete VAE file.")
     kernels = {}
     for k, v in sd.items():
         if _CAUSAL.search(k) and v.ndim == 5 and not k.endswith("time_conv.weight") and v.shape[-1] == 3:
@@ -191,16 +213,16 @@ def check(sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
         (a, ka), (b, kb) = sorted(kernels.items())[:2]
         raise VAEFTError(f"{source} mixes causal convolutions of temporal size {a} ({ka}: Qwen-Image 2.1's) and {b} "
                          f"({kb}: Wan 2.2's): the file mixes parts of different VAEs; use one complete VAE file.")
-    patch = 1 if _temporal_kernel(sd) == 1 else 2
-    pixels_in = int(sd["encoder.conv1.weight"].shape[1])
+    patch = 1 if _temporal_kernel(sd, source) == 1 else 2
+    pixels_in = first[0]
     pixels_out = int(sd["decoder.head.2.weight"].shape[0]) if "decoder.head.2.weight" in sd else pixels_in
     if pixels_in != pixels_out or pixels_in % (patch * patch):
         raise VAEFTError(f"{source}: the encoder takes {pixels_in} channels but the decoder makes {pixels_out} "
                          f"(patch {patch}x{patch}): the file mixes parts of different VAEs; use one complete VAE file.")
     channels = pixels_in // (patch * patch)
     if channels not in (3, 4):
-        raise VAEFTError(f"{source} is a Wan 2.2-layout VAE of {channels}-channel images; this version trains VAEs of "
-                         "RGB or RGBA images")
+        raise VAEFTError(f"{source} is a {label} of {channels}-channel images; this version trains VAEs of RGB or "
+                         "RGBA images")
 
 
 def build(sd: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, str]]:
@@ -261,7 +283,9 @@ def _family(name: str, label: str, short: str, files: str, models: str, classes:
             temporal_taps: bool, **extra) -> Family:
     return Family(
         name=name, label=label, files=files, short=short, models=models, diffusers_classes=classes,
-        probes=(ORIGINAL_PROBE, DIFFUSERS_PROBE), recognise=recognise, file_layout=file_layout, check=check,
+        probes=(ORIGINAL_PROBE, DIFFUSERS_PROBE), recognise=recognise,
+        file_layout=lambda sd, source="state dict": file_layout(sd, source, label),
+        check=lambda sd, source="state dict": check(sd, source, label),
         build=build, file_key=lambda key, sd: to_original_key(key, _res_blocks(sd)), decoder_block=decoder_block,
         downsampling=lambda model: int(model.config.scale_factor_spatial), image_frozen=IMAGE_FROZEN,
         latents=lambda *a, **k: _LATENTS[name](*a, **k),
@@ -281,6 +305,6 @@ WAN22 = _family(
     recognise_wan22, temporal_taps=True,
     extra_metadata={"vaeft.trained_on": "still images (one frame): video quality not validated"})
 QWEN21 = _family(
-    "qwen-image-2.1", QWEN21_LABEL, "Qwen-Image 2.1", "qwen_image_2.1_vae.safetensors", "Qwen-Image 2.1",
+    "qwen-image-2.1", QWEN21_LABEL, "Qwen-Image 2.1", "qwen_image_2.1_vae_bf16.safetensors", "Qwen-Image 2.1",
     "AutoencoderKLQwenImage21", recognise_qwen21, temporal_taps=False)
 _LATENTS = {f.name: _latents_for(f) for f in (WAN22, QWEN21)}
