@@ -89,9 +89,9 @@ def test_a_full_size_wan22_vae_from_load_vae_trains_saves_and_keeps_its_latents_
     save_file(sd, path)
     del sd  # read back from the file below: the test process holds nothing while ComfyUI trains
     try:
-        # EMA off: 2 GiB less of a ~13 GiB run on the CPU
+        # EMA off: 2 GiB less of a ~16 GiB run on the CPU; LPIPS off: the family is what this tests
         prompt = _example("wan2.2_vae.safetensors", "vae_train", template="vae_finetune_wan22", steps=1, batch_size=1,
-                          preview_every=0, ema=False)  # the Wan 2.2 template's graph, a short run
+                          preview_every=0, ema=False, lpips_weight=0.0)  # the Wan 2.2 template's graph, a short run
         next(n for n in prompt.values() if n["class_type"] == "VAEFTSave")["inputs"]["name"] = "wan22"
         entry = server.wait(server.queue(prompt), timeout=1200)
         assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-4000:]
