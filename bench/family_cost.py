@@ -31,7 +31,7 @@ def released(name: str) -> dict:
     import torch
     from diffusers import AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLQwenImage21, AutoencoderKLWan
 
-    from training.families import klf8, wan, wan22
+    from training.families import wan, wan22
 
     with torch.device("meta"):
         if name == "kl-f8":

@@ -5,8 +5,6 @@ trained from the command line and exported as a drop-in file whose alpha output 
 
 from __future__ import annotations
 
-import io
-import itertools
 import json
 import re
 
