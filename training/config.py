@@ -142,7 +142,8 @@ def check_preset_holds(cfg: "TrainConfig", trained_params: int, frozen_params: i
                          f"is over a {preset.gib:g} GB card. "
                          + (f"Choose {' or '.join(fits)} (or auto on a larger card)" if fits else
                             "No preset fits: use auto on a card with more memory")
-                         + (", or turn ema off (saves " f"{trained_params * _EMA_BYTES / 2 ** 30:.1f} GiB)" if cfg.ema else "")
+                         + (", or turn ema off (--no-ema; the options node's ema; saves "
+                            f"{trained_params * _EMA_BYTES / 2 ** 30:.1f} GiB)" if cfg.ema else "")
                          + ".")
 
 

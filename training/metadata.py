@@ -45,7 +45,7 @@ def build_metadata(trained: Trained, extra: dict[str, str] | None = None) -> dic
     }
     if channels == 4:  # what its pixels mean: the convention it was trained in
         meta["vaeft.alpha"] = (f"RGBA: {STRAIGHT}, in [-1, 1] like the colours, as ComfyUI's 4-channel IMAGE and "
-                               "diffusers' QwenImageLayeredPipeline give it")
+                               "diffusers' RGBA pipelines (QwenImageLayeredPipeline) give it")
     if trained.history:
         last = trained.history[-1]
         meta["vaeft.final_losses"] = json.dumps(json_safe({k: round(v, 6) for k, v in last.items() if k != "step"}))

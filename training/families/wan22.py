@@ -193,6 +193,14 @@ def check(sd: dict[str, torch.Tensor], source: str = "state dict", label: str = 
     if missing:
         raise VAEFTError(f"{source} is not a complete {label}: it lacks {', '.join(missing[:4])}"
                          + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+    kernels = {}
+    for k, v in sd.items():
+        if _CAUSAL.search(k) and v.ndim == 5 and not k.endswith("time_conv.weight") and v.shape[-1] == 3:
+            kernels.setdefault(int(v.shape[2]), k)
+    if len(kernels) > 1:
+        (a, ka), (b, kb) = sorted(kernels.items())[:2]
+        raise VAEFTError(f"{source} mixes causal convolutions of temporal size {a} ({ka}: Qwen-Image 2.1's) and {b} "
+                         f"({kb}: Wan 2.2's): the file mixes parts of different VAEs; use one complete VAE file.")
     if not (head[1] == quant[0] == quant[1] == 2 * post[0] and post[1] == dec[0]):
         raise VAEFTError(f"{source}: the encoder and decoder do not fit together (encoder.head makes {head[1]} channels, "
                          f"conv1 {quant[0]} -> {quant[1]}, conv2 {post[0]} -> {post[1]}, decoder.conv1 takes {dec[0]}). "
@@ -205,14 +213,6 @@ def check(sd: dict[str, torch.Tensor], source: str = "state dict", label: str = 
         raise VAEFTError(f"{source}: its temporal resampling does not mirror itself (encoder levels with a time_conv: "
                          f"{name(down)}; decoder levels: {name(up)}, expected {name(down[::-1])}): the file is damaged "
                          "or mixes parts of different VAEs; use one complete VAE file.")
-    kernels = {}
-    for k, v in sd.items():
-        if _CAUSAL.search(k) and v.ndim == 5 and not k.endswith("time_conv.weight") and v.shape[-1] == 3:
-            kernels.setdefault(int(v.shape[2]), k)
-    if len(kernels) > 1:
-        (a, ka), (b, kb) = sorted(kernels.items())[:2]
-        raise VAEFTError(f"{source} mixes causal convolutions of temporal size {a} ({ka}: Qwen-Image 2.1's) and {b} "
-                         f"({kb}: Wan 2.2's): the file mixes parts of different VAEs; use one complete VAE file.")
     patch = 1 if _temporal_kernel(sd, source) == 1 else 2
     pixels_in = first[0]
     pixels_out = int(sd["decoder.head.2.weight"].shape[0]) if "decoder.head.2.weight" in sd else pixels_in
