@@ -25,14 +25,15 @@ def klf8_file(seed: int) -> dict[str, torch.Tensor]:
 WAN_TINY = dict(base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True])
 
 
-def wan_file(seed: int) -> dict[str, torch.Tensor]:
-    """The original (ComfyUI) layout in bf16, as the released qwen_image_vae.safetensors holds it."""
+def wan_file(seed: int = 0, channels: int = 3) -> dict[str, torch.Tensor]:
+    """The original (ComfyUI) layout in bf16, as the released qwen_image_vae.safetensors holds it; ``channels``
+    4: Qwen-Image-Layered's RGBA VAE (``encoder.conv1`` takes 4 channels, the decoder's head gives 4)."""
     from diffusers import AutoencoderKLQwenImage
 
     from training.families import wan
 
     torch.manual_seed(seed)
-    dsd = AutoencoderKLQwenImage(**WAN_TINY).state_dict()
+    dsd = AutoencoderKLQwenImage(**WAN_TINY, input_channels=channels).state_dict()
     per = WAN_TINY["num_res_blocks"] + 2
     return {wan.to_original_key(k, per): v.detach().to(torch.bfloat16).clone() for k, v in dsd.items()}
 

@@ -18,19 +18,19 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file, save_file
 
-from comfy_server import comfyui_path
+from comfy_server import comfyui_path, comfyui_version
 from conftest import remove_run_folders
 from test_comfyui import _example, _messages, assert_wan_decoder_only
 from test_wan22 import WAN22_RELEASED
 from training.families import wan22
+from training.memory import available_memory
 from training.vae import load_vae
 
 pytestmark = pytest.mark.integration
 
 
-def _version(path: str) -> tuple[int, ...]:
-    text = open(os.path.join(path, "comfyui_version.py")).read()
-    return tuple(int(n) for n in re.search(r'"(\d+)\.(\d+)\.(\d+)"', text).groups())
+def _version() -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", comfyui_version())[:3])
 
 
 if comfyui_path() is None:
@@ -40,13 +40,12 @@ _NEEDS_GIB = 18  # ComfyUI's process peaks at ~16.4 GiB (its VAE, ours, the trai
 
 
 def _available_gib() -> float:
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2 ** 20
+    return (available_memory() or 0) / 2 ** 30
 
 
-if _version(comfyui_path()) < (0, 28, 0) and not os.environ.get("VAEFT_WAN22_ANY_COMFYUI"):
+if _version() < (0, 28, 0) and not os.environ.get("VAEFT_WAN22_ANY_COMFYUI"):
     pytest.skip(f"the full-size Wan 2.2 tests run on ComfyUI 0.28 or newer (CI time and memory); this is "
-                f"{'.'.join(map(str, _version(comfyui_path())))} (VAEFT_WAN22_ANY_COMFYUI=1 runs them anyway)",
+                f"{comfyui_version()} (VAEFT_WAN22_ANY_COMFYUI=1 runs them anyway)",
                 allow_module_level=True)
 
 

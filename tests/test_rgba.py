@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import cli_main, tiny_ldm_sd
+from family_examples import wan_file
 from training import alpha as A
 from training import imageio as tio
 from training import metrics as M
@@ -33,18 +34,6 @@ from training.vae import build_vae
 skimage_data = pytest.importorskip("skimage.data")
 
 P = 32
-WAN_TINY = dict(base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True])
-
-
-def wan_file(seed: int = 0, channels: int = 4, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
-    """A tiny Wan 2.1 VAE of ``channels``-channel images in the original (ComfyUI) layout, bf16 as released
-    files are: ``encoder.conv1`` takes ``channels``, the decoder's head gives ``channels``."""
-    from diffusers import AutoencoderKLQwenImage
-
-    torch.manual_seed(seed)
-    dsd = AutoencoderKLQwenImage(**WAN_TINY, input_channels=channels).state_dict()
-    per = WAN_TINY["num_res_blocks"] + 2
-    return {wan.to_original_key(k, per): v.detach().to(dtype).clone() for k, v in dsd.items()}
 
 
 def astronaut_rgba(size: int = 128) -> np.ndarray:

@@ -261,12 +261,11 @@ def _published(cls) -> tuple[list[float], list[float]]:
     return list(params["latents_mean"].default), list(params["latents_std"].default)
 
 
-def _latents_for(family: "Family"):
+def _latents_for(name: str, short: str, published: tuple[list[float], list[float]]):
     def latents(trained, model: torch.nn.Module, probe, choice: str = "auto", device="cpu", *, measure) -> dict:
         """The family's published per-channel statistics, or re-estimated (:func:`.wan2d.per_channel_latents`)."""
-        family.check_latent_choice(model, choice)
-        mean, std = (WAN22_MEAN, WAN22_STD) if family is WAN22 else _published(AutoencoderKLQwenImage21)
-        return per_channel_latents(family.name, family.short, mean, std, trained, model, probe, device, measure)
+        refuse_latent_choice(short, choice)
+        return per_channel_latents(name, short, *published, trained, model, probe, device, measure)
     return latents
 
 
@@ -280,7 +279,7 @@ def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: 
 
 
 def _family(name: str, label: str, short: str, files: str, models: str, classes: str, recognise,
-            temporal_taps: bool, **extra) -> Family:
+            temporal_taps: bool, published: tuple[list[float], list[float]], **extra) -> Family:
     return Family(
         name=name, label=label, files=files, short=short, models=models, diffusers_classes=classes,
         probes=(ORIGINAL_PROBE, DIFFUSERS_PROBE), recognise=recognise,
@@ -288,7 +287,7 @@ def _family(name: str, label: str, short: str, files: str, models: str, classes:
         check=lambda sd, source="state dict": check(sd, source, label),
         build=build, file_key=lambda key, sd: to_original_key(key, _res_blocks(sd)), decoder_block=decoder_block,
         downsampling=lambda model: int(model.config.scale_factor_spatial), image_frozen=IMAGE_FROZEN,
-        latents=lambda *a, **k: _LATENTS[name](*a, **k),
+        latents=_latents_for(name, short, published),
         check_latent_choice=lambda model, choice: refuse_latent_choice(short, choice),
         diffusers_model=diffusers_model,
         check_config=lambda cfg: check_settings(short, cfg, temporal_taps), set_up=set_up,
@@ -302,9 +301,9 @@ def _family(name: str, label: str, short: str, files: str, models: str, classes:
 
 WAN22 = _family(
     "wan2.2", WAN22_LABEL, "Wan 2.2", "wan2.2_vae.safetensors", "Wan 2.2 TI2V-5B, FIBO", "AutoencoderKLWan",
-    recognise_wan22, temporal_taps=True,
+    recognise_wan22, temporal_taps=True, published=(WAN22_MEAN, WAN22_STD),
     extra_metadata={"vaeft.trained_on": "still images (one frame): video quality not validated"})
 QWEN21 = _family(
     "qwen-image-2.1", QWEN21_LABEL, "Qwen-Image 2.1", "qwen_image_2.1_vae_bf16.safetensors", "Qwen-Image 2.1",
-    "AutoencoderKLQwenImage21", recognise_qwen21, temporal_taps=False)
-_LATENTS = {f.name: _latents_for(f) for f in (WAN22, QWEN21)}
+    "AutoencoderKLQwenImage21", recognise_qwen21, temporal_taps=False,
+    published=_published(AutoencoderKLQwenImage21))
