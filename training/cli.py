@@ -1,4 +1,4 @@
-"""``python -m training <command>``: fit, patches, eval, demo. The one command-line layer: each
+"""``python -m training <command>``: fit, patches, eval, compare, demo. The one command-line layer: each
 subcommand's parser and runner live here, over library functions (no other module imports argparse).
 
     python -m training fit --vae BASE.safetensors --data DIR --out OUT.safetensors \
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import shlex
@@ -27,10 +28,12 @@ from .device import Distributed, distributed, pick_device
 from .alpha import to_channels
 from .evaluate import DATA_FLAGS, compare, eval_patches, full_image_report, image_channels_of, metric_deltas
 from .export import FORMATS, export_vae
-from .files import check_folder, json_safe
+from .files import atomic_write, check_folder, json_safe
 from .imageio import ImageReadError, read_image, to_signed
+from .latent_compare import DIFFERENCE_MAX, compare_on_latents, split_latents
+from .latents import read_latents
 from .options import base_type, field_type, validate
-from .plot import curve_image, history_curves, save_png
+from .plot import curve_image, history_curves, save_png, to_pil
 from .probe import half_precision_check
 from .runs import RunFolder, read_config, resume_point, write_preview
 from .session import Hooks, run_session
@@ -494,6 +497,64 @@ def run_eval(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- compare
+
+def add_compare_command(sub) -> None:
+    """``compare``: a base and a tuned VAE decode the same saved latents (see training/latent_compare.py)."""
+    p = sub.add_parser(
+        "compare", help="decode your own generations' latents with a base and a tuned VAE, side by side",
+        description="Decode the same latents (ComfyUI's Save Latent .latent files, or tensors in .safetensors/.pt) "
+                    "with --base and --tuned: per VAE the round trip (decode, encode, distance to the given latent) "
+                    "and fp16/bf16 safety on these latents; between them PSNR, LPIPS and CIEDE2000. Prints the "
+                    "table, writes rows of base | tuned | |tuned - base| (amplified) to --out.")
+    p.add_argument("--base", required=True, metavar="PATH", help="the base VAE file")
+    p.add_argument("--tuned", required=True, metavar="PATH", help="the fine-tuned VAE file")
+    p.add_argument("--latents", required=True, metavar="FILE_OR_DIR",
+                   help="a .latent / .safetensors / .pt file, or a folder of them (e.g. ComfyUI's output/latents)")
+    p.add_argument("--out", required=True, metavar="GRID.png", help="the comparison image to write (PNG)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and --json) when they exist")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--limit", type=int, default=16, help="compare at most this many latents (default: 16)")
+    p.add_argument("--no-half", dest="half", action="store_false",
+                   help="skip the fp16/bf16 decode (on a CPU it decodes 64-pixel crops of 2 latents)")
+    p.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"), help="LPIPS backbone (default: alex)")
+    p.add_argument("--lpips-backbone", metavar="PATH",
+                   help="torchvision ImageNet weights for LPIPS (default: torchvision's cache); never downloaded")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.set_defaults(func=run_compare)
+
+
+def run_compare(args) -> int:
+    """Every input read and checked, then the decodes, then --out (and --json) written whole or not at all."""
+    if args.limit < 1:
+        raise VAEFTError(f"--limit must be at least 1, got {args.limit}")
+    outputs = [("--out", args.out)] + ([("--json", args.json)] if args.json else [])
+    for flag, path in outputs:
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise VAEFTError(f"the folder of {flag} {path!r} does not exist")
+        if os.path.lexists(path) and not args.overwrite:
+            raise VAEFTError(f"{flag} {path!r} exists; choose another name or pass --overwrite")
+    if not args.out.lower().endswith(".png"):
+        raise VAEFTError(f"--out {args.out!r}: the comparison image is a PNG; name it ….png")
+    items, notes = read_latents(args.latents)
+    base, tuned = load_vae(args.base).model, load_vae(args.tuned).model
+    split_latents(items, base, tuned, args.limit)  # refused here, before LPIPS loads or anything decodes
+    lpips_net, lpips_info = metrics.try_load_lpips(args.lpips_net, args.lpips_backbone)
+    result = compare_on_latents(base, tuned, items, lpips_net=lpips_net, lpips_unavailable=lpips_info.get("reason"),
+                                device=pick_device(args.device), limit=args.limit, half=args.half, notes=notes)
+    png = io.BytesIO()
+    to_pil(result.grid).save(png, format="PNG")
+    atomic_write(args.out, lambda f: f.write(png.getvalue()), overwrite=args.overwrite, what="comparison image")
+    if args.json:
+        report = {"vaes": {"base": args.base, "tuned": args.tuned}, **result.report, "grid": args.out}
+        text = json.dumps(json_safe(report, infinity="overflow"), indent=2) + "\n"
+        atomic_write(args.json, lambda f: f.write(text.encode()), overwrite=args.overwrite, what="JSON report")
+    print(result.text)
+    print(f"comparison image: {args.out} (rows: base | tuned | |tuned - base|, pale yellow = "
+          f"{DIFFERENCE_MAX:g} mean difference)")
+    return 0
+
+
 # ----------------------------------------------------------------------------- demo
 
 def add_demo_command(sub) -> None:
@@ -518,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  f"{families.labels_text('or')}.")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.fit_parser = add_fit_command(sub)
-    for add in (add_demo_command, add_patches_command, add_eval_command):
+    for add in (add_demo_command, add_patches_command, add_eval_command, add_compare_command):
         add(sub)
     return parser
 

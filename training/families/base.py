@@ -87,6 +87,12 @@ class Family:
     # latent and image channels of the family's module (its config names them in the family's own words)
     latent_channels: Callable[[torch.nn.Module], int] = lambda model: int(model.config.latent_channels)
     image_channels: Callable[[torch.nn.Module], int] = lambda model: int(model.config.in_channels)
+    # the LATENT users hold (ComfyUI's VAE Encode, a sampler's output, Save Latent's file: the pipeline's latents
+    # before the diffusion model's own scaling) <-> the module's decode input, (model, z) -> z, both 4D: identity
+    # but for Flux.2, whose held latents are 2x2-patchified and normalised by the VAE's BatchNorm
+    held_latent: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = lambda model, z: z   # module's -> held
+    module_latent: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = lambda model, z: z  # held -> module's
+    video: bool = False  # its held latents are 5D (B, C, T, h, w), frame 0 an image's own latent (the Wan layouts)
 
     # One object per family: copies of a model (deepcopy, for training) carry the same Family, so
     # identity comparisons hold and nothing is rebuilt.

@@ -206,6 +206,33 @@ def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device
                       "patchified latents (decoder-only: the latent space is the base's)"}
 
 
+def held_latent(model: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The module's 32-channel latents (B, 32, 2h, 2w) -> what FLUX.2 pipelines and ComfyUI hold (B, 128, h, w):
+    2x2-patchified (channel, row offset, column offset) and normalised by the base's BatchNorm statistics."""
+    b, c, h, w = z.shape
+    pi, pj = PATCH
+    z = z.reshape(b, c, h // pi, pi, w // pj, pj).permute(0, 1, 3, 5, 2, 4).reshape(b, c * pi * pj, h // pi, w // pj)
+    mean, std = _statistics(model, z)
+    return (z - mean) / std
+
+
+def module_latent(model: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`held_latent`: (B, 128, h, w) held latents -> the module's (B, 32, 2h, 2w)."""
+    mean, std = _statistics(model, z)
+    z = z * std + mean
+    b, cpp, h, w = z.shape
+    pi, pj = PATCH
+    c = cpp // (pi * pj)
+    return z.reshape(b, c, pi, pj, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c, h * pi, w * pj)
+
+
+def _statistics(model: torch.nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the BatchNorm as (1, 128, 1, 1) in ``like``'s dtype and device."""
+    mean = model.bn.running_mean.detach().to(like.device, torch.float32)
+    std = torch.sqrt(model.bn.running_var.detach().to(like.device, torch.float32) + model.config.batch_norm_eps)
+    return mean.view(1, -1, 1, 1).to(like.dtype), std.view(1, -1, 1, 1).to(like.dtype)
+
+
 def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: str = "") -> torch.nn.Module:
     """``AutoencoderKLFlux2`` (meta device) for BFL-layout ``tensors``: its BatchNorm buffers are the
     file's ``bn.*`` (the statistics its pipelines normalise latents with)."""
@@ -238,6 +265,8 @@ FAMILY = Family(
     diffusers_model=diffusers_model,
     check_config=check_config,
     frozen_what=lambda trainable: "encoder with its quant_conv, and bn.*: the latent statistics",
+    held_latent=held_latent,
+    module_latent=module_latent,
     keep_dtype=("bn.",),  # the statistics stay in the base's dtype whatever the export's: the latent space is exact
     extra_metadata={"vaeft.latent_normalisation": f"BatchNorm (bn.*, eps {BN_EPS}) over {PATCH[0]}x{PATCH[1]}-"
                                                   "patchified latents (4 x 32 = 128 channels), as FLUX.2 pipelines "

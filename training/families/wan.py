@@ -233,6 +233,7 @@ FAMILY = Family(
     raw_decode=lambda model, z: model.decode_unclamped(z),
     latent_channels=lambda model: int(model.config.z_dim),
     image_channels=lambda model: int(model.config.input_channels),
+    video=True,
     frozen_what=lambda trainable: "encoder, conv1 and the temporal resampling" if trainable == "decoder"
     else "the temporal resampling",
     extra_metadata={"vaeft.trained_on": "still images (one frame): video quality not validated"},

@@ -296,7 +296,7 @@ def _family(name: str, label: str, short: str, files: str, models: str, classes:
         image_channels=lambda model: int(model.config.in_channels) // int(model.config.patch_size or 1) ** 2,
         frozen_what=lambda trainable: ("encoder, conv1 and the temporal resampling" if trainable == "decoder"
                                        else "the temporal resampling"),
-        reshapable=lambda key: True, **extra)
+        reshapable=lambda key: True, video=True, **extra)
 
 
 WAN22 = _family(
