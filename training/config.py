@@ -267,6 +267,12 @@ class TrainConfig:
     stop_when_safe: bool = option(False, "stop at a validation step (or before the first step, after "
                                          "exact_rescale) where the fp16 decode of the held-out patches is finite "
                                          "and no activation exceeds act_threshold")
+    # issue 31, after the fp16-fix settings for the same reason
+    latent_noise: float = option(0.0, "decode latents near the encoder's, not only its own: the decoder gets the latent "
+                                      "plus Gaussian noise of this many times the patch's per-channel latent std, drawn "
+                                      "per patch (a sampler's latents are slightly off the encoder's manifold; 0 = off). "
+                                      "Validation then also scores decodes of noisy held-out latents (val_noisy_*)",
+                                 min=0.0, max=2.0, ui_step=0.01)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -35,7 +35,7 @@ from .errors import VAEFTError
 from .families import family_of
 from .probe import (FP16_MAX, as_dtype, decode_in, decode_watched, decode_with_peaks, encode_latents, latent_drift,
                     probe_patches, psnr)
-from .vae import latent_channels
+from .vae import latent_channels, perturbed
 
 
 def decoder_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -460,7 +460,7 @@ class FP16Fix:
 
     @torch.no_grad()
     def target(self, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
-               noise: torch.Tensor | None) -> torch.Tensor:
+               noise: torch.Tensor | None, shift: torch.Tensor | None = None) -> torch.Tensor:
         """target 'base': the teacher's fp32 decode of the latents the trained decoder got (decoder-only: the
         same encoder; with the encoder training, the base encoder's latents of ``x``, with the same noise)."""
         if self.cfg.trainable == "full":
@@ -468,7 +468,7 @@ class FP16Fix:
             mean, logvar = moments.mean, moments.logvar
         mean, logvar = mean.float(), logvar.float()
         z = mean + noise * torch.exp(0.5 * logvar) if (self.cfg.posterior == "sample" and noise is not None) else mean
-        return self.teacher.decode(z).sample.float()
+        return self.teacher.decode(perturbed(z, mean, shift)).sample.float()
 
     def scores(self, params: dict[str, torch.Tensor], step: int) -> dict:
         """fp16_peak, fp16_nonfinite, fp16_psnr of the held-out latents (:func:`fp16_figures`) with the

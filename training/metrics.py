@@ -40,7 +40,7 @@ from .errors import VAEFTError
 from .alpha import has_alpha, over_black_and_white, pair_mean
 from .imageio import signed_to_unit
 from .losses import load_lpips
-from .vae import check_patch_side, latent_channels, reconstruct
+from .vae import check_patch_side, latent_channels, perturbed, reconstruct
 
 PSNR_MAX_DB = 100.0  # PSNR of identical images (MSE floor 1e-10) instead of +inf
 SSIM_WINDOW = 11
@@ -432,28 +432,42 @@ def _fid_images(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_scores(model, batch: torch.Tensor, device, autocast, lpips_net) -> dict[str, float]:
+def validation_scores(model, batch: torch.Tensor, device, autocast, lpips_net, *, latent_noise: float = 0.0,
+                      seed: int = 0) -> dict[str, float]:
     """Mean MSE / PSNR / LPIPS of the posterior-mode reconstruction of held-out patches, scored
     with the weights the model holds now (RGBA: MSE and PSNR over the four channels, LPIPS on the
-    composites over black and white, as :func:`lpips_per_image`)."""
+    composites over black and white, as :func:`lpips_per_image`). With ``latent_noise`` > 0 also
+    ``noisy_mse`` / ``noisy_psnr`` / ``noisy_lpips``: the decode of the same latents perturbed as training
+    perturbs them (:func:`training.vae.perturbed`), the same draw at every validation (``seed``), against the
+    patches: how the decoder does on latents near, not on, the encoder's manifold."""
     was_training = model.training
     model.eval()
     try:
-        out = {"mse": 0.0, "psnr": 0.0}
-        if lpips_net is not None:
-            out["lpips"] = 0.0
+        out: dict[str, float] = {}
+        gen = torch.Generator().manual_seed(seed) if latent_noise > 0 else None
         n = 0
         for x in batch.split(8):
             x = x.to(device).float()
-            with autocast:
-                recon = reconstruct(model, x)
-            recon = recon.float().clamp(-1, 1)
-            out["mse"] += float(torch.nn.functional.mse_loss(recon, x, reduction="sum")) / x[0].numel()
-            out["psnr"] += float(psnr(recon, x).sum())
-            if lpips_net is not None:
-                with autocast:
-                    out["lpips"] += float(lpips_per_image(lpips_net, recon, x).float().sum())
+            with torch.no_grad(), autocast:
+                mean = model.encode(x).latent_dist.mode()
+                decodes = {"": model.decode(mean).sample}
+                if gen is not None:
+                    shift = latent_noise * torch.randn(mean.shape, generator=gen).to(device)
+                    decodes["noisy_"] = model.decode(perturbed(mean, mean, shift)).sample
+            for prefix, recon in decodes.items():
+                _add_scores(out, prefix, recon.float().clamp(-1, 1), x, autocast, lpips_net)
             n += x.shape[0]
         return {k: v / n for k, v in out.items()}
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def _add_scores(out: dict, prefix: str, recon: torch.Tensor, x: torch.Tensor, autocast, lpips_net) -> None:
+    """Add the batch's summed MSE / PSNR (/ LPIPS) of ``recon`` against ``x`` to ``out`` under ``prefix``."""
+    for key, value in (("mse", float(torch.nn.functional.mse_loss(recon, x, reduction="sum")) / x[0].numel()),
+                       ("psnr", float(psnr(recon, x).sum()))):
+        out[prefix + key] = out.get(prefix + key, 0.0) + value
+    if lpips_net is not None:
+        with autocast:
+            out[prefix + "lpips"] = out.get(prefix + "lpips", 0.0) + float(lpips_per_image(lpips_net, recon, x).float().sum())

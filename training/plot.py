@@ -13,6 +13,7 @@ from .alpha import on_checkerboard
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 # History keys worth drawing as curves, in legend order.
 HISTORY_CURVES = ("total", "mse", "l1", "lpips", "kl", "latent", "g_loss", "d_loss", "val_mse", "val_lpips",
+                  "val_noisy_mse", "val_noisy_lpips",
                   "gen_mse", "gen_lpips")
 
 

@@ -437,6 +437,9 @@ def _batch_stream(batches, start: int, in_channels: int, local_batch: int):
         yield x, keys
 
 
+LATENT_NOISE_SALT = 0x6C6E6F69  # latent_noise's generator: the step's seed, salted ("lnoi")
+
+
 def _accumulate(s: _Run, x_all: torch.Tensor, keys: torch.Tensor | None, *, step: int, micro: int,
                 loss_scale: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], bool]:
     """Forward/backward over the micro-batches of optimizer step ``step`` (gradients multiplied by
@@ -454,6 +457,7 @@ def _accumulate(s: _Run, x_all: torch.Tensor, keys: torch.Tensor | None, *, step
     cache = s.cache if keys is not None else None
     key_chunks = [k.tolist() for k in keys.split(micro)] if cache is not None else [None] * len(chunks)
     gen = torch.Generator(device=device).manual_seed(seed) if cfg.posterior == "sample" else None
+    shift_gen = torch.Generator(device=device).manual_seed(seed ^ LATENT_NOISE_SALT) if cfg.latent_noise > 0 else None
     parts_sum: dict[str, torch.Tensor] = {}
     gan_on = s.disc is not None and step >= cfg.disc_start
     for i, x in enumerate(chunks):
@@ -467,14 +471,19 @@ def _accumulate(s: _Run, x_all: torch.Tensor, keys: torch.Tensor | None, *, step
                 down = s.family.downsampling(s.model)
                 shape = (x.shape[0], latent_channels(s.model), x.shape[2] // down, x.shape[3] // down)
                 noise = torch.randn(shape, generator=gen, device=device)
+            shift = None
+            if shift_gen is not None:  # latent_noise: its own stream, so a run without it draws what it always did
+                down = s.family.downsampling(s.model)
+                shape = (x.shape[0], latent_channels(s.model), x.shape[2] // down, x.shape[3] // down)
+                shift = cfg.latent_noise * torch.randn(shape, generator=shift_gen, device=device)
             cached = cache.get(key_chunks[i]) if cache is not None else None
             if s.penalty is not None:
                 s.penalty.clear()
             with s.autocast:
-                recon, mean, logvar = s.module(x, noise, cached)
+                recon, mean, logvar = s.module(x, noise, cached, shift)
             if cache is not None and cached is None:
                 cache.put(key_chunks[i], mean, logvar)
-            target = x if s.fix is None or s.fix.teacher is None else s.fix.target(x, mean, logvar, noise)
+            target = x if s.fix is None or s.fix.teacher is None else s.fix.target(x, mean, logvar, noise, shift)
             with s.autocast:
                 rec_loss, parts = s.loss_fn(recon, target)
                 loss = rec_loss
@@ -551,7 +560,8 @@ def _scores(s: _Run, state: LoopState, val_batch: torch.Tensor, general_batch: t
     on); export_best's pick is updated from step 1 on."""
     swap = s.ema.swapped_in() if (s.ema is not None and s.cfg.export_ema) else contextlib.nullcontext()
     with swap:
-        scores = {f"val_{k}": v for k, v in validation_scores(s.model, val_batch, s.device, s.autocast, s.lpips_net).items()}
+        scores = {f"val_{k}": v for k, v in validation_scores(s.model, val_batch, s.device, s.autocast, s.lpips_net,
+                                                               latent_noise=s.cfg.latent_noise, seed=s.cfg.seed).items()}
         if general_batch is not None:
             scores.update({f"gen_{k}": v for k, v in
                            validation_scores(s.model, general_batch, s.device, s.autocast, s.lpips_net).items()})

@@ -213,6 +213,17 @@ def reconstruct(model: "torch.nn.Module", x: torch.Tensor, sample: bool = False,
     return model.decode(z).sample
 
 
+def perturbed(z: torch.Tensor, mean: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """``z`` plus ``shift`` (unit-free noise, already multiplied by the latent_noise sigma, shaped like ``z``) times
+    each patch's per-channel std of the posterior mean ``mean`` (B, C, h, w): latents near the encoder's manifold
+    at a distance that follows each channel's own spread. ``shift`` None: ``z`` unchanged."""
+    if shift is None:
+        return z
+    std = mean.detach().float().std(dim=(-2, -1), keepdim=True).clamp_min(1e-6) if mean.shape[-1] * mean.shape[-2] > 1 \
+        else mean.detach().float().abs().clamp_min(1e-6)
+    return z + (shift * std).to(z.dtype)
+
+
 class Reconstruct(torch.nn.Module):
     """encode -> latent -> decode as one forward() for training, so DistributedDataParallel can wrap
     it: returns (reconstruction, posterior mean, posterior log-variance)."""
@@ -223,9 +234,11 @@ class Reconstruct(torch.nn.Module):
         self.vae, self.encoder_trains, self.sample = vae, encoder_trains, sample
         self.memory_format = memory_format
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None, cached: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None, cached: torch.Tensor | None = None,
+                shift: torch.Tensor | None = None):
         # noise is drawn by the caller: a seeded generator inside would break torch.compile's graph.
         # cached: the frozen encoder's (mean, logvar) for x, concatenated on channels (latent cache)
+        # shift: latent_noise's perturbation (see :func:`perturbed`)
         if cached is not None:
             mean, logvar = cached.chunk(2, dim=1)
         else:
@@ -237,7 +250,7 @@ class Reconstruct(torch.nn.Module):
         # the last bit, must not depend on whether the cache was warm (a resumed run starts cold).
         mean, logvar = (t.contiguous(memory_format=self.memory_format) for t in (mean, logvar))
         z = mean + noise * torch.exp(0.5 * logvar) if (self.sample and noise is not None) else mean
-        return self.vae.decode(z).sample, mean, logvar
+        return self.vae.decode(perturbed(z, mean, shift)).sample, mean, logvar
 
 
 def _names(keys: list[str], shown: int = 4) -> str:
