@@ -1,0 +1,223 @@
+"""Base beside tuned on saved latents (``python -m training compare``), the LATENT each family's users hold, and
+``latent_noise`` (training on latents near the encoder's manifold)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from comfy_server import COMFY_LOADER_PREAMBLE, comfyui_path
+from conftest import cli_main, tiny_ldm_sd, write_images
+from family_examples import EXAMPLES
+from training.families import family_of
+from training.latents import held_channels
+from training.vae import build_vae, perturbed
+
+VERSION = {"latent_format_version_0": torch.tensor([])}  # what ComfyUI's Save Latent writes beside the tensor
+
+
+def model_of(sd):
+    return build_vae({k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}).model
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_family_maps_the_latent_its_users_hold_to_its_decoder_and_back(name):
+    model = model_of(EXAMPLES[name].file(0))
+    family = family_of(model)
+    channels, ratio = held_channels(model)
+    z = torch.randn(2, family.latent_channels(model), 4, 6)
+    held = family.held_latent(model, z)
+    assert held.shape[1] == channels
+    assert ratio == family.downsampling(model) * (z.shape[-1] // held.shape[-1])
+    assert torch.allclose(family.module_latent(model, held), z, atol=1e-5)
+    if name == "flux2":  # 2x2-patchified and normalised by the VAE's own BatchNorm statistics: 128 channels at 1/16
+        assert (channels, held.shape[-2:]) == (4 * 32, (2, 3))
+        assert abs(float(held.mean())) < 5 and not torch.allclose(held[:, :4], z[:, :1, :2, :2].flatten(1)[:, :4, None, None])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Tiny kl-f8 base and a tuned copy (its decoder moved), Flux.2 and Wan 2.1 VAEs, and their latents."""
+    d = tmp_path_factory.mktemp("compare")
+    base = tiny_ldm_sd(seed=0)
+    tuned = {k: (v + 0.02 * torch.randn_like(v) if k.startswith("decoder.") else v) for k, v in base.items()}
+    save_file(base, str(d / "base.safetensors"))
+    save_file(tuned, str(d / "tuned.safetensors"))
+    save_file(EXAMPLES["flux2"].file(0), str(d / "flux2.safetensors"))
+    save_file(EXAMPLES["wan2.1"].file(0), str(d / "wan.safetensors"))
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 12, 16)
+    (d / "latents").mkdir()
+    save_file({"latent_tensor": z, **VERSION}, str(d / "latents" / "ComfyUI_00001_.latent"))
+    # an old .latent (no version key) holds SD-scaled latents: Load Latent divides them by 0.18215
+    save_file({"latent_tensor": z[:1] * 0.18215}, str(d / "latents" / "ComfyUI_00002_.latent"))
+    torch.save({"samples": z[1:]}, str(d / "latents" / "as_a_latent_dict.pt"))
+    save_file({"latent_tensor": torch.randn(1, 128, 6, 8), **VERSION}, str(d / "flux2.latent"))
+    save_file({"latent_tensor": torch.randn(1, 16, 3, 8, 8), **VERSION}, str(d / "wan.latent"))
+    return d
+
+
+def compare(d, *args, check=True):
+    return cli_main("compare", *args, check=check)
+
+
+def test_compare_reads_every_latent_format_and_shows_base_beside_tuned(files, tmp_path):
+    out, js = tmp_path / "grid.png", tmp_path / "report.json"
+    p = compare(files, "--base", files / "base.safetensors", "--tuned", files / "tuned.safetensors",
+                "--latents", files / "latents", "--out", out, "--json", js)
+    report = json.loads(js.read_text())
+    names = [d["name"] for d in report["latents"]]
+    assert names == ["ComfyUI_00001_.latent[0]", "ComfyUI_00001_.latent[1]", "ComfyUI_00002_.latent",
+                     "as_a_latent_dict.pt"]
+    assert all(d["image_px"] == [24, 32] for d in report["latents"])  # the tiny kl-f8 VAE: 2 pixels per latent
+    trips = report["base"]["round_trip"]
+    # the old file's latent, divided by 0.18215, is the first one again; the .pt's is the second
+    assert trips[2] == pytest.approx(trips[0], rel=1e-4) and trips[3] == pytest.approx(trips[1], rel=1e-4)
+    assert all(0 < t < 10 for t in trips + report["tuned"]["round_trip"])
+    assert report["base"]["half"]["fp16"]["safe"] and report["tuned"]["half"]["bf16"]["safe"]
+    psnr = report["base_vs_tuned"]["psnr"]
+    assert 10 < psnr["mean"] < 60 and len(psnr["per_latent"]) == 4  # the tuned decoder moved, by a little
+    assert psnr["per_latent"][2] == pytest.approx(psnr["per_latent"][0], abs=1e-3)
+    assert any("old .latent file" in n for n in report["notes"])
+    grid = Image.open(out)
+    assert grid.size == (3 * 32 + 2 * 2, 4 * 24 + 3 * 2)  # rows of base | tuned | difference, 2 px apart
+    for line in ("round trip (rel. RMS)", "largest activation", "fp16 (vs own fp32)", "base vs tuned: PSNR"):
+        assert line in p.stdout
+    assert str(out) in p.stdout
+
+
+def test_one_vae_against_itself_is_identical_on_every_family_layout(files, tmp_path):
+    for vae, latent, frames_note in (("flux2", "flux2.latent", False), ("wan", "wan.latent", True)):
+        js = tmp_path / f"{vae}.json"
+        p = compare(files, "--base", files / f"{vae}.safetensors", "--tuned", files / f"{vae}.safetensors",
+                    "--latents", files / latent, "--out", tmp_path / f"{vae}.png", "--json", js, "--no-half")
+        report = json.loads(js.read_text())
+        assert report["base_vs_tuned"]["psnr"]["mean"] == 100.0, p.stdout
+        assert report["base"]["round_trip"] == report["tuned"]["round_trip"]
+        assert ("frame 0 compared" in p.stdout) == frames_note
+    # the tiny Flux.2 VAE (2 levels): 4 pixels per held latent, a 2x2 patch of 2x-downsampled latents
+    assert json.loads((tmp_path / "flux2.json").read_text())["latents"][0]["image_px"] == [24, 32]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("flux2 latent, kl-f8 VAEs", "has 128 latent channels (shape (1, 128, 6, 8)); the base VAE is a kl-f8 VAE"),
+    ("video latent, kl-f8 VAEs", "is a video latent (1, 16, 3, 8, 8)"),
+    ("two families", "they do not share a latent space"),
+    ("not latents", "cannot read latents"),
+    ("empty folder", "holds no .latent, .safetensors, .pt, .pth files"),
+    ("existing out", "exists; choose another name or pass --overwrite"),
+])
+def test_latents_that_do_not_fit_are_refused_by_name_with_nothing_written(files, tmp_path, case, expected):
+    base, tuned, latents = files / "base.safetensors", files / "tuned.safetensors", files / "latents"
+    out = tmp_path / "grid.png"
+    if case.startswith("flux2"):
+        latents = files / "flux2.latent"
+    elif case.startswith("video"):
+        latents = files / "wan.latent"
+    elif case == "two families":
+        tuned = files / "flux2.safetensors"
+    elif case == "not latents":
+        latents = tmp_path / "notes.latent"
+        latents.write_text("not a safetensors file")
+    elif case == "empty folder":
+        latents = tmp_path / "empty"
+        latents.mkdir()
+    else:
+        out.write_bytes(b"the user's picture")
+    p = compare(files, "--base", base, "--tuned", tuned, "--latents", latents, "--out", out,
+                "--json", tmp_path / "r.json", check=False)
+    assert p.returncode == 2 and expected in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "r.json").exists()
+    assert out.exists() == (case == "existing out")
+    if out.exists():
+        assert out.read_bytes() == b"the user's picture"
+
+
+COMFY_FLUX2 = COMFY_LOADER_PREAMBLE + r'''
+from safetensors.torch import load_file, save_file
+job = json.load(open(jobs_path))
+vae = comfy.sd.VAE(sd=load_file(job["vae"]))
+image = torch.rand(1, 64, 48, 3, generator=torch.Generator().manual_seed(0))
+z = vae.encode(image)
+save_file({"latent_tensor": z.contiguous(), "latent_format_version_0": torch.tensor([])}, job["latent"])
+save_file({"image": image.contiguous(), "decoded": vae.decode(z).contiguous()}, job["images"])
+'''
+
+
+def test_comfyuis_flux2_latent_is_what_the_family_holds(files, tmp_path):
+    """ComfyUI's own VAE Encode of a Flux.2 VAE gives the held latent (patchified, normalised): ours is the same,
+    and ``compare`` decodes ComfyUI's LATENT as ComfyUI's VAE Decode does."""
+    comfy = comfyui_path()
+    if comfy is None:
+        pytest.skip("set COMFYUI_PATH to a ComfyUI checkout to compare with ComfyUI's Flux.2 latents")
+    if not os.path.isfile(os.path.join(comfy, "comfy", "ldm", "models", "autoencoder.py")) or \
+            "batch_norm_latent" not in open(os.path.join(comfy, "comfy", "ldm", "models", "autoencoder.py")).read():
+        pytest.skip(f"ComfyUI at {comfy} reads no Flux.2 VAE (0.3.64 does not; .ci/run runs this on 0.28.2)")
+    job = {"vae": str(files / "flux2.safetensors"), "latent": str(tmp_path / "x.latent"),
+           "images": str(tmp_path / "images.safetensors")}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    p = subprocess.run([sys.executable, "-c", COMFY_FLUX2, comfy, str(tmp_path / "job.json")], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    held = load_file(job["latent"])["latent_tensor"]
+    images = load_file(job["images"])
+    model = model_of(load_file(job["vae"]))
+    x = images["image"].movedim(-1, 1) * 2 - 1
+    ours = family_of(model).held_latent(model, model.encode(x).latent_dist.mode())
+    assert held.shape == ours.shape == (1, 128, 16, 12)
+    assert torch.allclose(held, ours, atol=1e-4), float((held - ours).abs().max())
+    decoded = model.decode(family_of(model).module_latent(model, held)).sample.clamp(-1, 1)
+    assert torch.allclose((decoded + 1) / 2, images["decoded"].movedim(-1, 1), atol=2e-3)
+
+
+def test_perturbed_latents_move_by_sigma_times_each_channels_spread():
+    torch.manual_seed(0)
+    mean = torch.randn(2, 4, 16, 16) * torch.tensor([0.1, 1.0, 3.0, 10.0]).view(1, 4, 1, 1)
+    shift = 0.5 * torch.randn(mean.shape)
+    moved = perturbed(mean, mean, shift) - mean
+    ratio = moved.std(dim=(-2, -1)) / mean.std(dim=(-2, -1))
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.5), rtol=0.2)
+    assert perturbed(mean, mean, None) is mean
+
+
+def test_latent_noise_is_offered_recorded_and_validated_beside_clean_scores(tmp_path):
+    assert "--latent-noise" in cli_main("fit", "--help").stdout
+    write_images(tmp_path / "img", names=("astronaut", "coffee", "chelsea", "retina"), size=64)
+    save_file(tiny_ldm_sd(), str(tmp_path / "vae.safetensors"))
+    run = tmp_path / "run"
+    cli_main("fit", "--vae", tmp_path / "vae.safetensors", "--data", tmp_path / "img", "--steps", "2", "--patch-size",
+             "32", "--batch-size", "2", "--lpips-weight", "0", "--val-every", "2", "--val-patches", "2",
+             "--val-fraction", "0.25", "--no-ema", "--latent-noise", "0.5", "--out", tmp_path / "out.safetensors",
+             "--run-dir", run)
+    assert json.loads((run / "config.json").read_text())["settings"]["latent_noise"] == 0.5
+    scored = [json.loads(line) for line in open(run / "metrics.jsonl") if "val_psnr" in line]
+    assert [line["step"] for line in scored] == [0, 2]
+    # the base (step 0) scored both ways: decoding latents off the encoder's own is worse
+    assert all(line["val_noisy_psnr"] < line["val_psnr"] for line in scored)
+    assert (tmp_path / "out.safetensors").is_file()
+
+
+def test_the_decoder_gets_the_perturbed_latent_and_without_the_setting_nothing_changes():
+    from training.metrics import validation_scores
+    from training.vae import Reconstruct
+
+    model = model_of(tiny_ldm_sd())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    module = Reconstruct(model, False, False).eval()
+    with torch.no_grad():
+        clean, mean, _ = module(x, None)
+        shift = 0.5 * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+        moved, _, _ = module(x, None, None, shift)
+        assert torch.equal(module(x, None, None, None)[0], clean) and not torch.allclose(moved, clean, atol=1e-3)
+        assert torch.allclose(moved, model.decode(perturbed(mean, mean, shift)).sample)
+    off = validation_scores(model, x, "cpu", torch.autocast("cpu", enabled=False), None)
+    on = validation_scores(model, x, "cpu", torch.autocast("cpu", enabled=False), None, latent_noise=0.5, seed=3)
+    assert set(off) == {"mse", "psnr"} and set(on) == {"mse", "psnr", "noisy_mse", "noisy_psnr"}
+    assert on["psnr"] == off["psnr"] and on["noisy_psnr"] != off["psnr"]
