@@ -235,6 +235,32 @@ def test_compare_on_latents_shows_base_beside_tuned_and_refuses_another_familys_
         os.unlink(latent_path)
 
 
+def test_compare_on_latents_takes_comfyuis_flux2_latent(comfy):
+    """A ComfyUI that reads Flux.2 (0.28.2): its VAE Encode's LATENT (128 patchified, BatchNorm-normalised
+    channels at 1/16) is what the node takes for a Flux.2 VAE: decoded, the round trip measured, the same VAE
+    twice identical. Full-size random VAE (Load VAE reads no smaller one), a 32-px image: a 2x2 latent."""
+    why = flux2_unreadable()
+    if why:
+        pytest.skip(why)
+    server, base, _ = comfy
+    path = os.path.join(base, "models", "vae", "flux2-compare.safetensors")
+    write_flux2_vae(path)
+    try:
+        entry = server.wait(server.queue({
+            "1": {"class_type": "VAELoader", "inputs": {"vae_name": "flux2-compare.safetensors"}},
+            "3": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}},
+            "30": {"class_type": "ImageScale", "inputs": {"image": ["3", 0], "upscale_method": "area", "width": 32,
+                                                          "height": 32, "crop": "disabled"}},
+            "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["30", 0], "vae": ["1", 0]}},
+            "5": _compare_node("1", "1", ["4", 0])}))
+        assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-4000:]
+        report = entry["outputs"]["5"]["text"][0]
+        assert report.startswith("1 latents (32x32 px), base flux2, tuned flux2"), report
+        assert "round trip (rel. RMS)" in report and "PSNR 100.00 dB" in report, report
+    finally:
+        os.unlink(path)
+
+
 def test_dataset_from_an_image_batch(comfy):
     server, _, _ = comfy
     example = _example("random_sd_vae.safetensors", "vae_train")
