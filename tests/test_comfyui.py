@@ -164,7 +164,7 @@ def test_evaluate_node_compares_base_and_fine_tuned(comfy):
 
 def _compare_node(base: str, tuned: str, latent: list, half: bool = False) -> dict:
     """VAE Compare on Latents; fp16/bf16 off by default: a full-size SD decoder in fp16 on a CPU takes ~100 s
-    per VAE even on a 64-px crop (the library's tests check the half-precision figures on small VAEs)."""
+    per VAE even on a 64-px crop (tests/test_latent_compare.py checks the half-precision figures, on small VAEs)."""
     return {"class_type": "VAEFTCompareOnLatents", "inputs": {"base": [base, 0], "tuned": [tuned, 0], "latent": latent,
                                                              "limit": 8, "half_precision": half, "lpips_net": "alex"}}
 
