@@ -68,12 +68,12 @@ class VAECompareOnLatents(io.ComfyNode):
 
 
 def _samples(latent) -> torch.Tensor:
-    """The latents of a LATENT dict (its ``samples``), refused with what was given instead; a nested (audio and
-    video) LATENT is not a VAE's image latent."""
+    """The latents of a LATENT dict (its ``samples``), refused naming what was given instead; a nested (audio and
+    video) LATENT is not one VAE's latent."""
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if not isinstance(samples, torch.Tensor):
-        raise VAEFTError("the latent input holds no 'samples' tensor; connect a LATENT (KSampler, Load Latent, "
-                         "VAE Encode)")
+        raise VAEFTError(f"the latent input holds no 'samples' tensor (got {type(samples).__name__}: an audio and "
+                         "video model's nested LATENT?); connect a VAE's LATENT (KSampler, Load Latent, VAE Encode)")
     if samples.ndim not in (4, 5) or samples.numel() == 0:
         raise VAEFTError(f"the latent input has shape {tuple(samples.shape)}: a VAE's LATENT is (batch, channels, "
                          "height, width), or (batch, channels, frames, height, width) for a video VAE")
