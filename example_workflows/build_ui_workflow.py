@@ -51,6 +51,10 @@ TEMPLATE_VAES = {
     "qwen_image_2.1_vae_bf16.safetensors": "https://huggingface.co/Comfy-Org/Qwen-Image-2.1/resolve/main/vae/"
                                            "qwen_image_2.1_vae_bf16.safetensors",
 }
+# VAE files a user makes with this pack, which no one can download: the simple template's Save Fine-tuned VAE
+# writes vae-ft-<name>-<steps>.safetensors (name "custom", 2000 steps). Such a Load VAE carries no models entry
+# (a frontend would offer a download that cannot exist); a user without the file picks their own in the list.
+OWN_VAES = ("vae-ft-custom-2000.safetensors",)
 
 
 def _is_widget(spec) -> bool:
@@ -95,9 +99,12 @@ def _properties(nid: str, node: dict) -> dict:
     props = {"Node name for S&R": node["class_type"]}
     if node["class_type"] == "VAELoader":
         name = node["inputs"].get("vae_name")
+        if name in OWN_VAES:
+            return props
         if name not in TEMPLATE_VAES:
             raise ValueError(f"node {nid} (Load VAE) names {name!r}, a file with no known public source: a template "
-                             f"must name one of {sorted(TEMPLATE_VAES)} (or add the file and its URL to TEMPLATE_VAES)")
+                             f"must name one of {sorted(TEMPLATE_VAES)} (or add the file and its URL to TEMPLATE_VAES), or a file "
+                             f"the pack writes ({', '.join(OWN_VAES)})")
         props["models"] = [{"name": name, "url": TEMPLATE_VAES[name], "directory": "vae"}]
     return props
 

@@ -1,5 +1,6 @@
 """ComfyUI V3 nodes: thin adapters over the `training` library."""
 
+from .compare import VAECompareOnLatents
 from .dataset import VAEPatchDataset
 from .evaluate import VAEEvaluate
 from .finetune import VAEFineTune
@@ -8,4 +9,4 @@ from .options import VAEFineTuneOptions, VAEPatchOptions
 from .save import SaveFineTunedVAE
 
 NODES = [VAEPatchDataset, VAEPatchOptions, VAEFineTune, VAEFineTuneOptions, SaveFineTunedVAE, VAELossGraph,
-         VAEEvaluate]
+         VAEEvaluate, VAECompareOnLatents]

@@ -3,9 +3,10 @@ Playwright, on a real headless ComfyUI (COMFYUI_PATH) with this pack installed.
 
 Each template is dropped onto the canvas (a synthesised drop event with a File: a native drag cannot
 be scripted); then no node may be missing or flagged, no error dialog open, every widget must hold the file's
-value, Load VAE must offer the file the template names and carry its models entry (the server's models/vae has
+value, each Load VAE must offer the file the template names and carry its models entry (the server's models/vae has
 a random VAE under each name: vae-ft-mse-840000-ema-pruned.safetensors, and full-size random
-qwen_image_vae.safetensors and flux2-vae.safetensors), ``app.graphToPrompt()`` must equal the API example, and
+qwen_image_vae.safetensors and flux2-vae.safetensors; the compare template's tuned file, which the pack's Save
+writes, has none, and its Load Latent's file is in input/), ``app.graphToPrompt()`` must equal the API example, and
 no two nodes (title bars included) may overlap or hide a widget. A template naming a VAE the server lacks must
 make the page name the file and its folder. The simple template is then run from the page: short-run values
 typed into the widgets, Run pressed, VAE Fine-tune's status box must show the status text while it trains and
@@ -55,10 +56,13 @@ if not os.path.isfile(CHROMIUM):
 ARTIFACTS = os.environ.get("VAEFT_ARTIFACTS") or os.path.join(ROOT, ".artifacts", "browser")
 APP = "window.comfyAPI.app.app"
 TEMPLATE_NAMES = ("vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image",
-                  "vae_finetune_qwen_image21", "vae_finetune_wan22")
+                  "vae_finetune_qwen_image21", "vae_finetune_wan22", "vae_compare_on_latents")
 # The VAE files the templates' Load VAE name, all in the server's models/vae (the base fixture)
 TEMPLATE_VAES = (TEMPLATE_SD_VAE, "qwen_image_vae.safetensors", "flux2-vae.safetensors", "wan2.2_vae.safetensors",
                  "qwen_image_2.1_vae_bf16.safetensors")
+# The compare template's tuned VAE (Save Fine-tuned VAE's file, no public source: Load VAE carries no models
+# entry for it) and its Load Latent's file (Save Latent's, in input/)
+TUNED_VAE, TEMPLATE_LATENT = "vae-ft-custom-2000.safetensors", "ComfyUI_00001_.latent"
 # What a user types for a run that takes seconds on a CPU (the Save name gets the frontend's name: both
 # frontends' servers share one base folder, and Save never overwrites).
 SHORT_RUN = {2: {"patch_size": 32, "foreground_threshold": 0.0}, 3: {"steps": 2, "batch_size": 1}}
@@ -119,6 +123,13 @@ def base(tmp_path_factory):
 
     save_file(wan22_file(0), os.path.join(base, "models", "vae", "wan2.2_vae.safetensors"))
     save_file(qwen21_file(0), os.path.join(base, "models", "vae", "qwen_image_2.1_vae_bf16.safetensors"))
+    # the compare template's tuned VAE (the file the simple template's Save writes; the base's copy here) and
+    # the latent it loads (Save Latent's file, moved to input/): a user who ran both has them
+    os.link(os.path.join(base, "models", "vae", TEMPLATE_SD_VAE), os.path.join(base, "models", "vae", TUNED_VAE))
+    import torch
+
+    save_file({"latent_tensor": torch.zeros(1, 4, 8, 8), "latent_format_version_0": torch.tensor([])},
+              os.path.join(base, "input", TEMPLATE_LATENT))
     try:
         yield base
     finally:
@@ -287,8 +298,9 @@ def drop_workflow(pg, name: str, workflow: dict | None = None) -> None:
     text = json.dumps(workflow)
     pg.evaluate(DROP_JS, [text, name + ".json"])
     count = len(workflow["nodes"])
+    ours = next(n["type"] for n in workflow["nodes"] if n["type"].startswith("VAEFT"))  # not in the default graph
     loaded = (f"() => {APP}.graph.nodes.length === {count} && "
-              f"{APP}.graph.nodes.some(n => n.type === 'VAEFTFineTune')")
+              f"{APP}.graph.nodes.some(n => n.type === {json.dumps(ours)})")
     try:
         pg.wait_for_function(loaded, timeout=15_000)
     except sync_api.TimeoutError:  # the newest frontend can miss a drop on a page still setting up: once more
@@ -417,14 +429,20 @@ def test_template_loads_clean_and_matches_the_api_example(page, name):
     assert open_dialogs(page) == [], f"a dialog is open after loading {name} (see {shot})"
     assert all(n["registered"] for n in state), [n["type"] for n in state if not n["registered"]]
     assert page.evaluate(f"() => {APP}.graph.nodes.filter(n => n.has_errors).map(n => n.type)") == [], shot
-    # Load VAE offers the file the template names, and carries the model's description
-    (loader,) = [n for n in template["nodes"] if n["type"] == "VAELoader"]
-    named = loader["widgets_values"][0]
-    assert named in TEMPLATE_VAES, named
-    offered = page.evaluate(f"() => {node_js(loader['id'])}.widgets[0].options.values")
-    assert named in offered, (name, offered)
-    models = page.evaluate(f"() => {node_js(loader['id'])}.properties.models")
-    assert models == loader["properties"]["models"] and [m["name"] for m in models] == [named], models
+    # each Load VAE offers the file the template names, and carries the model's description (none for the
+    # file the pack's own Save writes: it has no public source)
+    loaders = [n for n in template["nodes"] if n["type"] == "VAELoader"]
+    assert loaders, name
+    for loader in loaders:
+        named = loader["widgets_values"][0]
+        assert named in TEMPLATE_VAES + (TUNED_VAE,), named
+        offered = page.evaluate(f"() => {node_js(loader['id'])}.widgets[0].options.values")
+        assert named in offered, (name, offered)
+        models = page.evaluate(f"() => {node_js(loader['id'])}.properties.models ?? null")
+        if named == TUNED_VAE:
+            assert models is None and "models" not in loader["properties"], models
+        else:
+            assert models == loader["properties"]["models"] and [m["name"] for m in models] == [named], models
     assert sorted(n["type"] for n in state) == sorted(n["type"] for n in template["nodes"])
     # every widget holds the file's value
     by_id = {n["id"]: n for n in template["nodes"]}
@@ -440,10 +458,14 @@ def test_template_loads_clean_and_matches_the_api_example(page, name):
     assert overlaps(state) == [], f"overlapping nodes (see {shot})"
     assert hidden_widgets(state) == [], f"widgets cut off (see {shot})"
     assert grown(state, template) == [], f"the template's sizes are too small (see {shot})"
-    fine_tune = next(n for n in state if n["type"] == "VAEFTFineTune")
-    assert len(fine_tune["settings"]) <= 10, fine_tune["settings"]
-    assert "status" in fine_tune["widget_names"] and "status" not in fine_tune["settings"]  # the status box, shown
-    assert status_box(page)["fits"], status_box(page)  # (empty, a placeholder) and never saved
+    fine_tune = next((n for n in state if n["type"] == "VAEFTFineTune"), None)
+    if fine_tune is not None:
+        assert len(fine_tune["settings"]) <= 10, fine_tune["settings"]
+        assert "status" in fine_tune["widget_names"] and "status" not in fine_tune["settings"]  # the status box,
+        assert status_box(page)["fits"], status_box(page)  # shown (empty, a placeholder) and never saved
+    for n in state:  # our output nodes' result box: shown, never saved (the compare node's report goes there)
+        if n["type"] in ("VAEFTCompareOnLatents", "VAEFTEvaluate", "VAEFTSave"):
+            assert "result" in n["widget_names"] and "result" not in n["settings"], n
     if name != "vae_finetune" and page.frontend == "pinned" and os.environ.get("VAEFT_WRITE_THUMBNAILS") == "1":
         write_thumbnail(page, name)
 

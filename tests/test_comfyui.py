@@ -162,6 +162,105 @@ def test_evaluate_node_compares_base_and_fine_tuned(comfy):
     assert entry["outputs"]["5"]["images"]
 
 
+def _compare_node(base: str, tuned: str, latent: list, half: bool = False) -> dict:
+    """VAE Compare on Latents; fp16/bf16 off by default: a full-size SD decoder in fp16 on a CPU takes ~100 s
+    per VAE even on a 64-px crop (tests/test_latent_compare.py checks the half-precision figures, on small VAEs)."""
+    return {"class_type": "VAEFTCompareOnLatents", "inputs": {"base": [base, 0], "tuned": [tuned, 0], "latent": latent,
+                                                             "limit": 8, "half_precision": half, "lpips_net": "alex"}}
+
+
+def test_compare_on_latents_shows_base_beside_tuned_and_refuses_another_familys_latent(comfy):
+    """VAE Compare on Latents on VAE Encode's LATENT (a 32-px image): the report has a base and a tuned column, the
+    round trip and base-vs-tuned PSNR; the IMAGE is base | tuned | difference; the same VAE twice is identical
+    (100 dB). A Flux.2 latent (128 channels, as Save Latent writes it, through Load Latent) on a kl-f8 VAE is
+    refused with our message naming both channel counts, no traceback in it, and the server lives on.
+    Full-size SD VAEs: ComfyUI's Load VAE reads no smaller kl-f8 (nor any Flux.2 in 0.3.64)."""
+    import io
+
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    server, base, sd = comfy
+    g = torch.Generator().manual_seed(1)
+    # the tuned VAE: the base with its decoder's last convolution moved (what a decoder-only fine-tune changes)
+    tuned = {k: (v + 0.05 * torch.randn(v.shape, generator=g) if k.startswith("decoder.conv_out.") else v).contiguous()
+             for k, v in sd.items()}
+    tuned_path = os.path.join(base, "models", "vae", "vae-ft-compare-1.safetensors")
+    save_file(tuned, tuned_path)
+    latent_path = os.path.join(base, "input", "flux2-sample.latent")
+    save_file({"latent_tensor": torch.randn(1, 128, 2, 2, generator=g), "latent_format_version_0": torch.tensor([])},
+              latent_path)
+    try:
+        graph = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "random_sd_vae.safetensors"}},
+                 "2": {"class_type": "VAELoader", "inputs": {"vae_name": "vae-ft-compare-1.safetensors"}},
+                 "3": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}},
+                 "30": {"class_type": "ImageScale", "inputs": {"image": ["3", 0], "upscale_method": "area",
+                                                               "width": 32, "height": 32, "crop": "disabled"}},
+                 "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["30", 0], "vae": ["1", 0]}},
+                 "5": _compare_node("1", "2", ["4", 0]),
+                 "6": _compare_node("1", "1", ["4", 0]),
+                 "7": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}}}
+        entry = server.wait(server.queue(graph))
+        assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-4000:]
+        report = entry["outputs"]["5"]["text"][0]
+        lines = report.splitlines()
+        assert lines[0].startswith("1 latents (32x32 px), base kl-f8, tuned kl-f8"), report
+        assert lines[1].split() == ["base", "tuned"], report
+        assert any(line.startswith("round trip (rel. RMS)") and len(line.split()) == 6 for line in lines), report
+        assert not any(line.startswith("fp16") for line in lines), report  # half_precision off: not measured
+        psnr = next(line for line in lines if line.startswith("base vs tuned: PSNR "))
+        assert float(psnr.split("PSNR ")[1].split(" dB")[0]) < 100, report
+        assert "PSNR 100.00 dB" in entry["outputs"]["6"]["text"][0]  # the same VAE twice: identical decodes
+        (shown,) = entry["outputs"]["7"]["images"]
+        r = requests.get(server.url + "/view", params=shown, timeout=30)
+        with Image.open(io.BytesIO(r.content)) as im:
+            assert im.size == (3 * 32 + 2 * 2, 32), im.size  # base | tuned | difference, 2 px apart
+
+        graph = {"1": graph["1"], "2": graph["2"],
+                 "8": {"class_type": "LoadLatent", "inputs": {"latent": "flux2-sample.latent"}},
+                 "9": _compare_node("1", "2", ["8", 0], half=True),  # refused before any decode
+                 "10": {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}}}
+        entry = server.wait(server.queue(graph))
+        errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+        assert entry["status"]["status_str"] == "error" and errors, _messages(entry)
+        error = errors[0]
+        assert error["node_type"] == "VAEFTCompareOnLatents" and error["exception_type"].endswith("VAEFTError"), error
+        message = error["exception_message"]
+        assert "has 128 latent channels" in message and "kl-f8" in message and "whose latents have 4" in message, message
+        assert "Traceback" not in message and 'File "' not in message, message
+        assert "10" not in entry["outputs"] and "9" not in entry["outputs"]  # nothing shown or written
+        assert server.healthy()
+    finally:
+        os.unlink(tuned_path)
+        os.unlink(latent_path)
+
+
+def test_compare_on_latents_takes_comfyuis_flux2_latent(comfy):
+    """A ComfyUI that reads Flux.2 (0.28.2): its VAE Encode's LATENT (128 patchified, BatchNorm-normalised
+    channels at 1/16) is what the node takes for a Flux.2 VAE: decoded, the round trip measured, the same VAE
+    twice identical. Full-size random VAE (Load VAE reads no smaller one), a 32-px image: a 2x2 latent."""
+    why = flux2_unreadable()
+    if why:
+        pytest.skip(why)
+    server, base, _ = comfy
+    path = os.path.join(base, "models", "vae", "flux2-compare.safetensors")
+    write_flux2_vae(path)
+    try:
+        entry = server.wait(server.queue({
+            "1": {"class_type": "VAELoader", "inputs": {"vae_name": "flux2-compare.safetensors"}},
+            "3": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}},
+            "30": {"class_type": "ImageScale", "inputs": {"image": ["3", 0], "upscale_method": "area", "width": 32,
+                                                          "height": 32, "crop": "disabled"}},
+            "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["30", 0], "vae": ["1", 0]}},
+            "5": _compare_node("1", "1", ["4", 0])}))
+        assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-4000:]
+        report = entry["outputs"]["5"]["text"][0]
+        assert report.startswith("1 latents (32x32 px), base flux2, tuned flux2"), report
+        assert "round trip (rel. RMS)" in report and "PSNR 100.00 dB" in report, report
+    finally:
+        os.unlink(path)
+
+
 def test_dataset_from_an_image_batch(comfy):
     server, _, _ = comfy
     example = _example("random_sd_vae.safetensors", "vae_train")
@@ -348,9 +447,9 @@ def test_ui_examples_match_the_live_node_definitions(comfy):
 
 
 OUR_NODES = ("VAEFTPatchDataset", "VAEFTPatchOptions", "VAEFTFineTune", "VAEFTFineTuneOptions", "VAEFTSave",
-             "VAEFTLossGraph", "VAEFTEvaluate")
+             "VAEFTLossGraph", "VAEFTEvaluate", "VAEFTCompareOnLatents")
 TEMPLATE_NAMES = ("vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image",
-                  "vae_finetune_qwen_image21", "vae_finetune_wan22")
+                  "vae_finetune_qwen_image21", "vae_finetune_wan22", "vae_compare_on_latents")
 # Where core files its training nodes (Train LoRA, Loss Graph), in the ComfyUI versions the tests run on
 CORE_TRAINING_CATEGORY = {"0.3.48": "training", "0.3.64": "training", "0.28.2": "model/training"}
 

@@ -38,6 +38,8 @@ def test_api_examples_list_every_input():
     for name, prompt in examples.items():
         assert all(n["_meta"]["title"] for n in prompt.values()), name
         by_type = {n["class_type"]: n["inputs"] for n in prompt.values()}
+        if "VAEFTFineTune" not in by_type:  # a template that uses a fine-tune (the compare one): checked below
+            continue
         has_options = "VAEFTFineTuneOptions" in by_type
         links = {"options"} if has_options else set()
         assert set(by_type["VAEFTFineTune"]) == (_node_fields(TrainConfig, True) | {"vae", "dataset", "run_name",
@@ -74,12 +76,24 @@ def test_api_examples_list_every_input():
         assert family["1"]["inputs"]["vae_name"] == vae
         assert all(label in family[k]["_meta"]["title"] for k in ("1", "3", "4")), name
 
+    # the compare template: the base the simple template starts from beside the file its Save node writes
+    # (vae-ft-<name>-<steps>), on a latent Save Latent wrote, every input of the node named
+    compare = {n["class_type"]: n for n in examples["vae_compare_on_latents"].values()}
+    loaders = [n["inputs"]["vae_name"] for n in examples["vae_compare_on_latents"].values() if n["class_type"] == "VAELoader"]
+    save = {n["class_type"]: n["inputs"] for n in simple.values()}
+    steps = next(n["inputs"]["steps"] for n in simple.values() if n["class_type"] == "VAEFTFineTune")
+    assert loaders == [simple["1"]["inputs"]["vae_name"], f"vae-ft-{save['VAEFTSave']['name']}-{steps}.safetensors"]
+    assert set(compare["VAEFTCompareOnLatents"]["inputs"]) == {"base", "tuned", "latent", "limit", "half_precision",
+                                                               "lpips_net"}
+    assert compare["LoadLatent"]["inputs"]["latent"].endswith(".latent")
+    assert compare["PreviewImage"]["inputs"]["images"][0] in examples["vae_compare_on_latents"]
+
 
 def test_ui_templates_match_the_api_examples_and_have_jpeg_thumbnails():
     names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(TEMPLATES, "*.json")))
     assert names == _api_names()
     assert {"vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image",
-            "vae_finetune_wan22", "vae_finetune_qwen_image21"} <= set(names)
+            "vae_finetune_wan22", "vae_finetune_qwen_image21", "vae_compare_on_latents"} <= set(names)
     for name in names:
         with open(os.path.join(TEMPLATES, name + ".json")) as f:
             ui = json.load(f)
