@@ -31,10 +31,10 @@ class VAECompareOnLatents(io.ComfyNode):
                                                   ".latent), VAE Encode's; every latent of the batch is a row"),
                 io.Int.Input("limit", default=8, min=1, max=64,
                              tooltip="compare at most this many latents of the batch"),
-                io.Boolean.Input("half_precision", default=True,
-                                 tooltip="also decode in fp16 and bf16 (NaN/inf, saturated pixels, PSNR against "
-                                         "the VAE's own fp32 decode); on a CPU only 64-px crops of 2 latents, "
-                                         "still minutes for a full-size VAE: turn off for a quick look"),
+                io.Combo.Input("half_precision", options=["auto", "on", "off"], default="auto",
+                               tooltip="also decode in fp16 and bf16 (NaN/inf, saturated pixels, PSNR against the "
+                                       "VAE's own fp32 decode). auto: on a GPU; not on a CPU, where even the 64-px "
+                                       "crops of 2 latents it uses there take minutes per full-size VAE"),
                 io.Combo.Input("lpips_net", options=["alex", "vgg"], default="alex",
                                tooltip="LPIPS backbone for base vs tuned (alex, as the LPIPS paper reports)"),
             ],
@@ -63,7 +63,7 @@ class VAECompareOnLatents(io.ComfyNode):
             net, availability = try_load_lpips(lpips_net)
             result = compare_on_latents(models["base"], models["tuned"], items, lpips_net=net,
                                         lpips_unavailable=availability.get("reason"), device=device, limit=limit,
-                                        half=half_precision)
+                                        half={"on": True, "off": False}.get(half_precision))
         return io.NodeOutput(training_to_image(result.grid), result.text, ui=ui.PreviewText(result.text))
 
 

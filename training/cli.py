@@ -515,8 +515,10 @@ def add_compare_command(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out (and --json) when they exist")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--limit", type=int, default=16, help="compare at most this many latents (default: 16)")
-    p.add_argument("--no-half", dest="half", action="store_false",
-                   help="skip the fp16/bf16 decode (on a CPU it decodes 64-pixel crops of 2 latents)")
+    p.add_argument("--half", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode in fp16 and bf16 too (NaN/inf, saturated pixels, PSNR against the VAE's own fp32 "
+                        "decode); default: on a GPU; on a CPU, where it takes minutes per full-size VAE even on the "
+                        "64-pixel crops of 2 latents it uses there, only with --half")
     p.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"), help="LPIPS backbone (default: alex)")
     p.add_argument("--lpips-backbone", metavar="PATH",
                    help="torchvision ImageNet weights for LPIPS (default: torchvision's cache); never downloaded")

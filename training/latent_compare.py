@@ -109,15 +109,21 @@ def _half(model: torch.nn.Module, latents: list[dict], key: str, device: torch.d
 
 def compare_on_latents(base: torch.nn.Module, tuned: torch.nn.Module, items: list[tuple[str, torch.Tensor]], *,
                        lpips_net: torch.nn.Module | None = None, lpips_unavailable: str | None = None,
-                       device: torch.device | str = "cpu", limit: int = 16, half: bool = True,
+                       device: torch.device | str = "cpu", limit: int = 16, half: bool | None = None,
                        notes: list[str] | None = None) -> LatentComparison:
     """Decode the held latents of ``items`` with ``base`` and ``tuned`` (family modules built by
     :func:`training.vae.build_vae`, left where they were) and compare them (see the module docstring).
-    ``half``: run the fp16 / bf16 check (slow on a CPU: a crop there). Refused, before anything is decoded,
-    when a latent does not fit either VAE."""
+    ``half``: run the fp16 / bf16 check; None: on a GPU, not on a CPU, where fp16 convolutions are so slow that
+    even its 64-pixel crops take a minute or more per full-size VAE (said in the notes). Refused, before anything
+    is decoded, when a latent does not fit either VAE."""
     device = torch.device(device)
     latents, found = split_latents(items, base, tuned, limit)
     notes = list(notes or []) + found
+    if half is None:
+        half = device.type != "cpu"
+        if not half:
+            notes.append("fp16/bf16 not checked: on a CPU it takes minutes per full-size VAE (turn it on to check "
+                         "anyway: --half, or the node's half_precision 'on')")
     report: dict = {"latents": [{"name": d["name"], "shape": list(d["held"].shape[1:]),
                                  "image_px": [s * held_channels(base)[1] for s in d["held"].shape[-2:]]}
                                 for d in latents],
