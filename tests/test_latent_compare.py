@@ -223,3 +223,59 @@ def test_the_decoder_gets_the_perturbed_latent_and_without_the_setting_nothing_c
     on = validation_scores(model, x, "cpu", torch.autocast("cpu", enabled=False), None, latent_noise=0.5, seed=3)
     assert set(off) == {"mse", "psnr"} and set(on) == {"mse", "psnr", "noisy_mse", "noisy_psnr"}
     assert on["psnr"] == off["psnr"] and on["noisy_psnr"] != off["psnr"]
+
+
+def test_flux2s_held_latent_is_the_2x2_patchified_latent_normalised_by_its_batchnorm():
+    """Channel 4c + 2·pi + pj of held position (i, j) is module channel c at (2i + pi, 2j + pj), then (x - mean) / std:
+    ComfyUI's rearrange "c (i pi) (j pj) -> (c pi pj) i j" and its BatchNorm (eps 1e-4)."""
+    model = model_of(EXAMPLES["flux2"].file(0))
+    z = torch.randn(1, 32, 4, 6)
+    held = family_of(model).held_latent(model, z)
+    mean, var = model.bn.running_mean, model.bn.running_var
+    for c, pi, pj, i, j in ((0, 0, 1, 0, 2), (5, 1, 0, 1, 1), (31, 1, 1, 1, 2)):
+        k = 4 * c + 2 * pi + pj
+        expected = (z[0, c, 2 * i + pi, 2 * j + pj] - mean[k]) / torch.sqrt(var[k] + 1e-4)
+        assert float(held[0, k, i, j]) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
+
+
+def test_the_library_refuses_what_the_files_cannot_carry_and_rows_of_any_size(files):
+    from training.latent_compare import compare_on_latents
+
+    base, tuned = model_of(load_file(str(files / "base.safetensors"))), model_of(load_file(str(files / "tuned.safetensors")))
+    z = torch.randn(1, 4, 6, 6)
+    with pytest.raises(Exception, match="latent 'x' holds NaN or infinite values"):
+        compare_on_latents(base, tuned, [("x", torch.where(z > 2, float("nan"), z))])
+    # an SD3 / Flux.1 kl-f8 VAE and a Wan 2.1 VAE both take 16-channel latents: still not one latent space
+    sd3 = model_of(tiny_ldm_sd(latent_channels=16))
+    wan = model_of(EXAMPLES["wan2.1"].file(0))
+    with pytest.raises(Exception, match="do not share a latent space"):
+        compare_on_latents(sd3, wan, [("x", torch.randn(1, 16, 4, 4))])
+    # latents of different sizes (files of different resolutions): one row each, the grid as wide as the widest;
+    # a 2x2 latent (4x4 px) is compared too (no SSIM window); --limit's note
+    result = compare_on_latents(base, tuned, [("a", torch.randn(2, 4, 6, 10)), ("b", torch.randn(1, 4, 2, 2))],
+                                limit=2, half=False)
+    assert [d["image_px"] for d in result.report["latents"]] == [[12, 20], [12, 20]]
+    assert "3 latents given; the first 2 compared" in result.text
+    result = compare_on_latents(base, tuned, [("a", torch.randn(1, 4, 6, 10)), ("b", torch.randn(1, 4, 2, 2))], half=False)
+    assert result.grid.shape == (3, 12 + 2 + 4, 3 * 20 + 2 * 2)
+    assert "fp16" not in result.report["base"] and "note: fp16/bf16 not checked" not in result.text  # asked off
+
+
+def test_out_must_be_a_png_and_resuming_with_another_latent_noise_is_refused(files, tmp_path):
+    p = compare(files, "--base", files / "base.safetensors", "--tuned", files / "tuned.safetensors", "--latents",
+                files / "latents", "--out", tmp_path / "grid.jpg", check=False)
+    assert p.returncode == 2 and "the comparison image is a PNG" in p.stderr
+    from training.config import TrainConfig
+    from training.errors import VAEFTError
+    from training.trainer import fine_tune
+
+    vae = build_vae(tiny_ldm_sd())
+    data = [torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(4)]
+    cfg = dict(steps=1, batch_size=2, lpips_weight=0.0, ema=False, preview_every=0, val_every=0)
+    fine_tune(vae, lambda start: iter(data[start:]), TrainConfig(**cfg, latent_noise=0.5), device="cpu",
+              checkpoints=tmp_path / "run.ckpt")
+    before = (tmp_path / "run.ckpt").read_bytes()
+    with pytest.raises(VAEFTError, match="latent_noise"):
+        fine_tune(vae, lambda start: iter(data[start:]), TrainConfig(**{**cfg, "steps": 2}), device="cpu",
+                  resume=tmp_path / "run.ckpt")
+    assert (tmp_path / "run.ckpt").read_bytes() == before

@@ -510,11 +510,13 @@ def add_compare_command(sub) -> None:
     p.add_argument("--base", required=True, metavar="PATH", help="the base VAE file")
     p.add_argument("--tuned", required=True, metavar="PATH", help="the fine-tuned VAE file")
     p.add_argument("--latents", required=True, metavar="FILE_OR_DIR",
-                   help="a .latent / .safetensors / .pt file, or a folder of them (e.g. ComfyUI's output/latents)")
+                   help="a .latent / .safetensors / .pt / .pth file, or a folder of them (its own files, not its "
+                        "subfolders'; e.g. ComfyUI's output/latents)")
     p.add_argument("--out", required=True, metavar="GRID.png", help="the comparison image to write (PNG)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and --json) when they exist")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    p.add_argument("--limit", type=int, default=16, help="compare at most this many latents (default: 16)")
+    p.add_argument("--limit", type=int, default=16, metavar="N",
+                   help="compare at most N latents, each latent of a batch counting as one (default: 16)")
     p.add_argument("--half", action=argparse.BooleanOptionalAction, default=None,
                    help="decode in fp16 and bf16 too (NaN/inf, saturated pixels, PSNR against the VAE's own fp32 "
                         "decode); default: on a GPU; on a CPU, where it takes minutes per full-size VAE even on the "
@@ -530,14 +532,14 @@ def run_compare(args) -> int:
     """Every input read and checked, then the decodes, then --out (and --json) written whole or not at all."""
     if args.limit < 1:
         raise VAEFTError(f"--limit must be at least 1, got {args.limit}")
+    if not args.out.lower().endswith(".png"):
+        raise VAEFTError(f"--out {args.out!r}: the comparison image is a PNG; name it ….png")
     outputs = [("--out", args.out)] + ([("--json", args.json)] if args.json else [])
     for flag, path in outputs:
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise VAEFTError(f"the folder of {flag} {path!r} does not exist")
         if os.path.lexists(path) and not args.overwrite:
             raise VAEFTError(f"{flag} {path!r} exists; choose another name or pass --overwrite")
-    if not args.out.lower().endswith(".png"):
-        raise VAEFTError(f"--out {args.out!r}: the comparison image is a PNG; name it ….png")
     items, notes = read_latents(args.latents)
     base, tuned = load_vae(args.base).model, load_vae(args.tuned).model
     split_latents(items, base, tuned, args.limit)  # refused here, before LPIPS loads or anything decodes
@@ -546,10 +548,10 @@ def run_compare(args) -> int:
                                 device=pick_device(args.device), limit=args.limit, half=args.half, notes=notes)
     png = io.BytesIO()
     to_pil(result.grid).save(png, format="PNG")
+    report = {"vaes": {"base": args.base, "tuned": args.tuned}, **result.report, "grid": args.out}
+    text = json.dumps(json_safe(report, infinity="overflow"), indent=2) + "\n"  # made before anything is written
     atomic_write(args.out, lambda f: f.write(png.getvalue()), overwrite=args.overwrite, what="comparison image")
     if args.json:
-        report = {"vaes": {"base": args.base, "tuned": args.tuned}, **result.report, "grid": args.out}
-        text = json.dumps(json_safe(report, infinity="overflow"), indent=2) + "\n"
         atomic_write(args.json, lambda f: f.write(text.encode()), overwrite=args.overwrite, what="JSON report")
     print(result.text)
     print(f"comparison image: {args.out} (rows: base | tuned | |tuned - base|, pale yellow = "

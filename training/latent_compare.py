@@ -19,13 +19,16 @@ from .errors import VAEFTError
 from .evaluate import comparison_grid
 from .families import family_of
 from .latents import held_channels, module_latents
-from .metrics import image_metrics, summarize
-from .probe import FP16_MAX, decode_watched, half_precision_report, latent_drift
+from .memory import out_of_memory_named
+from .metrics import delta_e2000, lpips_distance, psnr, summarize
+from .probe import FP16_MAX, decode_watched, format_peak, half_precision_report, latent_drift
 from .vae import pixels_per_latent
 
 # the difference column's heat map: pale yellow at this mean |tuned - base| in [0, 1] units (13/255), 20x amplified
 DIFFERENCE_MAX = 0.05
-HALF_SIDE_CPU = 64  # fp16 convolutions on a CPU are slow: the half-precision check decodes a 64-pixel crop there
+# fp16 convolutions on a CPU are slow: the half-precision check decodes 64-pixel crops there (256 on a GPU)
+HALF_SIDE = {"cpu": 64, "gpu": 256}
+OOM_HINT = "compare fewer or smaller latents (a smaller --limit), or run on the CPU (--device cpu)"
 
 
 @dataclass
@@ -37,9 +40,10 @@ class LatentComparison:
 
 
 def check_pair(base: torch.nn.Module, tuned: torch.nn.Module) -> None:
-    """Refuse two VAEs whose LATENTs differ (channels, pixels per latent): they cannot decode the same latents."""
+    """Refuse two VAEs of different families, or whose LATENTs differ (channels, pixels per latent): they do not
+    decode the same latents (a 16-channel SD3 kl-f8 VAE and a Wan 2.1 one have latents of one shape)."""
     a, b = held_channels(base), held_channels(tuned)
-    if a != b:
+    if a != b or family_of(base) is not family_of(tuned):
         raise VAEFTError(f"the base VAE ({family_of(base).label}) takes latents of {a[0]} channels at 1/{a[1]}, the "
                          f"tuned VAE ({family_of(tuned).label}) of {b[0]} channels at 1/{b[1]}: they do not share a "
                          "latent space, so they cannot decode the same latents")
@@ -51,12 +55,14 @@ def split_latents(items: list[tuple[str, torch.Tensor]], base: torch.nn.Module, 
     "tuned" (each VAE's decoder input)}, at most ``limit``; every item is checked against both VAEs first
     (refused naming the item and the VAE). Returns (latents, notes)."""
     check_pair(base, tuned)
+    if not items:
+        raise VAEFTError("no latents to compare")
     notes: list[str] = []
     converted = []
     for name, z in items:
         zb, note = module_latents(base, z, f"latent {name!r}", "the base VAE")
         zt, _ = module_latents(tuned, z, f"latent {name!r}", "the tuned VAE")
-        if note:
+        if note and note not in notes:
             notes.append(note)
         held = z[:, :, 0] if z.ndim == 5 else z
         converted += [{"name": name if z.shape[0] == 1 else f"{name}[{i}]", "held": held[i:i + 1].cpu(),
@@ -73,9 +79,10 @@ def _decode_all(model: torch.nn.Module, latents: list[dict], key: str, device: t
     images, trips, peak, where = [], [], 0.0, "-"
     for item in latents:
         z = item[key].to(device, torch.float32)
-        raw, peaks = decode_watched(model, z)
-        image = raw.clamp(-1, 1)
-        back = family.held_latent(model, model.encode(image).latent_dist.mode()).cpu()
+        with out_of_memory_named(f"decoding latent {item['name']!r} ({key} VAE)", OOM_HINT):
+            raw, peaks = decode_watched(model, z)
+            image = raw.clamp(-1, 1)
+            back = family.held_latent(model, model.encode(image).latent_dist.mode()).cpu()
         images.append(image.cpu())
         trips.append(latent_drift(back, item["held"]))
         block, value = max(peaks.items(), key=lambda kv: kv[1], default=("-", 0.0))
@@ -85,18 +92,20 @@ def _decode_all(model: torch.nn.Module, latents: list[dict], key: str, device: t
 
 
 def _half(model: torch.nn.Module, latents: list[dict], key: str, device: torch.device) -> dict:
-    """fp16 / bf16 on these latents (on a CPU their centre crops of HALF_SIDE_CPU pixels, at most 2 latents):
+    """fp16 / bf16 on these latents (centre crops of HALF_SIDE pixels of at most 2 latents on a CPU, 4 on a GPU):
     {"fp16"|"bf16": {"safe", "nonfinite_pixels", "psnr" (against the VAE's own fp32 decode), ...}, "crop"}."""
     cpu = device.type == "cpu"
     chosen = latents[:2] if cpu else latents[:4]
-    side = max(1, HALF_SIDE_CPU // pixels_per_latent(model)) if cpu else 1 << 30
+    side = max(1, HALF_SIDE["cpu" if cpu else "gpu"] // pixels_per_latent(model))
     side = min([side] + [s for item in chosen for s in item[key].shape[-2:]])
     crops = []
     for item in chosen:
         z = item[key]
         top, left = (z.shape[-2] - side) // 2, (z.shape[-1] - side) // 2
         crops.append(z[..., top:top + side, left:left + side])
-    report = half_precision_report(model, torch.cat(crops).to(device), device)
+    with out_of_memory_named("decoding in fp16 and bf16", "turn the half-precision check off (--no-half), or "
+                             + OOM_HINT):
+        report = half_precision_report(model, torch.cat(crops).to(device), device)
     report.pop("fp32_decoded")
     out = {name: {"safe": fig["safe"], "nonfinite_pixels": fig["nonfinite_pixels"],
                   "saturated_pixels": fig["saturated_pixels"], "psnr": fig["psnr"],
@@ -139,17 +148,27 @@ def compare_on_latents(base: torch.nn.Module, tuned: torch.nn.Module, items: lis
         finally:
             model.to(home or "cpu")
         report[name] = {k: v for k, v in decoded[name].items() if k != "images"}
-    pairs = [image_metrics(t.to(device), b.to(device), lpips_net)
+    pairs = [_between(t.to(device), b.to(device), lpips_net.to(device) if lpips_net is not None else None)
              for b, t in zip(decoded["base"]["images"], decoded["tuned"]["images"])]
-    keys = [k for k in ("psnr", "lpips", "delta_e2000") if k in pairs[0]]
     report["base_vs_tuned"] = {k: {**summarize(torch.cat([p[k] for p in pairs])),
-                                   "per_latent": [float(p[k].mean()) for p in pairs]} for k in keys}
+                                   "per_latent": [float(p[k].mean()) for p in pairs]} for k in pairs[0]}
     if lpips_net is None:
         notes.append(f"LPIPS not measured: {lpips_unavailable or 'no LPIPS network given'}")
     report["notes"] = notes
     grid = _rows([comparison_grid(b, [t], heat_max=DIFFERENCE_MAX, gap=2)
                   for b, t in zip(decoded["base"]["images"], decoded["tuned"]["images"])])
     return LatentComparison(report=report, grid=grid, text=format_report(report), notes=notes)
+
+
+@torch.no_grad()
+def _between(tuned: torch.Tensor, base: torch.Tensor, lpips_net: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """PSNR, (LPIPS,) ΔE2000 of the tuned decode against the base's, (1,) CPU tensors (no SSIM: a latent may be too
+    small for its 11-pixel window)."""
+    out = {"psnr": psnr(tuned, base)}
+    if lpips_net is not None:
+        out["lpips"] = lpips_distance(lpips_net, tuned, base)
+    out["delta_e2000"] = delta_e2000(tuned, base)
+    return {k: v.detach().float().cpu() for k, v in out.items()}
 
 
 def _rows(rows: list[torch.Tensor], gap: int = 2) -> torch.Tensor:
@@ -162,10 +181,6 @@ def _rows(rows: list[torch.Tensor], gap: int = 2) -> torch.Tensor:
         out[:, y:y + r.shape[-2], :r.shape[-1]] = r
         y += r.shape[-2] + gap
     return out
-
-
-def _fmt(value: float, digits: int = 3) -> str:
-    return "overflow" if value == float("inf") else f"{value:.{digits}g}"
 
 
 def _half_text(fig: dict) -> str:
@@ -182,7 +197,7 @@ def format_report(report: dict) -> str:
              f"{'':<28}{'base':>16}{'tuned':>16}",
              f"{'round trip (rel. RMS)':<28}" + "".join(f"{summarize(torch.tensor(report[v]['round_trip']))['mean']:>16.4f}"
                                                        for v in ("base", "tuned")),
-             f"{'largest activation':<28}" + "".join(f"{_fmt(report[v]['max_activation']):>16}" for v in ("base", "tuned"))]
+             f"{'largest activation':<28}" + "".join(f"{format_peak(report[v]['max_activation']):>16}" for v in ("base", "tuned"))]
     if "half" in report["base"]:
         for dtype in ("fp16", "bf16"):
             lines.append(f"{dtype + ' (vs own fp32)':<28}" + "".join(f"{_half_text(report[v]['half'][dtype]):>16}"

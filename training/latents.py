@@ -43,11 +43,10 @@ def latent_files(path: str | os.PathLike) -> list[str]:
 
 
 def read_latent_file(path: str) -> tuple[torch.Tensor, str | None]:
-    """(the latents of one file as float32, 4D or 5D, a note or None). ``.latent``: ComfyUI's Save Latent
+    """(the latents of one file as float32, 4D or 5D, "old" for an old .latent file or None). ``.latent``: ComfyUI's Save Latent
     format (``latent_tensor``; without ``latent_format_version_0`` divided by 0.18215 as Load Latent does);
     ``.safetensors``: ``latent_tensor``, ``samples`` or its only tensor; ``.pt``/``.pth``: a tensor or a dict
     with ``samples`` (a LATENT) or ``latent_tensor``."""
-    name = os.path.basename(path)
     try:
         if path.lower().endswith((".latent", ".safetensors")):
             held = load_file(path)
@@ -63,7 +62,7 @@ def read_latent_file(path: str) -> tuple[torch.Tensor, str | None]:
         z = _pick(held, path)
         if "latent_tensor" in held and VERSION_KEY not in held:
             z = z.float() / OLD_SCALE
-            note = f"{name}: an old .latent file (no {VERSION_KEY}): divided by {OLD_SCALE} as ComfyUI's Load Latent does"
+            note = "old"
     else:
         raise VAEFTError(f"latents {path!r} hold a {type(held).__name__}, not a tensor or a dict of tensors")
     if not z.is_floating_point():
@@ -92,13 +91,17 @@ def _pick(held: dict, path: str) -> torch.Tensor:
 def read_latents(path: str | os.PathLike) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
     """([(file name, latents)], notes) of a latent file or of every latent file in a folder (see
     :func:`read_latent_file`); every file is read, and checked, before anything is decoded."""
-    items, notes = [], []
+    items, old = [], []
     for f in latent_files(path):
         z, note = read_latent_file(f)
         items.append((os.path.basename(f), z))
         if note:
-            notes.append(note)
-    return items, notes
+            old.append(os.path.basename(f))
+    if len(old) > 1:  # one line for many: a folder of old files is one fact
+        return items, [f"{len(old)} old .latent files ({old[0]}, ...; no {VERSION_KEY}): divided by {OLD_SCALE} as "
+                       "ComfyUI's Load Latent does"]
+    return items, [f"{old[0]}: an old .latent file (no {VERSION_KEY}): divided by {OLD_SCALE} as ComfyUI's Load "
+                   "Latent does"] if old else []
 
 
 def held_channels(model: torch.nn.Module) -> tuple[int, int]:
@@ -117,6 +120,8 @@ def module_latents(model: torch.nn.Module, z: torch.Tensor, what: str, vae_name:
     None): frame 0 of each 5D latent. A latent that does not fit (channels, dimensions) is refused naming both."""
     family = family_of(model)
     channels, ratio = held_channels(model)
+    if not torch.isfinite(z).all():
+        raise VAEFTError(f"{what} holds NaN or infinite values (a sampler that diverged?): nothing to decode")
     if z.ndim == 5 and not family.video:
         raise VAEFTError(f"{what} is a video latent {tuple(z.shape)} (batch, channels, frames, height, width); "
                          f"{vae_name} is a {family.label}, whose latents are images (batch, {channels}, height, "

@@ -223,7 +223,8 @@ def _peak(fig: dict) -> tuple[str, float]:
     return max(fig["max_activation"].items(), key=lambda kv: kv[1], default=("-", 0.0))
 
 
-def _fmt(value: float) -> str:
+def format_peak(value: float) -> str:
+    """An activation for people: 3 significant digits, or "overflow" for inf."""
     return "overflow" if value == float("inf") else f"{value:.3g}"
 
 
@@ -233,7 +234,7 @@ def figures_line(name: str, fig: dict, pixels: int, against_base: bool = False) 
     block, top = _peak(fig)
     verdict = "safe" if fig["safe"] else "UNSAFE"
     line = (f"{name}: {verdict}: {fig['nonfinite_pixels']} of {pixels} pixels NaN/inf, {fig['saturated_pixels']} "
-            f"pushed past black/white; largest activation {_fmt(top)} ({block})")
+            f"pushed past black/white; largest activation {format_peak(top)} ({block})")
     if "limit_used" in fig and fig["limit_used"] != float("inf"):
         line += f", {100 * fig['limit_used']:.2g}% of fp16's limit"
     if "psnr" in fig:
@@ -276,7 +277,7 @@ def check_half_precision(model: torch.nn.Module, probe: ExportProbe,
             continue
         block, top = _peak(fine[name])
         what = (f"{fine[name]['nonfinite_pixels']} of {fine['pixels']} probe pixels NaN/inf, "
-                f"{fine[name]['saturated_pixels']} pushed past black/white; largest activation {_fmt(top)} in {block}")
+                f"{fine[name]['saturated_pixels']} pushed past black/white; largest activation {format_peak(top)} in {block}")
         if base.get(name, {}).get("safe", True):
             instead = ("bf16 or fp32 (ComfyUI --bf16-vae or --fp32-vae; Automatic1111 --no-half-vae)"
                        if name == "fp16" and fine["bf16"]["safe"] else

@@ -466,16 +466,12 @@ def _accumulate(s: _Run, x_all: torch.Tensor, keys: torch.Tensor | None, *, step
         share = x.shape[0] / x_all.shape[0]
         sync = getattr(s.module, "no_sync", None)  # DDP: all-reduce gradients on the last micro-batch only
         with sync() if (sync is not None and i < len(chunks) - 1) else contextlib.nullcontext():
-            noise = None
-            if gen is not None:
-                down = s.family.downsampling(s.model)
-                shape = (x.shape[0], latent_channels(s.model), x.shape[2] // down, x.shape[3] // down)
-                noise = torch.randn(shape, generator=gen, device=device)
-            shift = None
-            if shift_gen is not None:  # latent_noise: its own stream, so a run without it draws what it always did
-                down = s.family.downsampling(s.model)
-                shape = (x.shape[0], latent_channels(s.model), x.shape[2] // down, x.shape[3] // down)
-                shift = cfg.latent_noise * torch.randn(shape, generator=shift_gen, device=device)
+            down = s.family.downsampling(s.model)
+            shape = (x.shape[0], latent_channels(s.model), x.shape[2] // down, x.shape[3] // down)
+            noise = torch.randn(shape, generator=gen, device=device) if gen is not None else None
+            # latent_noise: its own stream, so a run without it draws what it always did
+            shift = (cfg.latent_noise * torch.randn(shape, generator=shift_gen, device=device)
+                     if shift_gen is not None else None)
             cached = cache.get(key_chunks[i]) if cache is not None else None
             if s.penalty is not None:
                 s.penalty.clear()
