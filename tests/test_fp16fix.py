@@ -17,7 +17,7 @@ from training.config import RECIPES, TrainConfig
 from training.errors import VAEFTError
 from training.export import export_vae
 from training.families import family_of
-from training.fp16fix import _stream_plan, exact_rescale
+from training.fp16plan import _stream_plan, exact_rescale
 from training.probe import FP16_MAX, half_precision_report, make_probe
 from training.vae import build_vae
 

@@ -266,13 +266,19 @@ class TrainConfig:
                                         "act_threshold/8: the output stays equal (checked), activations get smaller")
     stop_when_safe: bool = option(False, "stop at a validation step (or before the first step, after "
                                          "exact_rescale) where the fp16 decode of the held-out patches is finite "
-                                         "and no activation exceeds act_threshold")
+                                         "and no activation exceeds act_threshold (or the threshold a measured "
+                                         "rescaling chose), within fp16_bound_db of the base's decode")
     # issue 31, after the fp16-fix settings for the same reason
     latent_noise: float = option(0.0, "decode latents near the encoder's, not only its own: the decoder gets the latent "
                                       "plus Gaussian noise of this many times the patch's per-channel latent std, drawn "
                                       "per patch (a sampler's latents are slightly off the encoder's manifold; 0 = off). "
                                       "Validation then also scores decodes of noisy held-out latents (val_noisy_*)",
                                  min=0.0, max=2.0, ui_step=0.01)
+    # issue 33 (CLI only: the node keeps the default, and saved workflows their widget lists)
+    fp16_bound_db: float = option(30.0, "the fp16-fix recipe's bound on change: a decode whose fp16 PSNR against "
+                                        "the base's fp32 decode (held-out patches) is below this many dB is never "
+                                        "called fp16-safe, and a rescaling that costs more is not applied",
+                                  min=0.0, max=100.0, node=False)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -209,10 +209,28 @@ class ExportReport:
     against_base: bool = False          # a fp16-fix setting was on (the run logged val_fp16_psnr against the base):
                                         # the half-precision figures are also compared with the base's decode
     encoder_trained: bool = False       # trainable 'full': the report says how far the latents moved
+    fp16_bound_db: float | None = None  # the fp16-fix run's bound on change (fp16 PSNR against the base, dB)
+
+    @property
+    def fp16_vs_base_db(self) -> float | None:
+        """The fp16 decode of the probe against the base's fp32 decode (dB), when a fp16-fix setting was on."""
+        if self.half_precision is None or not self.against_base:
+            return None
+        return self.half_precision["fine_tuned"]["fp16"].get("psnr_vs_base")
+
+    @property
+    def fp16_within_bound(self) -> bool | None:
+        """Whether that PSNR is at least the bound (None: no bound or no check)."""
+        db = self.fp16_vs_base_db
+        return None if db is None or self.fp16_bound_db is None else db >= self.fp16_bound_db
 
     @property
     def fp16_safe(self) -> bool | None:
-        return None if self.half_precision is None else self.half_precision["fine_tuned"]["fp16"]["safe"]
+        """fp16 decodes the probe without NaN/inf or blown-out pixels, and (fp16-fix) within the bound of
+        change: a decode made finite by losing the output is not called safe."""
+        if self.half_precision is None:
+            return None
+        return bool(self.half_precision["fine_tuned"]["fp16"]["safe"] and self.fp16_within_bound is not False)
 
     @property
     def frozen_identical(self) -> bool | None:
@@ -247,6 +265,16 @@ class ExportReport:
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def _past_bound(report: ExportReport) -> list[str]:
+    """The warning for a fp16 decode that is finite but moved past the fp16-fix bound (none otherwise)."""
+    if report.fp16_within_bound is not False or not report.half_precision["fine_tuned"]["fp16"]["safe"]:
+        return []
+    return [f"NOT fp16-safe: the fp16 decode of the probe is finite but moved to {report.fp16_vs_base_db:.1f} dB "
+            f"against the base's fp32 decode, past the bound of {report.fp16_bound_db:g} dB (fp16_bound_db): the "
+            "output is not the base's. Run this VAE in bf16 or fp32, or train again (lower act_weight, more "
+            "steps with target 'base', or a lower fp16_bound_db if that change is acceptable)"]
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -297,9 +325,10 @@ def export_vae(trained: Trained, path: str | os.PathLike, dtype: str | None = No
         report.notes.append(f"a VAE of RGBA images: {STRAIGHT}, in [-1, 1] like the colours (recorded as vaeft.alpha)")
     if trained.fp16_fix is not None:
         report.notes.append(fp16_fix_note(trained.fp16_fix))
+        report.fp16_bound_db = trained.fp16_fix.get("bound_db", trained.config.fp16_bound_db)
     if trained.probe is not None:
         report.half_precision, warnings, notes = check_half_precision(model, trained.probe, device)
-        report.warnings += warnings
+        report.warnings += warnings + _past_bound(report)
         report.notes += notes
     else:
         report.notes.append("half precision not checked: no probe patches (make_probe after training)")

@@ -26,16 +26,17 @@ Three pieces, each usable on its own:
 from __future__ import annotations
 
 import copy
-import math
 import weakref
 
 import torch
 
 from .errors import VAEFTError
 from .families import family_of
-from .probe import (FP16_MAX, as_dtype, decode_in, decode_watched, decode_with_peaks, encode_latents, latent_drift,
-                    probe_patches, psnr)
+from .fp16plan import candidate_thresholds, exact_rescale, measured_rescale
+from .probe import FP16_MAX, as_dtype, decode_in, encode_latents, latent_drift, probe_patches, psnr
 from .vae import latent_channels, perturbed
+
+__all__ = ["exact_rescale", "measured_rescale"]  # the plans, in training/fp16plan.py
 
 
 def decoder_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -46,196 +47,24 @@ def decoder_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
     return [(n, m) for n, m in model.named_modules() if n and block_of(n) is not None]
 
 
-# ----- the exact head start
+# ----- the head start (training/fp16plan.py)
 
 # the rescaling brings the probe's activations to act_threshold / RESCALE_MARGIN: other images' latents (training
 # patches, posterior samples) reach higher, and only above act_threshold does the penalty start moving weights
 RESCALE_MARGIN = 8
 
 
-def _power_of_two(ratio: float) -> float:
-    """The largest power of two at most ``ratio`` (< 1; 1 when it is not a positive finite number): scaling
-    by it changes only the exponent, so a bf16 or fp32 base's rescaled weights lose nothing written back in
-    its dtype. (fp16 has a narrower exponent range: weights scaled below 2^-14 lose precision there, and the
-    report's PSNR against the base shows what that costs.)"""
-    if not (math.isfinite(ratio) and ratio > 0):
-        return 1.0
-    return 2.0 ** math.floor(math.log2(ratio))
-
-
-def _scale_(layer: torch.nn.Module, weight: float, bias: float) -> None:
-    with torch.no_grad():
-        layer.weight.mul_(weight)
-        if getattr(layer, "bias", None) is not None:
-            layer.bias.mul_(bias)
-
-
-def _resnets(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The decoder's residual blocks whose ``conv1`` feeds only ``norm2`` (diffusers' ResnetBlock2D, the Wan
-    family's residual block; no time embedding)."""
-    out = []
-    for name, m in model.named_modules():
-        if (name.startswith("decoder.") and hasattr(m, "conv1") and hasattr(m, "norm2")
-                and getattr(m, "time_emb_proj", None) is None):
-            out.append((name, m))
-    return out
-
-
-def _stream_plan(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]] | None:
-    """The residual stream of the decoder in order, as (kind, module): 'entry' (a linear map that starts a
-    segment: conv_in, an upsampler's convolution), 'shortcut' (a residual block with a shortcut convolution:
-    it starts a segment, its conv2 ends it), 'resnet', 'attention', and 'pinned' (module None: the segment
-    so far must keep its scale, because it also feeds a layer left as it is). The decoders of diffusers'
-    ``Decoder`` (kl-f8, Flux.2; ends in a GroupNorm) and of the Wan family (ends in an RMSNorm; its 3D
-    upsamplers' ``time_conv`` reads the stream in video decoding and stays byte-identical, so the segment
-    before one is pinned). None for another decoder; raises _NotExact for a block the rescaling cannot pass."""
-    dec = model.decoder
-    norm_out = getattr(dec, "conv_norm_out", None) or getattr(dec, "norm_out", None)
-    if not all(hasattr(dec, a) for a in ("conv_in", "mid_block", "up_blocks")) or not (
-            isinstance(norm_out, torch.nn.GroupNorm) or type(norm_out).__name__.endswith("RMS_norm")):
-        return None
-    plan: list[tuple[str, torch.nn.Module | None]] = [("entry", dec.conv_in)]
-
-    def resnet(r):
-        if getattr(r, "output_scale_factor", 1.0) != 1.0 or getattr(r, "time_emb_proj", None) is not None:
-            raise _NotExact
-        shortcut = getattr(r, "conv_shortcut", None)
-        if shortcut is not None and not isinstance(shortcut, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Identity)):
-            raise _NotExact  # a wrapped or other linear map: its scaling is not known to be exact
-        has_shortcut = isinstance(shortcut, (torch.nn.Conv2d, torch.nn.Conv3d))
-        plan.append(("shortcut" if has_shortcut else "resnet", r))
-
-    mid = dec.mid_block
-    resnet(mid.resnets[0])
-    for attn, r in zip(mid.attentions, mid.resnets[1:]):
-        if attn is not None:
-            if _attention_out(attn) is None:
-                raise _NotExact
-            plan.append(("attention", attn))
-        resnet(r)
-    for up in dec.up_blocks:
-        if getattr(up, "avg_shortcut", None) is not None:
-            # a residual level (the Wan 2.2 layout): its shortcut adds the level's input, duplicated up, to
-            # the upsampler's output, two segments' sum this plan does not scale: the stream stays as it is
-            raise _NotExact
-        for r in up.resnets:
-            resnet(r)
-        for u in (getattr(up, "upsamplers", None) or []):
-            if getattr(u, "time_conv", None) is not None:  # the Wan family's upsample3d
-                plan.append(("pinned", None))
-            conv = getattr(u, "conv", None) if hasattr(u, "conv") else _last_conv(getattr(u, "resample", None))
-            if not isinstance(conv, torch.nn.Conv2d) or getattr(u, "norm", None) is not None:
-                raise _NotExact  # a norm before the convolution would undo the stream's scale
-            plan.append(("entry", conv))
-    return plan
-
-
-def _attention_out(attn: torch.nn.Module) -> torch.nn.Module | None:
-    """The last linear map of a residual attention block (diffusers' ``Attention``: ``to_out[0]``; the Wan
-    family's: ``proj``), or None when its output is not simply added to its input."""
-    if hasattr(attn, "to_out"):  # its q/k/v must see the stream through its own group_norm
-        ok = (getattr(attn, "residual_connection", False) and getattr(attn, "rescale_output_factor", 1.0) == 1.0
-              and getattr(attn, "group_norm", None) is not None and getattr(attn, "spatial_norm", None) is None)
-        return attn.to_out[0] if ok else None
-    return getattr(attn, "proj", None) if type(attn).__name__.endswith("AttentionBlock") else None
-
-
-def _last_conv(seq: torch.nn.Module | None) -> torch.nn.Module | None:
-    """An upsampler's convolution when it is the last layer of its sequence and only upsampling (which
-    commutes with a scale) comes before it (the Wan family's ``resample``: nearest upsampling, a Conv2d)."""
-    if (isinstance(seq, torch.nn.Sequential) and len(seq) and isinstance(seq[-1], torch.nn.Conv2d)
-            and all(isinstance(m, torch.nn.Upsample) for m in list(seq)[:-1])):
-        return seq[-1]
-    return None
-
-
-class _NotExact(Exception):
-    pass
-
-
-def _stream_outputs(kind: str, m: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules whose outputs carry the segment's factor (watched to find its peak)."""
-    if kind == "entry":
-        return [m]
-    if kind == "attention":
-        return [m, _attention_out(m)]
-    return [m, m.conv2] + ([m.conv_shortcut] if kind == "shortcut" else [])
-
-
-def _peaks(model: torch.nn.Module, latents: torch.Tensor, modules: list[torch.nn.Module]) -> tuple[torch.Tensor, list[float]]:
-    """(the decode, the largest |output| of each of ``modules``, in order; inf where one overflowed)."""
-    out, peaks = decode_with_peaks(model, latents, list(enumerate(modules)))
-    return out, [peaks.get(i, 0.0) for i in range(len(modules))]
-
-
-@torch.no_grad()
-def exact_rescale(model: torch.nn.Module, latents: torch.Tensor, target: float, tolerance: float = 1e-3) -> dict:
-    """Scale ``model``'s decoder (in place) where a normalisation makes it exact, so that no rescaled
-    layer's output on ``latents`` exceeds ``target`` (by powers of two: between target / 2 and target);
-    layers already below it are left as they are.
-
-    Returns {"conv1": blocks rescaled, "segments": stream segments rescaled, "peak_before", "peak_after"
-    (largest activation of the decoder's layers, fp32), "max_change" (largest |Δ| of the decode, in
-    [-1, 1] units), "exact" (max_change within ``tolerance``·max(1, |decode|)), "stream" (whether the
-    decoder's residual stream can be rescaled), "pinned" (stream segments kept as they are: they feed the
-    Wan family's temporal upsampling)}. When it is not exact the weights are put back."""
-    was = model.training
-    model.eval()
-    latents = latents.to(next(model.parameters()).device, torch.float32)
-    saved = copy.deepcopy(model.decoder.state_dict())
-    try:
-        plan = _stream_plan(model)
-    except _NotExact:
-        plan = None
-    resnets = [m for _, m in _resnets(model)]
-    watched = [r.conv1 for r in resnets]
-    groups: list[list[int]] = []  # per plan item: indices into watched
-    for kind, m in plan or []:
-        mods = _stream_outputs(kind, m) if kind != "pinned" else []
-        groups.append(list(range(len(watched), len(watched) + len(mods))))
-        watched += mods
-    before, seen = _peaks(model, latents, watched)
-    _, peaks_before = decode_watched(model, latents)
-    n_conv1 = 0
-    for r, peak in zip(resnets, seen[:len(resnets)]):
-        if math.isfinite(peak) and peak > target:
-            _scale_(r.conv1, _power_of_two(target / peak), _power_of_two(target / peak))
-            n_conv1 += 1
-    # one factor per segment: the largest output in it brought to ``target``
-    segment = -1
-    seg_peak: list[float] = []
-    pinned: set[int] = set()
-    for (kind, _), idx in zip(plan or [], groups):
-        if kind in ("entry", "shortcut"):
-            seg_peak.append(0.0)
-            segment += 1
-        elif kind == "pinned":
-            pinned.add(segment)
-            continue
-        seg_peak[segment] = max(seg_peak[segment], *(seen[i] for i in idx))
-    seg_scale = [1.0 if i in pinned or not p > target else _power_of_two(target / p) for i, p in enumerate(seg_peak)]
-    segment, prev = -1, 1.0
-    for kind, m in plan or []:
-        if kind in ("entry", "shortcut"):
-            segment += 1
-            s = seg_scale[segment]
-            _scale_(m if kind == "entry" else m.conv_shortcut, s / prev, s)
-            prev = s
-        s = seg_scale[segment]
-        if kind in ("resnet", "shortcut"):
-            _scale_(m.conv2, s, s)
-        elif kind == "attention":
-            _scale_(_attention_out(m), s, s)
-    after, peaks_after = decode_watched(model, latents)
-    change = float((after - before).abs().max())
-    exact = bool(math.isfinite(change) and change <= tolerance * max(1.0, float(before.abs().max())))
-    if not exact:
-        model.decoder.load_state_dict(saved)
-    model.train(was)
-    return {"conv1": n_conv1 if exact else 0, "segments": sum(s < 1.0 for s in seg_scale) if exact else 0,
-            "stream": plan is not None, "pinned": len(pinned), "peak_before": max(peaks_before.values(), default=0.0),
-            "peak_after": max((peaks_after if exact else peaks_before).values(), default=0.0),
-            "max_change": change, "exact": exact}
+def rescale_for_fp16(model: torch.nn.Module, latents: torch.Tensor, reference: torch.Tensor, cfg) -> dict:
+    """The head start on ``model`` (in place): :func:`exact_rescale` to act_threshold / RESCALE_MARGIN, then,
+    when the largest activation on ``latents`` is still above act_threshold and the decoder's stream can be
+    rescaled, :func:`measured_rescale` over :func:`candidate_thresholds` within fp16_bound_db of change against
+    ``reference`` (the base's fp32 decode of ``latents``, clamped). Returns exact_rescale's report, with
+    "measured" (measured_rescale's) when that ran."""
+    report = exact_rescale(model, latents, cfg.act_threshold / RESCALE_MARGIN)
+    if report["stream"] and not report["peak_after"] <= cfg.act_threshold:
+        report["measured"] = measured_rescale(model, latents, reference, candidate_thresholds(cfg.act_threshold),
+                                              cfg.fp16_bound_db)
+    return report
 
 
 # ----- the penalty
@@ -359,6 +188,8 @@ def fp16_fix_note(fix: dict) -> str:
                          f"changed by at most {r['max_change']:.2g}")
         else:
             parts.append(f"exact rescaling NOT applied: the decode changed by {r['max_change']:.2g}")
+        if r.get("measured"):
+            parts.append(_measured_note(r["measured"]))
     if fix.get("best_by") == BEST_BY:
         parts.append(f"export_best picked by {BEST_BY}: the step whose fp16 decode of the held-out patches is "
                      "closest to the base's fp32 decode")
@@ -369,6 +200,21 @@ def fp16_fix_note(fix: dict) -> str:
     elif fix.get("safe_step") is not None:
         parts.append(f"stopped at step {fix['safe_step']}: fp16-safe on the held-out patches")
     return "fp16-fix: " + "; ".join(parts)
+
+
+def _measured_note(m: dict) -> str:
+    """The measured rescaling's part of :func:`fp16_fix_note`: what was scaled, by how much, what it cost."""
+    tried = ", ".join(f"{c['threshold']:g}: {c['psnr_fp16']:.1f} dB" for c in m["candidates"])
+    if not m["applied"]:
+        return f"measured rescaling NOT applied ({m['why']}; fp16 PSNR against the base per threshold: {tried})"
+    by: dict[str, list[str]] = {}
+    for name, (w, b) in m["scaled"].items():
+        by.setdefault(f"weight x{w:g}, bias x{b:g}", []).append(name.removeprefix("decoder."))
+    scaled = "; ".join(f"{f}: {', '.join(names)}" for f, names in by.items())
+    return (f"measured rescaling (not exact: the stream grows inside a segment) to threshold {m['threshold']:g}, "
+            f"{m['why']}: decode against the base's fp32 decode {m['psnr_fp32']:.1f} dB in fp32, "
+            f"{m['psnr_fp16']:.1f} dB in fp16 (largest activation {m['fp16_peak']:.4g}; bound {m['bound_db']:g} dB); "
+            f"per threshold: {tried}; scaled ({len(m['scaled'])} layers): {scaled}")
 
 
 # ----- in a run
@@ -426,7 +272,8 @@ class FP16Fix:
                 down = family.downsampling(model)
                 z = torch.randn(2, latent_channels(model), 64 // down, 64 // down,
                                 generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-            return exact_rescale(m, z, cfg.act_threshold / RESCALE_MARGIN)
+            reference = fix.ref[1] if fix.ref is not None else base_decode(m, z)  # m is still the base here
+            return rescale_for_fp16(m, z, reference, cfg)
 
         if resumed is None and cfg.exact_rescale:
             fix.rescale = rescale(model)
@@ -448,10 +295,19 @@ class FP16Fix:
         return fix
 
     def rescaled(self, cfg) -> bool:
-        """Whether the weights the run trains started from the exact rescaling (a record of unknown
+        """Whether the weights the run trains started from a rescaling, exact or measured (a record of unknown
         rescaling: when exact_rescale is on now, the likely case)."""
         r = self.rescale
-        return bool(r["exact"]) if isinstance(r, dict) else (r == UNKNOWN and cfg.exact_rescale)
+        if not isinstance(r, dict):
+            return r == UNKNOWN and cfg.exact_rescale
+        return bool(r["exact"]) or bool((r.get("measured") or {}).get("applied"))
+
+    @property
+    def threshold(self) -> float:
+        """The largest activation the run aims at (the penalty's threshold, stop_when_safe's test): act_threshold,
+        or the measured rescaling's threshold when it kept a milder one (a harsher one cost the output more)."""
+        m = self.rescale.get("measured") if isinstance(self.rescale, dict) else None
+        return max(self.cfg.act_threshold, m["threshold"]) if m and m["applied"] else self.cfg.act_threshold
 
     def record(self) -> dict:
         """What a checkpoint keeps for a resumed run to report what this run did before its first step:
@@ -495,7 +351,8 @@ class FP16Fix:
         """What the run did, for the export's report and metadata (``Trained.fp16_fix``); ``best_by``: with
         export_best, the validation score its pick was made by (:meth:`best_by`)."""
         out = {"rescale": self.rescale, "safe_step": safe_step, "target": self.cfg.target,
-               "act_weight": self.cfg.act_weight, "act_threshold": self.cfg.act_threshold}
+               "act_weight": self.cfg.act_weight, "act_threshold": self.cfg.act_threshold,
+               "threshold": self.threshold, "bound_db": self.cfg.fp16_bound_db}
         if best_by is not None:
             out["best_by"] = best_by
         return out
@@ -521,10 +378,11 @@ class FP16Fix:
         """stop_when_safe before the first step: the rescaled decoder is safe on the held-out patches already
         (a VAE that was safe, or that the rescaling made safe, is not trained at all)."""
         fig = self.start_figures if self.start_figures is not None else self.base_figures
-        return fig is not None and self.safe({f"val_{k}": v for k, v in fig.items()}, self.cfg.act_threshold)
+        return fig is not None and self.safe({f"val_{k}": v for k, v in fig.items()})
 
-    @staticmethod
-    def safe(scores: dict, threshold: float) -> bool:
-        """stop_when_safe's test: the fp16 decode of the held-out patches is finite and its largest activation
-        at most ``threshold`` (act_threshold; fp16's limit is 65504)."""
-        return scores.get("val_fp16_nonfinite") == 0 and scores.get("val_fp16_peak", float("inf")) <= threshold
+    def safe(self, scores: dict) -> bool:
+        """stop_when_safe's test: the fp16 decode of the held-out patches is finite, its largest activation at
+        most :attr:`threshold` (fp16's limit is 65504) and its PSNR against the base's fp32 decode at least
+        fp16_bound_db (a decode made finite by losing the output is not safe)."""
+        return (scores.get("val_fp16_nonfinite") == 0 and scores.get("val_fp16_peak", float("inf")) <= self.threshold
+                and scores.get("val_fp16_psnr", 0.0) >= self.cfg.fp16_bound_db)

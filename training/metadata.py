@@ -70,6 +70,10 @@ def export_metadata(trained: Trained, report, extra: dict[str, str] | None = Non
     are the base's, the half-precision check, the latent scaling."""
     meta = build_metadata(trained, extra)
     meta["vaeft.fp16_safe"] = "unchecked" if report.fp16_safe is None else str(report.fp16_safe).lower()
+    if report.fp16_vs_base_db is not None:  # how far the fp16 decode moved from the base's, next to the verdict
+        meta["vaeft.fp16_vs_base_db"] = str(report.fp16_vs_base_db)
+        if report.fp16_bound_db is not None:
+            meta["vaeft.fp16_bound_db"] = f"{report.fp16_bound_db:g}"
     if report.half_precision is not None:
         meta["vaeft.half_precision"] = json.dumps(json_safe(report.half_precision, infinity="overflow"))
         if report.encoder_trained and "latent_drift" in report.half_precision:

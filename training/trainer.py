@@ -231,7 +231,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
                 logged.update(scores)
             else:
                 state.history.append({"step": step, **scores})
-            if cfg.stop_when_safe and FP16Fix.safe(scores, cfg.act_threshold):
+            if cfg.stop_when_safe and s.fix.safe(scores):
                 safe_step = step
         if state.history and state.history[-1]["step"] == step:
             log(state.history[-1])
@@ -243,7 +243,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
         if checkpoints is not None and checkpoints.due(step, final=step == cfg.steps or safe_step is not None):
             save(step)
         if safe_step is not None:
-            break  # stop_when_safe: the fp16 decode is safe, with the margin act_threshold leaves
+            break  # stop_when_safe: the fp16 decode is safe, with the margin its threshold leaves, within the bound
     if stopped and checkpoints is not None and checkpoints.due(state.step, final=True):
         save(state.step)  # Cancel: keep the steps done so far
 
@@ -367,7 +367,8 @@ def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distri
         lpips_net = copy.deepcopy(lpips_net).to(device, torch.bfloat16 if amp == "bf16" else None).eval()
         lpips_net.requires_grad_(False)
     # after the norm swaps (the swapped-in modules are watched too), before DDP and compile wrap the model
-    penalty = ActivationPenalty(model, cfg.act_threshold) if cfg.act_weight > 0 else None
+    threshold = fix.threshold if fix is not None else cfg.act_threshold  # a measured rescaling may have raised it
+    penalty = ActivationPenalty(model, threshold) if cfg.act_weight > 0 else None
     module: torch.nn.Module = Reconstruct(model, cfg.trainable == "full", cfg.posterior == "sample",
                                            torch.channels_last if channels_last else torch.contiguous_format)
     if dist.world_size > 1:
