@@ -151,9 +151,15 @@ def test_the_mid_block_case_trains_nothing_exports_what_was_scaled_and_a_past_bo
     kw = {"device": "cpu", "val_batch": x[2:], "probe": make_probe(vae, x[2:])}
     cfg = TrainConfig.from_recipe("fp16-fix", steps=1, lr=1e-4, batch_size=2, lpips_weight=0.0, preview_every=0,
                                   val_every=1, log_every=1, ema=False, stop_when_safe=True)
+    # without stop_when_safe: the penalty starts at twice the kept threshold, so the training patches' activations
+    # (above the held-out ones) do not move the weights and train the kept output away
+    trained = train(vae, itertools.repeat(x[:2]), cfg.replace(steps=2, val_every=2, stop_when_safe=False), **kw)
+    m = trained.fp16_fix["rescale"]["measured"]
+    assert m["applied"] and trained.fp16_fix["threshold"] == m["threshold"] > cfg.act_threshold
+    assert trained.fp16_fix["penalty_threshold"] == min(FP16_MAX, 2 * m["threshold"])
+    assert all(h["mse"] == 0.0 and h["act"] == 0.0 for h in trained.history if "mse" in h)
     result = train(vae, itertools.repeat(x[:2]), cfg, **kw)
-    m = result.fp16_fix["rescale"]["measured"]
-    assert result.fp16_fix["safe_step"] == 0 and m["applied"] and result.fp16_fix["threshold"] == m["threshold"]
+    assert result.fp16_fix["safe_step"] == 0 and result.fp16_fix["rescale"] == trained.fp16_fix["rescale"]
     report = export_vae(result, tmp_path / "fixed.safetensors")
     assert report.fp16_safe is True and report.fp16_vs_base_db >= BOUND_DB and report.frozen_identical
     line = next(n for n in report.notes if n.startswith("fp16-fix: "))

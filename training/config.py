@@ -263,7 +263,9 @@ class TrainConfig:
                                   min=1.0, max=65504.0)
     exact_rescale: bool = option(False, "before training, scale down (by powers of two) the decoder's layers "
                                         "that feed only a normalisation, and its residual stream, to at most "
-                                        "act_threshold/8: the output stays equal (checked), activations get smaller")
+                                        "act_threshold/8: the output stays equal (checked), activations get smaller; "
+                                        "where that is not exact (a stream that grows inside a segment), the "
+                                        "mildest measured scale that fits fp16, within fp16_bound_db")
     stop_when_safe: bool = option(False, "stop at a validation step (or before the first step, after "
                                          "exact_rescale) where the fp16 decode of the held-out patches is finite "
                                          "and no activation exceeds act_threshold (or the threshold a measured "

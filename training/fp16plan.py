@@ -319,5 +319,5 @@ def _pick(candidates: list[dict], bound_db: float) -> tuple[dict | None, str]:
     if pick["psnr_fp16"] < bound_db:
         return None, (f"the least change a fitting scale costs is {pick['psnr_fp16']:.1f} dB against the base's "
                       f"fp32 decode, past the bound of {bound_db:g} dB: not applied")
-    return pick, (f"threshold {pick['threshold']:g}: the most margin within {TIE_DB:g} dB of the least change "
-                  f"({best:.1f} dB)")
+    return pick, (f"threshold {pick['threshold']:g} kept: the most margin within {TIE_DB:g} dB of the least "
+                  f"change ({best:.1f} dB)")

@@ -367,7 +367,7 @@ def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distri
         lpips_net = copy.deepcopy(lpips_net).to(device, torch.bfloat16 if amp == "bf16" else None).eval()
         lpips_net.requires_grad_(False)
     # after the norm swaps (the swapped-in modules are watched too), before DDP and compile wrap the model
-    threshold = fix.threshold if fix is not None else cfg.act_threshold  # a measured rescaling may have raised it
+    threshold = fix.penalty_threshold if fix is not None else cfg.act_threshold  # a measured rescaling raises it
     penalty = ActivationPenalty(model, threshold) if cfg.act_weight > 0 else None
     module: torch.nn.Module = Reconstruct(model, cfg.trainable == "full", cfg.posterior == "sample",
                                            torch.channels_last if channels_last else torch.contiguous_format)
