@@ -66,7 +66,7 @@ def comfy_decode(family: str, sd: dict[str, torch.Tensor], z: torch.Tensor, dtyp
     """ComfyUI's own autoencoder class of ``family`` (kl-f8 and Flux.2: AutoencoderKL; Wan 2.1: WanVAE) with
     ``sd`` (file keys), in ``dtype``: its decode of ``z`` (n, C, h, w), in fp32 (n, 3, H, W)."""
     if COMFY not in sys.path:
-        sys.path.insert(0, COMFY)
+        sys.path.append(COMFY)  # last: its top-level nodes.py, utils/, app/ must not shadow this pack's modules
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
