@@ -181,3 +181,27 @@ def test_the_mid_block_case_trains_nothing_exports_what_was_scaled_and_a_past_bo
         meta = f.metadata()
     assert meta["vaeft.fp16_safe"] == "false" and meta["vaeft.fp16_bound_db"] == "99"
     assert float(meta["vaeft.fp16_vs_base_db"]) == report.fp16_vs_base_db
+
+
+def test_a_resumed_run_after_a_measured_rescaling_trains_towards_the_same_rescaled_teacher(tmp_path):
+    """Stopped after 2 of 4 steps and resumed: the checkpoint's record keeps the measured rescaling (and so the
+    run's thresholds), and the resumed run's teacher is rescaled as the uninterrupted run's was: the loss stays 0
+    and the weights come out the same."""
+    from test_fp16fix import _stopped_after
+
+    vae = build_vae(overflowing("kl-f8", "mid"), source="bad.safetensors")
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    kw = {"device": "cpu", "val_batch": x[2:], "probe": make_probe(vae, x[2:])}
+    cfg = TrainConfig.from_recipe("fp16-fix", steps=4, lr=1e-3, batch_size=2, lpips_weight=0.0, preview_every=0,
+                                  val_every=2, log_every=1, ema=False)
+
+    def batches(start):
+        return itertools.repeat(x[:2])
+
+    full = train(vae, batches, cfg, **kw)
+    train(vae, batches, cfg, checkpoints=tmp_path / "run.ckpt", callbacks=_stopped_after(2), **kw)
+    resumed = train(vae, batches, cfg, resume=tmp_path / "run.ckpt", **kw)
+    assert full.fp16_fix["rescale"]["measured"]["applied"] and resumed.fp16_fix == full.fp16_fix
+    assert resumed.history == full.history and all(h["mse"] == 0.0 for h in resumed.history if "mse" in h)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
