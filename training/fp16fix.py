@@ -41,8 +41,6 @@ from .fp16plan import candidate_thresholds, exact_rescale, measured_rescale
 from .probe import FP16_MAX, as_dtype, decode_in, encode_latents, latent_drift, probe_patches, psnr
 from .vae import latent_channels, perturbed
 
-__all__ = ["exact_rescale", "measured_rescale"]  # the plans, in training/fp16plan.py
-
 
 def decoder_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of every module inside a decoder block (the fp16 report's blocks): the leaves and the
