@@ -336,13 +336,15 @@ class FP16Fix:
     def target(self, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
                noise: torch.Tensor | None, shift: torch.Tensor | None = None) -> torch.Tensor:
         """target 'base': the teacher's fp32 decode of the latents the trained decoder got (decoder-only: the
-        same encoder; with the encoder training, the base encoder's latents of ``x``, with the same noise)."""
+        same encoder; with the encoder training, the base encoder's latents of ``x``, with the same noise, and the
+        same latent_noise ``shift``, scaled by the trained encoder's spread as the trained decoder's was)."""
+        spread = mean
         if self.cfg.trainable == "full":
             moments = self.teacher.encode(x.float()).latent_dist
             mean, logvar = moments.mean, moments.logvar
         mean, logvar = mean.float(), logvar.float()
         z = mean + noise * torch.exp(0.5 * logvar) if (self.cfg.posterior == "sample" and noise is not None) else mean
-        return self.teacher.decode(perturbed(z, mean, shift)).sample.float()
+        return self.teacher.decode(perturbed(z, spread, shift)).sample.float()
 
     def scores(self, params: dict[str, torch.Tensor], step: int) -> dict:
         """fp16_peak, fp16_nonfinite, fp16_psnr of the held-out latents (:func:`fp16_figures`) with the
