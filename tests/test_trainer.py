@@ -97,10 +97,10 @@ def test_out_of_memory_is_retried_at_smaller_micro_batches_and_named(monkeypatch
 
     real = Reconstruct.forward
 
-    def limited(self, x, noise, cached=None):
+    def limited(self, x, noise, cached=None, shift=None):
         if x.shape[0] > 1:
             no_room()
-        return real(self, x, noise, cached)
+        return real(self, x, noise, cached, shift)
 
     monkeypatch.setattr(Reconstruct, "forward", limited)
     vae = build_vae(tiny_ldm_sd())
