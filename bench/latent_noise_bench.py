@@ -161,11 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     train_sigmas = [float(s) for s in args.train_sigmas.split(",")]
     test_sigmas = [float(s) for s in args.test_sigmas.split(",")]
-    folder = tempfile.mkdtemp(prefix="latent_noise_bench_")
-    write_images(folder, args.image_size)
-    data = build_dataset(folder, DataConfig(patch_size=args.patch, val_fraction=0.34, seed=args.seed))
-    summary = data.summary()
-    val = data.val_patches(args.val_patches, seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="latent_noise_bench_") as folder:  # the images: removed afterwards
+        write_images(folder, args.image_size)
+        data = build_dataset(folder, DataConfig(patch_size=args.patch, val_fraction=0.34, seed=args.seed))
+        summary = data.summary()
+        val = data.val_patches(args.val_patches, seed=args.seed)
+        return _experiment(args, argv, data, summary, val, train_sigmas, test_sigmas, t0)
+
+
+def _experiment(args, argv, data, summary, val, train_sigmas, test_sigmas, t0):
+    """The base, then each fine-tune, scored and written (the images stay in their folder meanwhile: the
+    dataset streams and re-reads them)."""
+    import torch
 
     base_vae = random_base()
     print(f"base: {args.base_steps} steps, trainable full", file=sys.stderr, flush=True)
