@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# Under pytest-xdist (bash .ci/run: two workers) each worker computes on one thread, and so do the processes
+# Under pytest-xdist (bash .ci/run: three workers) each worker computes on one thread, and so do the processes
 # its tests start (the CLI, torchrun, ComfyUI), so the workers share the cores instead of fighting over them and
 # a run a test continues in another process computes with the same thread count, bit for bit; alone, a test
 # uses up to 2.
