@@ -204,7 +204,7 @@ def test_compare_on_latents_shows_base_beside_tuned_and_refuses_another_familys_
         assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-4000:]
         report = entry["outputs"]["5"]["text"][0]
         lines = report.splitlines()
-        assert lines[0].startswith("1 latents (32x32 px), base kl-f8, tuned kl-f8"), report
+        assert lines[0].startswith("1 latent (32x32 px), base kl-f8, tuned kl-f8"), report
         assert lines[1].split() == ["base", "tuned"], report
         assert any(line.startswith("round trip (rel. RMS)") and len(line.split()) == 6 for line in lines), report
         assert not any(line.startswith("fp16") for line in lines), report  # half_precision auto, on a CPU: not measured

@@ -112,6 +112,9 @@ def test_one_vae_against_itself_is_identical_on_every_family_layout(files, tmp_p
     ("not latents", "cannot read latents"),
     ("empty folder", "holds no .latent, .safetensors, .pt, .pth files"),
     ("existing out", "exists; choose another name or pass --overwrite"),
+    ("json over the tuned VAE", "is the run's own input --tuned"),
+    ("json over a latent", "is the run's own input --latents"),
+    ("json is the out", "--json and --out are the same file"),
 ])
 def test_latents_that_do_not_fit_are_refused_by_name_with_nothing_written(files, tmp_path, case, expected):
     base, tuned, latents = files / "base.safetensors", files / "tuned.safetensors", files / "latents"
@@ -128,12 +131,15 @@ def test_latents_that_do_not_fit_are_refused_by_name_with_nothing_written(files,
     elif case == "empty folder":
         latents = tmp_path / "empty"
         latents.mkdir()
-    else:
+    elif case == "existing out":
         out.write_bytes(b"the user's picture")
+    js = {"json over the tuned VAE": tuned, "json over a latent": latents / "ComfyUI_00002_.latent",
+          "json is the out": out}.get(case, tmp_path / "r.json")
+    kept = {f: f.read_bytes() for f in (tuned, latents / "ComfyUI_00002_.latent") if f.is_file()}
     p = compare(files, "--base", base, "--tuned", tuned, "--latents", latents, "--out", out,
-                "--json", tmp_path / "r.json", check=False)
+                "--json", js, "--overwrite" if case.startswith("json") else "--limit=16", check=False)
     assert p.returncode == 2 and expected in p.stderr and "Traceback" not in p.stderr, p.stderr
-    assert not (tmp_path / "r.json").exists()
+    assert not (tmp_path / "r.json").exists() and all(f.read_bytes() == b for f, b in kept.items())
     assert out.exists() == (case == "existing out")
     if out.exists():
         assert out.read_bytes() == b"the user's picture"

@@ -31,7 +31,7 @@ from .export import FORMATS, export_vae
 from .files import atomic_write, check_folder, json_safe
 from .imageio import ImageReadError, read_image, to_signed
 from .latent_compare import DIFFERENCE_MAX, compare_on_latents, split_latents
-from .latents import read_latents
+from .latents import latent_files, read_latents
 from .options import base_type, field_type, validate
 from .plot import curve_image, history_curves, save_png, to_pil
 from .probe import half_precision_check
@@ -180,11 +180,21 @@ def _check_not_an_input(args) -> None:
     inputs = [(flag, getattr(args, dest, None)) for flag, dest in
               (("--vae", "vae"), ("--config", "config"), ("--resume", "resume"), ("--lpips-backbone", "lpips_backbone"))]
     outputs = [("--out", args.out), ("--loss-plot", args.loss_plot), ("--checkpoint", getattr(args, "checkpoint", None))]
-    for out_flag, out in outputs:
+    _refuse_outputs_over_inputs(outputs, inputs, "a fine-tune")
+
+
+def _refuse_outputs_over_inputs(outputs: list[tuple[str, str | None]], inputs: list[tuple[str, str | None]],
+                                who: str) -> None:
+    """Refuse, whatever --overwrite says, an output (flag, path) that is one of the inputs (flag, path) or another
+    output: ``who`` ("a fine-tune") never writes over what it reads, nor one file twice."""
+    for i, (out_flag, out) in enumerate(outputs):
         for in_flag, path in inputs:
             if out and path and not os.path.isdir(path) and _same_path(out, path):
-                raise VAEFTError(f"{out_flag} {out!r} is the run's own input {in_flag} {path!r}: a fine-tune never "
+                raise VAEFTError(f"{out_flag} {out!r} is the run's own input {in_flag} {path!r}: {who} never "
                                  f"writes over its inputs, with or without --overwrite; choose another {out_flag}")
+        for other_flag, other in outputs[:i]:
+            if out and other and _same_path(out, other):
+                raise VAEFTError(f"{out_flag} and {other_flag} are the same file {out!r}: choose two names")
 
 
 def run_fit(args) -> int:
@@ -540,6 +550,8 @@ def run_compare(args) -> int:
             raise VAEFTError(f"the folder of {flag} {path!r} does not exist")
         if os.path.lexists(path) and not args.overwrite:
             raise VAEFTError(f"{flag} {path!r} exists; choose another name or pass --overwrite")
+    inputs = [("--base", args.base), ("--tuned", args.tuned), ("--lpips-backbone", args.lpips_backbone)]
+    _refuse_outputs_over_inputs(outputs, inputs + [("--latents", f) for f in latent_files(args.latents)], "compare")
     items, notes = read_latents(args.latents)
     base, tuned = load_vae(args.base).model, load_vae(args.tuned).model
     split_latents(items, base, tuned, args.limit)  # refused here, before LPIPS loads or anything decodes
@@ -554,7 +566,7 @@ def run_compare(args) -> int:
     if args.json:
         atomic_write(args.json, lambda f: f.write(text.encode()), overwrite=args.overwrite, what="JSON report")
     print(result.text)
-    print(f"comparison image: {args.out} (rows: base | tuned | |tuned - base|, pale yellow = "
+    print(f"comparison image: {args.out} (a row per latent: base | tuned | |tuned - base|, pale yellow = "
           f"{DIFFERENCE_MAX:g} mean difference)")
     return 0
 

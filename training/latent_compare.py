@@ -152,8 +152,10 @@ def compare_on_latents(base: torch.nn.Module, tuned: torch.nn.Module, items: lis
              for b, t in zip(decoded["base"]["images"], decoded["tuned"]["images"])]
     report["base_vs_tuned"] = {k: {**summarize(torch.cat([p[k] for p in pairs])),
                                    "per_latent": [float(p[k].mean()) for p in pairs]} for k in pairs[0]}
-    if lpips_net is None:
-        notes.append(f"LPIPS not measured: {lpips_unavailable or 'no LPIPS network given'}")
+    if lpips_net is None:  # (the loader's advice on training without LPIPS does not apply to a comparison)
+        why = (lpips_unavailable or "no LPIPS network given").replace(
+            ", or train without the perceptual term (lpips_weight = 0)", "")
+        notes.append(f"LPIPS not measured: {why}")
     report["notes"] = notes
     grid = _rows([comparison_grid(b, [t], heat_max=DIFFERENCE_MAX, gap=2)
                   for b, t in zip(decoded["base"]["images"], decoded["tuned"]["images"])])
@@ -192,7 +194,8 @@ def _half_text(fig: dict) -> str:
 def format_report(report: dict) -> str:
     """The comparison as a few lines of text (the node's report, the CLI's table)."""
     shapes = sorted({"x".join(map(str, d["image_px"])) for d in report["latents"]})
-    lines = [f"{len(report['latents'])} latents ({', '.join(shapes)} px), base {report['family']['base']}, "
+    n = len(report["latents"])
+    lines = [f"{n} latent{'s' if n != 1 else ''} ({', '.join(shapes)} px), base {report['family']['base']}, "
              f"tuned {report['family']['tuned']}",
              f"{'':<28}{'base':>16}{'tuned':>16}",
              f"{'round trip (rel. RMS)':<28}" + "".join(f"{summarize(torch.tensor(report[v]['round_trip']))['mean']:>16.4f}"

@@ -53,8 +53,10 @@ def read_latent_file(path: str) -> tuple[torch.Tensor, str | None]:
         else:
             held = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to a user
-        raise VAEFTError(f"cannot read latents {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                         ) from None
+        kind = "a safetensors file (what ComfyUI's Save Latent writes)" if path.lower().endswith(
+            (".latent", ".safetensors")) else "a torch tensor file"
+        raise VAEFTError(f"cannot read latents {path!r}: not {kind} ("
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     note = None
     if isinstance(held, torch.Tensor):
         z = held
