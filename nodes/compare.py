@@ -7,8 +7,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..training.errors import VAEFTError
-from ..training.latent_compare import DIFFERENCE_MAX, compare_on_latents, split_latents
-from ..training.metrics import try_load_lpips
+from ..training.latent_compare import DIFFERENCE_MAX, compare_on_latents
 from .common import comfy_vae_to_training, schema, training_to_image
 
 
@@ -59,10 +58,8 @@ class VAECompareOnLatents(io.ComfyNode):
             # seconds and hundreds of MB
             models["tuned"] = models["base"] if tuned is base else comfy_vae_to_training(tuned).model
             items = [("input", samples.detach().to("cpu", torch.float32).clone())]
-            split_latents(items, models["base"], models["tuned"], limit)  # refused here, before LPIPS loads
-            net, availability = try_load_lpips(lpips_net)
-            result = compare_on_latents(models["base"], models["tuned"], items, lpips_net=net,
-                                        lpips_unavailable=availability.get("reason"), device=device, limit=limit,
+            result = compare_on_latents(models["base"], models["tuned"], items, lpips=lpips_net, device=device,
+                                        limit=limit,
                                         half={"on": True, "off": False}.get(half_precision))
         return io.NodeOutput(training_to_image(result.grid), result.text, ui=ui.PreviewText(result.text))
 
@@ -74,7 +71,4 @@ def _samples(latent) -> torch.Tensor:
     if not isinstance(samples, torch.Tensor):
         raise VAEFTError(f"the latent input holds no 'samples' tensor (got {type(samples).__name__}: an audio and "
                          "video model's nested LATENT?); connect a VAE's LATENT (KSampler, Load Latent, VAE Encode)")
-    if samples.ndim not in (4, 5) or samples.numel() == 0:
-        raise VAEFTError(f"the latent input has shape {tuple(samples.shape)}: a VAE's LATENT is (batch, channels, "
-                         "height, width), or (batch, channels, frames, height, width) for a video VAE")
-    return samples
+    return samples  # (its shape is checked against the VAEs by the library, as a file's is)

@@ -30,7 +30,7 @@ from .evaluate import DATA_FLAGS, compare, eval_patches, full_image_report, imag
 from .export import FORMATS, export_vae
 from .files import atomic_write, check_folder, json_safe
 from .imageio import ImageReadError, read_image, to_signed
-from .latent_compare import DIFFERENCE_MAX, compare_on_latents, split_latents
+from .latent_compare import DIFFERENCE_MAX, compare_on_latents
 from .latents import latent_files, read_latents
 from .options import base_type, field_type, validate
 from .plot import curve_image, history_curves, save_png, to_pil
@@ -554,9 +554,7 @@ def run_compare(args) -> int:
     _refuse_outputs_over_inputs(outputs, inputs + [("--latents", f) for f in latent_files(args.latents)], "compare")
     items, notes = read_latents(args.latents)
     base, tuned = load_vae(args.base).model, load_vae(args.tuned).model
-    split_latents(items, base, tuned, args.limit)  # refused here, before LPIPS loads or anything decodes
-    lpips_net, lpips_info = metrics.try_load_lpips(args.lpips_net, args.lpips_backbone)
-    result = compare_on_latents(base, tuned, items, lpips_net=lpips_net, lpips_unavailable=lpips_info.get("reason"),
+    result = compare_on_latents(base, tuned, items, lpips=args.lpips_net, lpips_backbone=args.lpips_backbone,
                                 device=pick_device(args.device), limit=args.limit, half=args.half, notes=notes)
     png = io.BytesIO()
     to_pil(result.grid).save(png, format="PNG")

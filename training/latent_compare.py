@@ -20,7 +20,7 @@ from .evaluate import comparison_grid
 from .families import family_of
 from .latents import held_channels, module_latents
 from .memory import out_of_memory_named
-from .metrics import delta_e2000, lpips_distance, psnr, summarize
+from .metrics import delta_e2000, lpips_distance, psnr, summarize, try_load_lpips
 from .probe import FP16_MAX, decode_watched, format_peak, half_precision_report, latent_drift
 from .vae import pixels_per_latent
 
@@ -117,17 +117,19 @@ def _half(model: torch.nn.Module, latents: list[dict], key: str, device: torch.d
 
 
 def compare_on_latents(base: torch.nn.Module, tuned: torch.nn.Module, items: list[tuple[str, torch.Tensor]], *,
-                       lpips_net: torch.nn.Module | None = None, lpips_unavailable: str | None = None,
+                       lpips: str | None = None, lpips_backbone: str | None = None,
                        device: torch.device | str = "cpu", limit: int = 16, half: bool | None = None,
                        notes: list[str] | None = None) -> LatentComparison:
     """Decode the held latents of ``items`` with ``base`` and ``tuned`` (family modules built by
     :func:`training.vae.build_vae`, left where they were) and compare them (see the module docstring).
     ``half``: run the fp16 / bf16 check; None: on a GPU, not on a CPU, where fp16 convolutions are so slow that
     even its 64-pixel crops take a minute or more per full-size VAE (said in the notes). Refused, before anything
-    is decoded, when a latent does not fit either VAE."""
+    is decoded, when a latent does not fit either VAE. ``lpips``: the LPIPS backbone ("alex", "vgg"; its weights
+    from ``lpips_backbone`` or torchvision's cache), loaded once the latents are known to fit; None: no LPIPS."""
     device = torch.device(device)
     latents, found = split_latents(items, base, tuned, limit)
     notes = list(notes or []) + found
+    lpips_net, lpips_info = try_load_lpips(lpips, lpips_backbone) if lpips else (None, {})
     if half is None:
         half = device.type != "cpu"
         if not half:
@@ -153,7 +155,7 @@ def compare_on_latents(base: torch.nn.Module, tuned: torch.nn.Module, items: lis
     report["base_vs_tuned"] = {k: {**summarize(torch.cat([p[k] for p in pairs])),
                                    "per_latent": [float(p[k].mean()) for p in pairs]} for k in pairs[0]}
     if lpips_net is None:  # (the loader's advice on training without LPIPS does not apply to a comparison)
-        why = (lpips_unavailable or "no LPIPS network given").replace(
+        why = lpips_info.get("reason", "no LPIPS network asked for").replace(
             ", or train without the perceptual term (lpips_weight = 0)", "")
         notes.append(f"LPIPS not measured: {why}")
     report["notes"] = notes

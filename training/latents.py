@@ -71,12 +71,17 @@ def read_latent_file(path: str) -> tuple[torch.Tensor, str | None]:
         raise VAEFTError(f"latents {path!r} are {z.dtype}, not floating point: not latents")
     if z.ndim == 3:
         z = z[None]
+    check_latent(z, f"latent file {path!r}")
+    return z.float(), note
+
+
+def check_latent(z: torch.Tensor, what: str) -> None:
+    """Refuse, naming ``what``, a tensor that is no LATENT: not 4D / 5D, empty, or holding NaN/inf."""
     if z.ndim not in (4, 5) or z.numel() == 0:
-        raise VAEFTError(f"latents {path!r} have shape {tuple(z.shape)}: a LATENT is (batch, channels, height, width), "
+        raise VAEFTError(f"{what} has shape {tuple(z.shape)}: a LATENT is (batch, channels, height, width), "
                          "or (batch, channels, frames, height, width) for a video VAE")
     if not torch.isfinite(z).all():
-        raise VAEFTError(f"latents {path!r} hold NaN or infinite values (a sampler that diverged?)")
-    return z.float(), note
+        raise VAEFTError(f"{what} holds NaN or infinite values (a sampler that diverged?): nothing to decode")
 
 
 def _pick(held: dict, path: str) -> torch.Tensor:
@@ -120,10 +125,9 @@ def module_latents(model: torch.nn.Module, z: torch.Tensor, what: str, vae_name:
                    ) -> tuple[torch.Tensor, str | None]:
     """(held latents ``z`` (4D, or 5D for a video family) as ``model``'s decoder takes them (4D), a note or
     None): frame 0 of each 5D latent. A latent that does not fit (channels, dimensions) is refused naming both."""
+    check_latent(z, what)
     family = family_of(model)
     channels, ratio = held_channels(model)
-    if not torch.isfinite(z).all():
-        raise VAEFTError(f"{what} holds NaN or infinite values (a sampler that diverged?): nothing to decode")
     if z.ndim == 5 and not family.video:
         raise VAEFTError(f"{what} is a video latent {tuple(z.shape)} (batch, channels, frames, height, width); "
                          f"{vae_name} is a {family.label}, whose latents are images (batch, {channels}, height, "
