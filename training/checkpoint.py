@@ -46,7 +46,7 @@ _STEP_FILE = re.compile(r"^step-(\d{7,})\.ckpt$")
 RESUME_MUST_MATCH = ("recipe", "lr", "batch_size", "mse_weight", "l1_weight", "lpips_weight", "kl_weight",
                      "gan_weight", "disc_start", "latent_weight", "lpips_net", "trainable", "ema", "ema_decay",
                      "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "posterior", "seed",
-                     "target", "act_weight", "act_threshold", "latent_noise")
+                     "target", "act_weight", "act_threshold", "latent_noise", "image_weight")
 # a setting newer than a checkpoint is compared at its default (what that checkpoint's run trained with)
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 

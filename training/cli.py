@@ -1,4 +1,4 @@
-"""``python -m training <command>``: fit, patches, eval, compare, demo. The one command-line layer: each
+"""``python -m training <command>``: fit, patches, eval, compare, demo, distil (its runner: cli_distil). The one command-line layer: each
 subcommand's parser and runner live here, over library functions (no other module imports argparse).
 
     python -m training fit --vae BASE.safetensors --data DIR --out OUT.safetensors \
@@ -593,7 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  f"{families.labels_text('or')}.")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.fit_parser = add_fit_command(sub)
-    for add in (add_demo_command, add_patches_command, add_eval_command, add_compare_command):
+    from .cli_distil import add_distil_command  # (it builds on this module's helpers: imported here, not above)
+
+    for add in (add_demo_command, add_patches_command, add_eval_command, add_compare_command, add_distil_command):
         add(sub)
     return parser
 

@@ -93,6 +93,13 @@ RECIPES: dict[str, dict] = {
     # penalty on activations above act_threshold, after an exact rescaling head start.
     "fp16-fix": dict(mse_weight=1.0, l1_weight=0.0, lpips_weight=0.1, kl_weight=0.0, gan_weight=0.0,
                      trainable="decoder", target="base", act_weight=1.0, exact_rescale=True),
+    # distil (issue 30): a faster student decoder learns the teacher's decode of the teacher's latents (the target is
+    # the teacher's decode, not the images); MSE + 0.1·LPIPS on it. A narrow student starts from the teacher's
+    # weights, a tiny one from random: it gets a larger step.
+    "distil-narrow": dict(mse_weight=1.0, l1_weight=0.0, lpips_weight=0.1, kl_weight=0.0, gan_weight=0.0,
+                          trainable="decoder", lr=1e-4),
+    "distil-tiny": dict(mse_weight=1.0, l1_weight=0.0, lpips_weight=0.1, kl_weight=0.0, gan_weight=0.0,
+                        trainable="decoder", lr=5e-4),
 }
 
 
@@ -281,6 +288,10 @@ class TrainConfig:
                                         "the base's fp32 decode (held-out patches) is below this many dB is never "
                                         "called fp16-safe, and a rescaling that costs more is not applied",
                                   min=0.0, max=100.0, node=False)
+    # issue 30 (distil only: the fine-tune node keeps its widget list; the Distil node adds it)
+    image_weight: float = option(0.0, "distil: weight of the same loss against the images themselves, beside the "
+                                      "teacher's decode (0 = the student learns the teacher's decode only)",
+                                 min=0.0, max=10.0, node=False, ui_step=0.01)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -328,3 +339,25 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class DistilConfig:
+    """What ``distil`` trains (issue 30): every field is a flag of ``python -m training distil`` and an input of the
+    VAE Distil Decoder node; the training itself is a :class:`TrainConfig` (recipe distil-narrow / distil-tiny)."""
+
+    student: str = option("narrow", "'narrow': the teacher's own layout with a narrower decoder (a drop-in VAE file); "
+                                    "'tiny': a TAESD-layout decoder for ComfyUI's previews (models/vae_approx)",
+                          choices=("narrow", "tiny"), essential=True)
+    width: int = option(64, "narrow: the student decoder's base width; every level scales alike (the teacher's is 128 "
+                            "for SD/SDXL/SD3/Flux.1/Flux.2 VAEs); a multiple of 32 below the teacher's",
+                        min=32, max=4096, essential=True)
+    with_encoder: bool = option(False, "tiny: also train the matching tiny encoder, so that Load VAE offers the pair")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def label(self) -> str:
+        """'narrow-64' or 'tiny' (with '+encoder')."""
+        return f"narrow-{self.width}" if self.student == "narrow" else "tiny" + ("+encoder" if self.with_encoder else "")

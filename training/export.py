@@ -282,7 +282,8 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def export_vae(trained: Trained, path: str | os.PathLike, dtype: str | None = None, overwrite: bool = False,
-               device: torch.device | str = "cpu", format: str = "safetensors", family: str = "auto") -> ExportReport:
+               device: torch.device | str = "cpu", format: str = "safetensors", family: str = "auto",
+               metadata: dict[str, str] | None = None, extra_notes: list[str] | None = None) -> ExportReport:
     """Write ``trained`` and return what was written.
 
     format 'safetensors': one file at ``path`` with the base's keys (loads in ComfyUI's Load VAE, diffusers'
@@ -294,7 +295,8 @@ def export_vae(trained: Trained, path: str | os.PathLike, dtype: str | None = No
     and bf16 on ``device``, and the latent scaling uses its training patches; without a probe the
     check is skipped, and said so.
     family: the latent family whose scaling_factor/shift_factor go in the metadata and config.json
-    ('auto': see pick_family); with trainable = 'full' they are re-estimated instead."""
+    ('auto': see pick_family); with trainable = 'full' they are re-estimated instead.
+    metadata / extra_notes: more ``vaeft.*`` metadata and report notes (distil's: what the student was distilled from)."""
     if format not in FORMATS:
         raise VAEFTError(f"export format must be one of {', '.join(FORMATS)}; got {format!r}")
     dtype = dtype or trained.config.export_dtype
@@ -333,7 +335,8 @@ def export_vae(trained: Trained, path: str | os.PathLike, dtype: str | None = No
     else:
         report.notes.append("half precision not checked: no probe patches (make_probe after training)")
     report.scaling = latent_scaling(trained, model, trained.probe, family, device)
-    report.metadata = export_metadata(trained, report)
+    report.notes += extra_notes or []
+    report.metadata = export_metadata(trained, report, metadata)
     if format == "diffusers":
         write_diffusers(tensors, path, report.metadata, report.scaling, trained.layout, overwrite=overwrite)
     else:

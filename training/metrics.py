@@ -433,13 +433,15 @@ def _fid_images(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def validation_scores(model, batch: torch.Tensor, device, autocast, lpips_net, *, latent_noise: float = 0.0,
-                      seed: int = 0) -> dict[str, float]:
+                      seed: int = 0, teacher: torch.nn.Module | None = None) -> dict[str, float]:
     """Mean MSE / PSNR / LPIPS of the posterior-mode reconstruction of held-out patches, scored
     with the weights the model holds now (RGBA: MSE and PSNR over the four channels, LPIPS on the
     composites over black and white, as :func:`lpips_per_image`). With ``latent_noise`` > 0 also
     ``noisy_mse`` / ``noisy_psnr`` / ``noisy_lpips``: the decode of the same latents perturbed as training
     perturbs them (:func:`training.vae.perturbed`), the same draw at every validation (``seed``), against the
-    patches: how the decoder does on latents near, not on, the encoder's manifold."""
+    patches: how the decoder does on latents near, not on, the encoder's manifold. With a ``teacher`` (distil: a
+    module with the same encoder) also ``teacher_mse`` / ``teacher_psnr`` / ``teacher_lpips``: the decode against
+    the teacher's fp32 decode of the same latents, what the student learns."""
     was_training = model.training
     model.eval()
     try:
@@ -456,6 +458,10 @@ def validation_scores(model, batch: torch.Tensor, device, autocast, lpips_net, *
                     decodes["noisy_"] = model.decode(perturbed(mean, mean, shift)).sample
             for prefix, recon in decodes.items():
                 _add_scores(out, prefix, recon.float().clamp(-1, 1), x, autocast, lpips_net)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher.decode(mean.float()).sample.float().clamp(-1, 1)
+                _add_scores(out, "teacher_", decodes[""].float().clamp(-1, 1), target, autocast, lpips_net)
             n += x.shape[0]
         return {k: v / n for k, v in out.items()}
     finally:

@@ -92,7 +92,9 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
                 device: torch.device | str | None = None,
                 dist: Distributed | None = None,
                 importable: bool = True,
-                hooks: Hooks | None = None) -> SessionResult:
+                hooks: Hooks | None = None,
+                teacher: LoadedVAE | None = None,
+                settings: dict | None = None) -> SessionResult:
     """Fine-tune a copy of ``vae`` on ``data`` with ``cfg`` (see the module's docstring).
 
     general: other images, scored beside the validation patches as ``gen_*`` (does the fine-tune harm them?).
@@ -108,6 +110,9 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     dist: torchrun's view of this process (its process group already initialised).
     importable: whether a fresh interpreter can import this package by its module name (False in
         ComfyUI: loader workers then start by fork, or patches load in the main process).
+    teacher: distil (:mod:`training.distil`): ``vae`` is a student with the teacher's encoder, and learns the
+        teacher's decode of its latents; the export's probe is the teacher's.
+    settings: more settings for config.json beside the data's and ``cfg``'s (distil's).
     """
     hooks = hooks or Hooks()
     dist = dist or Distributed()
@@ -133,7 +138,8 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     # 3. the run folder (it holds the lock from here until run.close())
     start = int(ckpt["step"]) if ckpt is not None else 0
     run = _open_run(run_dir, ckpt, lock, overwrite=overwrite, warn=warn, inputs=inputs or {},
-                    settings={**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg)}, input_paths=input_paths,
+                    settings={**dataclasses.asdict(data.cfg), **dataclasses.asdict(cfg), **(settings or {})},
+                    input_paths=input_paths,
                     base_sha256=vae.layout.base_sha256 if vae.layout.from_file else None,
                     images={"channels": data.channels, "alpha": data.summary()["alpha"]}) if folder else None
     # 4. training
@@ -142,7 +148,8 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
         loop = fine_tune(vae, _batches(data, cfg, device, dist, importable, warn), cfg, device=device,
                          lpips_net=lpips_net, augment=augmenter(data.cfg), val_batch=val, general_batch=general_batch,
                          preview_batch=preview, callbacks=_callbacks(hooks, run, status), resume=ckpt,
-                         checkpoints=checkpoints, dist=dist, data_signature=data.order_signature(), run_id=run_id)
+                         checkpoints=checkpoints, dist=dist, data_signature=data.order_signature(), run_id=run_id,
+                         teacher=teacher.model if teacher is not None else None)
     finally:
         if run is not None:
             run.close()
@@ -153,7 +160,7 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
 
     # 5. what the export needs
     loop.model.to("cpu")  # the probe runs the base VAE on the device: make room for it first
-    probe = make_probe(vae, data, seed=cfg.seed, device=device)
+    probe = make_probe(teacher or vae, data, seed=cfg.seed, device=device)
     return SessionResult(trained_result(vae, loop, probe=probe, dataset=data.summary()), loop, run_path, False)
 
 

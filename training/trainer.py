@@ -39,7 +39,7 @@ from .memory import is_out_of_memory, memory_kind, out_of_memory_named
 from .metrics import validation_scores
 from .families import Family, trained
 from .vae import (LoadedVAE, Reconstruct, frozen_sha256, image_channels, latent_channels, reconstruct,
-                  trainable_shapes, trained_sha256)
+                  teacher_decode, trainable_shapes, trained_sha256)
 
 
 @dataclass
@@ -107,7 +107,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
               checkpoints: Checkpoints | str | os.PathLike | None = None,
               dist: Distributed | None = None,
               data_signature: dict | None = None,
-              run_id: str | None = None) -> LoopResult:
+              run_id: str | None = None,
+              teacher: torch.nn.Module | None = None) -> LoopResult:
     """Fine-tune a copy of ``vae.model``; the input model is never modified.
 
     batches: ``start_step -> iterator`` (needed to resume) or an iterator; each item is this
@@ -135,6 +136,8 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
     data_signature: what determines ``batches``' order (data settings, image list), JSON-like;
         stored in checkpoints, and a resume with a different one is refused.
     run_id: the run's identity for its checkpoints (default: the resumed checkpoint's, else a new one).
+    teacher: distil (:mod:`training.distil`): a module with the same encoder whose fp32 decode of the latents the
+        model got is the target (the images weigh ``cfg.image_weight`` beside it); validation adds ``val_teacher_*``.
     The global RNG of the calling process is left as it was.
     """
     callbacks = callbacks or Callbacks()
@@ -151,7 +154,7 @@ def fine_tune(vae: LoadedVAE, batches, cfg: TrainConfig, *,
                                  data_signature)
     s = _set_up(vae, cfg, device, dist, lpips_net, augment, callbacks,
                 sample=val_batch if val_batch is not None else preview_batch,
-                resumed=fp16_fix_record(resume) if resume is not None else None)
+                resumed=fp16_fix_record(resume) if resume is not None else None, teacher=teacher)
     state = LoopState.new(device, loss_scaling=s.amp == "fp16")
     if resume is not None:
         loop = restore_checkpoint(resume, params=s.params, opt=s.opt, ema=s.ema, disc=s.disc, disc_opt=s.disc_opt)
@@ -308,6 +311,7 @@ class _Run:
     model: torch.nn.Module            # the family's module being trained
     family: Family                    # its VAE family
     module: torch.nn.Module           # Reconstruct around it (DDP-wrapped / compiled as asked)
+    reconstruct: Reconstruct          # that Reconstruct itself (a tiny student's side loss is read off it)
     loss_fn: ReconstructionLoss
     autocast: torch.autocast
     dist: Distributed
@@ -328,11 +332,13 @@ class _Run:
     restore_modules: Callable[[], None] | None = None  # undoes the norm swaps
     fix: FP16Fix | None = None                   # the fp16-fix settings' teacher, figures and rescaling
     penalty: ActivationPenalty | None = None     # act_weight > 0: hooks on the decoder's layers
+    teacher: torch.nn.Module | None = None       # distil: the frozen teacher (fp32, eval) whose decode is the target
 
 
 def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distributed,
              lpips_net: torch.nn.Module | None, augment, callbacks: Callbacks,
-             sample: torch.Tensor | None = None, resumed: dict | None = None) -> _Run:
+             sample: torch.Tensor | None = None, resumed: dict | None = None,
+             teacher: torch.nn.Module | None = None) -> _Run:
     """A private fp32 copy of the model set up for training (trainable set, precision, fused norms,
     memory layout, DDP, compile) with its loss, optimizers, EMA, and the fp16-fix parts (``sample``: patches;
     ``resumed``: the fp16-fix record of the checkpoint the run continues, None for a fresh run)."""
@@ -369,16 +375,19 @@ def _set_up(vae: LoadedVAE, cfg: TrainConfig, device: torch.device, dist: Distri
     # after the norm swaps (the swapped-in modules are watched too), before DDP and compile wrap the model
     threshold = fix.penalty_threshold if fix is not None else cfg.act_threshold  # a measured rescaling raises it
     penalty = ActivationPenalty(model, threshold) if cfg.act_weight > 0 else None
-    module: torch.nn.Module = Reconstruct(model, cfg.trainable == "full", cfg.posterior == "sample",
-                                           torch.channels_last if channels_last else torch.contiguous_format)
+    reconstruct = Reconstruct(model, cfg.trainable == "full", cfg.posterior == "sample",
+                              torch.channels_last if channels_last else torch.contiguous_format)
+    module: torch.nn.Module = reconstruct
     if dist.world_size > 1:
         module = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if on_cuda else None)
     if cfg.compile:
         module = torch.compile(module)
-    s = _Run(cfg, device, model, family, module, ReconstructionLoss(cfg.mse_weight, cfg.l1_weight, cfg.lpips_weight,
+    s = _Run(cfg, device, model, family, module, reconstruct, ReconstructionLoss(cfg.mse_weight, cfg.l1_weight, cfg.lpips_weight,
                                                              lpips_net),
               autocast, dist, channels_last, augment, callbacks=callbacks, params=params, lpips_net=lpips_net,
               amp=amp, amp_why=amp_why, fused=fused, restore_modules=restore_modules)
+    if teacher is not None:
+        s.teacher = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
     if cfg.latent_weight:
         s.base_encoder = Reconstruct(copy.deepcopy(vae.model).to(device).eval(), False, False)
     if cfg.latent_cache_mb and cfg.trainable == "decoder" and augment is None:
@@ -480,10 +489,20 @@ def _accumulate(s: _Run, x_all: torch.Tensor, keys: torch.Tensor | None, *, step
                 recon, mean, logvar = s.module(x, noise, cached, shift)
             if cache is not None and cached is None:
                 cache.put(key_chunks[i], mean, logvar)
-            target = x if s.fix is None or s.fix.teacher is None else s.fix.target(x, mean, logvar, noise, shift)
+            if s.teacher is not None:
+                target = teacher_decode(s.teacher, mean, logvar, noise if cfg.posterior == "sample" else None, shift)
+            else:
+                target = x if s.fix is None or s.fix.teacher is None else s.fix.target(x, mean, logvar, noise, shift)
             with s.autocast:
                 rec_loss, parts = s.loss_fn(recon, target)
                 loss = rec_loss
+                if s.teacher is not None and cfg.image_weight > 0:  # distil: the images beside the teacher's decode
+                    img_loss, _ = s.loss_fn(recon, x)
+                    parts["image"] = img_loss.detach()
+                    loss = loss + cfg.image_weight * img_loss
+                if s.reconstruct.side_loss is not None:  # a tiny student's encoder
+                    parts["enc_mse"] = s.reconstruct.side_loss.detach()
+                    loss = loss + s.reconstruct.side_loss
                 if s.penalty is not None:
                     act, peak = s.penalty.take()
                     parts["act"], parts["act_peak"] = act.detach(), peak
@@ -558,7 +577,8 @@ def _scores(s: _Run, state: LoopState, val_batch: torch.Tensor, general_batch: t
     swap = s.ema.swapped_in() if (s.ema is not None and s.cfg.export_ema) else contextlib.nullcontext()
     with swap:
         scores = {f"val_{k}": v for k, v in validation_scores(s.model, val_batch, s.device, s.autocast, s.lpips_net,
-                                                               latent_noise=s.cfg.latent_noise, seed=s.cfg.seed).items()}
+                                                               latent_noise=s.cfg.latent_noise, seed=s.cfg.seed,
+                                                               teacher=s.teacher).items()}
         if general_batch is not None:
             scores.update({f"gen_{k}": v for k, v in
                            validation_scores(s.model, general_batch, s.device, s.autocast, s.lpips_net).items()})
@@ -575,7 +595,8 @@ def _best_by(s: _Run) -> str:
     the fp16 decode of the held-out patches against the base's fp32 decode (the recipe's goal); else the error
     against the images, ``val_lpips`` (``val_mse`` when LPIPS is off)."""
     by = s.fix.best_by() if s.fix is not None else None
-    return by or ("val_lpips" if s.lpips_net is not None else "val_mse")
+    against = "val_teacher_" if s.teacher is not None else "val_"  # distil: the error against the teacher's decode
+    return by or (against + ("lpips" if s.lpips_net is not None else "mse"))
 
 
 def _best_score(by: str, scores: dict) -> float:

@@ -224,6 +224,17 @@ def perturbed(z: torch.Tensor, mean: torch.Tensor, shift: torch.Tensor | None) -
     return z + (shift * std).to(z.dtype)
 
 
+@torch.no_grad()
+def teacher_decode(teacher: torch.nn.Module, mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor | None,
+                   shift: torch.Tensor | None = None) -> torch.Tensor:
+    """A frozen teacher's fp32 decode of the latents a trained decoder got: the posterior ``mean`` (B, C, h, w), plus
+    ``noise`` times its std when it decoded a sample (None: the mode), perturbed by ``shift`` as :func:`perturbed`
+    does (the spread of ``mean``). The target of the fp16-fix recipe (target 'base') and of distil."""
+    mean, logvar = mean.float(), logvar.float()
+    z = mean + noise * torch.exp(0.5 * logvar) if noise is not None else mean
+    return teacher.decode(perturbed(z, mean, shift)).sample.float()
+
+
 class Reconstruct(torch.nn.Module):
     """encode -> latent -> decode as one forward() for training, so DistributedDataParallel can wrap
     it: returns (reconstruction, posterior mean, posterior log-variance)."""
@@ -233,6 +244,7 @@ class Reconstruct(torch.nn.Module):
         super().__init__()
         self.vae, self.encoder_trains, self.sample = vae, encoder_trains, sample
         self.memory_format = memory_format
+        self.side_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None, cached: torch.Tensor | None = None,
                 shift: torch.Tensor | None = None):
@@ -250,6 +262,10 @@ class Reconstruct(torch.nn.Module):
         # the last bit, must not depend on whether the cache was warm (a resumed run starts cold).
         mean, logvar = (t.contiguous(memory_format=self.memory_format) for t in (mean, logvar))
         z = mean + noise * torch.exp(0.5 * logvar) if (self.sample and noise is not None) else mean
+        # a distilled tiny student's own encoder learns the teacher's latents here, inside the forward that
+        # DistributedDataParallel wraps (so its gradients are averaged too); read as ``.side_loss`` after the call
+        side = getattr(self.vae, "side_loss", None)
+        self.side_loss = side(x, mean) if side is not None and torch.is_grad_enabled() else None
         return self.vae.decode(perturbed(z, mean, shift)).sample, mean, logvar
 
 

@@ -24,7 +24,8 @@ from ..tensors import listing
 
 # Module-name prefixes trained in each mode (shared by every family's module).
 TRAINABLE_PREFIXES = {
-    "decoder": ("decoder.", "post_quant_conv."),
+    # (a distilled tiny student's own encoder, training.students, trains beside its decoder)
+    "decoder": ("decoder.", "post_quant_conv.", "tiny_encoder."),
     "full": ("encoder.", "quant_conv.", "decoder.", "post_quant_conv."),
 }
 
@@ -92,6 +93,11 @@ class Family:
     # but for Flux.2, whose held latents are 2x2-patchified and normalised by the VAE's BatchNorm
     held_latent: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = lambda model, z: z   # module's -> held
     module_latent: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = lambda model, z: z  # held -> module's
+    # distil (training.students): which loaders besides ComfyUI's Load VAE read a narrower decoder of the family's own
+    # layout ("" = no narrow student for the family: kl-f8 and Flux.2 have one), and the tiny decoder its latents get in ComfyUI: (model, latent-family choice or "auto", base file name,
+    # measured latent statistics or None) -> {"name", "scale", "shift", "channels", "latent_family", "why"}; None: none
+    narrow_loaders: str = ""
+    tiny: Callable[..., dict] | None = None
     video: bool = False  # its held latents are 5D (B, C, T, h, w), frame 0 an image's own latent (the Wan layouts)
 
     # One object per family: copies of a model (deepcopy, for training) carry the same Family, so

@@ -242,6 +242,13 @@ def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: 
         return AutoencoderKLFlux2.from_config(config_from_file(tensors))
 
 
+def tiny(model: torch.nn.Module, choice: str, base_name: str, stats: dict | None) -> dict:
+    """ComfyUI's taef2: fed the held latents (128 channels, BatchNorm-normalised) as they are (scale 1, shift 0)."""
+    check_latent_choice(model, choice)
+    return {"name": "taef2", "scale": 1.0, "shift": 0.0, "channels": 4 * int(model.config.latent_channels),
+            "latent_family": "flux2", "why": "Flux.2's latents"}
+
+
 FAMILY = Family(
     name="flux2",
     label=LABEL,
@@ -267,6 +274,8 @@ FAMILY = Family(
     frozen_what=lambda trainable: "encoder with its quant_conv, and bn.*: the latent statistics",
     held_latent=held_latent,
     module_latent=module_latent,
+    narrow_loaders="so do diffusers' AutoencoderKLFlux2 (decoder_block_out_channels) and BFL's Decoder(ch=width)",
+    tiny=tiny,
     keep_dtype=("bn.",),  # the statistics stay in the base's dtype whatever the export's: the latent space is exact
     extra_metadata={"vaeft.latent_normalisation": f"BatchNorm (bn.*, eps {BN_EPS}) over {PATCH[0]}x{PATCH[1]}-"
                                                   "patchified latents (4 x 32 = 128 channels), as FLUX.2 pipelines "

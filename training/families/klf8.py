@@ -12,6 +12,7 @@ import re
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import Decoder
 
 from ..errors import VAEFTError
 from ..files import last_component
@@ -129,11 +130,35 @@ def _diffusers_key_back(key: str, n: int) -> str:
     return ldm
 
 
+def decoder_widths(sd: dict[str, torch.Tensor]) -> list[int]:
+    """The decoder's channel widths per level (ldm keys; level 0 the full-resolution one), read off its own
+    tensors: narrower than the encoder's in a distilled narrow decoder (``training.students``), as ComfyUI's
+    Load VAE reads them (``decoder_ch`` off ``decoder.conv_in``)."""
+    return [int(sd[f"decoder.up.{i}.block.0.conv2.weight"].shape[0]) for i in range(num_levels(sd))
+            if f"decoder.up.{i}.block.0.conv2.weight" in sd]
+
+
+def is_narrow(sd: dict[str, torch.Tensor]) -> bool:
+    """Whether an ldm state dict's decoder is narrower than its encoder (a distilled narrow decoder)."""
+    return decoder_widths(sd) != config_from_ldm(sd)["block_out_channels"]
+
+
 def build(ldm: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, str]]:
     """A diffusers AutoencoderKL on the meta device shaped for ``ldm`` (ldm key -> tensor), and the
-    map ldm key -> module key."""
+    map ldm key -> module key. A decoder narrower than the encoder gets its own widths (diffusers'
+    ``AutoencoderKL`` has one set for both: its decoder is replaced by one of the decoder's widths)."""
+    config = config_from_ldm(ldm)
+    dec = decoder_widths(ldm)
+    if any(c % config["norm_num_groups"] for c in dec):
+        raise VAEFTError(f"VAE decoder widths {dec} are not multiples of 32 (GroupNorm groups of the SD-family VAE); "
+                         "this is not a kl-f8 AutoencoderKL we can rebuild")
     with torch.device("meta"):
-        model = AutoencoderKL(**config_from_ldm(ldm))
+        model = AutoencoderKL(**config)
+        if dec and dec != config["block_out_channels"]:
+            model.decoder = Decoder(in_channels=config["latent_channels"], out_channels=config["out_channels"],
+                                    up_block_types=config["up_block_types"], block_out_channels=dec,
+                                    layers_per_block=config["layers_per_block"], norm_num_groups=config["norm_num_groups"],
+                                    act_fn="silu", mid_block_add_attention=config["mid_block_add_attention"])
     levels = num_levels(ldm)
     return model, {k: ldm_to_diffusers_key(k, levels) for k in ldm}
 
@@ -144,10 +169,10 @@ def recognise(sd: dict) -> bool:
 
 
 LATENT_FAMILIES = {  # the published factors (diffusers' configs; ComfyUI's latent_formats.py)
-    "sd": {"latent_channels": 4, "scaling_factor": 0.18215, "shift_factor": None, "what": "SD 1.x/2.x"},
-    "sdxl": {"latent_channels": 4, "scaling_factor": 0.13025, "shift_factor": None, "what": "SDXL"},
-    "sd3": {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609, "what": "SD3/3.5"},
-    "flux": {"latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159, "what": "Flux.1"},
+    "sd": {"latent_channels": 4, "scaling_factor": 0.18215, "shift_factor": None, "what": "SD 1.x/2.x", "tiny": "taesd"},
+    "sdxl": {"latent_channels": 4, "scaling_factor": 0.13025, "shift_factor": None, "what": "SDXL", "tiny": "taesdxl"},
+    "sd3": {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609, "what": "SD3/3.5", "tiny": "taesd3"},
+    "flux": {"latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159, "what": "Flux.1", "tiny": "taef1"},
 }
 
 
@@ -221,8 +246,27 @@ def latents(trained, model: torch.nn.Module, probe, family: str = "auto", device
     return out
 
 
+def tiny(model: torch.nn.Module, choice: str, base_name: str, stats: dict | None) -> dict:
+    """The tiny decoder (ComfyUI's TAESD name and the latent format's scale/shift it is fed with) of the latent family
+    ``choice``, or with "auto" the one :func:`pick_latent_family` finds for the base."""
+    channels = int(model.config.latent_channels)
+    if choice == "auto":
+        choice, why = pick_latent_family(base_name, channels, stats)
+    else:
+        check_latent_choice(model, choice)
+        why = "as given"
+    f = LATENT_FAMILIES[choice]
+    return {"name": f["tiny"], "scale": f["scaling_factor"], "shift": f["shift_factor"] or 0.0, "channels": channels,
+            "latent_family": choice, "why": why}
+
+
 def diffusers_model(tensors: dict[str, torch.Tensor], scaling: dict, base_name: str = "") -> torch.nn.Module:
     """The ``AutoencoderKL`` (meta device) for ldm-keyed ``tensors``, with ``scaling``'s latent factors."""
+    if is_narrow(tensors):
+        raise VAEFTError(f"a kl-f8 VAE with a narrower decoder ({decoder_widths(tensors)} against the encoder's "
+                         f"{config_from_ldm(tensors)['block_out_channels']}) cannot be a diffusers folder: diffusers' "
+                         "AutoencoderKL has one set of widths for both (so does Automatic1111). Write the safetensors "
+                         "file: ComfyUI's Load VAE reads it")
     config = config_from_ldm(tensors)
     config.update(scaling_factor=scaling["scaling_factor"], shift_factor=scaling["shift_factor"])
     with torch.device("meta"):
@@ -251,4 +295,6 @@ FAMILY = Family(
     check_latent_choice=check_latent_choice,
     diffusers_model=diffusers_model,
     latent_choices=tuple(LATENT_FAMILIES),
+    narrow_loaders="diffusers' AutoencoderKL and Automatic1111 do not (one set of widths for encoder and decoder)",
+    tiny=tiny,
 )
