@@ -14,8 +14,8 @@ import os
 import sys
 
 from . import families
-from .cli import (_StopOnSigint, _check_outputs, _fit_hooks, _stopped, add_arguments, config_from_args,
-                  from_arguments)
+from .cli_common import (_StopOnSigint, _check_outputs, _fit_hooks, _stopped, add_arguments, config_from_args,
+                         from_arguments)
 from .config import DataConfig, DistilConfig, TrainConfig
 from .data import build_dataset
 from .device import Distributed, distributed, pick_device

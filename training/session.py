@@ -115,6 +115,9 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     settings: more settings for config.json beside the data's and ``cfg``'s (distil's).
     """
     hooks = hooks or Hooks()
+    if cfg.recipe.startswith("distil-") and teacher is None:
+        raise VAEFTError(f"recipe {cfg.recipe!r} is distil's (python -m training distil, the VAE Distil Decoder node): "
+                         "a fine-tune has no teacher to learn from; choose sd-vae-ft-mse or another fine-tune recipe")
     dist = dist or Distributed()
     device = torch.device(device) if device is not None else pick_device(None, dist)
     note = hooks.note or (lambda text: None)
