@@ -240,3 +240,13 @@ def test_comfyuis_taesd_loads_the_tiny_decoders_strictly_and_decodes_as_the_stud
     assert set(theirs) == set(ours) == ({"4", "128"} if has_flux2 else {"4"})
     for c in ours:
         assert torch.allclose(theirs[c], ours[c], atol=1e-5), (c, float((theirs[c] - ours[c]).abs().max()))
+
+
+@pytest.mark.parametrize("flag,expected", [(("--recipe", "distil-tiny"), "recipe 'distil-tiny' is distil's"),
+                                           (("--image-weight", "0.5"), "image_weight weighs the images beside a teacher")])
+def test_fit_refuses_distils_own_settings_with_nothing_written(files, tmp_path, flag, expected):
+    out = tmp_path / "vae-ft.safetensors"
+    p = cli_main("fit", "--vae", files["sd"], "--data", files["images"], "--out", out, "--patch-size", 32, "--steps", 2,
+                 "--no-progress", "--run-dir", tmp_path / "run", *flag, check=False)
+    assert p.returncode == 2 and expected in p.stderr, p.stderr
+    assert not out.exists() and not (tmp_path / "run").exists()

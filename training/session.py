@@ -118,6 +118,9 @@ def run_session(vae: LoadedVAE, data: PatchDataset, cfg: TrainConfig, *,
     if cfg.recipe.startswith("distil-") and teacher is None:
         raise VAEFTError(f"recipe {cfg.recipe!r} is distil's (python -m training distil, the VAE Distil Decoder node): "
                          "a fine-tune has no teacher to learn from; choose sd-vae-ft-mse or another fine-tune recipe")
+    if cfg.image_weight and teacher is None:
+        raise VAEFTError("image_weight weighs the images beside a teacher's decode (distil); a fine-tune learns the "
+                         "images themselves: leave it at 0")
     dist = dist or Distributed()
     device = torch.device(device) if device is not None else pick_device(None, dist)
     note = hooks.note or (lambda text: None)
