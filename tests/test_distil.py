@@ -250,3 +250,15 @@ def test_fit_refuses_distils_own_settings_with_nothing_written(files, tmp_path, 
                  "--no-progress", "--run-dir", tmp_path / "run", *flag, check=False)
     assert p.returncode == 2 and expected in p.stderr, p.stderr
     assert not out.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_continues_only_the_student_it_trains(files, tmp_path):
+    approx = tmp_path / "approx"
+    approx.mkdir()
+    run(files, "--vae", files["sd4"], "--student", "tiny", "--out", approx, "--run-dir", tmp_path / "run")
+    ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    kept = {c: c.read_bytes() for c in ckpts}
+    p = run(files, "--vae", files["sd4"], "--student", "tiny", "--with-encoder", "--out", approx, "--steps", 8,
+            "--resume", tmp_path / "run", "--overwrite", check=False)
+    assert p.returncode == 2 and "distils tiny, not tiny+encoder: continue it with --student tiny" in p.stderr, p.stderr
+    assert {c: c.read_bytes() for c in sorted((tmp_path / "run" / "checkpoints").iterdir())} == kept

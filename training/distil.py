@@ -29,6 +29,7 @@ from .files import json_safe
 from .losses import load_lpips
 from .metrics import validation_scores
 from .probe import latent_statistics, stats_patches
+from .runs import MARKER, read_config
 from .session import SessionResult, run_session
 from .students import TinyStudent, check_student, narrow_student, tiny_files, tiny_spec, tiny_student
 from .vae import LoadedVAE
@@ -119,6 +120,7 @@ def run_distil(teacher: LoadedVAE, data: PatchDataset, cfg: TrainConfig, dcfg: D
     check_distil(teacher, cfg, dcfg)
     teacher.family.check_config(cfg)
     check_student(teacher, dcfg.student, dcfg.width, family)
+    _check_resumed_student(session.get("resume"), dcfg)
     student, spec = make_student(teacher, dcfg, data, family, cfg.seed)
     if before_training is not None:
         before_training(student, spec)
@@ -134,6 +136,21 @@ def run_distil(teacher: LoadedVAE, data: PatchDataset, cfg: TrainConfig, dcfg: D
                                         held_out=trained.probe.held_out, device=trained.probe.patches.device,
                                         time_side=time_side or data.cfg.patch_size)
     return result
+
+
+def _check_resumed_student(resume, dcfg: DistilConfig) -> None:
+    """A run folder continues only the student it trains (its config.json says which): refused by name otherwise."""
+    if not resume or not os.path.isfile(os.path.join(os.fspath(resume), MARKER)):
+        return  # a checkpoint file: its tensors' names and shapes are checked against the student's
+    recorded = (read_config(resume).get("settings") or {}).get("distil")
+    if not recorded:
+        raise VAEFTError(f"run folder {os.fspath(resume)!r} is a fine-tune's, not a distil run: continue it with fit, "
+                         "or distil into a new run folder")
+    was = DistilConfig(**{k: recorded[k] for k in ("student", "width", "with_encoder") if k in recorded})
+    if was.label != dcfg.label:
+        raise VAEFTError(f"run folder {os.fspath(resume)!r} distils {was.label}, not {dcfg.label}: continue it with "
+                         f"--student {was.student}" + (f" --width {was.width}" if was.student == "narrow" else "")
+                         + (" --with-encoder" if was.with_encoder else "") + ", or start a new run folder")
 
 
 @torch.no_grad()
