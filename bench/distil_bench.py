@@ -24,7 +24,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -66,25 +65,10 @@ def models(family: str, config: dict, widths: list[int]) -> dict:
     return out
 
 
-@torch.no_grad()
 def time_decodes(named: dict, side: int, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
-    from training.vae import latent_channels, pixels_per_latent
+    from training.distil import decode_times
 
-    first = named["teacher"]
-    down = pixels_per_latent(first)
-    z = torch.randn(1, latent_channels(first), side // down, side // down,
-                    generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    times = {name: [] for name in named}
-    for i in range(warmup + repeats):
-        for name, m in named.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            m.decode(z)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+    times = decode_times(named, side, device, repeats, warmup, dtype)
     teacher_s = statistics.median(times["teacher"])
     return {name: {"median_s": round(statistics.median(t), 5), "runs_s": [round(x, 5) for x in t],
                    "speedup": round(teacher_s / statistics.median(t), 3)} for name, t in times.items()}
@@ -115,7 +99,8 @@ def main(argv=None) -> int:
               "rows": []}
     for family in args.families:
         config = {**(FLUX2 if family == "flux2" else SD), **(QUICK if args.quick else {})}
-        named = {k: m.to(device, dtype).eval() for k, m in models(family, config, widths).items()}
+        named = {k: (m.to(device) if dtype == torch.float32 else m.to(device, dtype)).eval()
+                 for k, m in models(family, config, widths).items()}
         for side in sizes:
             for name, row in time_decodes(named, side, device, dtype, args.warmup, args.repeats).items():
                 result["rows"].append({"family": family, "side": side, "model": name, **row})

@@ -427,6 +427,9 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None, args)
     settings = {f.name for cls in (TrainConfig, DataConfig) for f in dataclasses.fields(cls)}
     node = run.get("paths") == "comfyui"
     inputs = {("data" if k == "dataset" and node else k): v for k, v in (run.get("inputs") or {}).items()}
+    if "distil" in (run.get("settings") or {}):
+        raise VAEFTError(f"--config {args.config!r} is a distil run's: fit does not repeat it; run python -m training "
+                         "distil with its flags (continue the run with distil's --resume RUN_FOLDER)")
     values = {**(run.get("settings") or {}), **{k: v for k, v in inputs.items() if v is not None}}
     unknown = sorted(set(values) - dests)
     if unknown:

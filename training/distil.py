@@ -167,30 +167,41 @@ def distil_figures(teacher: LoadedVAE, student: torch.nn.Module, patches: torch.
     figures = {"student": dcfg.label, "patches": int(patches.shape[0]), "side": int(patches.shape[-1]),
                "held_out": held_out, **{k: round(v, 6) for k, v in mine.items()},
                **{f"teacher_own_{k}": round(v, 6) for k, v in own.items()}}
-    figures["decode"] = decode_times(teacher.model, student, time_side, device)
+    figures["decode"] = teacher_against_student(teacher.model, student, time_side, device)
     return figures
 
 
-def decode_times(teacher: torch.nn.Module, student: torch.nn.Module, side: int, device, repeats: int = 3) -> dict:
-    """Seconds to decode one ``side``² image (latents of the teacher's shape, fp32; the median of ``repeats`` after a
-    warm-up), teacher and student, interleaved so that both see the same machine."""
-    from .vae import latent_channels, pixels_per_latent  # (the teacher's shape, read as the rest of the library does)
+def decode_times(models: dict[str, torch.nn.Module], side: int, device, repeats: int = 3, warmup: int = 1,
+                 dtype: torch.dtype = torch.float32) -> dict[str, list[float]]:
+    """{name: seconds of each timed decode} of one ``side``² image by each of ``models`` (the first one's latent
+    shape, a fixed standard-normal draw in ``dtype``): ``warmup`` rounds untimed, then ``repeats``, the models
+    interleaved in every round so that all see the same machine (CUDA: bracketed by synchronize)."""
+    from .vae import latent_channels, pixels_per_latent  # (the first model's latent shape, as the library reads it)
 
     device = torch.device(device)
-    down = pixels_per_latent(teacher)
-    z = torch.randn(1, latent_channels(teacher), side // down, side // down,
-                    generator=torch.Generator().manual_seed(0)).to(device)
-    times: dict[str, list[float]] = {"teacher": [], "student": []}
-    for i in range(repeats + 1):
-        for name, model in (("teacher", teacher), ("student", student)):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            model.decode(z)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:  # the first round warms up
-                times[name].append(time.perf_counter() - t0)
+    first = next(iter(models.values()))
+    down = pixels_per_latent(first)
+    z = torch.randn(1, latent_channels(first), side // down, side // down,
+                    generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            for name, model in models.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                model.decode(z)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def teacher_against_student(teacher: torch.nn.Module, student: torch.nn.Module, side: int, device,
+                            repeats: int = 3) -> dict:
+    """The decode times' medians (:func:`decode_times`), teacher and student, and the speedup."""
+    times = decode_times({"teacher": teacher, "student": student}, side, device, repeats)
     t, s = statistics.median(times["teacher"]), statistics.median(times["student"])
     return {"side": side, "device": str(device), "teacher_s": round(t, 5), "student_s": round(s, 5),
             "speedup": round(t / s, 3), "repeats": repeats}
