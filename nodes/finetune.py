@@ -116,25 +116,34 @@ class VAEFineTune(io.ComfyNode):
                 input_paths="comfyui", device=device, importable=False, hooks=hooks.hooks())
             loop = session.loop
             if session.stopped:
-                newest = loop.checkpoint or latest_in(os.path.join(path, "checkpoints"))
-                _send_text(f"run {hooks.run} stopped at step {loop.steps_done}/{loop.config.steps}"
-                           + (f"; its newest checkpoint is {os.path.basename(newest)}. Continue it: continue_run = "
-                              f"{hooks.run}" if newest else "; no checkpoint was written yet (stopped before the "
-                              "first step): queue it again as a new run"), cls.hidden.unique_id)
-                mm.throw_exception_if_processing_interrupted()
-                raise mm.InterruptProcessingException()
+                end_stopped_prompt(hooks, loop, path)
             out_vae = file_to_comfy_vae(file_state_dict(session.trained, "fp32"))
         return io.NodeOutput(out_vae, loss_map_of(loop.history), session.trained)
 
 
+def end_stopped_prompt(hooks: "_NodeHooks", loop, path: str) -> None:
+    """A stopped run (Cancel): say on the node where it stopped and how to continue it, then end the prompt as
+    ComfyUI ends an interrupted one (raises)."""
+    import comfy.model_management as mm
+
+    newest = loop.checkpoint or latest_in(os.path.join(path, "checkpoints"))
+    _send_text(f"run {hooks.run} stopped at step {loop.steps_done}/{loop.config.steps}"
+               + (f"; its newest checkpoint is {os.path.basename(newest)}. Continue it: continue_run = "
+                  f"{hooks.run}" if newest else "; no checkpoint was written yet (stopped before the "
+                  "first step): queue it again as a new run"), hooks.node_id)
+    mm.throw_exception_if_processing_interrupted()
+    raise mm.InterruptProcessingException()
+
+
 class _NodeHooks:
     """The session's hooks in ComfyUI: its progress bar (and preview image), the status text under
-    the node (at most every 2 s, and at each history line), the log, and Cancel."""
+    the node (at most every 2 s, and at each history line), the log, and Cancel. ``label``: what the log
+    lines call the run ("VAE fine-tune", "VAE distil")."""
 
-    def __init__(self, steps: int, run: str, node_id):
+    def __init__(self, steps: int, run: str, node_id, label: str = "VAE fine-tune"):
         import comfy.utils
 
-        self.run, self.node_id, self.shown, self.cancelled = run, node_id, 0.0, False
+        self.run, self.node_id, self.shown, self.cancelled, self.label = run, node_id, 0.0, False, label
         self.pbar = comfy.utils.ProgressBar(steps)
 
     def hooks(self) -> Hooks:
@@ -142,8 +151,8 @@ class _NodeHooks:
 
         # Cancel / POST /interrupt: finish the micro-batch, checkpoint the step reached, then end the
         # prompt as ComfyUI does (execute); the server stays up.
-        return Hooks(note=lambda text: log.info("VAE fine-tune: %s", text),
-                     warn=lambda text: log.warning("VAE fine-tune: %s", text),
+        return Hooks(note=lambda text: log.info("%s: %s", self.label, text),
+                     warn=lambda text: log.warning("%s: %s", self.label, text),
                      step=self.step, log=self.history_line, preview=self.preview,
                      should_stop=lambda: self.cancelled or mm.processing_interrupted())
 
@@ -169,7 +178,7 @@ class _NodeHooks:
 
     def history_line(self, line, status) -> None:
         if "total" in line:
-            log.info("VAE fine-tune step %d/%d: %s", line["step"], status.total,
+            log.info("%s step %d/%d: %s", self.label, line["step"], status.total,
                      ", ".join(f"{k}={v:.5f}" for k, v in line.items() if k != "step"))
         self.show(status, force=True)
 
