@@ -2,6 +2,7 @@
 
 from .compare import VAECompareOnLatents
 from .dataset import VAEPatchDataset
+from .distil import VAEDistilDecoder
 from .evaluate import VAEEvaluate
 from .finetune import VAEFineTune
 from .graph import VAELossGraph
@@ -9,4 +10,4 @@ from .options import VAEFineTuneOptions, VAEPatchOptions
 from .save import SaveFineTunedVAE
 
 NODES = [VAEPatchDataset, VAEPatchOptions, VAEFineTune, VAEFineTuneOptions, SaveFineTunedVAE, VAELossGraph,
-         VAEEvaluate, VAECompareOnLatents]
+         VAEEvaluate, VAECompareOnLatents, VAEDistilDecoder]
