@@ -167,10 +167,12 @@ def node_fields(cls: type, essential: bool | None = None, skip: tuple[str, ...] 
 
 
 def config_inputs(cls: type, defaults: dict | None = None, skip: tuple[str, ...] = (),
-                  order: tuple[str, ...] = (), essential: bool | None = None) -> list:
+                  order: tuple[str, ...] = (), essential: bool | None = None,
+                  choices: dict[str, tuple[str, ...]] | None = None) -> list:
     """One V3 input per node field of ``cls`` (see :func:`node_fields`), same defaults and bounds; the
-    field's help is the tooltip."""
+    field's help is the tooltip. ``choices``: a field's combo options on this node, a subset of the field's."""
     defaults = defaults or {}
+    choices = choices or {}
     fields = node_fields(cls, essential, skip)
     fields.sort(key=lambda f: order.index(f.name) if f.name in order else len(order))
     hints = typing.get_type_hints(cls)
@@ -181,7 +183,8 @@ def config_inputs(cls: type, defaults: dict | None = None, skip: tuple[str, ...]
         default = defaults.get(f.name, f.default)
         tip = meta.get("help")
         if meta.get("choices"):
-            inputs.append(io.Combo.Input(f.name, options=list(meta["choices"]), default=default, tooltip=tip))
+            options = [c for c in meta["choices"] if c in choices.get(f.name, meta["choices"])]
+            inputs.append(io.Combo.Input(f.name, options=options, default=default, tooltip=tip))
         elif tp is bool:
             inputs.append(io.Boolean.Input(f.name, default=default, tooltip=tip))
         elif tp is int:

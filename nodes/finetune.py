@@ -50,6 +50,9 @@ def run_folder(run_name: str, continue_run: str) -> tuple[str, bool]:
 # Widget order on the node: its essential TrainConfig fields (option(..., essential=True)); the rest
 # come from VAE Fine-tune Options.
 NODE_ORDER = ("recipe", "steps", "lr", "batch_size", "memory", "trainable", "seed")
+# The recipes a fine-tune can use: distil's (distil-narrow, distil-tiny) need a teacher, and are the VAE Distil
+# Decoder node's (the session refuses them without one).
+FINE_TUNE_RECIPES = tuple(r for r in RECIPES if not r.startswith("distil-")) + ("custom",)
 
 
 class VAEFineTune(io.ComfyNode):
@@ -71,7 +74,7 @@ class VAEFineTune(io.ComfyNode):
                 TrainOptions.Input("options", optional=True,
                                    tooltip="every other setting, from VAE Fine-tune Options (unconnected: "
                                            "the recipe's and memory preset's defaults)"),
-                *config_inputs(TrainConfig, order=NODE_ORDER, essential=True),
+                *config_inputs(TrainConfig, order=NODE_ORDER, essential=True, choices={"recipe": FINE_TUNE_RECIPES}),
                 io.String.Input("run_name", default="vae-ft",
                                 tooltip=f"the run's folder, output/{RUNS_FOLDER}/<run_name>/: config, metrics.jsonl, "
                                         "previews, checkpoints (TensorBoard events when tensorboard is installed); "
