@@ -99,8 +99,9 @@ class VAEDistilDecoder(io.ComfyNode):
                         "validation and previews are on VAE Fine-tune Options.",
             search_aliases=["distil vae", "distill vae", "faster vae decoder", "tiny vae", "taesd", "narrow vae"],
             inputs=[
-                io.Vae.Input("vae", tooltip="the teacher: the VAE whose decode the student learns (Load VAE, or a "
-                                            "checkpoint loader's VAE); it is copied, never changed"),
+                # (not "vae": ComfyUI 0.3.x refuses a node whose input and output share an id)
+                io.Vae.Input("teacher", tooltip="the VAE whose decode the student learns (Load VAE, or a checkpoint "
+                                                "loader's VAE); it is copied, never changed"),
                 Dataset.Input("dataset", tooltip="patches from VAE Patch Dataset"),
                 TrainOptions.Input("options", optional=True,
                                    tooltip="every other setting, from VAE Fine-tune Options (unconnected: the "
@@ -141,7 +142,7 @@ class VAEDistilDecoder(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vae, dataset, options=None, student="narrow", width=64, with_encoder=False, image_weight=0.0,
+    def execute(cls, teacher, dataset, options=None, student="narrow", width=64, with_encoder=False, image_weight=0.0,
                 family="auto", save_name="custom", run_name="vae-distil", continue_run=NEW_RUN,
                 **kwargs) -> io.NodeOutput:
         import comfy.model_management as mm
@@ -157,7 +158,7 @@ class VAEDistilDecoder(io.ComfyNode):
         if out_path is not None and os.path.lexists(out_path):
             raise VAEFTError(f"{os.path.basename(out_path)} already exists in output/vae: the distil node never "
                              "replaces a file; choose another save_name (or move that file)")
-        source = _source_file(cls.hidden.prompt, cls.hidden.unique_id)
+        source = _source_file(cls.hidden.prompt, cls.hidden.unique_id, "teacher")
         device = mm.get_torch_device()
 
         def before_training(student_vae, spec) -> None:  # the last checks, once the student is known
@@ -168,13 +169,13 @@ class VAEDistilDecoder(io.ComfyNode):
 
         # Prompts run under inference_mode; training needs autograd, on tensors made outside it.
         with torch.inference_mode(False):
-            teacher = comfy_vae_to_training(vae, source)
+            teacher_vae = comfy_vae_to_training(teacher, source)
             path, resume = run_folder(run_name, continue_run)
             mm.unload_all_models()
             mm.soft_empty_cache()
             hooks = _NodeHooks(cfg.steps, os.path.basename(path), cls.hidden.unique_id, label="VAE distil")
             result = run_distil(
-                teacher, dataset, cfg, dcfg, family=family, device=device, before_training=before_training,
+                teacher_vae, dataset, cfg, dcfg, family=family, device=device, before_training=before_training,
                 run_dir=path, resume=path if resume else None,
                 inputs={"vae": source[1] if source else "the connected VAE", "dataset": _input_name(dataset.source)},
                 input_paths="comfyui", importable=False, hooks=hooks.hooks())
@@ -183,7 +184,7 @@ class VAEDistilDecoder(io.ComfyNode):
                 end_stopped_prompt(hooks, loop, path)
             if tiny:
                 report = export_tiny(result, folder, save_name)["text"]
-                out_vae = vae
+                out_vae = teacher
             else:
                 exported = export_narrow(result, out_path, overwrite=False, device=device, family=family)
                 for warning in exported.warnings:

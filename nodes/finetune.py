@@ -244,10 +244,11 @@ def config_from_widgets(widgets: dict, patch_size: int | None = None) -> TrainCo
     return TrainConfig.from_recipe(recipe, patch_size, **given)
 
 
-def _source_file(prompt, unique_id) -> tuple[str, str] | None:
-    """(model folder, file name) when the VAE input comes straight from Load VAE or a checkpoint loader."""
+def _source_file(prompt, unique_id, input_name: str = "vae") -> tuple[str, str] | None:
+    """(model folder, file name) when the node's VAE input ``input_name`` comes straight from Load VAE or a
+    checkpoint loader."""
     try:
-        link = prompt[str(unique_id)]["inputs"]["vae"]
+        link = prompt[str(unique_id)]["inputs"][input_name]
         src = prompt[str(link[0])]["inputs"]
     except (KeyError, TypeError, IndexError):
         return None
