@@ -28,11 +28,11 @@ SLOT_H, WIDGET_H, WIDGET_GAP, WIDGETS_PAD, NODE_PAD, TITLE_H = 20, 20, 4, 8, 6, 
 NODE_W = 400
 # The read-only box web/vaeft.js adds to this pack's output nodes (a multi-line text widget).
 RESULT_BOX_H = 80
-# VAE Fine-tune's status box (web/vaeft.js STATUS_H: seven 14 px lines and padding, a fixed height).
-STATUS_NODE, STATUS_BOX_H = "VAEFTFineTune", 110
+# The training nodes' status box (web/vaeft.js STATUS_NODES, STATUS_H: seven 14 px lines and padding, a fixed height).
+STATUS_NODES, STATUS_BOX_H = ("VAEFTFineTune", "VAEFTDistilDecoder"), 110
 # Room for images drawn on a node (the frontend's image-preview widget needs at least 220 px):
-# preview nodes show the picture, VAE Fine-tune its live reconstructions while it trains.
-IMAGE_H = {"PreviewImage": 320, "SaveImage": 320, "VAEFTFineTune": 240}
+# preview nodes show the picture, the training nodes their live reconstructions while they train.
+IMAGE_H = {"PreviewImage": 320, "SaveImage": 320, "VAEFTFineTune": 240, "VAEFTDistilDecoder": 240}
 GAP_X, GAP_Y, ORIGIN = 60, 40, (40, 80)
 # The VAE file a template's Load VAE names, and its public source. The node carries it as
 # properties.models ({name, url, directory}), the shape ComfyUI's own templates use, so a frontend that
@@ -85,7 +85,7 @@ def node_size(class_type: str, info: dict, widget_rows: int, socket_inputs: int,
     widgets = widget_rows * (WIDGET_H + WIDGET_GAP)
     if _shows_result_text(info, pack_module):
         widgets += RESULT_BOX_H + WIDGET_GAP
-    if class_type == STATUS_NODE and info.get("python_module") == pack_module:
+    if class_type in STATUS_NODES and info.get("python_module") == pack_module:
         widgets += STATUS_BOX_H + WIDGET_GAP
     if class_type in IMAGE_H:
         widgets += IMAGE_H[class_type] + WIDGET_GAP

@@ -1,7 +1,8 @@
 // Two read-only boxes on this pack's nodes:
 // - the result box of our output nodes: the text they return (ui "text": where Save Fine-tuned VAE wrote its
 //   file, VAE Evaluate's metrics table). ComfyUI's frontend draws returned text only for its own Preview Any.
-// - VAE Fine-tune's status box: the run, step, losses and validation while it trains (the server's
+// - the training nodes' status box (VAE Fine-tune, VAE Distil Decoder): the run, step, losses and validation while
+//   it trains (the server's
 //   "vaeft.status" websocket event, nodes/finetune.py STATUS_EVENT), made with the node and sized for the
 //   whole text, so every frontend shows all of it and keeps the last one after the run.
 //
@@ -17,7 +18,7 @@ const RESULT = "result";
 const PLACEHOLDER = "the result shows here after a run";
 const STATUS = "status";
 const STATUS_EVENT = "vaeft.status";
-const STATUS_NODE = "VAEFTFineTune";
+const STATUS_NODES = ["VAEFTFineTune", "VAEFTDistilDecoder"]; // build_ui_workflow.py STATUS_NODES
 // Seven lines: the run, step and ETA, the losses, validation beside the base (two or three lines when it
 // wraps), peak GPU memory. example_workflows/build_ui_workflow.py STATUS_BOX_H leaves this room on the node.
 const STATUS_LINE_PX = 14;
@@ -78,7 +79,7 @@ function statusNode(id) {
   for (const key of [id, id.split(":").pop()]) {
     for (const graph of graphs) {
       const node = graph.getNodeById?.(key);
-      if (node?.type === STATUS_NODE) return node;
+      if (STATUS_NODES.includes(node?.type)) return node;
     }
   }
   return null;
@@ -95,15 +96,16 @@ app.registerExtension({
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.python_module !== `custom_nodes.${PACK}`) return;
-    const status = nodeData.name === STATUS_NODE;
+    const status = STATUS_NODES.includes(nodeData.name);
     if (!nodeData.output_node && !status) return;
 
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const r = onNodeCreated?.apply(this, arguments);
-      // Made with the node (not on the first result) so the node's size does not jump after a run.
-      if (nodeData.output_node) addResultBox(this);
+      // Made with the node (not on the first result) so the node's size does not jump after a run; the status
+      // box (a fixed height) right under the widgets, then the result box (VAE Distil Decoder has both).
       if (status) addStatusBox(this);
+      if (nodeData.output_node) addResultBox(this);
       return r;
     };
 
