@@ -56,7 +56,9 @@ if not os.path.isfile(CHROMIUM):
 ARTIFACTS = os.environ.get("VAEFT_ARTIFACTS") or os.path.join(ROOT, ".artifacts", "browser")
 APP = "window.comfyAPI.app.app"
 TEMPLATE_NAMES = ("vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image",
-                  "vae_finetune_qwen_image21", "vae_finetune_wan22", "vae_compare_on_latents")
+                  "vae_finetune_qwen_image21", "vae_finetune_wan22", "vae_compare_on_latents", "vae_distil_decoder")
+# The nodes with a status box (web/vaeft.js STATUS_NODES)
+STATUS_NODES = ("VAEFTFineTune", "VAEFTDistilDecoder")
 # The VAE files the templates' Load VAE name, all in the server's models/vae (the base fixture)
 TEMPLATE_VAES = (TEMPLATE_SD_VAE, "qwen_image_vae.safetensors", "flux2-vae.safetensors", "wan2.2_vae.safetensors",
                  "qwen_image_2.1_vae_bf16.safetensors")
@@ -377,16 +379,33 @@ def grown(state: list[dict], workflow: dict) -> list[tuple]:
             if n["size"][0] > size[n["id"]][0] + 0.5 or n["size"][1] > size[n["id"]][1] + 0.5]
 
 
-def screenshot(pg, name: str) -> str:
-    """Fit the whole graph in view and save a PNG under ARTIFACTS; returns its path."""
-    pg.evaluate(f"""() => {{ const app = {APP};
+def fit_graph(pg) -> float:
+    """Fit the whole graph in view (at most 95 %); returns the zoom."""
+    zoom = pg.evaluate(f"""() => {{ const app = {APP};
         const boxes = app.graph.nodes.map(n => n.boundingRect);
         const x0 = Math.min(...boxes.map(b => b[0])), y0 = Math.min(...boxes.map(b => b[1]));
         const x1 = Math.max(...boxes.map(b => b[0] + b[2])), y1 = Math.max(...boxes.map(b => b[1] + b[3]));
         // room above for the title bars: 1.45 floats its graph menu over the canvas's top left corner
         app.canvas.ds.fitToBounds([x0 - 20, y0 - 100, x1 - x0 + 40, y1 - y0 + 120], {{zoom: 0.95}});
+        app.canvas.setDirty(true, true);
+        return app.canvas.ds.scale; }}""")
+    pg.wait_for_timeout(500)
+    return zoom
+
+
+def show_node(pg, node_id) -> None:
+    """The node at 100 %, its top left corner near the canvas's: a tall template (the distil one) fits the page
+    only at a zoom where the frontend draws no widgets, its status box among them."""
+    pg.evaluate(f"""() => {{ const app = {APP}, n = {node_js(node_id)};
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [-n.pos[0] + 40, -n.pos[1] + 120];
         app.canvas.setDirty(true, true); }}""")
     pg.wait_for_timeout(500)
+
+
+def screenshot(pg, name: str) -> str:
+    """Fit the whole graph in view and save a PNG under ARTIFACTS; returns its path."""
+    fit_graph(pg)
     os.makedirs(ARTIFACTS, exist_ok=True)
     path = os.path.join(ARTIFACTS, f"{pg.frontend}-{name}.png")
     pg.screenshot(path=path)
@@ -395,7 +414,21 @@ def screenshot(pg, name: str) -> str:
 
 def write_thumbnail(pg, name: str) -> None:
     """example_workflows/<name>.jpg, as ComfyUI's template gallery shows beside each template: the graph
-    as drawn, cropped to its nodes, without the minimap and canvas info."""
+    as drawn, cropped to its nodes, without the minimap and canvas info (a graph too tall to be drawn in full at 70 %
+    on the page gets a taller page for it)."""
+    viewport = pg.viewport_size
+    height = pg.evaluate(f"""() => {{ const boxes = {APP}.graph.nodes.map(n => n.boundingRect);
+        return Math.max(...boxes.map(b => b[1] + b[3])) - Math.min(...boxes.map(b => b[1])); }}""")
+    if height * 0.7 + 220 > viewport["height"]:
+        pg.set_viewport_size({"width": viewport["width"], "height": int(height * 0.7) + 220})
+    try:
+        fit_graph(pg)
+        _write_thumbnail(pg, name)
+    finally:
+        pg.set_viewport_size(viewport)
+
+
+def _write_thumbnail(pg, name: str) -> None:
     from PIL import Image
 
     clip = pg.evaluate(f"""async () => {{ const app = {APP};
@@ -422,6 +455,7 @@ def write_thumbnail(pg, name: str) -> None:
 def test_template_loads_clean_and_matches_the_api_example(page, name):
     drop_workflow(page, name)
     shot = screenshot(page, f"{name}-loaded")
+    zoom = page.evaluate(f"() => {APP}.canvas.ds.scale")
     state = graph_state(page)
     template = _template(name)
 
@@ -461,10 +495,14 @@ def test_template_loads_clean_and_matches_the_api_example(page, name):
     fine_tune = next((n for n in state if n["type"] == "VAEFTFineTune"), None)
     if fine_tune is not None:
         assert len(fine_tune["settings"]) <= 10, fine_tune["settings"]
-        assert "status" in fine_tune["widget_names"] and "status" not in fine_tune["settings"]  # the status box,
-        assert status_box(page)["fits"], status_box(page)  # shown (empty, a placeholder) and never saved
-    for n in state:  # our output nodes' result box: shown, never saved (the compare node's report goes there)
-        if n["type"] in ("VAEFTCompareOnLatents", "VAEFTEvaluate", "VAEFTSave"):
+    for n in state:  # the training nodes' status box: shown (empty, a placeholder) and never saved
+        if n["type"] in STATUS_NODES:
+            assert "status" in n["widget_names"] and "status" not in n["settings"], n
+            if zoom < 0.6:  # the frontend draws no DOM widget at this zoom: the box is checked at 100 %
+                show_node(page, n["id"])
+            assert status_box(page, n["id"])["fits"], status_box(page, n["id"])
+    for n in state:  # our output nodes' result box: shown, never saved (the compare and distil nodes' reports)
+        if n["type"] in ("VAEFTCompareOnLatents", "VAEFTEvaluate", "VAEFTSave", "VAEFTDistilDecoder"):
             assert "result" in n["widget_names"] and "result" not in n["settings"], n
     if name != "vae_finetune" and page.frontend == "pinned" and os.environ.get("VAEFT_WRITE_THUMBNAILS") == "1":
         write_thumbnail(page, name)

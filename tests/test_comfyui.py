@@ -91,6 +91,24 @@ def test_nodes_are_registered(comfy):
     # sockets named alike on every ComfyUI (0.3.x would name them by type, 0.28 by id)
     assert ft["output_name"] == ["fine_tuned_vae", "loss", "trained"]
     assert info["VAEFTFineTuneOptions"]["input"]["required"]["lpips_weight"][1]["default"] == 0.1
+    # VAE Distil Decoder: the teacher in (not "vae": 0.3.x refuses an input and an output of one id), the student
+    # (or the teacher, tiny) out; it writes a file, so it runs as an output node
+    distil = info["VAEFTDistilDecoder"]
+    assert distil["output"] == ["VAE", "LOSS_MAP", "STRING"] and distil["output_name"] == ["vae", "loss", "report"]
+    assert distil["output_node"] is True
+    assert set(distil["input"]["required"]) == {"teacher", "dataset", "student", "width", "with_encoder", "steps",
+                                                "batch_size", "memory", "seed", "image_weight", "family", "save_name",
+                                                "run_name", "continue_run"}
+    assert set(distil["input"]["optional"]) == {"options"}
+    assert _combo(distil, "student") == ["narrow", "tiny"]
+    # the distil recipes need a teacher: VAE Fine-tune does not offer them
+    assert "sd-vae-ft-mse" in _combo(ft, "recipe") and not [r for r in _combo(ft, "recipe") if "distil" in r]
+
+
+def _combo(spec: dict, name: str) -> list:
+    """A combo input's options, as 0.3.x ([options, {...}]) and 0.28 (["COMBO", {"options": ...}]) list them."""
+    s = {**spec["input"]["required"], **spec["input"].get("optional", {})}[name]
+    return s[0] if isinstance(s[0], list) else s[1]["options"]
 
 
 def test_api_example_trains_saves_and_stock_load_vae_loads_it(comfy):
@@ -422,9 +440,9 @@ def test_ui_examples_match_the_live_node_definitions(comfy):
 
 
 OUR_NODES = ("VAEFTPatchDataset", "VAEFTPatchOptions", "VAEFTFineTune", "VAEFTFineTuneOptions", "VAEFTSave",
-             "VAEFTLossGraph", "VAEFTEvaluate", "VAEFTCompareOnLatents")
+             "VAEFTLossGraph", "VAEFTEvaluate", "VAEFTCompareOnLatents", "VAEFTDistilDecoder")
 TEMPLATE_NAMES = ("vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image",
-                  "vae_finetune_qwen_image21", "vae_finetune_wan22", "vae_compare_on_latents")
+                  "vae_finetune_qwen_image21", "vae_finetune_wan22", "vae_compare_on_latents", "vae_distil_decoder")
 # Where core files its training nodes (Train LoRA, Loss Graph), in the ComfyUI versions the tests run on
 CORE_TRAINING_CATEGORY = {"0.3.48": "training", "0.3.64": "training", "0.28.2": "model/training"}
 

@@ -9,8 +9,7 @@ import os
 from PIL import Image
 
 from conftest import ROOT
-from training.config import TrainConfig
-from training.config import DataConfig
+from training.config import DataConfig, DistilConfig, TrainConfig
 from training.options import is_essential
 
 API = os.path.join(ROOT, "examples", "api")
@@ -88,12 +87,29 @@ def test_api_examples_list_every_input():
     assert compare["LoadLatent"]["inputs"]["latent"].endswith(".latent")
     assert compare["PreviewImage"]["inputs"]["images"][0] in examples["vae_compare_on_latents"]
 
+    # the distil template: the simple template's base as the teacher and its dataset, one distil node per student
+    # (every input named, the student's own run name), each with its loss curve
+    distil = examples["vae_distil_decoder"]
+    by_type = {}
+    for node in distil.values():
+        by_type.setdefault(node["class_type"], []).append(node["inputs"])
+    assert by_type["VAELoader"] == [simple["1"]["inputs"]] and by_type["VAEFTPatchDataset"] == [simple["2"]["inputs"]]
+    students = by_type["VAEFTDistilDecoder"]
+    assert [d["student"] for d in students] == ["narrow", "tiny"] and students[0]["width"] == 64
+    essential = _node_fields(TrainConfig, True) - {"recipe", "lr", "trainable"}
+    for d in students:
+        assert set(d) == essential | _node_fields(DistilConfig, True) | _node_fields(DistilConfig, False) | {
+            "teacher", "dataset", "image_weight", "family", "save_name", "run_name", "continue_run"}
+        assert d["run_name"] == f"vae-distil-{d['student']}" and d["teacher"][0] == "1"
+    assert sorted(g["loss"][0] for g in by_type["VAEFTLossGraph"]) == sorted(
+        k for k, n in distil.items() if n["class_type"] == "VAEFTDistilDecoder")
+
 
 def test_ui_templates_match_the_api_examples_and_have_jpeg_thumbnails():
     names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(TEMPLATES, "*.json")))
     assert names == _api_names()
     assert {"vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image",
-            "vae_finetune_wan22", "vae_finetune_qwen_image21", "vae_compare_on_latents"} <= set(names)
+            "vae_finetune_wan22", "vae_finetune_qwen_image21", "vae_compare_on_latents", "vae_distil_decoder"} <= set(names)
     for name in names:
         with open(os.path.join(TEMPLATES, name + ".json")) as f:
             ui = json.load(f)
