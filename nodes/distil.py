@@ -77,9 +77,12 @@ def _check_comfy_reads(student) -> None:
     try:
         file_to_comfy_vae({k: v.float() for k, v in model_to_file(student.model, student.layout).items()})
     except Exception as e:  # noqa: BLE001 - any failure of ComfyUI's own reader means the same to the user
-        raise VAEFTError(f"this ComfyUI's Load VAE cannot read a narrow decoder (widths {decoder_widths(student.model)}): its VAE loader "
-                         f"failed on the student ({type(e).__name__}: {str(e)[:200]}). ComfyUI 0.28.2 and newer read "
-                         "one; here, distil a tiny student, or a narrow one from the command line: python -m training "
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")[:300]
+        widths = decoder_widths(student.model)
+        raise VAEFTError(f"this ComfyUI's Load VAE cannot read a narrow decoder (widths {widths}): "
+                         f"its VAE loader failed on the student ({type(e).__name__}: {why}). ComfyUI 0.28.2 reads one; "
+                         "here, distil a tiny student, or a narrow one from the command line: python -m training "
                          "distil --student narrow ...") from None
 
 

@@ -107,7 +107,8 @@ def test_distil_node_writes_students_that_comfyuis_own_loaders_read(comfy, tmp_p
     assert os.path.isfile(narrow) and os.path.isfile(tiny), _listing(base)
     # the report: where the file went, then the figures (student against the teacher, decode times)
     report = {k: entry["outputs"][k]["text"][0] for k in ("10", "11")}
-    assert f"saved {narrow}" in report["10"] and "student narrow-64 against the teacher's decode" in report["10"], report
+    assert f"saved {narrow}" in report["10"], report
+    assert "student narrow-64 against the teacher's decode" in report["10"], report
     assert f"saved {tiny}" in report["11"] and "student tiny against the teacher's decode" in report["11"], report
     assert "decode of one 32² image on cpu: teacher" in report["11"], report
 

@@ -109,7 +109,8 @@ def test_ui_templates_match_the_api_examples_and_have_jpeg_thumbnails():
     names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(TEMPLATES, "*.json")))
     assert names == _api_names()
     assert {"vae_finetune", "vae_finetune_advanced", "vae_finetune_flux2", "vae_finetune_qwen_image",
-            "vae_finetune_wan22", "vae_finetune_qwen_image21", "vae_compare_on_latents", "vae_distil_decoder"} <= set(names)
+            "vae_finetune_wan22", "vae_finetune_qwen_image21", "vae_compare_on_latents",
+            "vae_distil_decoder"} <= set(names)
     for name in names:
         with open(os.path.join(TEMPLATES, name + ".json")) as f:
             ui = json.load(f)
