@@ -28,8 +28,9 @@ SLOT_H, WIDGET_H, WIDGET_GAP, WIDGETS_PAD, NODE_PAD, TITLE_H = 20, 20, 4, 8, 6, 
 NODE_W = 400
 # The read-only box web/vaeft.js adds to this pack's output nodes (a multi-line text widget).
 RESULT_BOX_H = 80
-# The training nodes' status box (web/vaeft.js STATUS_NODES, STATUS_H: seven 14 px lines and padding, a fixed height).
-STATUS_NODES, STATUS_BOX_H = ("VAEFTFineTune", "VAEFTDistilDecoder"), 110
+# The training nodes' status box (web/vaeft.js STATUS_LINES: 14 px lines and 12 px of padding, a fixed height): seven
+# lines on VAE Fine-tune, eleven on VAE Distil Decoder (its validation scores the student against the teacher too).
+STATUS_LINES = {"VAEFTFineTune": 7, "VAEFTDistilDecoder": 11}
 # Room for images drawn on a node (the frontend's image-preview widget needs at least 220 px):
 # preview nodes show the picture, the training nodes their live reconstructions while they train.
 IMAGE_H = {"PreviewImage": 320, "SaveImage": 320, "VAEFTFineTune": 240, "VAEFTDistilDecoder": 240}
@@ -85,8 +86,8 @@ def node_size(class_type: str, info: dict, widget_rows: int, socket_inputs: int,
     widgets = widget_rows * (WIDGET_H + WIDGET_GAP)
     if _shows_result_text(info, pack_module):
         widgets += RESULT_BOX_H + WIDGET_GAP
-    if class_type in STATUS_NODES and info.get("python_module") == pack_module:
-        widgets += STATUS_BOX_H + WIDGET_GAP
+    if class_type in STATUS_LINES and info.get("python_module") == pack_module:
+        widgets += STATUS_LINES[class_type] * 14 + 12 + WIDGET_GAP
     if class_type in IMAGE_H:
         widgets += IMAGE_H[class_type] + WIDGET_GAP
     if widgets:

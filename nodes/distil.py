@@ -194,6 +194,9 @@ class VAEDistilDecoder(io.ComfyNode):
                     log.warning("VAE Distil Decoder: %s", warning)
                 report = exported.text()
                 out_vae = file_to_comfy_vae(file_state_dict(result.session.trained, "fp32"))
-        _send_text("\n".join([f"run {hooks.run}: {dcfg.label} done, {loop.steps_done} steps"] + result.lines()),
-                   cls.hidden.unique_id)
+        # the status box holds seven lines: the student against the teacher and the decode times (the report box
+        # below has every figure)
+        figures = result.lines()
+        _send_text("\n".join([f"run {hooks.run}: {dcfg.label} done, {loop.steps_done} steps"]
+                             + (figures[:1] + figures[-1:] if len(figures) > 2 else figures)), cls.hidden.unique_id)
         return io.NodeOutput(out_vae, loss_map_of(loop.history), report, ui=ui.PreviewText(report))

@@ -398,7 +398,7 @@ def show_node(pg, node_id) -> None:
     only at a zoom where the frontend draws no widgets, its status box among them."""
     pg.evaluate(f"""() => {{ const app = {APP}, n = {node_js(node_id)};
         app.canvas.ds.scale = 1;
-        app.canvas.ds.offset = [-n.pos[0] + 40, -n.pos[1] + 120];
+        app.canvas.ds.offset = [-n.pos[0] + 120, -n.pos[1] + 120];  // (1.45's side bar covers the left edge)
         app.canvas.setDirty(true, true); }}""")
     pg.wait_for_timeout(500)
 

@@ -18,11 +18,13 @@ const RESULT = "result";
 const PLACEHOLDER = "the result shows here after a run";
 const STATUS = "status";
 const STATUS_EVENT = "vaeft.status";
-const STATUS_NODES = ["VAEFTFineTune", "VAEFTDistilDecoder"]; // build_ui_workflow.py STATUS_NODES
 // Seven lines: the run, step and ETA, the losses, validation beside the base (two or three lines when it
-// wraps), peak GPU memory. example_workflows/build_ui_workflow.py STATUS_BOX_H leaves this room on the node.
+// wraps), peak GPU memory. example_workflows/build_ui_workflow.py STATUS_LINES leaves this room on the node.
+// VAE Distil Decoder: eleven, its validation has the student against the teacher beside it against the images.
 const STATUS_LINE_PX = 14;
-const STATUS_H = 7 * STATUS_LINE_PX + 12; // + padding and border
+const STATUS_LINES = { VAEFTFineTune: 7, VAEFTDistilDecoder: 11 }; // build_ui_workflow.py STATUS_LINES
+const STATUS_NODES = Object.keys(STATUS_LINES);
+const statusHeight = (type) => STATUS_LINES[type] * STATUS_LINE_PX + 12; // + padding and border
 
 function textBox(node, name, placeholder, options = {}) {
   const el = document.createElement("textarea");
@@ -60,12 +62,13 @@ function addResultBox(node) {
   return widget;
 }
 
-function addStatusBox(node) {
+function addStatusBox(node, type) {
   if (typeof node.addDOMWidget !== "function") return null; // such a frontend: the status is in the log
-  // As tall as seven lines whatever room the node has (a taller node gives its images the rest); lines
+  // As tall as its lines whatever room the node has (a taller node gives its images the rest); lines
   // wrap at the node's width rather than run past its edge.
+  const height = statusHeight(type);
   const widget = textBox(node, STATUS, "the status shows here while it trains",
-                         { getMinHeight: () => STATUS_H, getMaxHeight: () => STATUS_H });
+                         { getMinHeight: () => height, getMaxHeight: () => height });
   Object.assign(widget.inputEl.style, {
     fontSize: "11px", lineHeight: `${STATUS_LINE_PX}px`, padding: "4px 6px", whiteSpace: "pre-wrap",
     overflowWrap: "anywhere", resize: "none",
@@ -104,7 +107,7 @@ app.registerExtension({
       const r = onNodeCreated?.apply(this, arguments);
       // Made with the node (not on the first result) so the node's size does not jump after a run; the status
       // box (a fixed height) right under the widgets, then the result box (VAE Distil Decoder has both).
-      if (status) addStatusBox(this);
+      if (status) addStatusBox(this, nodeData.name);
       if (nodeData.output_node) addResultBox(this);
       return r;
     };
