@@ -260,5 +260,5 @@ def test_a_run_folder_continues_only_the_student_it_trains(files, tmp_path):
     kept = {c: c.read_bytes() for c in ckpts}
     p = run(files, "--vae", files["sd4"], "--student", "tiny", "--with-encoder", "--out", approx, "--steps", 8,
             "--resume", tmp_path / "run", "--overwrite", check=False)
-    assert p.returncode == 2 and "distils tiny, not tiny+encoder: continue it with --student tiny" in p.stderr, p.stderr
+    assert p.returncode == 2 and "distils tiny, not tiny+encoder: continue it as student tiny (--student tiny on the command line)" in p.stderr, p.stderr
     assert {c: c.read_bytes() for c in sorted((tmp_path / "run" / "checkpoints").iterdir())} == kept

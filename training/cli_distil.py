@@ -71,6 +71,8 @@ def run_distil_command(args) -> int:
     dcfg = from_arguments(DistilConfig, args)
     args.recipe = args.recipe or f"distil-{dcfg.student}"
     cfg = config_from_args(args)
+    if dcfg.student == "tiny" and cfg.grad_checkpointing and args.grad_checkpointing is None:
+        cfg = cfg.replace(grad_checkpointing=False)  # a --memory preset's, sized for the family decoders
     data_cfg = from_arguments(DataConfig, args, seed=cfg.seed)
     args.format, args.loss_plot, args.general, args.config = "safetensors", None, None, None
     tiny = dcfg.student == "tiny"

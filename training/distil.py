@@ -144,13 +144,16 @@ def _check_resumed_student(resume, dcfg: DistilConfig) -> None:
         return  # a checkpoint file: its tensors' names and shapes are checked against the student's
     recorded = (read_config(resume).get("settings") or {}).get("distil")
     if not recorded:
-        raise VAEFTError(f"run folder {os.fspath(resume)!r} is a fine-tune's, not a distil run: continue it with fit, "
-                         "or distil into a new run folder")
+        raise VAEFTError(f"run folder {os.fspath(resume)!r} is a fine-tune's, not a distil run: continue it with fit "
+                         "(VAE Fine-tune), or distil into a new run folder")
     was = DistilConfig(**{k: recorded[k] for k in ("student", "width", "with_encoder") if k in recorded})
     if was.label != dcfg.label:
-        raise VAEFTError(f"run folder {os.fspath(resume)!r} distils {was.label}, not {dcfg.label}: continue it with "
-                         f"--student {was.student}" + (f" --width {was.width}" if was.student == "narrow" else "")
-                         + (" --with-encoder" if was.with_encoder else "") + ", or start a new run folder")
+        raise VAEFTError(f"run folder {os.fspath(resume)!r} distils {was.label}, not {dcfg.label}: continue it as "
+                         f"student {was.student}" + (f", width {was.width}" if was.student == "narrow" else "")
+                         + (", with encoder" if was.with_encoder else "") + " (--student "
+                         + was.student + (f" --width {was.width}" if was.student == "narrow" else "")
+                         + (" --with-encoder" if was.with_encoder else "") + " on the command line), or start a "
+                         "new run folder")
 
 
 @torch.no_grad()
