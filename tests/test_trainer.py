@@ -214,7 +214,9 @@ def test_recipes_compose_their_losses():
     assert (gan.l1_weight, gan.lpips_weight, gan.kl_weight, gan.gan_weight, gan.disc_start) == (1.0, 1.0, 1e-6, 0.5, 5)
     assert gan.recipe_label() == "custom (from ldm-gan: disc_start)"
     assert TrainConfig.from_recipe("sd-vae-ft-ema").recipe_label() == "sd-vae-ft-ema"
-    assert set(RECIPES) == {"sd-vae-ft-mse", "sd-vae-ft-ema", "ldm-gan", "fp16-fix"}
+    assert set(RECIPES) == {"sd-vae-ft-mse", "sd-vae-ft-ema", "ldm-gan", "fp16-fix", "distil-narrow", "distil-tiny"}
+    tiny = TrainConfig.from_recipe("distil-tiny")
+    assert (tiny.lr, tiny.mse_weight, tiny.lpips_weight, tiny.trainable) == (5e-4, 1.0, 0.1, "decoder")
     with pytest.raises(VAEFTError, match="unknown recipe"):
         TrainConfig.from_recipe("nope")
 
