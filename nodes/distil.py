@@ -14,7 +14,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..training.config import DistilConfig, TrainConfig
-from ..training.distil import check_tiny_out, export_narrow, export_tiny, run_distil, tiny_names
+from ..training.distil import check_tiny_out, export_narrow, export_tiny, own_files, run_distil, tiny_names
 from ..training.errors import VAEFTError
 from ..training.export import file_state_dict, safe_name
 from ..training.families import LATENT_CHOICES, latent_choices_text
@@ -166,7 +166,9 @@ class VAEDistilDecoder(io.ComfyNode):
 
         def before_training(student_vae, spec) -> None:  # the last checks, once the student is known
             if tiny:
-                check_tiny_out(folder, tiny_names(spec, save_name, dcfg.with_encoder), overwrite=False)
+                # a continued run replaces its own files (the same teacher and student), never another's
+                check_tiny_out(folder, tiny_names(spec, save_name, dcfg.with_encoder), overwrite=False,
+                               own=own_files(teacher_vae, dcfg) if resume else None)
             else:
                 _check_comfy_reads(student_vae)
 
@@ -186,7 +188,7 @@ class VAEDistilDecoder(io.ComfyNode):
             if result.stopped:
                 end_stopped_prompt(hooks, loop, path)
             if tiny:
-                report = export_tiny(result, folder, save_name)["text"]
+                report = export_tiny(result, folder, save_name, replace_own=resume)["text"]
                 out_vae = teacher
             else:
                 exported = export_narrow(result, out_path, overwrite=False, device=device, family=family)

@@ -63,18 +63,25 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig.from_recipe(args.recipe or "sd-vae-ft-mse", getattr(args, "patch_size", None), **given)
 
 
-def _check_outputs(args) -> None:
-    """Every output path, before anything is loaded: a bad path costs seconds, not a finished run."""
-    if args.format == "safetensors" and not args.out.endswith(".safetensors"):
+def _check_outputs(args, out_folder: bool = False) -> None:
+    """Every output path, before anything is loaded: a bad path costs seconds, not a finished run. ``out_folder``:
+    --out is an existing folder the command writes files into (distil's tiny student), checked by the command."""
+    if out_folder:
+        _check_not_an_input(args)
+    elif args.format == "safetensors" and not args.out.endswith(".safetensors"):
         raise VAEFTError(f"--out must end in .safetensors; got {args.out!r} (or pass --format diffusers for a folder)")
-    if args.format == "diffusers" and args.out.endswith(".safetensors"):
+    if out_folder:
+        pass
+    elif args.format == "diffusers" and args.out.endswith(".safetensors"):
         raise VAEFTError(f"--format diffusers writes a model folder; give --out a folder path, not {args.out!r}")
-    if args.format == "safetensors" and os.path.isdir(args.out):
+    elif args.format == "safetensors" and os.path.isdir(args.out):
         raise VAEFTError(f"--out {args.out!r} is a folder; give a file name ending in .safetensors")
-    _check_not_an_input(args)
-    if os.path.exists(args.out) and not args.overwrite and not (os.path.isdir(args.out) and not os.listdir(args.out)):
+    if not out_folder:
+        _check_not_an_input(args)
+    if not out_folder and os.path.exists(args.out) and not args.overwrite and \
+            not (os.path.isdir(args.out) and not os.listdir(args.out)):
         raise VAEFTError(f"{args.out!r} already exists; choose another --out or pass --overwrite")
-    for flag, path in (("--out", args.out), ("--loss-plot", args.loss_plot),
+    for flag, path in (("--out", None if out_folder else args.out), ("--loss-plot", args.loss_plot),
                        ("--checkpoint", getattr(args, "checkpoint", None))):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):

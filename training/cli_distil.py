@@ -81,14 +81,15 @@ def run_distil_command(args) -> int:
             raise VAEFTError(f"--student tiny writes its files into a folder (ComfyUI's models/vae_approx); give --out "
                              f"a folder, not {args.out!r}")
         check_tiny_out(args.out, {}, args.overwrite)
-        if args.time_size is not None and (args.time_size < 8 or args.time_size % 8):
-            raise VAEFTError(f"--time-size {args.time_size} must be a positive multiple of 8")
-    else:
-        _check_outputs(args)  # fit's: the .safetensors path, its folder, --checkpoint, --run-dir, --resume
+        if args.checkpoint_every and not (args.checkpoint or args.run_dir or args.resume):
+            raise VAEFTError("--checkpoint-every with --student tiny needs --checkpoint FILE or --run-dir DIR: a tiny "
+                             "student's checkpoints do not belong in --out (ComfyUI's models/vae_approx)")
+    # fit's checks: --out (narrow: the .safetensors path, its folder), --checkpoint, --run-dir, --resume, --preview-dir,
+    # and no output over an input (the teacher above all)
+    _check_outputs(args, out_folder=tiny)
     checkpoint = None
     if not (args.run_dir or (args.resume and os.path.isdir(args.resume))) and (args.checkpoint or args.checkpoint_every):
-        stem = args.out[: -len(".safetensors")] if not tiny else os.path.join(args.out, "distil")
-        checkpoint = args.checkpoint or stem + ".ckpt"
+        checkpoint = args.checkpoint or args.out[: -len(".safetensors")] + ".ckpt"
     args.writes = (args.run_dir or (args.resume if args.resume and os.path.isdir(args.resume) else None), checkpoint)
     name = args.name or os.path.splitext(os.path.basename(args.vae))[0]
     dist = Distributed.from_env()
@@ -106,7 +107,7 @@ def run_distil_command(args) -> int:
         hooks.should_stop = stop.requested
 
         def before_training(student, spec):
-            if tiny and dist.is_main:
+            if tiny:  # on every process: one refusing alone would leave the others waiting
                 check_tiny_out(args.out, tiny_names(spec, name, dcfg.with_encoder), args.overwrite)
 
         with stop:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 
 from .config import DistilConfig, TrainConfig
 from .data import PatchDataset
@@ -28,11 +29,12 @@ from .export import ExportReport, export_vae, safe_name, write_safetensors
 from .files import json_safe
 from .losses import load_lpips
 from .metrics import validation_scores
+from .device import pick_device
 from .probe import latent_statistics, stats_patches
 from .runs import MARKER, read_config
 from .session import SessionResult, run_session
 from .students import TinyStudent, check_student, narrow_student, tiny_files, tiny_spec, tiny_student
-from .vae import LoadedVAE
+from .vae import LoadedVAE, latent_channels, pixels_per_latent
 
 # ComfyUI's model file extensions (folder_paths.supported_pt_extensions): the files its lists may show
 COMFY_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft")
@@ -120,8 +122,14 @@ def run_distil(teacher: LoadedVAE, data: PatchDataset, cfg: TrainConfig, dcfg: D
     check_distil(teacher, cfg, dcfg)
     teacher.family.check_config(cfg)
     check_student(teacher, dcfg.student, dcfg.width, family)
-    _check_resumed_student(session.get("resume"), dcfg)
+    time_side = time_side or data.cfg.patch_size
+    recorded = _check_resumed_student(session.get("resume"), dcfg)
     student, spec = make_student(teacher, dcfg, data, family, cfg.seed)
+    _check_sides(student, data.cfg.patch_size, time_side)
+    if spec and recorded and recorded.get("tiny") and recorded["tiny"]["name"] != spec["name"]:
+        raise VAEFTError(f"run folder {os.fspath(session['resume'])!r} distils a {recorded['tiny']['name']} decoder "
+                         f"({recorded['tiny']['latent_family']} latents); this run would make a {spec['name']} one: "
+                         f"continue it with family {recorded['tiny']['latent_family']}, or start a new run folder")
     if before_training is not None:
         before_training(student, spec)
     settings = {"distil": {**{k: getattr(dcfg, k) for k in ("student", "width", "with_encoder")},
@@ -132,16 +140,30 @@ def run_distil(teacher: LoadedVAE, data: PatchDataset, cfg: TrainConfig, dcfg: D
     trained = result.session.trained
     if trained is not None:
         result.student = LoadedVAE(trained.model, student.layout)
+        device = torch.device(device) if device is not None else pick_device(None, session.get("dist"))
         result.figures = distil_figures(teacher, trained.model, trained.probe.patches, trained.config, dcfg,
-                                        held_out=trained.probe.held_out, device=trained.probe.patches.device,
-                                        time_side=time_side or data.cfg.patch_size)
+                                        held_out=trained.probe.held_out, device=device, time_side=time_side)
     return result
 
 
-def _check_resumed_student(resume, dcfg: DistilConfig) -> None:
-    """A run folder continues only the student it trains (its config.json says which): refused by name otherwise."""
+def _check_sides(student: LoadedVAE, patch: int, time_side: int) -> None:
+    """Refuse a patch or timing side the student cannot decode back to itself: a multiple of its pixels per latent
+    as its decoder gets them (a Flux.2 tiny decoder: 16, its 2x2-patchified latents)."""
+    unit = pixels_per_latent(student.model)
+    if isinstance(student.model, TinyStudent):
+        z = torch.zeros(1, latent_channels(student.model), 2, 2)
+        unit *= 2 // int(student.model.vaeft_family.held_latent(student.model.teacher, z).shape[-1])
+    for what, side in (("patch_size", patch), ("the timing side (--time-size)", time_side)):
+        if side < unit or side % unit:
+            raise VAEFTError(f"{what} {side} is not a multiple of {unit}: this student decodes one latent into "
+                             f"{unit}x{unit} pixels; use {max(unit, side // unit * unit)} or {(side // unit + 1) * unit}")
+
+
+def _check_resumed_student(resume, dcfg: DistilConfig) -> dict | None:
+    """A run folder continues only the student it trains (its config.json says which): refused by name otherwise.
+    Returns what the run folder recorded of the student (None: nothing to compare, a checkpoint file)."""
     if not resume or not os.path.isfile(os.path.join(os.fspath(resume), MARKER)):
-        return  # a checkpoint file: its tensors' names and shapes are checked against the student's
+        return None  # a checkpoint file: its tensors' names and shapes are checked against the student's
     recorded = (read_config(resume).get("settings") or {}).get("distil")
     if not recorded:
         raise VAEFTError(f"run folder {os.fspath(resume)!r} is a fine-tune's, not a distil run: continue it with fit "
@@ -154,6 +176,7 @@ def _check_resumed_student(resume, dcfg: DistilConfig) -> None:
                          + was.student + (f" --width {was.width}" if was.student == "narrow" else "")
                          + (" --with-encoder" if was.with_encoder else "") + " on the command line), or start a "
                          "new run folder")
+    return recorded
 
 
 @torch.no_grad()
@@ -165,12 +188,17 @@ def distil_figures(teacher: LoadedVAE, student: torch.nn.Module, patches: torch.
     if lpips_net is not None:
         lpips_net = lpips_net.to(device)
     off = contextlib.nullcontext()
-    mine = validation_scores(student.to(device), patches, device, off, lpips_net, teacher=teacher.model.to(device))
-    own = validation_scores(teacher.model, patches, device, off, lpips_net)
+    was = next(teacher.model.parameters()).device
+    try:
+        mine = validation_scores(student.to(device), patches, device, off, lpips_net, teacher=teacher.model.to(device))
+        own = validation_scores(teacher.model, patches, device, off, lpips_net)
+        decode = teacher_against_student(teacher.model, student, time_side, device)
+    finally:
+        teacher.model.to(was)  # the caller's teacher where it was (the student stays on the device)
     figures = {"student": dcfg.label, "patches": int(patches.shape[0]), "side": int(patches.shape[-1]),
                "held_out": held_out, **{k: round(v, 6) for k, v in mine.items()},
                **{f"teacher_own_{k}": round(v, 6) for k, v in own.items()}}
-    figures["decode"] = teacher_against_student(teacher.model, student, time_side, device)
+    figures["decode"] = decode
     return figures
 
 
@@ -245,29 +273,52 @@ def tiny_names(spec: dict, name: str, with_encoder: bool) -> dict[str, str]:
             for part in (("decoder", "encoder") if with_encoder else ("decoder",))}
 
 
-def check_tiny_out(folder: str, names: dict[str, str], overwrite: bool) -> None:
-    """Refuse, before training, a folder that is not one and files there that are not to be replaced."""
+def check_tiny_out(folder: str, names: dict[str, str], overwrite: bool, own: dict | None = None) -> None:
+    """Refuse, before training, a folder that is not one and files there that are not to be replaced: any existing
+    one without ``overwrite``, except (``own``: {"teacher_sha256", "student"}) a file of the same teacher and student
+    (its ``vaeft.distil.*`` metadata says so), which a continued run replaces."""
     if not os.path.isdir(folder):
         raise VAEFTError(f"the tiny decoder's folder {folder!r} does not exist: give ComfyUI's models/vae_approx (or "
                          "another existing folder)")
     for n in names.values():
-        if os.path.exists(os.path.join(folder, n)) and not overwrite:
-            raise VAEFTError(f"{os.path.join(folder, n)!r} already exists; choose another name or pass --overwrite")
+        path = os.path.join(folder, n)
+        if os.path.lexists(path) and not overwrite and not (own is not None and _distilled_as(path, own)):
+            raise VAEFTError(f"{path!r} already exists; choose another name (the command line's --overwrite replaces "
+                             "it; move it away to keep it)")
 
 
-def export_tiny(result: DistilResult, folder: str | os.PathLike, name: str, overwrite: bool = False) -> dict:
+def own_files(teacher: LoadedVAE, dcfg: DistilConfig) -> dict:
+    """What marks a tiny student's files as this teacher's and student's (see :func:`check_tiny_out`)."""
+    return {"teacher_sha256": teacher.layout.base_sha256, "student": dcfg.label}
+
+
+def _distilled_as(path: str, own: dict) -> bool:
+    """Whether ``path`` is a tiny student's file of ``own``'s teacher and student (its metadata)."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - unreadable or not a safetensors file: not ours to replace
+        return False
+    return (meta.get("vaeft.distil.teacher_sha256") == own["teacher_sha256"]
+            and meta.get("vaeft.distil.student") == own["student"])
+
+
+def export_tiny(result: DistilResult, folder: str | os.PathLike, name: str, overwrite: bool = False,
+                replace_own: bool = False) -> dict:
     """Write a tiny student's decoder (and encoder) into ``folder`` (ComfyUI's models/vae_approx) under
-    :func:`tiny_names`. Returns {"files": [paths], "text": what was written and how ComfyUI uses it}."""
+    :func:`tiny_names`; ``replace_own``: a file of the same teacher and student may be replaced (a continued run's,
+    see :func:`check_tiny_out`). Returns {"files": [paths], "text": what was written and how ComfyUI uses it}."""
     trained = result.session.trained
     if trained is None or not isinstance(trained.model, TinyStudent):
         raise VAEFTError("export_tiny needs a finished tiny distil run")
     folder = os.fspath(folder)
     names = tiny_names(result.spec, name, result.dcfg.with_encoder)
-    check_tiny_out(folder, names, overwrite)
+    own = own_files(result.teacher, result.dcfg) if replace_own else None
+    check_tiny_out(folder, names, overwrite, own)
     meta = {"format": "pt", **distil_metadata(result)}
     files = tiny_files(LoadedVAE(trained.model, trained.layout))
-    written = [write_safetensors(files[part], os.path.join(folder, n), metadata=meta, overwrite=overwrite)
-               for part, n in names.items()]
+    written = [write_safetensors(files[part], os.path.join(folder, n), metadata=meta,
+                                 overwrite=overwrite or own is not None) for part, n in names.items()]
     return {"files": written, "text": "\n".join([f"saved {p}" for p in written] + tiny_usage(result.spec, folder, names)
                                                  + result.lines())}
 
@@ -291,4 +342,7 @@ def tiny_usage(spec: dict, folder: str, names: dict[str, str]) -> list[str]:
     if "encoder" in names:
         lines.append(f"Load VAE lists '{tae}' (the first {tae}_encoder.* with the first {tae}_decoder.*): the tiny pair "
                      "as a VAE for quick encode/decode")
+    else:
+        lines.append(f"Load VAE's '{tae}' entry, when you have a stock {tae}_encoder.*, now pairs it with this decoder "
+                     "(the first of each, by name)")
     return lines

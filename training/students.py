@@ -241,6 +241,10 @@ def tiny_spec(teacher: LoadedVAE, choice: str = "auto", stats: dict | None = Non
         raise VAEFTError(f"no tiny decoder layout is known for a {family.label}: ComfyUI's previews of its latents use "
                          "video decoders (taehv / lighttaew2_*), which this version does not distil. Use --student "
                          "narrow where the family has one, or fine-tune it")
+    channels = family.image_channels(teacher.model)
+    if channels != 3:
+        raise VAEFTError(f"a tiny decoder (TAESD's layout) makes RGB images; this {family.short} VAE makes {channels}-"
+                         "channel ones (RGBA): use --student narrow")
     down = family.downsampling(teacher.model)
     if down != 8:
         raise VAEFTError(f"a tiny decoder (TAESD's layout) upsamples 8x; this {family.short} VAE's decoder makes {down}x"
@@ -261,7 +265,8 @@ def tiny_student(teacher: LoadedVAE, spec: dict, with_encoder: bool = False, see
     if model.tiny_encoder is not None:
         keys.update({f"{spec['name']}_encoder.{k}": f"tiny_encoder.{k}" for k in model.tiny_encoder.state_dict()})
     state = model.state_dict()
-    identity = hashlib.sha256(f"{teacher.layout.base_sha256}:tiny:{sorted(spec.items())}:{with_encoder}".encode())
+    decides = {k: spec[k] for k in ("name", "scale", "shift", "channels")}  # not "why": a file renamed says another
+    identity = hashlib.sha256(f"{teacher.layout.base_sha256}:tiny:{sorted(decides.items())}:{with_encoder}".encode())
     layout = FileLayout(family=teacher.family, shapes={fk: tuple(state[mk].shape) for fk, mk in keys.items()},
                         module_keys=keys, base_sha256=identity.hexdigest(), from_file=False,
                         base_name=teacher.layout.base_name, dtypes={fk: torch.float32 for fk in keys})

@@ -489,10 +489,8 @@ def _accumulate(s: _Run, x_all: torch.Tensor, keys: torch.Tensor | None, *, step
                 recon, mean, logvar = s.module(x, noise, cached, shift)
             if cache is not None and cached is None:
                 cache.put(key_chunks[i], mean, logvar)
-            if s.teacher is not None:  # distil: bf16 autocast too (its error is far below a student's), never fp16's
-                with s.autocast if s.amp == "bf16" else contextlib.nullcontext():
-                    target = teacher_decode(s.teacher, mean, logvar, noise if cfg.posterior == "sample" else None,
-                                            shift)
+            if s.teacher is not None:  # distil: the teacher's fp32 decode, what validation and the figures compare with
+                target = teacher_decode(s.teacher, mean, logvar, noise if cfg.posterior == "sample" else None, shift)
             else:
                 target = x if s.fix is None or s.fix.teacher is None else s.fix.target(x, mean, logvar, noise, shift)
             with s.autocast:
