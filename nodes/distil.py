@@ -20,8 +20,8 @@ from ..training.export import file_state_dict, safe_name
 from ..training.families import LATENT_CHOICES, latent_choices_text
 from ..training.students import decoder_widths
 from ..training.vae import model_to_file
-from .common import Dataset, TrainOptions, comfy_vae_to_training, config_from_inputs, config_inputs, \
-    file_to_comfy_vae, schema
+from .common import FLOAT_STEP, Dataset, TrainOptions, comfy_vae_to_training, config_from_inputs, \
+    config_inputs, file_to_comfy_vae, schema
 from .finetune import (NEW_RUN, RUNS_FOLDER, _NodeHooks, _input_name, _send_text, _source_file, config_from_widgets,
                        end_stopped_prompt, loss_map_of, run_choices, run_folder)
 from .save import vae_output_folder
@@ -29,10 +29,11 @@ from .save import vae_output_folder
 log = logging.getLogger("vaeft")
 
 # Widget order: what the student is, then the run's essential settings (VAE Fine-tune's, less the recipe, which is
-# distil-<student>, lr, which is the recipe's, and trainable, which is the decoder).
+# distil-<student>, and trainable, which is the decoder). lr is on the node, after steps, but as its own input
+# (:func:`_lr_input`): 0, its default, means the student's recipe lr, which differs per student.
 DISTIL_ORDER = ("student", "width", "with_encoder")
 TRAIN_ORDER = ("steps", "batch_size", "memory", "seed")
-NOT_ON_NODE = ("recipe", "lr", "trainable")
+NOT_ON_NODE = ("recipe", "trainable")
 
 
 def distil_filename(name: str, dcfg: DistilConfig, steps: int) -> str:
@@ -55,9 +56,15 @@ def distil_train_config(widgets: dict, student: str, patch_size: int) -> TrainCo
     """TrainConfig from the node's widgets and VAE Fine-tune Options' values with the recipe distil-<student>:
     a loss weight left at its default takes the recipe's value (see :func:`nodes.finetune.config_from_widgets`).
     A tiny student never takes the memory preset's gradient checkpointing (the presets are sized for the family
-    decoders; a tiny one needs little memory and the library refuses checkpointing it)."""
-    given = {k: v for k, v in widgets.items() if k not in NOT_ON_NODE}
+    decoders; a tiny one needs little memory and the library refuses checkpointing it).
+    ``lr`` 0 (the node's default) or absent means the recipe's lr (distil-narrow 1e-4, distil-tiny 5e-4); a value
+    above 0 overrides it, whatever it is (config_from_widgets would drop one equal to TrainConfig's default, 1e-5,
+    as "left at its default", so it is set here)."""
+    given = {k: v for k, v in widgets.items() if k not in NOT_ON_NODE and k != "lr"}
     cfg = config_from_widgets({**given, "recipe": f"distil-{student}"}, patch_size)
+    lr = widgets.get("lr") or 0.0
+    if lr > 0:
+        cfg = cfg.replace(lr=float(lr))
     if student == "tiny" and cfg.grad_checkpointing and not widgets.get("grad_checkpointing"):
         cfg = cfg.replace(grad_checkpointing=False)
     return cfg
@@ -69,6 +76,25 @@ def _image_weight_input() -> io.Float.Input:
     meta = f.metadata
     return io.Float.Input("image_weight", default=f.default, min=meta.get("min", 0.0), max=meta.get("max", 10.0),
                           step=meta.get("ui_step", 0.01), round=meta.get("ui_step", 0.01), tooltip=meta["help"])
+
+
+def _lr_input() -> io.Float.Input:
+    """TrainConfig.lr with 0 for the student's recipe lr (the field's own default, 1e-5, is the fine-tunes'; a
+    student's recipe has its own): its help, bounds and step (fine enough for 1e-5-scale values), from its
+    declaration."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == "lr")
+    meta = f.metadata
+    step = meta.get("ui_step", FLOAT_STEP)
+    return io.Float.Input("lr", default=0.0, min=0.0, max=meta.get("max", 1.0), step=step, round=step,
+                          tooltip=f"{meta['help']}; 0: the student's recipe lr (narrow 1e-4, tiny 5e-4), a value "
+                                  "above 0 overrides it")
+
+
+def _train_inputs() -> list:
+    """The run's essential settings (TRAIN_ORDER), with lr right after steps."""
+    inputs = config_inputs(TrainConfig, order=TRAIN_ORDER, essential=True, skip=NOT_ON_NODE + ("lr",))
+    at = next(i for i, inp in enumerate(inputs) if inp.id == "steps") + 1
+    return inputs[:at] + [_lr_input()] + inputs[at:]
 
 
 def _check_comfy_reads(student) -> None:
@@ -112,7 +138,7 @@ class VAEDistilDecoder(io.ComfyNode):
                                            "preset's defaults; a loss weight left at its default takes the "
                                            "recipe's)"),
                 *config_inputs(DistilConfig, order=DISTIL_ORDER),
-                *config_inputs(TrainConfig, order=TRAIN_ORDER, essential=True, skip=NOT_ON_NODE),
+                *_train_inputs(),
                 _image_weight_input(),
                 io.Combo.Input("family", options=list(LATENT_CHOICES), default="auto",
                                tooltip="kl-f8: the latent family of the diffusion models the student decodes for "

@@ -97,10 +97,15 @@ def test_nodes_are_registered(comfy):
     assert distil["output"] == ["VAE", "LOSS_MAP", "STRING"] and distil["output_name"] == ["vae", "loss", "report"]
     assert distil["output_node"] is True
     assert set(distil["input"]["required"]) == {"teacher", "dataset", "student", "width", "with_encoder", "steps",
-                                                "batch_size", "memory", "seed", "image_weight", "family", "save_name",
-                                                "run_name", "continue_run"}
+                                                "lr", "batch_size", "memory", "seed", "image_weight", "family",
+                                                "save_name", "run_name", "continue_run"}
     assert set(distil["input"]["optional"]) == {"options"}
     assert _combo(distil, "student") == ["narrow", "tiny"]
+    # lr right after steps; 0 (the default) is the student's recipe lr, and the step allows 1e-5-scale values
+    required = list(distil["input"]["required"])
+    assert required.index("lr") == required.index("steps") + 1
+    lr = distil["input"]["required"]["lr"][1]
+    assert (lr["default"], lr["min"], lr["max"]) == (0.0, 0.0, 1.0) and lr["step"] <= 1e-6
     # the distil recipes need a teacher: VAE Fine-tune does not offer them
     assert "sd-vae-ft-mse" in _combo(ft, "recipe") and not [r for r in _combo(ft, "recipe") if "distil" in r]
 

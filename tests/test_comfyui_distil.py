@@ -58,7 +58,8 @@ def _distil_prompt(*students: dict) -> dict:
     for i, inputs in enumerate(students, start=10):
         prompt[str(i)] = {"class_type": "VAEFTDistilDecoder", "inputs": {
             "teacher": ["1", 0], "dataset": ["2", 0], "options": ["3", 0], "student": "narrow", "width": 64,
-            "with_encoder": False, "steps": 2, "batch_size": 1, "memory": "auto", "seed": 0, "image_weight": 0.0,
+            "with_encoder": False, "steps": 2, "lr": 0.0, "batch_size": 1, "memory": "auto", "seed": 0,
+            "image_weight": 0.0,
             "family": "sd", "save_name": NAME, "run_name": f"distil-{i}", "continue_run": "new run", **inputs}}
     return prompt
 
@@ -99,8 +100,12 @@ def test_distil_node_writes_students_that_comfyuis_own_loaders_read(comfy, tmp_p
     server, base, teacher = comfy
     t0 = time.time()
     log_start = len(server.read_log())
-    entry = server.wait(server.queue(_distil_prompt({}, {"student": "tiny"})))
+    entry = server.wait(server.queue(_distil_prompt({}, {"student": "tiny", "lr": 3e-4})))
     assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-4000:]
+    # lr 0 is the student's recipe lr (distil-narrow 1e-4); a value above 0 is what the run trains with
+    lrs = [json.load(open(os.path.join(base, "output", "vae_ft_runs", f"distil-{i}", "config.json")))["settings"]["lr"]
+           for i in (10, 11)]
+    assert lrs == [1e-4, 3e-4], lrs
     narrow_name = f"vae-distil-narrow64-{NAME}-2.safetensors"
     narrow = os.path.join(base, "output", "vae", narrow_name)
     tiny = os.path.join(base, "models", "vae_approx", f"taesd_decoder.ft-{NAME}.safetensors")

@@ -96,11 +96,12 @@ def test_api_examples_list_every_input():
     assert by_type["VAELoader"] == [simple["1"]["inputs"]] and by_type["VAEFTPatchDataset"] == [simple["2"]["inputs"]]
     students = by_type["VAEFTDistilDecoder"]
     assert [d["student"] for d in students] == ["narrow", "tiny"] and students[0]["width"] == 64
-    essential = _node_fields(TrainConfig, True) - {"recipe", "lr", "trainable"}
+    essential = _node_fields(TrainConfig, True) - {"recipe", "trainable"}
     for d in students:
         assert set(d) == essential | _node_fields(DistilConfig, True) | _node_fields(DistilConfig, False) | {
             "teacher", "dataset", "image_weight", "family", "save_name", "run_name", "continue_run"}
         assert d["run_name"] == f"vae-distil-{d['student']}" and d["teacher"][0] == "1"
+        assert d["lr"] == 0.0  # the student's recipe lr
     assert sorted(g["loss"][0] for g in by_type["VAEFTLossGraph"]) == sorted(
         k for k, n in distil.items() if n["class_type"] == "VAEFTDistilDecoder")
 
