@@ -262,3 +262,24 @@ def test_a_run_folder_continues_only_the_student_it_trains(files, tmp_path):
             "--resume", tmp_path / "run", "--overwrite", check=False)
     assert p.returncode == 2 and "distils tiny, not tiny+encoder: continue it as student tiny (--student tiny on the command line)" in p.stderr, p.stderr
     assert {c: c.read_bytes() for c in sorted((tmp_path / "run" / "checkpoints").iterdir())} == kept
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("tiny checkpoint over the teacher", "is the run's own input --vae"),
+    ("tiny checkpoints into models/vae_approx", "--checkpoint-every with --student tiny needs --checkpoint FILE"),
+    ("Flux.2 tiny patch of 8 pixels per latent", "patch_size 40 is not a multiple of 16"),
+    ("timing side below a latent", "the timing side (--time-size) 4 is not a multiple of 8"),
+])
+def test_what_a_run_would_trip_on_later_is_refused_before_it_starts(files, tmp_path, case, expected):
+    approx = tmp_path / "approx"
+    approx.mkdir()
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes((files["flux2_4"] if "Flux.2" in case else files["sd4"]).read_bytes())
+    kept = teacher.read_bytes()
+    args = {"tiny checkpoint over the teacher": ["--checkpoint", teacher, "--checkpoint-every", 1, "--overwrite"],
+            "tiny checkpoints into models/vae_approx": ["--checkpoint-every", 1],
+            "Flux.2 tiny patch of 8 pixels per latent": ["--patch-size", 40],
+            "timing side below a latent": ["--time-size", 4]}[case]
+    p = run(files, "--vae", teacher, "--student", "tiny", "--out", approx, *args, check=False)
+    assert p.returncode == 2 and expected in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert teacher.read_bytes() == kept and os.listdir(approx) == []
