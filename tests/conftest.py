@@ -81,6 +81,28 @@ def write_images(folder, names=("astronaut", "coffee", "chelsea", "retina"), siz
     return folder
 
 
+def run_with_node_modules(body: str) -> None:
+    """``body`` (Python source) in a fresh interpreter where ComfyUI's ``comfy_api`` is importable (the nodes import
+    it) and the pack is the package ``vaeftpack`` without its nodes' ``__init__`` (which registers with ComfyUI), as
+    ``importlib``, ``sys``, ``types``, ``torch`` and the pack's modules by import; it must print "OK" last. Skipped
+    without a ComfyUI checkout."""
+    import subprocess
+
+    from comfy_server import comfyui_path
+
+    comfy = comfyui_path() or os.path.expanduser("~/ComfyUI")
+    if not os.path.isfile(os.path.join(comfy, "comfy_api", "latest", "__init__.py")):
+        pytest.skip("needs a ComfyUI checkout (COMFYUI_PATH) for comfy_api")
+    code = f"""
+import importlib, sys, types, torch
+sys.path[:0] = [{comfy!r}]
+for name, path in (("vaeftpack", {ROOT!r}), ("vaeftpack.nodes", {os.path.join(ROOT, "nodes")!r})):
+    m = types.ModuleType(name); m.__path__ = [path]; sys.modules[name] = m  # not the nodes' __init__ (ComfyUI's)
+""" + body
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("OK"), p.stderr[-3000:]
+
+
 def cli_main(*args, env=None, check=True):
     """``python -m training ARGS`` run in this process by ``training.cli.main``, as the subprocess
     would run it but without paying torch's and diffusers' import again: (exit code, stdout, stderr)

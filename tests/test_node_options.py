@@ -10,6 +10,8 @@ from training.config import DataConfig
 from training.errors import VAEFTError
 from training.options import is_essential
 
+from conftest import run_with_node_modules
+
 
 def _essential(cls):
     return [f.name for f in dataclasses.fields(cls) if is_essential(f)]
@@ -90,21 +92,7 @@ def test_the_distil_node_lr_is_the_students_recipe_lr_at_0_and_overrides_it_abov
     """VAE Distil Decoder's lr (right after steps): 0, its default, takes the student's recipe lr (distil-narrow
     1e-4, distil-tiny 5e-4); a value above 0 reaches TrainConfig, TrainConfig's own default 1e-5 too. Run in a
     fresh interpreter with ComfyUI's comfy_api importable (nodes/common.py imports it), as test_rgba does."""
-    import os
-    import subprocess
-    import sys
-
-    from comfy_server import comfyui_path
-    from conftest import ROOT
-
-    comfy = comfyui_path() or os.path.expanduser("~/ComfyUI")
-    if not os.path.isfile(os.path.join(comfy, "comfy_api", "latest", "__init__.py")):
-        pytest.skip("needs a ComfyUI checkout (COMFYUI_PATH) for comfy_api")
-    code = f"""
-import importlib, sys, types
-sys.path[:0] = [{comfy!r}]
-for name, path in (("vaeftpack", {ROOT!r}), ("vaeftpack.nodes", {os.path.join(ROOT, "nodes")!r})):
-    m = types.ModuleType(name); m.__path__ = [path]; sys.modules[name] = m  # not the nodes' __init__ (ComfyUI's)
+    run_with_node_modules("""
 distil = importlib.import_module("vaeftpack.nodes.distil")
 lr = lambda student, **w: distil.distil_train_config(dict(steps=10, **w), student, 64).lr
 assert (lr("narrow", lr=0.0), lr("tiny", lr=0.0), lr("narrow"), lr("tiny")) == (1e-4, 5e-4, 1e-4, 5e-4)
@@ -116,6 +104,4 @@ spec = inputs[ids.index("lr")].as_dict()
 assert (spec["default"], spec["min"], spec["max"]) == (0.0, 0.0, 1.0) and spec["step"] <= 1e-6, spec
 assert spec["tooltip"].startswith("peak learning rate") and "0: the student's recipe lr" in spec["tooltip"], spec
 print("OK")
-"""
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and p.stdout.strip().endswith("OK"), p.stderr[-3000:]
+""")

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import cli_main, tiny_ldm_sd
+from conftest import cli_main, run_with_node_modules, tiny_ldm_sd
 from family_examples import wan_file
 from training import alpha as A
 from training import imageio as tio
@@ -343,21 +343,7 @@ def test_the_nodes_keep_the_alpha_of_a_4_channel_image_batch():
     """ComfyUI's IMAGE is (B, H, W, C); a 4-channel one (JoinImageWithAlpha's) is RGBA with straight alpha:
     the node's conversion keeps it (it used to drop it), an RGB one stays RGB. Run in a fresh interpreter with
     ComfyUI's comfy_api importable (nodes/common.py imports it)."""
-    import os
-    import subprocess
-    import sys
-
-    from comfy_server import comfyui_path
-    from conftest import ROOT
-
-    comfy = comfyui_path() or os.path.expanduser("~/ComfyUI")
-    if not os.path.isfile(os.path.join(comfy, "comfy_api", "latest", "__init__.py")):
-        pytest.skip("needs a ComfyUI checkout (COMFYUI_PATH) for comfy_api")
-    code = f"""
-import importlib, sys, types, torch
-sys.path[:0] = [{comfy!r}]
-for name, path in (("vaeftpack", {ROOT!r}), ("vaeftpack.nodes", {os.path.join(ROOT, "nodes")!r})):
-    m = types.ModuleType(name); m.__path__ = [path]; sys.modules[name] = m  # not the nodes' __init__ (ComfyUI's)
+    run_with_node_modules("""
 common = importlib.import_module("vaeftpack.nodes.common")
 from vaeftpack.training.data import build_dataset
 from vaeftpack.training.config import DataConfig
@@ -368,6 +354,4 @@ assert common.image_to_training(img[..., :3]).shape == (2, 3, 40, 48)
 ds = build_dataset(x, DataConfig(patch_size=32, foreground_threshold=0, val_fraction=0)).for_channels(4)
 assert ds.alpha_images == 2 and ds.patches_at(0, 2).shape == (2, 4, 32, 32)
 print("OK")
-"""
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and p.stdout.strip().endswith("OK"), p.stderr[-3000:]
+""")
