@@ -207,6 +207,31 @@ def messages(entry: dict) -> str:
     return json.dumps(entry.get("status", {}).get("messages", []))
 
 
+def encode_with_each(server: "Server", base: str, vaes: dict[str, str], prefix: str) -> tuple[dict, dict]:
+    """One prompt: stock Load VAE -> VAE Encode -> Save Latent of input/astronaut.png with each of ``vaes`` ({tag:
+    file in models/vae or output/vae}), and VAE Decode -> Save Image of the last latent with the last VAE (node "25").
+    Asserts it succeeded; returns (its history entry, {tag: the saved latent tensor}) (``base``: the server's
+    base directory)."""
+    from safetensors.torch import load_file
+
+    graph = {"0": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}}}
+    for i, (tag, name) in enumerate(vaes.items(), start=1):
+        graph[f"{i}1"] = {"class_type": "VAELoader", "inputs": {"vae_name": name}}
+        graph[f"{i}2"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["0", 0], "vae": [f"{i}1", 0]}}
+        graph[f"{i}3"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"{i}2", 0],
+                                                                 "filename_prefix": f"latents/{prefix}-{tag}"}}
+    last = len(vaes)
+    graph["24"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"{last}2", 0], "vae": [f"{last}1", 0]}}
+    graph["25"] = {"class_type": "SaveImage", "inputs": {"images": ["24", 0], "filename_prefix": f"{prefix}-decoded"}}
+    entry = server.wait(server.queue(graph))
+    assert entry["status"]["status_str"] == "success", messages(entry) + server.read_log()[-4000:]
+    latents = {}
+    for i, tag in enumerate(vaes, start=1):
+        (saved,) = entry["outputs"][f"{i}3"]["latents"]
+        latents[tag] = load_file(os.path.join(base, "output", saved["subfolder"], saved["filename"]))["latent_tensor"]
+    return entry, latents
+
+
 def api_example(name: str = "vae_finetune") -> dict:
     with open(os.path.join(API_EXAMPLES, f"{name}_api.json")) as f:
         return json.load(f)

@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from comfy_server import PACK, TEMPLATES, api_example, comfyui_path, comfyui_version, flux2_unreadable, write_flux2_vae
+from comfy_server import (PACK, TEMPLATES, api_example, comfyui_path, comfyui_version, encode_with_each, flux2_unreadable,
+                         write_flux2_vae)
 from comfy_server import messages as _messages
 from conftest import remove_run_folders, write_images
 
@@ -690,20 +691,7 @@ def test_the_flux2_template_trains_and_load_vae_reads_the_result_with_the_base_l
 
         # stock Load VAE -> VAE Encode -> Save Latent with the base and the fine-tune; the fine-tune's decode
         vaes = {"base": "flux2-vae.safetensors", "tuned": "vae-ft-flux2-2.safetensors"}
-        graph = {"0": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}}}
-        for i, (tag, name) in enumerate(vaes.items(), start=1):
-            graph[f"{i}1"] = {"class_type": "VAELoader", "inputs": {"vae_name": name}}
-            graph[f"{i}2"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["0", 0], "vae": [f"{i}1", 0]}}
-            graph[f"{i}3"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"{i}2", 0],
-                                                                     "filename_prefix": f"latents/flux2-{tag}"}}
-        graph["24"] = {"class_type": "VAEDecode", "inputs": {"samples": ["22", 0], "vae": ["21", 0]}}
-        graph["25"] = {"class_type": "SaveImage", "inputs": {"images": ["24", 0], "filename_prefix": "flux2-decoded"}}
-        entry = server.wait(server.queue(graph))
-        assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-4000:]
-        latents = {}
-        for i, tag in enumerate(vaes, start=1):
-            (saved,) = entry["outputs"][f"{i}3"]["latents"]
-            latents[tag] = load_file(os.path.join(base, "output", saved["subfolder"], saved["filename"]))["latent_tensor"]
+        entry, latents = encode_with_each(server, base, vaes, "flux2")
         assert latents["base"].shape == (1, 128, 4, 4), latents["base"].shape  # 64x64 pixels, 16x down, 4 x 32 channels
         assert latents["base"].std() > 0 and torch.equal(latents["tuned"], latents["base"])
         assert entry["outputs"]["25"]["images"]

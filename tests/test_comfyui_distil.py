@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from comfy_server import COMFY_LOADER_PREAMBLE, api_example, comfyui_path, comfyui_version
+from comfy_server import COMFY_LOADER_PREAMBLE, api_example, comfyui_path, comfyui_version, encode_with_each
 from comfy_server import messages as _messages
 from conftest import remove_run_folders
 
@@ -129,20 +129,8 @@ def test_distil_node_writes_students_that_comfyuis_own_loaders_read(comfy, tmp_p
     # stock Load VAE lists it without a restart; VAE Encode with it is the teacher's, bit for bit; it decodes
     listed = requests.get(server.url + "/object_info/VAELoader", timeout=30).json()
     assert narrow_name in listed["VAELoader"]["input"]["required"]["vae_name"][0]
-    graph = {"0": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}}}
-    for i, (tag, name) in enumerate((("teacher", "random_sd_vae.safetensors"), ("narrow", narrow_name)), start=1):
-        graph[f"{i}1"] = {"class_type": "VAELoader", "inputs": {"vae_name": name}}
-        graph[f"{i}2"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["0", 0], "vae": [f"{i}1", 0]}}
-        graph[f"{i}3"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"{i}2", 0],
-                                                                 "filename_prefix": f"latents/distil-{tag}"}}
-    graph["24"] = {"class_type": "VAEDecode", "inputs": {"samples": ["22", 0], "vae": ["21", 0]}}
-    graph["25"] = {"class_type": "SaveImage", "inputs": {"images": ["24", 0], "filename_prefix": "distil-decoded"}}
-    entry = server.wait(server.queue(graph))
-    assert entry["status"]["status_str"] == "success", _messages(entry) + server.read_log()[-4000:]
-    latents = {}
-    for i, tag in enumerate(("teacher", "narrow"), start=1):
-        (saved,) = entry["outputs"][f"{i}3"]["latents"]
-        latents[tag] = load_file(os.path.join(base, "output", saved["subfolder"], saved["filename"]))["latent_tensor"]
+    entry, latents = encode_with_each(server, base, {"teacher": "random_sd_vae.safetensors", "narrow": narrow_name},
+                                      "distil")
     assert latents["teacher"].shape == (1, 4, 8, 8) and latents["teacher"].std() > 0
     assert torch.equal(latents["narrow"], latents["teacher"])
     assert entry["outputs"]["25"]["images"]
