@@ -33,7 +33,7 @@ from .device import pick_device
 from .probe import latent_statistics, stats_patches
 from .runs import MARKER, read_config
 from .session import SessionResult, run_session
-from .students import TinyStudent, check_student, narrow_student, tiny_files, tiny_spec, tiny_student
+from .students import TinyStudent, check_student, decoder_widths, narrow_student, tiny_files, tiny_spec, tiny_student
 from .vae import LoadedVAE, latent_channels, pixels_per_latent
 
 # ComfyUI's model file extensions (folder_paths.supported_pt_extensions): the files its lists may show
@@ -253,15 +253,10 @@ def export_narrow(result: DistilResult, path: str | os.PathLike, **kw) -> Export
     trained = result.session.trained
     if trained is None or result.dcfg.student != "narrow":
         raise VAEFTError("export_narrow needs a finished narrow distil run")
-    notes = [f"a narrow decoder (widths {_widths(trained.model)}; the teacher's {_widths(result.teacher.model)}): "
+    notes = [f"a narrow decoder (widths {decoder_widths(trained.model)}; the teacher's "
+             f"{decoder_widths(result.teacher.model)}): "
              f"ComfyUI's Load VAE reads it; {trained.layout.family.narrow_loaders}"] + result.lines()
     return export_vae(trained, path, metadata=distil_metadata(result), extra_notes=notes, **kw)
-
-
-def _widths(model: torch.nn.Module) -> list[int]:
-    from .students import decoder_widths  # (one reader of the widths)
-
-    return decoder_widths(model)
 
 
 def tiny_names(spec: dict, name: str, with_encoder: bool) -> dict[str, str]:

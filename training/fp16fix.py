@@ -39,7 +39,7 @@ from .errors import VAEFTError
 from .families import family_of
 from .fp16plan import candidate_thresholds, exact_rescale, measured_rescale
 from .probe import FP16_MAX, as_dtype, decode_in, encode_latents, latent_drift, probe_patches, psnr
-from .vae import latent_channels, perturbed
+from .vae import latent_channels, teacher_decode
 
 
 def decoder_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -342,9 +342,8 @@ class FP16Fix:
         if self.cfg.trainable == "full":
             moments = self.teacher.encode(x.float()).latent_dist
             mean, logvar = moments.mean, moments.logvar
-        mean, logvar = mean.float(), logvar.float()
-        z = mean + noise * torch.exp(0.5 * logvar) if (self.cfg.posterior == "sample" and noise is not None) else mean
-        return self.teacher.decode(perturbed(z, spread, shift)).sample.float()
+        return teacher_decode(self.teacher, mean, logvar, noise if self.cfg.posterior == "sample" else None, shift,
+                              spread=spread)
 
     def scores(self, params: dict[str, torch.Tensor], step: int) -> dict:
         """fp16_peak, fp16_nonfinite, fp16_psnr of the held-out latents (:func:`fp16_figures`) with the

@@ -226,13 +226,15 @@ def perturbed(z: torch.Tensor, mean: torch.Tensor, shift: torch.Tensor | None) -
 
 @torch.no_grad()
 def teacher_decode(teacher: torch.nn.Module, mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor | None,
-                   shift: torch.Tensor | None = None) -> torch.Tensor:
+                   shift: torch.Tensor | None = None, spread: torch.Tensor | None = None) -> torch.Tensor:
     """A frozen teacher's fp32 decode of the latents a trained decoder got: the posterior ``mean`` (B, C, h, w), plus
     ``noise`` times its std when it decoded a sample (None: the mode), perturbed by ``shift`` as :func:`perturbed`
-    does (the spread of ``mean``). The target of the fp16-fix recipe (target 'base') and of distil."""
+    does (by the spread of ``spread``, default ``mean``). The target of the fp16-fix recipe (target 'base') and of
+    distil."""
+    spread = mean if spread is None else spread
     mean, logvar = mean.float(), logvar.float()
     z = mean + noise * torch.exp(0.5 * logvar) if noise is not None else mean
-    return teacher.decode(perturbed(z, mean, shift)).sample.float()
+    return teacher.decode(perturbed(z, spread, shift)).sample.float()
 
 
 class Reconstruct(torch.nn.Module):
